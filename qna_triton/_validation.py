@@ -1,0 +1,91 @@
+"""Argument checks shared by the functional API and the module: every bad input is rejected here,
+with the argument's name, before any kernel is launched."""
+
+from __future__ import annotations
+
+from typing import Optional, Sequence, Tuple, Union
+
+import torch
+
+IntOrPair = Union[int, Sequence[int]]
+FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
+
+
+def as_pair(value: IntOrPair, name: str, minimum: int) -> Tuple[int, int]:
+    """``3 -> (3, 3)``; ``(3, 5) -> (3, 5)``; rejects non-integers and values below ``minimum``."""
+    if isinstance(value, bool):
+        raise TypeError(f"{name} must be an int or a pair of ints, got {value!r}")
+    if isinstance(value, int):
+        pair = (value, value)
+    elif isinstance(value, (tuple, list, torch.Size)) and len(value) == 2:
+        if not all(isinstance(v, int) and not isinstance(v, bool) for v in value):
+            raise TypeError(f"{name} must be an int or a pair of ints, got {value!r}")
+        pair = (int(value[0]), int(value[1]))
+    else:
+        raise TypeError(f"{name} must be an int or a pair of ints, got {value!r}")
+    if min(pair) < minimum:
+        raise ValueError(f"{name} must be >= {minimum}, got {value!r}")
+    return pair
+
+
+def check_window(
+    size: Tuple[int, int], kernel_size: Tuple[int, int], stride: Tuple[int, int], padding: Tuple[int, int]
+) -> Tuple[int, int]:
+    """Checks that the window fits the padded image; returns the output size."""
+    out = []
+    for axis, n, k, s, p in zip(("height", "width"), size, kernel_size, stride, padding):
+        if k > n + 2 * p:
+            raise ValueError(
+                f"kernel_size {k} is larger than the padded image {axis} {n} + 2*{p} = {n + 2 * p}"
+            )
+        out.append((n + 2 * p - k) // s + 1)
+    return out[0], out[1]
+
+
+def check_float(t: torch.Tensor, name: str) -> None:
+    if not isinstance(t, torch.Tensor):
+        raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
+    if t.dtype not in FLOAT_DTYPES:
+        raise TypeError(f"{name} must be float16, bfloat16, float32 or float64, got {t.dtype}")
+
+
+def check_core_inputs(
+    logits: torch.Tensor,
+    values: torch.Tensor,
+    rpb: Optional[torch.Tensor],
+    scale: Optional[torch.Tensor],
+    kernel_size: Tuple[int, int],
+    stride: Tuple[int, int],
+    padding: Tuple[int, int],
+) -> Tuple[int, int]:
+    """Validates the core op's tensors against each other; returns the output size."""
+    check_float(logits, "logits")
+    check_float(values, "values")
+    if logits.dim() != 5:
+        raise ValueError(f"logits must have shape [B, H, W, n_queries, heads], got {tuple(logits.shape)}")
+    if values.dim() != 5:
+        raise ValueError(f"values must have shape [B, H, W, heads, head_dim], got {tuple(values.shape)}")
+    if logits.dtype != values.dtype:
+        raise TypeError(f"values dtype {values.dtype} differs from logits dtype {logits.dtype}")
+    if values.device != logits.device:
+        raise ValueError(f"values is on {values.device} but logits is on {logits.device}")
+    B, H, W, N, h = logits.shape
+    if tuple(values.shape[:4]) != (B, H, W, h):
+        raise ValueError(
+            f"values shape {tuple(values.shape)} does not match logits shape {tuple(logits.shape)}: "
+            "expected [B, H, W, heads, head_dim] with B, H, W and heads as in logits"
+        )
+    if min(B, H, W, N, h, values.shape[4]) < 1:
+        raise ValueError(f"logits and values must not be empty, got {tuple(logits.shape)}, {tuple(values.shape)}")
+    K = kernel_size[0] * kernel_size[1]
+    for name, t in (("rpb", rpb), ("scale", scale)):
+        if t is None:
+            continue
+        check_float(t, name)
+        if tuple(t.shape) != (K, N, h):
+            raise ValueError(
+                f"{name} must have shape [k_h*k_w, n_queries, heads] = {(K, N, h)}, got {tuple(t.shape)}"
+            )
+        if t.device != logits.device:
+            raise ValueError(f"{name} is on {t.device} but logits is on {logits.device}")
+    return check_window((H, W), kernel_size, stride, padding)

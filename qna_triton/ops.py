@@ -1,0 +1,122 @@
+"""The QnA core op as ``torch.library`` custom ops: ``qna::attention`` and ``qna::attention_backward``.
+
+Both are opaque to ``torch.compile`` (fake kernels give their shapes), so a compiled model traces
+through them with no graph break, and the work inside them (backend choice, config lookup, kernel
+launches) happens at run time, outside any traced graph.
+
+Device dispatch, chosen at run time by ``QNA_TRITON_BACKEND``:
+
+* ``auto`` (default): CUDA tensors run the fused Triton kernels, CPU tensors the PyTorch reference
+  (the paper's convolution form forward, the analytic backward).
+* ``triton``: the Triton kernels for every tensor; on CPU through the Triton interpreter, which
+  needs ``TRITON_INTERPRET=1`` in the environment before triton is first imported.
+* ``reference``: the PyTorch reference on every device.
+"""
+
+from __future__ import annotations
+
+import os
+from typing import List, Optional, Tuple
+
+import torch
+
+from . import reference
+
+BACKENDS = ("auto", "triton", "reference")
+
+
+def resolve_backend(device: torch.device) -> str:
+    """The backend that runs for tensors on ``device`` under the current ``QNA_TRITON_BACKEND``."""
+    choice = os.environ.get("QNA_TRITON_BACKEND", "auto").strip().lower() or "auto"
+    if choice not in BACKENDS:
+        raise ValueError(f"QNA_TRITON_BACKEND must be one of {BACKENDS}, got {choice!r}")
+    if choice == "auto":
+        return "triton" if device.type == "cuda" else "reference"
+    if choice == "triton" and device.type != "cuda" and os.environ.get("TRITON_INTERPRET") != "1":
+        raise RuntimeError(
+            "QNA_TRITON_BACKEND=triton on CPU tensors needs the Triton interpreter: "
+            "set TRITON_INTERPRET=1 before triton is imported"
+        )
+    return choice
+
+
+def _lse_dtype(dtype: torch.dtype) -> torch.dtype:
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+@torch.library.custom_op("qna::attention", mutates_args=())
+def attention(
+    logits: torch.Tensor,
+    values: torch.Tensor,
+    rpb: torch.Tensor,
+    scale: Optional[torch.Tensor],
+    kernel_size: List[int],
+    stride: List[int],
+    padding: List[int],
+) -> Tuple[torch.Tensor, torch.Tensor]:
+    """Core op forward; returns ``(out [B,Ho,Wo,h,d], lse [B,Ho,Wo,N,h])``. Inputs are pre-validated."""
+    ks, st, pd = tuple(kernel_size), tuple(stride), tuple(padding)
+    if resolve_backend(logits.device) == "triton":
+        from .kernels import qna_forward
+
+        return qna_forward(logits, values, rpb, scale, ks, st, pd)
+    out, lse = reference.paper_qna_attention(logits, values, rpb, scale, ks, st, pd)
+    return out.contiguous(), lse.to(_lse_dtype(logits.dtype)).contiguous()
+
+
+@attention.register_fake
+def _attention_fake(logits, values, rpb, scale, kernel_size, stride, padding):
+    B, H, W, N, h = logits.shape
+    Ho = (H + 2 * padding[0] - kernel_size[0]) // stride[0] + 1
+    Wo = (W + 2 * padding[1] - kernel_size[1]) // stride[1] + 1
+    out = values.new_empty((B, Ho, Wo, h, values.shape[-1]))
+    lse = logits.new_empty((B, Ho, Wo, N, h), dtype=_lse_dtype(logits.dtype))
+    return out, lse
+
+
+@torch.library.custom_op("qna::attention_backward", mutates_args=())
+def attention_backward(
+    grad_out: torch.Tensor,
+    logits: torch.Tensor,
+    values: torch.Tensor,
+    rpb: torch.Tensor,
+    scale: Optional[torch.Tensor],
+    lse: torch.Tensor,
+    kernel_size: List[int],
+    stride: List[int],
+    padding: List[int],
+) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Core op backward: ``(dlogits, dvalues, drpb, dscale)``; ``dscale`` is empty when ``scale`` is None."""
+    ks, st, pd = tuple(kernel_size), tuple(stride), tuple(padding)
+    if resolve_backend(logits.device) == "triton":
+        from .kernels import qna_backward
+
+        dl, dv, dr, da = qna_backward(grad_out, logits, values, rpb, scale, lse, ks, st, pd)
+    else:
+        dl, dv, dr, da = reference.direct_qna_attention_backward(
+            grad_out, logits, values, rpb, scale, lse, ks, st, pd
+        )
+    if da is None:
+        da = rpb.new_empty((0,))
+    return dl.contiguous(), dv.contiguous(), dr.contiguous(), da.contiguous()
+
+
+@attention_backward.register_fake
+def _attention_backward_fake(grad_out, logits, values, rpb, scale, lse, kernel_size, stride, padding):
+    da = rpb.new_empty((0,)) if scale is None else torch.empty_like(scale)
+    return torch.empty_like(logits), torch.empty_like(values), torch.empty_like(rpb), da
+
+
+def _setup_context(ctx, inputs, output):
+    logits, values, rpb, scale, kernel_size, stride, padding = inputs
+    ctx.save_for_backward(logits, values, rpb, scale, output[1])
+    ctx.geometry = (kernel_size, stride, padding)
+
+
+def _backward(ctx, grad_out, _grad_lse):
+    logits, values, rpb, scale, lse = ctx.saved_tensors
+    dl, dv, dr, da = attention_backward(grad_out.contiguous(), logits, values, rpb, scale, lse, *ctx.geometry)
+    return dl, dv, dr, (None if scale is None else da), None, None, None
+
+
+attention.register_autograd(_backward, setup_context=_setup_context)

@@ -1,0 +1,82 @@
+"""Shared test helpers: random problem generation and the float64 oracle."""
+
+from __future__ import annotations
+
+import os
+import random
+from dataclasses import dataclass
+from typing import Optional, Tuple
+
+import torch
+
+from qna_triton.reference import naive_qna_attention, output_size
+
+FIXTURES = os.path.join(os.path.dirname(__file__), "fixtures")
+
+
+@dataclass(frozen=True)
+class Case:
+    B: int
+    H: int
+    W: int
+    N: int
+    h: int
+    d: int
+    kh: int
+    kw: int
+    sh: int
+    sw: int
+    ph: int
+    pw: int
+    with_scale: bool = True
+
+    @property
+    def geometry(self) -> Tuple[Tuple[int, int], Tuple[int, int], Tuple[int, int]]:
+        return (self.kh, self.kw), (self.sh, self.sw), (self.ph, self.pw)
+
+    @property
+    def out_hw(self) -> Tuple[int, int]:
+        return output_size(self.H, self.kh, self.sh, self.ph), output_size(self.W, self.kw, self.sw, self.pw)
+
+    def __str__(self) -> str:
+        return (f"B{self.B}_{self.H}x{self.W}_N{self.N}_h{self.h}_d{self.d}_k{self.kh}x{self.kw}"
+                f"_s{self.sh}x{self.sw}_p{self.ph}x{self.pw}{'' if self.with_scale else '_noscale'}")
+
+
+def random_cases(n: int, seed: int, max_k: int = 7, head_dims=(1, 3, 8, 12, 16)) -> list:
+    """``n`` random valid configurations: odd/non-square images, even/non-square windows, stride 1-3,
+    padding 0..k, 1-4 queries, 1-8 heads."""
+    rng = random.Random(seed)
+    cases = []
+    while len(cases) < n:
+        kh, kw = rng.randint(1, max_k), rng.randint(1, max_k)
+        if rng.random() < 0.5:
+            kw = kh
+        sh, sw = rng.randint(1, 3), rng.randint(1, 3)
+        ph, pw = rng.randint(0, kh), rng.randint(0, kw)
+        H, W = rng.randint(1, 11), rng.randint(1, 11)
+        if kh > H + 2 * ph or kw > W + 2 * pw:
+            continue
+        cases.append(Case(rng.randint(1, 2), H, W, rng.randint(1, 4), rng.randint(1, 8), rng.choice(head_dims),
+                          kh, kw, sh, sw, ph, pw, with_scale=rng.random() < 0.8))
+    return cases
+
+
+def make_inputs(case: Case, dtype=torch.float64, device="cpu", seed: int = 0, logit_scale: float = 2.0):
+    g = torch.Generator().manual_seed(seed)
+    K = case.kh * case.kw
+
+    def rnd(*shape, s=1.0):
+        return (torch.randn(*shape, generator=g, dtype=torch.float64) * s).to(dtype=dtype, device=device)
+
+    logits = rnd(case.B, case.H, case.W, case.N, case.h, s=logit_scale)
+    values = rnd(case.B, case.H, case.W, case.h, case.d)
+    rpb = rnd(K, case.N, case.h, s=0.5)
+    scale = rnd(K, case.N, case.h) if case.with_scale else None
+    return logits, values, rpb, scale
+
+
+def oracle(logits, values, rpb, scale: Optional[torch.Tensor], geometry) -> torch.Tensor:
+    """The float64 naive reference, whatever the inputs' dtype."""
+    f = lambda t: None if t is None else t.detach().double().cpu()  # noqa: E731
+    return naive_qna_attention(f(logits), f(values), f(rpb), f(scale), *geometry)
