@@ -11,6 +11,8 @@ Device dispatch, chosen at run time by ``QNA_TRITON_BACKEND``:
 * ``triton``: the Triton kernels for every tensor; on CPU through the Triton interpreter, which
   needs ``TRITON_INTERPRET=1`` in the environment before triton is first imported.
 * ``reference``: the PyTorch reference on every device.
+
+float64 tensors always take the reference (the kernels accumulate in float32).
 """
 
 from __future__ import annotations
@@ -25,11 +27,13 @@ from . import reference
 BACKENDS = ("auto", "triton", "reference")
 
 
-def resolve_backend(device: torch.device) -> str:
+def resolve_backend(device: torch.device, dtype: torch.dtype = torch.float32) -> str:
     """The backend that runs for tensors on ``device`` under the current ``QNA_TRITON_BACKEND``."""
     choice = os.environ.get("QNA_TRITON_BACKEND", "auto").strip().lower() or "auto"
     if choice not in BACKENDS:
         raise ValueError(f"QNA_TRITON_BACKEND must be one of {BACKENDS}, got {choice!r}")
+    if dtype == torch.float64:
+        return "reference"
     if choice == "auto":
         return "triton" if device.type == "cuda" else "reference"
     if choice == "triton" and device.type != "cuda" and os.environ.get("TRITON_INTERPRET") != "1":
@@ -56,7 +60,7 @@ def attention(
 ) -> Tuple[torch.Tensor, torch.Tensor]:
     """Core op forward; returns ``(out [B,Ho,Wo,h,d], lse [B,Ho,Wo,N,h])``. Inputs are pre-validated."""
     ks, st, pd = tuple(kernel_size), tuple(stride), tuple(padding)
-    if resolve_backend(logits.device) == "triton":
+    if resolve_backend(logits.device, logits.dtype) == "triton":
         from .kernels import qna_forward
 
         return qna_forward(logits, values, rpb, scale, ks, st, pd)
@@ -66,6 +70,7 @@ def attention(
 
 @attention.register_fake
 def _attention_fake(logits, values, rpb, scale, kernel_size, stride, padding):
+    resolve_backend(logits.device, logits.dtype)  # a bad QNA_TRITON_BACKEND fails at trace time too
     B, H, W, N, h = logits.shape
     Ho = (H + 2 * padding[0] - kernel_size[0]) // stride[0] + 1
     Wo = (W + 2 * padding[1] - kernel_size[1]) // stride[1] + 1
@@ -88,7 +93,7 @@ def attention_backward(
 ) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """Core op backward: ``(dlogits, dvalues, drpb, dscale)``; ``dscale`` is empty when ``scale`` is None."""
     ks, st, pd = tuple(kernel_size), tuple(stride), tuple(padding)
-    if resolve_backend(logits.device) == "triton":
+    if resolve_backend(logits.device, logits.dtype) == "triton":
         from .kernels import qna_backward
 
         dl, dv, dr, da = qna_backward(grad_out, logits, values, rpb, scale, lse, ks, st, pd)

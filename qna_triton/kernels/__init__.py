@@ -1,0 +1,125 @@
+"""Launchers of the fused QnA kernels (inputs validated by the caller; float16, bfloat16 and float32,
+all accumulated in float32)."""
+
+from __future__ import annotations
+
+from typing import Optional, Tuple
+
+import torch
+import triton
+
+from ..tuning import KernelConfig, get_config
+from .backward import qna_bwd_delta_kernel, qna_bwd_kernel
+from .forward import qna_fwd_kernel
+
+Pair = Tuple[int, int]
+
+__all__ = ["qna_forward", "qna_backward"]
+
+
+def _problem(logits: torch.Tensor, values: torch.Tensor, ks: Pair, st: Pair, pd: Pair):
+    B, H, W, N, h = logits.shape
+    d = values.shape[-1]
+    Ho = (H + 2 * pd[0] - ks[0]) // st[0] + 1
+    Wo = (W + 2 * pd[1] - ks[1]) // st[1] + 1
+    return B, H, W, N, h, d, Ho, Wo
+
+
+def _table(t: Optional[torch.Tensor]) -> Optional[torch.Tensor]:
+    """rpb / scale as contiguous float32 ``[K, N, h]`` (tiny)."""
+    return None if t is None else t.detach().to(torch.float32).contiguous()
+
+
+def _common_args(logits, values, B, H, W, Ho, Wo, N, h, d, ks, st, pd):
+    return (
+        B, H, W, Ho, Wo, N, h, d,
+        *logits.stride(), *values.stride(),
+        ks[0], ks[1], st[0], st[1], pd[0], pd[1],
+    )
+
+
+def _blocks(cfg: KernelConfig, N: int, d: int) -> dict:
+    return dict(
+        BLOCK_P=cfg.block_p, BLOCK_N=triton.next_power_of_2(N), BLOCK_H=cfg.block_h,
+        BLOCK_D=triton.next_power_of_2(d), num_warps=cfg.num_warps, num_stages=cfg.num_stages,
+    )
+
+
+def qna_forward(
+    logits: torch.Tensor,
+    values: torch.Tensor,
+    rpb: torch.Tensor,
+    scale: Optional[torch.Tensor],
+    ks: Pair,
+    st: Pair,
+    pd: Pair,
+    config: Optional[KernelConfig] = None,
+) -> Tuple[torch.Tensor, torch.Tensor]:
+    """Fused forward: ``(out [B,Ho,Wo,h,d] in the values' dtype, lse [B,Ho,Wo,N,h] float32)``."""
+    B, H, W, N, h, d, Ho, Wo = _problem(logits, values, ks, st, pd)
+    cfg = config or get_config("fwd", logits, values, ks, st)
+    out = torch.empty((B, Ho, Wo, h, d), device=values.device, dtype=values.dtype)
+    lse = torch.empty((B, Ho, Wo, N, h), device=logits.device, dtype=torch.float32)
+    r, a = _table(rpb), _table(scale)
+    grid = (triton.cdiv(B * Ho * Wo, cfg.block_p), triton.cdiv(h, cfg.block_h))
+    qna_fwd_kernel[grid](
+        logits, values, r, a if a is not None else r, out, lse,
+        *_common_args(logits, values, B, H, W, Ho, Wo, N, h, d, ks, st, pd),
+        HAS_SCALE=a is not None, **_blocks(cfg, N, d),
+    )
+    return out, lse
+
+
+def _num_programs(num_tiles: int, device: torch.device) -> int:
+    """Programs of the main backward kernel: enough to fill the GPU, few enough that the
+    ``[programs, K, N, h]`` partial-sum buffer for ``dr``/``da`` stays small."""
+    if device.type == "cuda":
+        sms = torch.cuda.get_device_properties(device).multi_processor_count
+        return max(1, min(num_tiles, 2 * sms))
+    return max(1, min(num_tiles, 4))
+
+
+def qna_backward(
+    grad_out: torch.Tensor,
+    logits: torch.Tensor,
+    values: torch.Tensor,
+    rpb: torch.Tensor,
+    scale: Optional[torch.Tensor],
+    lse: torch.Tensor,
+    ks: Pair,
+    st: Pair,
+    pd: Pair,
+    config: Optional[KernelConfig] = None,
+    delta_config: Optional[KernelConfig] = None,
+) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor, Optional[torch.Tensor]]:
+    """Fused backward: ``(dlogits, dvalues, drpb, dscale or None)``, deterministic."""
+    B, H, W, N, h, d, Ho, Wo = _problem(logits, values, ks, st, pd)
+    g = grad_out.contiguous()
+    lse = lse.contiguous()
+    r, a = _table(rpb), _table(scale)
+    common = _common_args(logits, values, B, H, W, Ho, Wo, N, h, d, ks, st, pd)
+
+    dcfg = delta_config or get_config("bwd_delta", logits, values, ks, st)
+    delta = torch.empty((B, Ho, Wo, N, h), device=logits.device, dtype=torch.float32)
+    grid = (triton.cdiv(B * Ho * Wo, dcfg.block_p), triton.cdiv(h, dcfg.block_h))
+    qna_bwd_delta_kernel[grid](
+        logits, values, r, a if a is not None else r, g, lse, delta, *common,
+        HAS_SCALE=a is not None, **_blocks(dcfg, N, d),
+    )
+
+    cfg = config or get_config("bwd", logits, values, ks, st)
+    K = ks[0] * ks[1]
+    num_tiles = triton.cdiv(B * H * W, cfg.block_p)
+    progs = _num_programs(num_tiles, logits.device)
+    dl = torch.empty((B, H, W, N, h), device=logits.device, dtype=logits.dtype)
+    dv = torch.empty((B, H, W, h, d), device=values.device, dtype=values.dtype)
+    dr_part = torch.zeros((progs, K, N, h), device=logits.device, dtype=torch.float32)
+    da_part = torch.zeros_like(dr_part) if a is not None else dr_part
+    qna_bwd_kernel[(progs, triton.cdiv(h, cfg.block_h))](
+        logits, values, r, a if a is not None else r, g, lse, delta, dl, dv, dr_part, da_part,
+        *common, num_tiles, triton.cdiv(num_tiles, progs),
+        HAS_SCALE=a is not None, **_blocks(cfg, N, d),
+    )
+    drpb = dr_part.sum(0).to(rpb.dtype)
+    dscale = da_part.sum(0).to(scale.dtype) if a is not None else None
+    return dl, dv, drpb, dscale

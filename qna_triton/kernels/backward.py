@@ -1,0 +1,152 @@
+"""Fused QnA backward, deterministic (no float atomics racing between programs).
+
+With ``P[n,i,o] = exp(l[src(i,o)] + r[o,n] - lse[n,i])`` (recomputed from the saved ``lse``),
+``t[i,o] = g[i] . v[src(i,o)]`` per head and ``D[n,i] = sum_o a[o,n] P t`` (``KERNEL_NOTES.md``):
+
+* :func:`qna_bwd_delta_kernel` (over output pixels) computes ``D``, the per-query output dotted with
+  the output gradient, without ever forming the per-query outputs.
+* :func:`qna_bwd_kernel` (over *input* pixels p) visits, for each offset o, the one output pixel
+  ``i = (p + pad - o) / s`` that reads p through o (when it is an integer inside the output), so
+  ``dl[p] = sum_o P (a t - D)`` and ``dv[p] = sum_o (sum_n a P) g[i]`` are plain sums owned by one
+  program. ``dr`` and ``da`` are sums over all pixels: each program accumulates its own row of a
+  ``[programs, k_h*k_w, N, h]`` buffer (only that program touches the row, always from the same
+  thread, so the order of additions is fixed), reduced afterwards by one deterministic ``sum``.
+"""
+
+from __future__ import annotations
+
+import triton
+import triton.language as tl
+
+from .forward import _load_z, _src_coords
+
+
+@triton.jit
+def qna_bwd_delta_kernel(
+    L, V, R, A, G, LSE, DELTA,
+    B, H, W, Ho, Wo, NQ, HEADS, D,
+    sl_b, sl_y, sl_x, sl_n, sl_j,
+    sv_b, sv_y, sv_x, sv_j, sv_t,
+    KH, KW, SH, SW, PH, PW,
+    HAS_SCALE: tl.constexpr,
+    BLOCK_P: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_D: tl.constexpr,
+):
+    pid_p = tl.program_id(0)
+    pid_h = tl.program_id(1)
+    offs_p = pid_p.to(tl.int64) * BLOCK_P + tl.arange(0, BLOCK_P)
+    mask_p = offs_p < B * Ho * Wo
+    b, y0, x0 = _src_coords(offs_p, Ho, Wo, SH, SW, PH, PW)
+    offs_n = tl.arange(0, BLOCK_N)
+    offs_h = pid_h * BLOCK_H + tl.arange(0, BLOCK_H)
+    offs_d = tl.arange(0, BLOCK_D)
+    mask_h = offs_h < HEADS
+    nh_mask = (offs_n[:, None] < NQ) & mask_h[None, :]
+    nh_l = offs_n[:, None] * sl_n + offs_h[None, :] * sl_j
+    nh_r = offs_n[:, None] * HEADS + offs_h[None, :]
+    NH = NQ * HEADS
+    hd_mask = mask_h[:, None] & (offs_d[None, :] < D)
+    pnh_mask = mask_p[:, None, None] & nh_mask[None, :, :]
+
+    g = tl.load(G + offs_p[:, None, None] * (HEADS * D) + (offs_h[:, None] * D + offs_d[None, :])[None, :, :],
+                mask=mask_p[:, None, None] & hd_mask[None, :, :], other=0.0).to(tl.float32)
+    lse = tl.load(LSE + offs_p[:, None, None] * NH + nh_r[None, :, :], mask=pnh_mask, other=0.0)
+    lse = tl.where(lse == float("-inf"), 0.0, lse)
+    hd_v = offs_h[:, None] * sv_j + offs_d[None, :] * sv_t
+    delta = tl.zeros((BLOCK_P, BLOCK_N, BLOCK_H), tl.float32)
+    for u in range(KH):
+        y = y0 + u
+        vy = mask_p & (y >= 0) & (y < H)
+        for w in range(KW):
+            x = x0 + w
+            valid = vy & (x >= 0) & (x < W)
+            o = u * KW + w
+            p = tl.exp(_load_z(L, R, o, b, y, x, valid, nh_l, nh_r, nh_mask, NH, sl_b, sl_y, sl_x) - lse)
+            if HAS_SCALE:
+                p = p * tl.load(A + o * NH + nh_r, mask=nh_mask, other=0.0)[None, :, :]
+            vbase = b * sv_b + y * sv_y + x * sv_x
+            v = tl.load(V + vbase[:, None, None] + hd_v[None, :, :],
+                        mask=valid[:, None, None] & hd_mask[None, :, :], other=0.0).to(tl.float32)
+            t = tl.sum(g * v, axis=2)  # [P, H]
+            delta += p * t[:, None, :]
+    tl.store(DELTA + offs_p[:, None, None] * NH + nh_r[None, :, :], delta, mask=pnh_mask)
+
+
+@triton.jit
+def qna_bwd_kernel(
+    L, V, R, A, G, LSE, DELTA, DL, DV, DR_PART, DA_PART,
+    B, H, W, Ho, Wo, NQ, HEADS, D,
+    sl_b, sl_y, sl_x, sl_n, sl_j,
+    sv_b, sv_y, sv_x, sv_j, sv_t,
+    KH, KW, SH, SW, PH, PW,
+    NUM_TILES, TILES_PER_PROGRAM,
+    HAS_SCALE: tl.constexpr,
+    BLOCK_P: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_D: tl.constexpr,
+):
+    pid = tl.program_id(0)
+    pid_h = tl.program_id(1)
+    num_progs = tl.num_programs(0)
+    offs_n = tl.arange(0, BLOCK_N)
+    offs_h = pid_h * BLOCK_H + tl.arange(0, BLOCK_H)
+    offs_d = tl.arange(0, BLOCK_D)
+    mask_h = offs_h < HEADS
+    nh_mask = (offs_n[:, None] < NQ) & mask_h[None, :]
+    nh_l = offs_n[:, None] * sl_n + offs_h[None, :] * sl_j
+    nh_r = offs_n[:, None] * HEADS + offs_h[None, :]
+    NH = NQ * HEADS
+    K = KH * KW
+    hd_mask = mask_h[:, None] & (offs_d[None, :] < D)
+    hd_v = offs_h[:, None] * sv_j + offs_d[None, :] * sv_t
+    hd_g = offs_h[:, None] * D + offs_d[None, :]
+    part_row = pid.to(tl.int64) * K * NH
+
+    for it in range(TILES_PER_PROGRAM):
+        tile = pid + it * num_progs
+        offs_p = tile.to(tl.int64) * BLOCK_P + tl.arange(0, BLOCK_P)
+        mask_p = (offs_p < B * H * W) & (tile < NUM_TILES)
+        x = offs_p % W
+        tmp = offs_p // W
+        y = tmp % H
+        b = tmp // H
+        lbase = b * sl_b + y * sl_y + x * sl_x
+        l_p = tl.load(L + lbase[:, None, None] + nh_l[None, :, :],
+                      mask=mask_p[:, None, None] & nh_mask[None, :, :], other=0.0).to(tl.float32)
+        vbase = b * sv_b + y * sv_y + x * sv_x
+        pv_mask = mask_p[:, None, None] & hd_mask[None, :, :]
+        v_p = tl.load(V + vbase[:, None, None] + hd_v[None, :, :], mask=pv_mask, other=0.0).to(tl.float32)
+        dl = tl.zeros((BLOCK_P, BLOCK_N, BLOCK_H), tl.float32)
+        dv = tl.zeros((BLOCK_P, BLOCK_H, BLOCK_D), tl.float32)
+        for u in range(KH):
+            ty = y + PH - u  # = Y * SH for the output row Y that reads row y through offset row u
+            Y = ty // SH
+            vy = mask_p & (ty >= 0) & (Y * SH == ty) & (Y < Ho)
+            for w in range(KW):
+                tx = x + PW - w
+                X = tx // SW
+                valid = vy & (tx >= 0) & (X * SW == tx) & (X < Wo)
+                o = u * KW + w
+                i = (b * Ho + Y) * Wo + X
+                i = tl.where(valid, i, 0)
+                ivalid = valid[:, None, None] & nh_mask[None, :, :]
+                lse = tl.load(LSE + i[:, None, None] * NH + nh_r[None, :, :], mask=ivalid, other=0.0)
+                delta = tl.load(DELTA + i[:, None, None] * NH + nh_r[None, :, :], mask=ivalid, other=0.0)
+                r = tl.load(R + o * NH + nh_r, mask=nh_mask, other=0.0)
+                p = tl.where(ivalid, tl.exp(l_p + r[None, :, :] - lse), 0.0)
+                g = tl.load(G + i[:, None, None] * (HEADS * D) + hd_g[None, :, :],
+                            mask=valid[:, None, None] & hd_mask[None, :, :], other=0.0).to(tl.float32)
+                t = tl.sum(g * v_p, axis=2)[:, None, :]  # [P, 1, H]
+                if HAS_SCALE:
+                    a = tl.load(A + o * NH + nh_r, mask=nh_mask, other=0.0)[None, :, :]
+                    ap = a * p
+                else:
+                    ap = p
+                dz = ap * t - p * delta
+                dl += dz
+                dv += tl.sum(ap, axis=1)[:, :, None] * g
+                part = DR_PART + part_row + o * NH + nh_r
+                tl.atomic_add(part, tl.sum(dz, axis=0), mask=nh_mask)
+                if HAS_SCALE:
+                    tl.atomic_add(DA_PART + part_row + o * NH + nh_r, tl.sum(p * t, axis=0), mask=nh_mask)
+        tl.store(DL + offs_p[:, None, None] * NH + nh_r[None, :, :], dl.to(DL.dtype.element_ty),
+                 mask=mask_p[:, None, None] & nh_mask[None, :, :])
+        tl.store(DV + offs_p[:, None, None] * (HEADS * D) + hd_g[None, :, :], dv.to(DV.dtype.element_ty),
+                 mask=pv_mask)

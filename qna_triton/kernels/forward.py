@@ -1,0 +1,111 @@
+"""Fused QnA forward: one program per tile of output pixels and group of heads.
+
+Each program streams over the window offsets three times, reading only its tile's source pixels:
+1. the maximum of ``z = l[src] + r[o]`` per (pixel, query, head),
+2. the sum of ``exp(z - max)``, giving the exact ``lse`` (saved for the backward: ``N*h`` floats per pixel),
+3. ``out += (sum_n a[o,n] exp(z - lse)) * v[src]``: the queries and the scale are folded into one
+   weight per (pixel, offset, head) before touching the values, so the value pass costs the same for
+   any number of queries.
+Nothing of size ``window x pixels`` is ever written; accumulation is float32.
+"""
+
+from __future__ import annotations
+
+import triton
+import triton.language as tl
+
+
+@triton.jit
+def _src_coords(offs_p, Ho, Wo, SH, SW, PH, PW):
+    """Flat output-pixel index -> (batch, top-left source row, top-left source column)."""
+    X = offs_p % Wo
+    t = offs_p // Wo
+    Y = t % Ho
+    b = t // Ho
+    return b, Y * SH - PH, X * SW - PW
+
+
+@triton.jit
+def _load_z(L, R, o, b, y, x, valid, nh_l, nh_r, nh_mask, NH, sl_b, sl_y, sl_x):
+    """z = logits[b, y, x, n, j] + rpb[o, n, j] as [P, N, H] float32; -inf where the source is masked."""
+    base = b * sl_b + y * sl_y + x * sl_x
+    msk = valid[:, None, None] & nh_mask[None, :, :]
+    z = tl.load(L + base[:, None, None] + nh_l[None, :, :], mask=msk, other=float("-inf")).to(tl.float32)
+    r = tl.load(R + o * NH + nh_r, mask=nh_mask, other=0.0)
+    return z + r[None, :, :]
+
+
+@triton.jit
+def qna_fwd_kernel(
+    L, V, R, A, O, LSE,
+    B, H, W, Ho, Wo, NQ, HEADS, D,
+    sl_b, sl_y, sl_x, sl_n, sl_j,
+    sv_b, sv_y, sv_x, sv_j, sv_t,
+    KH, KW, SH, SW, PH, PW,
+    HAS_SCALE: tl.constexpr,
+    BLOCK_P: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_D: tl.constexpr,
+):
+    pid_p = tl.program_id(0)
+    pid_h = tl.program_id(1)
+    # 64-bit pixel indices: tensors beyond 2^31 elements
+    offs_p = pid_p.to(tl.int64) * BLOCK_P + tl.arange(0, BLOCK_P)
+    mask_p = offs_p < B * Ho * Wo
+    b, y0, x0 = _src_coords(offs_p, Ho, Wo, SH, SW, PH, PW)
+    offs_n = tl.arange(0, BLOCK_N)
+    offs_h = pid_h * BLOCK_H + tl.arange(0, BLOCK_H)
+    offs_d = tl.arange(0, BLOCK_D)
+    mask_h = offs_h < HEADS
+    nh_mask = (offs_n[:, None] < NQ) & mask_h[None, :]
+    nh_l = offs_n[:, None] * sl_n + offs_h[None, :] * sl_j
+    nh_r = offs_n[:, None] * HEADS + offs_h[None, :]
+    NH = NQ * HEADS
+
+    # pass 1: maximum over the window
+    m = tl.full((BLOCK_P, BLOCK_N, BLOCK_H), float("-inf"), tl.float32)
+    for u in range(KH):
+        y = y0 + u
+        vy = mask_p & (y >= 0) & (y < H)
+        for w in range(KW):
+            x = x0 + w
+            valid = vy & (x >= 0) & (x < W)
+            z = _load_z(L, R, u * KW + w, b, y, x, valid, nh_l, nh_r, nh_mask, NH, sl_b, sl_y, sl_x)
+            m = tl.maximum(m, z)
+    m = tl.where(m == float("-inf"), 0.0, m)  # empty window: any finite shift works
+
+    # pass 2: normaliser
+    s = tl.zeros((BLOCK_P, BLOCK_N, BLOCK_H), tl.float32)
+    for u in range(KH):
+        y = y0 + u
+        vy = mask_p & (y >= 0) & (y < H)
+        for w in range(KW):
+            x = x0 + w
+            valid = vy & (x >= 0) & (x < W)
+            z = _load_z(L, R, u * KW + w, b, y, x, valid, nh_l, nh_r, nh_mask, NH, sl_b, sl_y, sl_x)
+            s += tl.exp(z - m)
+    lse = m + tl.log(s)  # -inf where the window holds no pixel
+    lse_shift = tl.where(s > 0, lse, 0.0)
+
+    # pass 3: values weighted by the query-summed, scaled probabilities
+    hd_mask = mask_h[:, None] & (offs_d[None, :] < D)
+    hd_v = offs_h[:, None] * sv_j + offs_d[None, :] * sv_t
+    acc = tl.zeros((BLOCK_P, BLOCK_H, BLOCK_D), tl.float32)
+    for u in range(KH):
+        y = y0 + u
+        vy = mask_p & (y >= 0) & (y < H)
+        for w in range(KW):
+            x = x0 + w
+            valid = vy & (x >= 0) & (x < W)
+            o = u * KW + w
+            p = tl.exp(_load_z(L, R, o, b, y, x, valid, nh_l, nh_r, nh_mask, NH, sl_b, sl_y, sl_x) - lse_shift)
+            if HAS_SCALE:
+                p = p * tl.load(A + o * NH + nh_r, mask=nh_mask, other=0.0)[None, :, :]
+            wgt = tl.sum(p, axis=1)  # [P, H]
+            vbase = b * sv_b + y * sv_y + x * sv_x
+            v = tl.load(V + vbase[:, None, None] + hd_v[None, :, :],
+                        mask=valid[:, None, None] & hd_mask[None, :, :], other=0.0)
+            acc += wgt[:, :, None] * v.to(tl.float32)
+
+    o_ptr = O + offs_p[:, None, None] * (HEADS * D) + (offs_h[:, None] * D + offs_d[None, :])[None, :, :]
+    tl.store(o_ptr, acc.to(O.dtype.element_ty), mask=mask_p[:, None, None] & hd_mask[None, :, :])
+    lse_ptr = LSE + offs_p[:, None, None] * NH + nh_r[None, :, :]
+    tl.store(lse_ptr, lse, mask=mask_p[:, None, None] & nh_mask[None, :, :])
