@@ -127,10 +127,11 @@ def qna_bwd_kernel(
                 i = (b * Ho + Y) * Wo + X
                 i = tl.where(valid, i, 0)
                 ivalid = valid[:, None, None] & nh_mask[None, :, :]
-                lse = tl.load(LSE + i[:, None, None] * NH + nh_r[None, :, :], mask=ivalid, other=0.0)
+                # +inf for masked lanes: P = exp(z - inf) = 0 there, with no overflow on the way
+                lse = tl.load(LSE + i[:, None, None] * NH + nh_r[None, :, :], mask=ivalid, other=float("inf"))
                 delta = tl.load(DELTA + i[:, None, None] * NH + nh_r[None, :, :], mask=ivalid, other=0.0)
                 r = tl.load(R + o * NH + nh_r, mask=nh_mask, other=0.0)
-                p = tl.where(ivalid, tl.exp(l_p + r[None, :, :] - lse), 0.0)
+                p = tl.exp(l_p + r[None, :, :] - lse)
                 g = tl.load(G + i[:, None, None] * (HEADS * D) + hd_g[None, :, :],
                             mask=valid[:, None, None] & hd_mask[None, :, :], other=0.0).to(tl.float32)
                 t = tl.sum(g * v_p, axis=2)[:, None, :]  # [P, 1, H]

@@ -1,0 +1,170 @@
+"""The fused Triton kernels (through the custom op) against the float64 oracle.
+
+On a CPU-only machine they run in the Triton interpreter (conftest sets ``TRITON_INTERPRET=1``);
+on a GPU the same tests run the compiled kernels. ``QNA_TEST_SWEEP`` sets the size of the random
+sweep (default 16; run 500+ on demand).
+"""
+
+import math
+import os
+
+import pytest
+import torch
+
+from helpers import Case, make_inputs, oracle, random_cases
+from qna_triton import qna_attention
+from qna_triton.reference import naive_qna_attention
+
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+SWEEP_SIZE = int(os.environ.get("QNA_TEST_SWEEP", "16"))
+DTYPES = [torch.float32, torch.float16, torch.bfloat16]
+ATOL = {torch.float32: 1e-5, torch.float16: 2e-3, torch.bfloat16: 1.6e-2}
+
+# Shapes the issue names explicitly: head dims 8..128, 1..8 queries, even and large windows, the
+# global window (k equal to the image), stride > 1, padding 0.
+NAMED = [
+    Case(1, 6, 7, 2, 2, 8, 3, 3, 1, 1, 1, 1),
+    Case(1, 5, 5, 2, 1, 12, 3, 3, 1, 1, 1, 1),
+    Case(1, 5, 6, 1, 2, 16, 5, 5, 2, 2, 2, 2),
+    Case(1, 4, 5, 2, 1, 32, 3, 3, 1, 1, 1, 1),
+    Case(1, 4, 4, 2, 2, 64, 2, 2, 1, 1, 0, 0),
+    Case(1, 3, 4, 1, 1, 128, 3, 3, 1, 1, 1, 1),
+    Case(2, 6, 6, 8, 3, 4, 3, 3, 1, 1, 1, 1),
+    Case(1, 7, 7, 2, 4, 4, 7, 7, 1, 1, 0, 0, with_scale=False),
+    Case(1, 8, 6, 3, 2, 4, 4, 6, 2, 3, 3, 0),
+    Case(1, 9, 9, 2, 2, 3, 9, 9, 1, 1, 4, 4),
+]
+SWEEP = NAMED + random_cases(SWEEP_SIZE, seed=99, max_k=9, head_dims=(1, 5, 8, 12, 16, 32))
+
+
+@pytest.fixture
+def triton_backend(monkeypatch):
+    monkeypatch.setenv("QNA_TRITON_BACKEND", "triton")
+
+
+@pytest.fixture
+def nan_poison(monkeypatch):
+    """Every float ``torch.empty`` is filled with NaN, so an element a kernel forgets to write fails."""
+    empty = torch.empty
+
+    def poisoned(*args, **kwargs):
+        t = empty(*args, **kwargs)
+        if t.is_floating_point():
+            t.fill_(math.nan)
+        return t
+
+    monkeypatch.setattr(torch, "empty", poisoned)
+
+
+def _check(got, expected, ref_same_precision, dtype, what):
+    """Kernel error at most twice the reference path's error at the same precision, plus a small atol."""
+    scale = expected.abs().max().clamp_min(1.0).item()
+    err = (got.double() - expected).abs().max().item()
+    ref_err = (ref_same_precision.double() - expected).abs().max().item()
+    assert torch.isfinite(got).all(), f"{what}: non-finite values"
+    assert err <= 2 * ref_err + ATOL[dtype] * scale, f"{what}: error {err:.3g} vs reference {ref_err:.3g}"
+
+
+def _run(case, dtype, backend, monkeypatch, logit_scale=2.0):
+    monkeypatch.setenv("QNA_TRITON_BACKEND", backend)
+    inputs = [t for t in make_inputs(case, dtype=dtype, device=DEVICE, logit_scale=logit_scale)]
+    inputs = [None if t is None else t.clone().requires_grad_() for t in inputs]
+    out = qna_attention(*inputs, *case.geometry)
+    g = torch.randn(out.shape, generator=torch.Generator().manual_seed(1)).to(out)
+    grads = torch.autograd.grad(out, [t for t in inputs if t is not None], g)
+    return out.detach(), grads, g
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("case", SWEEP, ids=str)
+def test_forward_and_gradients_match_oracle(case, dtype, monkeypatch, nan_poison):
+    out, grads, g = _run(case, dtype, "triton", monkeypatch)
+    out_ref, grads_ref, _ = _run(case, dtype, "reference", monkeypatch)
+    leaves = [t.detach().double().cpu().requires_grad_() if t is not None else None
+              for t in make_inputs(case, dtype=dtype, device=DEVICE)]
+    exact = naive_qna_attention(*leaves, *case.geometry)
+    exact_grads = torch.autograd.grad(exact, [t for t in leaves if t is not None], g.double().cpu())
+    assert out.shape == exact.shape and out.dtype == dtype
+    _check(out.cpu(), exact, out_ref.cpu(), dtype, "out")
+    for name, a, r, e in zip(("dlogits", "dvalues", "drpb", "dscale"), grads, grads_ref, exact_grads):
+        _check(a.cpu(), e, r.cpu(), dtype, name)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+def test_extreme_logits(dtype, monkeypatch, triton_backend):
+    case = Case(2, 7, 6, 2, 2, 4, 3, 3, 1, 1, 1, 1)
+    logits, values, rpb, scale = make_inputs(case, dtype=dtype, device=DEVICE, logit_scale=1e4)
+    ts = [t.clone().requires_grad_() for t in (logits, values, rpb, scale)]
+    out = qna_attention(*ts, *case.geometry)
+    assert torch.isfinite(out).all()
+    expected = oracle(logits, values, rpb, scale, case.geometry)
+    torch.testing.assert_close(out.double().cpu(), expected, rtol=5e-3, atol=5e-3)
+    out.float().square().sum().backward()
+    for t in ts:
+        assert torch.isfinite(t.grad).all()
+
+
+def test_window_in_padding_only_gives_zero(triton_backend, nan_poison):
+    case = Case(1, 2, 2, 2, 2, 3, 1, 1, 1, 1, 2, 2)
+    logits, values, rpb, scale = make_inputs(case, dtype=torch.float32, device=DEVICE)
+    out = qna_attention(logits, values, rpb, scale, *case.geometry).cpu()
+    inside = torch.zeros(6, 6, dtype=torch.bool)
+    inside[2:4, 2:4] = True
+    assert (out[:, ~inside] == 0).all() and torch.isfinite(out).all()
+
+
+def test_backward_is_deterministic(triton_backend):
+    case = Case(2, 9, 9, 2, 4, 8, 5, 5, 1, 1, 2, 2)
+    runs = []
+    for _ in range(2):
+        ts = [t.clone().requires_grad_() for t in make_inputs(case, dtype=torch.float32, device=DEVICE)]
+        out = qna_attention(*ts, *case.geometry)
+        out.backward(torch.ones_like(out))
+        runs.append([t.grad.clone() for t in ts])
+    for a, b in zip(*runs):
+        assert torch.equal(a, b)
+
+
+def test_non_contiguous_inputs(triton_backend):
+    torch.manual_seed(0)
+    B, H, W, N, h, d = 2, 6, 5, 2, 3, 4
+    qv = torch.randn(B, H, W, N * h + h * d + 3, device=DEVICE)  # a fused projection with spare columns
+    logits = qv[..., : N * h].unflatten(-1, (N, h))
+    values = qv[..., N * h : N * h + h * d].unflatten(-1, (h, d))
+    values_t = torch.randn(B, W, H, h, d, device=DEVICE).transpose(1, 2)  # spatially transposed
+    rpb = torch.randn(9, N, h, device=DEVICE)
+    for v in (values, values_t):
+        assert not logits.is_contiguous() and not v.is_contiguous()
+        out = qna_attention(logits, v, rpb, None, 3)
+        expected = oracle(logits, v, rpb, None, ((3, 3), (1, 1), (1, 1)))
+        torch.testing.assert_close(out.double().cpu(), expected, rtol=1e-5, atol=1e-5)
+
+
+def test_bad_input_raises_before_any_kernel(monkeypatch, triton_backend):
+    import qna_triton.kernels as kernels
+    from test_layer import BAD_CORE, _core
+
+    def no_launch(*args, **kwargs):
+        raise AssertionError("a kernel was launched")
+
+    monkeypatch.setattr(kernels, "qna_forward", no_launch)
+    monkeypatch.setattr(kernels, "qna_backward", no_launch)
+    for call, exc, pattern in BAD_CORE:
+        with pytest.raises(exc, match=pattern):
+            call(*_core())
+
+
+@pytest.mark.gpu
+@pytest.mark.slow
+def test_beyond_2_31_elements():
+    """64-bit offsets: a values tensor of more than 2^31 elements (4.3 GB in bfloat16)."""
+    B, H, W, N, h, d = 2, 256, 256, 2, 128, 128  # values: 2^31 + ... elements
+    B = (2**31) // (H * W * h * d) + 1
+    logits = torch.randn(B, H, W, N, h, device="cuda", dtype=torch.bfloat16)
+    values = torch.randn(B, H, W, h, d, device="cuda", dtype=torch.bfloat16)
+    assert values.numel() > 2**31
+    rpb = torch.zeros(9, N, h, device="cuda")
+    out = qna_attention(logits, values, rpb, None, 3)
+    b = B - 1  # the last image sits past 2^31 elements: compare it with the reference on its own
+    ref = qna_attention(logits[b:].float().cpu(), values[b:].float().cpu(), rpb.cpu(), None, 3)
+    torch.testing.assert_close(out[b:].float().cpu(), ref, rtol=2e-2, atol=2e-2)
