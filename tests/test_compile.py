@@ -1,0 +1,67 @@
+"""The custom op under torch.library.opcheck and torch.compile(fullgraph=True)."""
+
+import pytest
+import torch
+import torch._dynamo
+
+from helpers import Case, make_inputs
+from qna_triton import QnA
+from qna_triton import ops  # noqa: F401  (registers torch.ops.qna)
+
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+
+
+@pytest.mark.parametrize("backend", ["reference", "triton"])
+@pytest.mark.parametrize("case", [Case(2, 5, 6, 2, 3, 4, 3, 3, 1, 1, 1, 1),
+                                  Case(1, 6, 5, 1, 2, 3, 2, 4, 2, 1, 0, 2, with_scale=False)], ids=str)
+def test_opcheck(case, backend, monkeypatch):
+    monkeypatch.setenv("QNA_TRITON_BACKEND", backend)
+    logits, values, rpb, scale = [None if t is None else t.requires_grad_()
+                                  for t in make_inputs(case, dtype=torch.float32, device=DEVICE)]
+    ks, st, pd = (list(p) for p in case.geometry)
+    torch.library.opcheck(torch.ops.qna.attention.default, (logits, values, rpb, scale, ks, st, pd))
+    out, lse = torch.ops.qna.attention(logits, values, rpb, scale, ks, st, pd)
+    g = torch.randn_like(out)
+    torch.library.opcheck(torch.ops.qna.attention_backward.default,
+                          (g, logits.detach(), values.detach(), rpb.detach(),
+                           None if scale is None else scale.detach(), lse.detach(), ks, st, pd))
+
+
+class Stack(torch.nn.Module):
+    """Two QnA blocks (the second down-sampling) with norms and residuals, as in QnA-ViT."""
+
+    def __init__(self, c: int = 16):
+        super().__init__()
+        self.norm1 = torch.nn.LayerNorm(c, eps=1e-6)
+        self.qna1 = QnA(c, c, 4, kernel_size=3)
+        self.norm2 = torch.nn.LayerNorm(c, eps=1e-6)
+        self.qna2 = QnA(c, 2 * c, 8, kernel_size=3, stride=2)
+        self.head = torch.nn.Linear(2 * c, 5)
+
+    def forward(self, x):
+        x = x + self.qna1(self.norm1(x))
+        x = self.qna2(self.norm2(x))
+        return self.head(x.mean(dim=(1, 2)))
+
+
+@pytest.mark.parametrize("backend", ["auto", "triton"])
+def test_compile_fullgraph_no_recompile_on_batch_change(backend, monkeypatch):
+    monkeypatch.setenv("QNA_TRITON_BACKEND", backend)
+    torch._dynamo.reset()
+    torch.manual_seed(0)
+    model = Stack().to(DEVICE)
+    compiled = torch.compile(model, fullgraph=True)
+    with torch._dynamo.config.patch(error_on_recompile=True):
+        for batch in (2, 3, 5):
+            x = torch.randn(batch, 9, 10, 16, device=DEVICE)
+            torch._dynamo.mark_dynamic(x, 0)
+            y = compiled(x)
+            y.square().sum().backward()
+            grads = {n: p.grad.clone() for n, p in model.named_parameters()}
+            model.zero_grad()
+            y_eager = model(x)
+            y_eager.square().sum().backward()
+            torch.testing.assert_close(y, y_eager, rtol=1e-4, atol=1e-5)
+            for n, p in model.named_parameters():
+                torch.testing.assert_close(grads[n], p.grad, rtol=1e-4, atol=1e-5, msg=n)
+            model.zero_grad()
