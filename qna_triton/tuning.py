@@ -12,8 +12,11 @@ __all__ = ["KernelConfig", "heuristic_config", "get_config", "KERNELS"]
 
 KERNELS = ("fwd", "bwd_delta", "bwd")
 
-# float32 elements of the largest per-program tile (pixels x heads x head-dim): keeps registers in check
-_TILE_BUDGET = {"fwd": 4096, "bwd_delta": 4096, "bwd": 2048}
+# float32 elements of the largest per-program tile (pixels x heads x head-dim) at 4 warps: keeps every
+# kernel under ~128-240 registers without spills on sm_80/sm_90 (python -m qna_triton.kernels.aot)
+_TILE_BUDGET = {"fwd": 1024, "bwd_delta": 1024, "bwd": 512}
+# most channels (heads x head-dim) of one pixel in a program
+_CHANNEL_BUDGET = {"fwd": 128, "bwd_delta": 128, "bwd": 32}
 
 
 @dataclass(frozen=True)
@@ -35,8 +38,8 @@ def heuristic_config(kernel: str, heads: int, head_dim: int) -> KernelConfig:
         raise ValueError(f"kernel must be one of {KERNELS}, got {kernel!r}")
     budget = _TILE_BUDGET[kernel]
     bd = triton.next_power_of_2(head_dim)
-    bh = max(1, min(triton.next_power_of_2(heads), budget // (16 * bd)))
-    bp = max(16, min(128, budget // (bh * bd)))
+    bh = max(1, min(triton.next_power_of_2(heads), _CHANNEL_BUDGET[kernel] // bd))
+    bp = max(8, min(128, budget // (bh * bd)))
     return KernelConfig(block_p=bp, block_h=bh, num_warps=4, num_stages=1)
 
 

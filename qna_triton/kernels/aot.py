@@ -1,0 +1,113 @@
+"""Ahead-of-time compilation of the kernels for a GPU architecture, without a GPU.
+
+Triton ships ``ptxas``, so a kernel can be lowered to a cubin for ``sm_80`` or ``sm_90`` on any
+machine. That catches what the interpreter cannot (block shapes, dtype rules, compile errors) and
+reports registers, spills and shared memory per configuration: used by the tests on CPU-only CI
+and by the autotuner to prune configurations before timing them.
+
+Usage: ``python -m qna_triton.kernels.aot [--arch 90]`` prints a resource table.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import re
+import subprocess
+import tempfile
+from dataclasses import dataclass
+from typing import Dict
+
+import torch
+import triton
+from triton.backends.compiler import GPUTarget
+from triton.compiler import ASTSource
+
+from ..tuning import KernelConfig, heuristic_config
+from .backward import qna_bwd_delta_kernel, qna_bwd_kernel
+from .forward import qna_fwd_kernel
+
+KERNEL_FNS = {"fwd": qna_fwd_kernel, "bwd_delta": qna_bwd_delta_kernel, "bwd": qna_bwd_kernel}
+_TRITON_DTYPE = {torch.float32: "fp32", torch.float16: "fp16", torch.bfloat16: "bf16"}
+# pointers holding the inputs' dtype; every other pointer is a float32 table or buffer
+_INPUT_DTYPE_PTRS = {"L", "V", "O", "G", "DL", "DV"}
+_POINTERS = _INPUT_DTYPE_PTRS | {"R", "A", "LSE", "DELTA", "DR_PART", "DA_PART"}
+
+
+@dataclass(frozen=True)
+class CompileReport:
+    """Resources of one compiled kernel variant."""
+
+    registers: int
+    spill_stores: int
+    spill_loads: int
+    shared_bytes: int
+
+    @property
+    def spills(self) -> bool:
+        return self.spill_stores > 0 or self.spill_loads > 0
+
+
+def compile_kernel(
+    kernel: str,
+    dtype: torch.dtype,
+    config: KernelConfig,
+    n_queries: int,
+    head_dim: int,
+    has_scale: bool = True,
+    arch: int = 90,
+) -> CompileReport:
+    """Compiles ``kernel`` for ``sm_<arch>`` and returns its resource usage (raises on compile errors)."""
+    fn = KERNEL_FNS[kernel]
+    consts = dict(
+        HAS_SCALE=has_scale, BLOCK_P=config.block_p, BLOCK_N=triton.next_power_of_2(n_queries),
+        BLOCK_H=config.block_h, BLOCK_D=triton.next_power_of_2(head_dim),
+    )
+    signature: Dict[str, str] = {}
+    for name in fn.arg_names:
+        if name in consts:
+            signature[name] = "constexpr"
+        elif name in _POINTERS:
+            signature[name] = "*" + (_TRITON_DTYPE[dtype] if name in _INPUT_DTYPE_PTRS else "fp32")
+        else:
+            signature[name] = "i32"  # sizes, strides, window geometry
+    src = ASTSource(fn=fn, signature=signature, constexprs=consts)
+    compiled = triton.compile(src, target=GPUTarget("cuda", arch, 32),
+                              options=dict(num_warps=config.num_warps, num_stages=config.num_stages))
+    return CompileReport(*_ptxas_usage(compiled.asm["ptx"], arch), compiled.metadata.shared)
+
+
+def _ptxas_usage(ptx: str, arch: int):
+    from triton.backends.nvidia.compiler import get_ptxas
+
+    gpu = f"sm_{arch}a" if arch >= 90 else f"sm_{arch}"
+    with tempfile.TemporaryDirectory() as tmp:
+        path = os.path.join(tmp, "k.ptx")
+        with open(path, "w") as f:
+            f.write(ptx)
+        out = subprocess.run([get_ptxas(arch).path, "-v", "--gpu-name", gpu, path, "-o", path + ".cubin"],
+                             capture_output=True, text=True, check=True)
+    text = out.stdout + out.stderr
+    regs = int(re.search(r"Used (\d+) registers", text).group(1))
+    spill = re.search(r"(\d+) bytes spill stores, (\d+) bytes spill loads", text)
+    return regs, int(spill.group(1)), int(spill.group(2))
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--arch", type=int, default=90, help="compute capability x10 (80: A100, 90: H100/H200)")
+    args = ap.parse_args()
+    print("| kernel | dtype | heads x head dim | block_p x block_h | warps | registers | spills (B) | shared (B) |")
+    print("|---|---|---|---|---|---|---|---|")
+    for h, d in ((16, 8), (8, 16), (4, 32), (2, 64), (1, 128)):
+        for kernel in KERNEL_FNS:
+            for dtype in (torch.bfloat16, torch.float32):
+                cfg = heuristic_config(kernel, h, d)
+                rep = compile_kernel(kernel, dtype, cfg, 2, d, arch=args.arch)
+                print(f"| {kernel} | {_TRITON_DTYPE[dtype]} | {h} x {d} | {cfg.block_p} x {cfg.block_h} | "
+                      f"{cfg.num_warps} | {rep.registers} | {rep.spill_stores + rep.spill_loads} | "
+                      f"{rep.shared_bytes} |")
+
+
+if __name__ == "__main__":
+    main()
