@@ -5,18 +5,21 @@ machine. That catches what the interpreter cannot (block shapes, dtype rules, co
 reports registers, spills and shared memory per configuration: used by the tests on CPU-only CI
 and by the autotuner to prune configurations before timing them.
 
-Usage: ``python -m qna_triton.kernels.aot [--arch 90]`` prints a resource table.
+Usage: ``python -m qna_triton.kernels.aot [--arch 90] [--json out.json]`` compiles the default
+configuration of every kernel and prints a resource table (exit status 1 if any fails to compile).
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import re
 import subprocess
 import tempfile
-from dataclasses import dataclass
-from typing import Dict
+from concurrent.futures import ProcessPoolExecutor
+from dataclasses import asdict, dataclass
+from typing import Dict, List, Sequence
 
 import torch
 import triton
@@ -93,20 +96,61 @@ def _ptxas_usage(ptx: str, arch: int):
     return regs, int(spill.group(1)), int(spill.group(2))
 
 
+HEAD_SHAPES = ((16, 8), (8, 12), (8, 16), (4, 32), (2, 64), (1, 128))
+
+
+def default_plan(archs: Sequence[int]) -> List[dict]:
+    """The heuristic configuration of every kernel for the head shapes we support, per architecture,
+    plus the query-count / scale / float16 variants."""
+    plan = []
+    for arch in archs:
+        for h, d in HEAD_SHAPES:
+            for kernel in KERNEL_FNS:
+                plan.append(dict(kernel=kernel, dtype="bf16", heads=h, head_dim=d, n_queries=2,
+                                 has_scale=True, arch=arch))
+        for kernel in KERNEL_FNS:
+            for n, scale in ((1, False), (8, True)):
+                plan.append(dict(kernel=kernel, dtype="fp16", heads=4, head_dim=8, n_queries=n,
+                                 has_scale=scale, arch=arch))
+    return plan
+
+
+def _run(entry: dict) -> dict:
+    dtype = {v: k for k, v in _TRITON_DTYPE.items()}[entry["dtype"]]
+    cfg = heuristic_config(entry["kernel"], entry["heads"], entry["head_dim"])
+    try:
+        rep = compile_kernel(entry["kernel"], dtype, cfg, entry["n_queries"], entry["head_dim"],
+                             entry["has_scale"], entry["arch"])
+        return dict(entry, config=cfg.as_dict(), ok=True, **asdict(rep))
+    except Exception as exc:  # reported, not hidden: the caller fails on ok=False
+        return dict(entry, config=cfg.as_dict(), ok=False, error=f"{type(exc).__name__}: {exc}")
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--arch", type=int, default=90, help="compute capability x10 (80: A100, 90: H100/H200)")
+    ap.add_argument("--arch", type=int, action="append",
+                    help="compute capability x10, repeatable (80: A100, 90: H100/H200); default 80 and 90")
+    ap.add_argument("--json", help="also write the results to this JSON file")
+    ap.add_argument("--jobs", type=int, default=os.cpu_count() or 1)
     args = ap.parse_args()
-    print("| kernel | dtype | heads x head dim | block_p x block_h | warps | registers | spills (B) | shared (B) |")
-    print("|---|---|---|---|---|---|---|---|")
-    for h, d in ((16, 8), (8, 16), (4, 32), (2, 64), (1, 128)):
-        for kernel in KERNEL_FNS:
-            for dtype in (torch.bfloat16, torch.float32):
-                cfg = heuristic_config(kernel, h, d)
-                rep = compile_kernel(kernel, dtype, cfg, 2, d, arch=args.arch)
-                print(f"| {kernel} | {_TRITON_DTYPE[dtype]} | {h} x {d} | {cfg.block_p} x {cfg.block_h} | "
-                      f"{cfg.num_warps} | {rep.registers} | {rep.spill_stores + rep.spill_loads} | "
-                      f"{rep.shared_bytes} |")
+    if os.environ.get("TRITON_INTERPRET") == "1":
+        raise SystemExit("unset TRITON_INTERPRET: ahead-of-time compilation needs the real compiler")
+    plan = default_plan(args.arch or [80, 90])
+    with ProcessPoolExecutor(max(1, args.jobs)) as pool:
+        results = list(pool.map(_run, plan))
+    print("| arch | kernel | dtype | heads x head dim | queries | block_p x block_h | warps | registers | spills (B) |")
+    print("|---|---|---|---|---|---|---|---|---|")
+    for r in results:
+        c = r["config"]
+        usage = (f"{r['registers']} | {r['spill_stores'] + r['spill_loads']}" if r["ok"]
+                 else f"FAILED: {r['error'][:60]} | -")
+        print(f"| sm_{r['arch']} | {r['kernel']} | {r['dtype']} | {r['heads']} x {r['head_dim']} | "
+              f"{r['n_queries']} | {c['block_p']} x {c['block_h']} | {c['num_warps']} | {usage} |")
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump(results, f, indent=1)
+    if not all(r["ok"] for r in results):
+        raise SystemExit(1)
 
 
 if __name__ == "__main__":
