@@ -1,22 +1,97 @@
-"""Kernel launch configurations: a heuristic default (tuned per-GPU tables are looked up first)."""
+"""Kernel launch configurations: tuned per-GPU tables first, a heuristic default otherwise.
+
+Run-time lookup (:func:`get_config`, called by the launchers inside the opaque custom op, so never
+inside a traced graph):
+
+* CPU tensors (the Triton interpreter) always get :func:`heuristic_config`, silently.
+* ``QNA_TRITON_DISABLE_TUNED=1`` gives the heuristic for every tensor.
+* Otherwise the file ``<sanitised GPU name>.json`` (``torch.cuda.get_device_name``, lower-cased,
+  every run of other characters than letters and digits turned into ``_``) is read from the folder
+  in ``QNA_TRITON_CONFIG_DIR`` (a user folder, searched first) and then from the shipped folder
+  ``qna_triton/configs/``; the first valid file wins. No file: the heuristic, with one warning per
+  process and GPU. A corrupted, truncated or wrong-schema file: a warning naming the file and the
+  reason, and the next folder (then the heuristic). Invalid entries are dropped with a warning naming
+  the file; the valid ones are kept.
+
+Matching a problem to an entry (first rule that differs decides, so it is a lexicographic order):
+
+1. ``kernel`` must match; ``dtype`` should match, else an entry of the other 16-bit dtype is used
+   (float16 <-> bfloat16), else none.
+2. nearest ``head_dim``, then nearest ``heads``, then nearest ``queries`` (distance ``|log2 a/b|``;
+   entries more than a factor 4 away in any of the three are never used),
+3. nearest ``stride`` (``|log2 sh/sh'| + |log2 sw/sw'|``),
+4. nearest ``window`` (``|kh - kh'| + |kw - kw'|``),
+5. nearest size ``bucket`` (``|log4 b/b'|``); a remaining tie goes to the smaller key string.
+
+The chosen entry is then adapted to the problem without ever changing results (tiles only change
+speed): ``block_h`` is capped at ``next_pow2(heads)``, and if the per-program tile of the problem
+(``block_p * block_h * (next_pow2(queries) + next_pow2(head_dim))``) outgrows the one the entry was
+measured with, ``block_p`` and then ``block_h`` are halved until it fits, so a borrowed entry cannot
+ask for more registers than were proven to compile.
+
+The file format (``schema_version`` 1) is documented in ``qna_triton/configs/README.md``;
+:func:`read_config_file` and :func:`write_config_file` are its reader and writer. Every look-up is
+cached (parsed files per GPU and folder list, results per key of small ints and strings), so a call
+after the first costs a few integer operations and a dictionary hit.
+"""
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass
-from typing import Tuple
+import functools
+import json
+import math
+import os
+import re
+import tempfile
+import warnings
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any, Dict, List, Mapping, Optional, Sequence, Tuple
 
 import torch
 import triton
 
-__all__ = ["KernelConfig", "heuristic_config", "get_config", "KERNELS"]
+__all__ = [
+    "KernelConfig", "heuristic_config", "get_config", "KERNELS", "EntryKey", "ConfigTable", "ConfigFileError",
+    "SCHEMA_VERSION", "DTYPES", "CONFIG_DIR_ENV", "DISABLE_ENV", "SHIPPED_CONFIG_DIR", "sanitize_gpu_name",
+    "size_bucket", "config_dirs", "config_file_name", "read_config_file", "write_config_file",
+    "validate_config", "lookup_config", "tile_footprint", "clear_cache",
+]
 
 KERNELS = ("fwd", "bwd_delta", "bwd")
+SCHEMA_VERSION = 1
+DTYPES = ("float16", "bfloat16", "float32")
+BUCKET_BASE = 4
+CONFIG_DIR_ENV = "QNA_TRITON_CONFIG_DIR"
+DISABLE_ENV = "QNA_TRITON_DISABLE_TUNED"
+SHIPPED_CONFIG_DIR = Path(__file__).resolve().parent / "configs"
 
 # float32 elements of the largest per-program tile (pixels x heads x head-dim) at 4 warps: keeps every
 # kernel under ~128-240 registers without spills on sm_80/sm_90 (python -m qna_triton.kernels.aot)
 _TILE_BUDGET = {"fwd": 1024, "bwd_delta": 1024, "bwd": 512}
 # most channels (heads x head-dim) of one pixel in a program
 _CHANNEL_BUDGET = {"fwd": 128, "bwd_delta": 128, "bwd": 32}
+
+# Hard limits of a valid entry: powers of two, and far below Triton's 2^20-element tensor limit.
+_MAX_BLOCK_P = 4096
+_MAX_BLOCK_H = 1024
+_MAX_WARPS = 32
+_MAX_STAGES = 8
+_MAX_TILE = 1 << 17
+# A borrowed entry is used only within this factor of the tuned heads / head_dim / queries.
+_MAX_RATIO_LOG2 = 2.0
+
+# Devices whose kernels are compiled: tuned tables apply. CPU tensors run the Triton interpreter, where
+# speed is meaningless, so they always take the heuristic.
+_TUNED_DEVICE_TYPES = ("cuda",)
+_TORCH_DTYPE_NAMES = {torch.float16: "float16", torch.bfloat16: "bfloat16", torch.float32: "float32"}
+_SIXTEEN_BIT = ("float16", "bfloat16")
+_KEY_RE = re.compile(
+    r"^kernel=(?P<kernel>[a-z_]+);dtype=(?P<dtype>[a-z0-9]+);window=(?P<kh>\d+)x(?P<kw>\d+);"
+    r"stride=(?P<sh>\d+)x(?P<sw>\d+);heads=(?P<heads>\d+);head_dim=(?P<head_dim>\d+);"
+    r"queries=(?P<n_queries>\d+);bucket=(?P<bucket>\d+)$"
+)
+_CONFIG_FIELDS = ("block_p", "block_h", "num_warps", "num_stages")
 
 
 @dataclass(frozen=True)
@@ -32,6 +107,7 @@ class KernelConfig:
         return asdict(self)
 
 
+@functools.lru_cache(maxsize=1024)
 def heuristic_config(kernel: str, heads: int, head_dim: int) -> KernelConfig:
     """A safe default: all heads of a pixel in one program when they fit, pixels fill the rest."""
     if kernel not in KERNELS:
@@ -43,8 +119,362 @@ def heuristic_config(kernel: str, heads: int, head_dim: int) -> KernelConfig:
     return KernelConfig(block_p=bp, block_h=bh, num_warps=4, num_stages=1)
 
 
+def tile_footprint(config: KernelConfig, n_queries: int, head_dim: int) -> int:
+    """float32 elements one program holds per live tile pair (``[P, N, H]`` plus ``[P, H, D]``):
+    the quantity registers grow with."""
+    bn, bd = triton.next_power_of_2(n_queries), triton.next_power_of_2(head_dim)
+    return config.block_p * config.block_h * (bn + bd)
+
+
+# ----------------------------------------------------------------------------------- keys
+def sanitize_gpu_name(name: str) -> str:
+    """``"NVIDIA H100 80GB HBM3"`` -> ``"nvidia_h100_80gb_hbm3"`` (safe as a file name)."""
+    out = re.sub(r"[^a-z0-9]+", "_", name.strip().lower()).strip("_")
+    return out or "unknown_gpu"
+
+
+def config_file_name(gpu_name: str) -> str:
+    return sanitize_gpu_name(gpu_name) + ".json"
+
+
+def size_bucket(pixels: int) -> int:
+    """The size bucket of ``pixels`` output pixels (``B * H_out * W_out``): the largest power of 4
+    not above it (1 for empty problems)."""
+    if pixels < 1:
+        return 1
+    return 1 << (2 * ((int(pixels).bit_length() - 1) // 2))
+
+
+def _is_pow(value: int, base: int) -> bool:
+    while value > 1 and value % base == 0:
+        value //= base
+    return value == 1
+
+
+@dataclass(frozen=True, order=True)
+class EntryKey:
+    """What a tuned entry is keyed by; :meth:`to_str` is its key in the JSON file."""
+
+    kernel: str
+    dtype: str
+    kh: int
+    kw: int
+    sh: int
+    sw: int
+    heads: int
+    head_dim: int
+    n_queries: int
+    bucket: int
+
+    def to_str(self) -> str:
+        return (f"kernel={self.kernel};dtype={self.dtype};window={self.kh}x{self.kw};stride={self.sh}x{self.sw};"
+                f"heads={self.heads};head_dim={self.head_dim};queries={self.n_queries};bucket={self.bucket}")
+
+    @classmethod
+    def from_str(cls, text: str) -> "EntryKey":
+        """Parses and checks a key string (ValueError saying what is wrong)."""
+        m = _KEY_RE.match(text) if isinstance(text, str) else None
+        if m is None:
+            raise ValueError("key does not have the form kernel=..;dtype=..;window=KHxKW;stride=SHxSW;"
+                             "heads=..;head_dim=..;queries=..;bucket=..")
+        g = m.groupdict()
+        key = cls(kernel=g["kernel"], dtype=g["dtype"], **{k: int(v) for k, v in g.items()
+                                                             if k not in ("kernel", "dtype")})
+        key.check()
+        return key
+
+    def check(self) -> None:
+        if self.kernel not in KERNELS:
+            raise ValueError(f"kernel {self.kernel!r} is not one of {KERNELS}")
+        if self.dtype not in DTYPES:
+            raise ValueError(f"dtype {self.dtype!r} is not one of {DTYPES}")
+        for name in ("kh", "kw", "sh", "sw", "heads", "head_dim", "n_queries", "bucket"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise ValueError(f"{name} must be a positive int, got {value!r}")
+        if not _is_pow(self.bucket, BUCKET_BASE):
+            raise ValueError(f"bucket {self.bucket} is not a power of {BUCKET_BASE}")
+
+
+def validate_config(value: Any) -> KernelConfig:
+    """A ``{"block_p", "block_h", "num_warps", "num_stages"}`` mapping as a checked KernelConfig."""
+    if not isinstance(value, Mapping):
+        raise ValueError(f"config must be an object, got {type(value).__name__}")
+    missing = [f for f in _CONFIG_FIELDS if f not in value]
+    if missing:
+        raise ValueError(f"config lacks {missing}")
+    limits = {"block_p": _MAX_BLOCK_P, "block_h": _MAX_BLOCK_H, "num_warps": _MAX_WARPS}
+    for name in _CONFIG_FIELDS:
+        v = value[name]
+        if isinstance(v, bool) or not isinstance(v, int) or v < 1:
+            raise ValueError(f"{name} must be a positive int, got {v!r}")
+        if name in limits and (not _is_pow(v, 2) or v > limits[name]):
+            raise ValueError(f"{name} must be a power of two <= {limits[name]}, got {v}")
+    if value["num_stages"] > _MAX_STAGES:
+        raise ValueError(f"num_stages must be <= {_MAX_STAGES}, got {value['num_stages']}")
+    cfg = KernelConfig(*(int(value[f]) for f in _CONFIG_FIELDS))
+    if cfg.block_p * cfg.block_h > _MAX_TILE:
+        raise ValueError(f"block_p * block_h = {cfg.block_p * cfg.block_h} exceeds {_MAX_TILE}")
+    return cfg
+
+
+# ----------------------------------------------------------------------------------- files
+class ConfigFileError(ValueError):
+    """A config file that cannot be used at all (unreadable, not JSON, wrong schema)."""
+
+
+@dataclass
+class ConfigTable:
+    """A parsed, validated config file."""
+
+    path: str
+    metadata: Dict[str, Any]
+    entries: Dict[EntryKey, KernelConfig]
+    raw_entries: Dict[str, Dict[str, Any]] = field(default_factory=dict)
+    skipped: Dict[str, Any] = field(default_factory=dict)
+    invalid: Dict[str, str] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        self._by_kernel: Dict[str, List[EntryKey]] = {}
+        for key in sorted(self.entries):
+            self._by_kernel.setdefault(key.kernel, []).append(key)
+
+    def nearest(self, want: EntryKey) -> Optional[EntryKey]:
+        """The entry used for ``want`` under the module's matching rule, or None."""
+        best, best_rank = None, None
+        for key in self._by_kernel.get(want.kernel, ()):
+            if key.dtype == want.dtype:
+                tier = 0
+            elif key.dtype in _SIXTEEN_BIT and want.dtype in _SIXTEEN_BIT:
+                tier = 1
+            else:
+                continue
+            dims = [abs(math.log2(a / b)) for a, b in ((key.head_dim, want.head_dim), (key.heads, want.heads),
+                                                      (key.n_queries, want.n_queries))]
+            if max(dims) > _MAX_RATIO_LOG2:
+                continue
+            rank = (
+                tier, *dims,
+                abs(math.log2(key.sh / want.sh)) + abs(math.log2(key.sw / want.sw)),
+                abs(key.kh - want.kh) + abs(key.kw - want.kw),
+                abs(math.log(key.bucket / want.bucket, BUCKET_BASE)),
+            )
+            if best_rank is None or rank < best_rank:
+                best, best_rank = key, rank
+        return best
+
+
+def read_config_file(path: os.PathLike) -> ConfigTable:
+    """Reads and validates a config file. Raises :class:`ConfigFileError` when the file is unusable;
+    invalid entries are left out and listed in ``ConfigTable.invalid`` (key -> reason)."""
+    path = str(path)
+    try:
+        with open(path, "r", encoding="utf-8") as f:
+            data = json.load(f)
+    except (OSError, UnicodeDecodeError) as e:
+        raise ConfigFileError(f"cannot be read ({e})") from e
+    except json.JSONDecodeError as e:
+        raise ConfigFileError(f"is not valid JSON (corrupted or truncated? {e})") from e
+    if not isinstance(data, dict):
+        raise ConfigFileError(f"must hold a JSON object, got {type(data).__name__}")
+    version = data.get("schema_version")
+    if isinstance(version, bool) or version != SCHEMA_VERSION:
+        raise ConfigFileError(f"has schema_version {version!r}; this qna_triton reads {SCHEMA_VERSION}")
+    metadata, raw, skipped = data.get("metadata"), data.get("entries"), data.get("skipped", {})
+    if not isinstance(metadata, dict):
+        raise ConfigFileError("has no 'metadata' object")
+    if not isinstance(raw, dict):
+        raise ConfigFileError("has no 'entries' object")
+    if not isinstance(skipped, dict):
+        raise ConfigFileError("has a 'skipped' field that is not an object")
+    entries: Dict[EntryKey, KernelConfig] = {}
+    kept: Dict[str, Dict[str, Any]] = {}
+    invalid: Dict[str, str] = {}
+    for text, value in raw.items():
+        try:
+            key = EntryKey.from_str(text)
+            if not isinstance(value, dict):
+                raise ValueError(f"entry must be an object, got {type(value).__name__}")
+            cfg = validate_config(value.get("config"))
+        except ValueError as e:
+            invalid[str(text)] = str(e)
+            continue
+        entries[key] = cfg
+        kept[text] = value
+    return ConfigTable(path, metadata, entries, kept, dict(skipped), invalid)
+
+
+def write_config_file(path: os.PathLike, metadata: Mapping[str, Any], entries: Mapping[str, Mapping[str, Any]],
+                      skipped: Optional[Mapping[str, Any]] = None) -> None:
+    """Writes a schema-1 config file atomically (a reader never sees half a file); every entry is
+    validated first, so the writer cannot produce a file the reader rejects."""
+    for text, value in entries.items():
+        EntryKey.from_str(text)
+        validate_config(value.get("config"))
+    data = {
+        "schema_version": SCHEMA_VERSION,
+        "metadata": dict(metadata),
+        "entries": {k: dict(entries[k]) for k in sorted(entries)},
+        "skipped": {k: (skipped or {})[k] for k in sorted(skipped or {})},
+    }
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=path.name + ".", suffix=".tmp", dir=str(path.parent))
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8") as f:
+            json.dump(data, f, indent=1, sort_keys=False)
+            f.write("\n")
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise
+
+
+# ----------------------------------------------------------------------------------- look-up
+_warned: set = set()
+
+
+def _warn_once(tag: str, message: str) -> None:
+    if tag in _warned:
+        return
+    _warned.add(tag)
+    warnings.warn(message, RuntimeWarning, stacklevel=2)
+
+
+def config_dirs() -> Tuple[str, ...]:
+    """Folders searched for config files, in order: ``$QNA_TRITON_CONFIG_DIR`` (if set), then the
+    shipped ``qna_triton/configs``."""
+    return _dirs_for(os.environ.get(CONFIG_DIR_ENV, ""))
+
+
+@functools.lru_cache(maxsize=16)
+def _dirs_for(user: str) -> Tuple[str, ...]:
+    user, shipped = user.strip(), str(SHIPPED_CONFIG_DIR)
+    if not user:
+        return (shipped,)
+    user = os.path.abspath(os.path.expanduser(user))
+    return (user,) if user == shipped else (user, shipped)
+
+
+def _tuned_disabled() -> bool:
+    return os.environ.get(DISABLE_ENV, "").strip().lower() in ("1", "true", "yes", "on")
+
+
+@functools.lru_cache(maxsize=64)
+def _load_table(gpu_name: str, dirs: Tuple[str, ...]) -> Optional[ConfigTable]:
+    """The first valid config file for ``gpu_name`` in ``dirs`` (warnings for bad ones), or None."""
+    name = config_file_name(gpu_name)
+    found_any = False
+    for d in dirs:
+        path = os.path.join(d, name)
+        if not os.path.isfile(path):
+            continue
+        found_any = True
+        try:
+            table = read_config_file(path)
+        except ConfigFileError as e:
+            _warn_once(f"bad:{path}", f"qna_triton: ignoring kernel config file {path}: it {e}. "
+                                      "Falling back to the next config folder or the heuristic configs; "
+                                      "re-run `python -m autotune` to regenerate it.")
+            continue
+        if table.invalid:
+            shown = "; ".join(f"{k!r}: {v}" for k, v in list(table.invalid.items())[:3])
+            more = f" (and {len(table.invalid) - 3} more)" if len(table.invalid) > 3 else ""
+            _warn_once(f"invalid:{path}", f"qna_triton: kernel config file {path} has {len(table.invalid)} "
+                                          f"invalid entries, ignored: {shown}{more}")
+        return table
+    if not found_any:
+        _warn_once(f"missing:{gpu_name}", f"qna_triton: no tuned kernel configs for GPU {gpu_name!r} (looked "
+                                          f"for {name} in {list(dirs)}); using heuristic configs. Run "
+                                          "`python -m autotune` to tune this GPU (or set "
+                                          f"{DISABLE_ENV}=1 to silence this).")
+    return None
+
+
+def _adapt(entry: EntryKey, cfg: KernelConfig, want: EntryKey) -> KernelConfig:
+    """Caps a borrowed entry's tile to the problem and to the tile it was measured with."""
+    bp, bh = cfg.block_p, min(cfg.block_h, triton.next_power_of_2(want.heads))
+    limit = tile_footprint(cfg, entry.n_queries, entry.head_dim)
+    while tile_footprint(KernelConfig(bp, bh), want.n_queries, want.head_dim) > limit:
+        if bp > 8:
+            bp //= 2
+        elif bh > 1:
+            bh //= 2
+        else:
+            break
+    return KernelConfig(bp, bh, cfg.num_warps, cfg.num_stages)
+
+
+@functools.lru_cache(maxsize=4096)
+def _lookup_cached(kernel: str, dtype: str, kh: int, kw: int, sh: int, sw: int, heads: int, head_dim: int,
+                   n_queries: int, bucket: int, gpu_name: str,
+                   dirs: Tuple[str, ...]) -> Tuple[KernelConfig, Optional[EntryKey]]:
+    # plain ints and strings as the cache key: a hit costs one tuple hash
+    heuristic = heuristic_config(kernel, heads, head_dim)
+    if dtype not in DTYPES or min(kh, kw, sh, sw, heads, head_dim, n_queries) < 1:
+        return heuristic, None
+    table = _load_table(gpu_name, dirs)
+    if table is None:
+        return heuristic, None
+    want = EntryKey(kernel, dtype, kh, kw, sh, sw, heads, head_dim, n_queries, bucket)
+    hit = table.nearest(want)
+    if hit is None:
+        return heuristic, None
+    return _adapt(hit, table.entries[hit], want), hit
+
+
+def lookup_config(kernel: str, gpu_name: str, dtype: str, heads: int, head_dim: int, n_queries: int,
+                  ks: Tuple[int, int], st: Tuple[int, int], pixels: int,
+                  dirs: Optional[Sequence[str]] = None) -> Tuple[KernelConfig, Optional[EntryKey]]:
+    """The config for a problem on ``gpu_name`` and the tuned entry it came from (None: heuristic).
+
+    ``pixels`` is ``B * H_out * W_out``. Honours ``QNA_TRITON_DISABLE_TUNED``; ``dirs`` defaults to
+    :func:`config_dirs`.
+    """
+    if kernel not in KERNELS:
+        raise ValueError(f"kernel must be one of {KERNELS}, got {kernel!r}")
+    if _tuned_disabled():
+        return heuristic_config(kernel, heads, head_dim), None
+    return _lookup_cached(kernel, dtype, int(ks[0]), int(ks[1]), int(st[0]), int(st[1]), int(heads),
+                          int(head_dim), int(n_queries), size_bucket(int(pixels)), gpu_name,
+                          tuple(dirs) if dirs is not None else config_dirs())
+
+
+@functools.lru_cache(maxsize=16)
+def _gpu_name(index: int) -> str:
+    return torch.cuda.get_device_name(index)
+
+
 def get_config(
-    kernel: str, logits: torch.Tensor, values: torch.Tensor, ks: Tuple[int, int], st: Tuple[int, int]
+    kernel: str, logits: torch.Tensor, values: torch.Tensor, ks: Tuple[int, int], st: Tuple[int, int],
+    pd: Optional[Tuple[int, int]] = None,
 ) -> KernelConfig:
-    """The configuration to launch ``kernel`` with for this problem."""
-    return heuristic_config(kernel, logits.shape[4], values.shape[4])
+    """The configuration to launch ``kernel`` with for this problem (``logits [B,H,W,N,h]``,
+    ``values [B,H,W,h,d]``). ``pd`` is the padding; None assumes the QnA default ``(k - 1) // 2``.
+
+    Only speed depends on the answer: every config computes the same result up to float rounding.
+    """
+    heads, head_dim = logits.shape[4], values.shape[4]
+    device = logits.device
+    if device.type not in _TUNED_DEVICE_TYPES or _tuned_disabled():
+        return heuristic_config(kernel, heads, head_dim)
+    B, H, W, N = logits.shape[:4]
+    if pd is None:
+        pd = ((ks[0] - 1) // 2, (ks[1] - 1) // 2)
+    Ho = (H + 2 * pd[0] - ks[0]) // st[0] + 1
+    Wo = (W + 2 * pd[1] - ks[1]) // st[1] + 1
+    index = device.index if device.index is not None else (torch.cuda.current_device() if device.type == "cuda" else 0)
+    dtype = _TORCH_DTYPE_NAMES.get(logits.dtype, "")
+    return lookup_config(kernel, _gpu_name(index), dtype, heads, head_dim, N, ks, st, B * Ho * Wo)[0]
+
+
+def clear_cache() -> None:
+    """Forgets parsed files, cached look-ups and issued warnings (after writing a config file in this
+    process, or in tests)."""
+    for cache in _CACHES:
+        cache.cache_clear()
+    _warned.clear()
+
+
+_CACHES = (heuristic_config, _load_table, _lookup_cached, _gpu_name, _dirs_for)
