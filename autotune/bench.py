@@ -1,0 +1,229 @@
+"""Measuring candidates on the GPU: random inputs per shape, one kernel per timing, a check that each
+candidate computes what the heuristic config computes.
+
+``Bench.open(shape)`` gives a :class:`Session` with ``check(kernel, config)`` (None when the result
+matches the heuristic config's within float rounding, else the reason) and ``time(kernel, config)``
+(median, 20th and 80th percentile in ms, by ``triton.testing.do_bench`` with warm-up; the L2 cache is
+flushed before every call). The tuner only uses this interface, so tests inject a fake one.
+
+Everything runs through the library's launchers (``qna_forward`` / ``qna_backward`` with explicit
+``config`` / ``delta_config``), so what is checked and timed is what the library runs. ``bwd_delta``
+and ``bwd`` are timed alone: their launch inside ``qna_backward`` is recorded once and repeated (``bwd``
+with its partial-sum buffers zeroed before and reduced after, as the launcher does), so the other
+backward kernel neither dilutes the difference between candidates nor needs its arguments rebuilt here.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import gc
+from typing import Callable, Dict, Iterator, List, Optional, Sequence, Tuple
+
+import torch
+import triton
+import triton.testing
+
+import qna_triton.kernels as _kernels
+from qna_triton.kernels import qna_backward, qna_forward
+from qna_triton.tuning import KernelConfig, heuristic_config
+
+from .plan import REP_MS, WARMUP_MS, Shape
+
+Timing = Tuple[float, float, float]  # median, p20, p80 in ms
+
+# Largest |a - b| / max|b| between two configs' results: results are stored in the input dtype, so two
+# configs may differ by an ulp there; float32 results (lse, delta, partial sums) only by reordering.
+TOLERANCE = {"float32": 1e-4, "float16": 2e-3, "bfloat16": 1.6e-2}
+FP32_TOLERANCE = 1e-4
+
+
+def _compare(got: Sequence[Optional[torch.Tensor]], ref: Sequence[Optional[torch.Tensor]], dtype: str,
+             names: Sequence[str]) -> Optional[str]:
+    for name, a, b in zip(names, got, ref):
+        if a is None and b is None:
+            continue
+        if a is None or b is None or a.shape != b.shape:
+            return f"{name}: shape {None if a is None else tuple(a.shape)} vs {None if b is None else tuple(b.shape)}"
+        a64, b64 = a.double(), b.double()
+        fin = torch.isfinite(b64)
+        if not torch.equal(fin, torch.isfinite(a64)) or not torch.equal(a64[~fin], b64[~fin]):
+            return f"{name}: non-finite values differ"
+        if not fin.any():
+            continue
+        scale = b64[fin].abs().max().clamp_min(1e-30)
+        err = ((a64[fin] - b64[fin]).abs().max() / scale).item()
+        tol = FP32_TOLERANCE if a.dtype == torch.float32 else TOLERANCE[dtype]
+        if not err <= tol:
+            return f"{name}: relative error {err:.3g} > {tol:g}"
+    return None
+
+
+
+class _Capture:
+    """Stands in for a ``@triton.jit`` kernel in ``qna_triton.kernels`` while one launcher call runs:
+    records each launch (grid and arguments) and runs it, so the very same launch can be repeated."""
+
+    def __init__(self, kernel) -> None:
+        self.kernel = kernel
+        self.calls: List[Tuple[object, tuple, dict]] = []
+
+    def __getitem__(self, grid):
+        def launch(*args, **kwargs):
+            self.calls.append((grid, args, kwargs))
+            return self.kernel[grid](*args, **kwargs)
+
+        return launch
+
+    def replay(self, i: int) -> Callable[[], None]:
+        grid, args, kwargs = self.calls[i]
+        names = list(getattr(self.kernel, "arg_names", []))
+        # the main backward kernel accumulates dr/da partial sums with atomics: a repeated launch
+        # starts from zeroed buffers and ends with their reduction, as the launcher's does
+        parts = [args[names.index(n)] for n in _PARTIAL_SUMS if n in names and names.index(n) < len(args)]
+        parts = [t for t in parts if isinstance(t, torch.Tensor)]
+        parts = list({id(t): t for t in parts}.values())
+        kernel = self.kernel
+
+        def fn() -> None:
+            for t in parts:
+                t.zero_()
+            kernel[grid](*args, **kwargs)
+            for t in parts:
+                t.sum(0)
+
+        return fn
+
+
+_PARTIAL_SUMS = ("DR_PART", "DA_PART")
+
+
+@contextlib.contextmanager
+def _capturing(name: str) -> Iterator[_Capture]:
+    """Routes the launches of ``qna_triton.kernels.<name>`` through a :class:`_Capture`."""
+    real = getattr(_kernels, name)
+    cap = _Capture(real)
+    setattr(_kernels, name, cap)
+    try:
+        yield cap
+    finally:
+        setattr(_kernels, name, real)
+
+
+class Session:
+    """Random inputs of one shape on a device, the heuristic configs' results, and the launchers."""
+
+    def __init__(self, shape: Shape, device: str = "cuda", seed: int = 0,
+                 warmup_ms: float = WARMUP_MS, rep_ms: float = REP_MS) -> None:
+        self.shape, self.device = shape, torch.device(device)
+        self.warmup_ms, self.rep_ms = warmup_ms, rep_ms
+        s = shape
+        dtype = getattr(torch, s.dtype)
+        g = torch.Generator(device=self.device).manual_seed(seed)
+
+        def randn(*size: int, scale: float = 1.0, dt: torch.dtype = torch.float32) -> torch.Tensor:
+            # drawn on the device: a large problem's inputs would take seconds on the host
+            return (scale * torch.randn(*size, generator=g, device=self.device)).to(dt)
+
+        N, h, d = s.n_queries, s.heads, s.head_dim
+        K = s.kh * s.kw
+        # logits and values as views of one projection output, exactly as the QnA layer passes them
+        qv = randn(s.batch, s.height, s.width, N * h + h * d)
+        qv[..., : N * h] *= 2.0
+        qv = qv.to(dtype)
+        self.logits = qv[..., : N * h].unflatten(-1, (N, h))
+        self.values = qv[..., N * h:].unflatten(-1, (h, d))
+        self.rpb = randn(K, N, h, scale=0.5)
+        self.scale = randn(K, N, h, scale=0.5)
+        self.geometry = ((s.kh, s.kw), (s.sh, s.sw), (s.ph, s.pw))
+        ho, wo = s.out_hw
+        self.grad_out = randn(s.batch, ho, wo, h, d, dt=dtype)
+        self.heuristic = {k: heuristic_config(k, h, d) for k in ("fwd", "bwd_delta", "bwd")}
+        self.ref_fwd = qna_forward(self.logits, self.values, self.rpb, self.scale, *self.geometry,
+                                   config=self.heuristic["fwd"])
+        self.lse = self.ref_fwd[1]
+        self.ref_bwd = self._backward(self.heuristic["bwd"], self.heuristic["bwd_delta"])
+        # the replay of the candidate checked last (one at a time: each holds its launch's buffers)
+        self._last: Optional[Tuple[Tuple[str, KernelConfig], Callable[[], object]]] = None
+
+    # ------------------------------------------------------------------------------ launches
+    def _backward(self, cfg: KernelConfig, dcfg: KernelConfig):
+        return qna_backward(self.grad_out, self.logits, self.values, self.rpb, self.scale, self.lse,
+                            *self.geometry, config=cfg, delta_config=dcfg)
+
+    def _prepare(self, kernel: str, cfg: KernelConfig) -> Tuple[Callable[[], object], Tuple]:
+        """Runs ``kernel`` with ``cfg`` through the library's launcher; returns a function that repeats
+        just that kernel's launch (what is timed) and the launcher's results (what is checked)."""
+        if kernel == "fwd":
+            def fn():
+                return qna_forward(self.logits, self.values, self.rpb, self.scale, *self.geometry, config=cfg)
+
+            return fn, fn()
+        name = "qna_bwd_delta_kernel" if kernel == "bwd_delta" else "qna_bwd_kernel"
+        with _capturing(name) as cap:
+            if kernel == "bwd_delta":
+                out = self._backward(self.heuristic["bwd"], cfg)
+            else:
+                out = self._backward(cfg, self.heuristic["bwd_delta"])
+        if len(cap.calls) != 1:
+            raise RuntimeError(f"qna_backward launched {name} {len(cap.calls)} times, expected once")
+        return cap.replay(0), out
+
+    def check(self, kernel: str, cfg: KernelConfig) -> Optional[str]:
+        """None when ``cfg`` gives the heuristic config's results within float rounding."""
+        self._last = None  # frees the previous candidate's buffers first
+        fn, got = self._prepare(kernel, cfg)
+        self._last = ((kernel, cfg), fn)
+        if kernel == "fwd":
+            return _compare(got, self.ref_fwd, self.shape.dtype, ("out", "lse"))
+        return _compare(got, self.ref_bwd, self.shape.dtype, ("dlogits", "dvalues", "drpb", "dscale"))
+
+    def launch(self, kernel: str, cfg: KernelConfig) -> None:
+        """One launch of the single kernel ``kernel`` with ``cfg`` (what :meth:`time` times)."""
+        if self._last is None or self._last[0] != (kernel, cfg):
+            self._last = None
+            self._last = ((kernel, cfg), self._prepare(kernel, cfg)[0])
+        self._last[1]()
+
+    def time(self, kernel: str, cfg: KernelConfig) -> Timing:
+        """Median, 20th and 80th percentile of one launch, in ms."""
+        q = triton.testing.do_bench(lambda: self.launch(kernel, cfg), warmup=self.warmup_ms, rep=self.rep_ms,
+                                    quantiles=[0.5, 0.2, 0.8])
+        return float(q[0]), float(q[1]), float(q[2])
+
+    def close(self) -> None:
+        self._last = None
+        for name in ("logits", "values", "rpb", "scale", "grad_out", "ref_fwd", "lse", "ref_bwd"):
+            self.__dict__.pop(name, None)
+
+
+class Bench:
+    """Sessions on the current CUDA device."""
+
+    def __init__(self, device: str = "cuda", warmup_ms: float = WARMUP_MS, rep_ms: float = REP_MS,
+                 memory_fraction: float = 0.6) -> None:
+        self.device, self.warmup_ms, self.rep_ms = device, warmup_ms, rep_ms
+        self.memory_fraction = memory_fraction
+
+    def device_info(self) -> Dict[str, object]:
+        props = torch.cuda.get_device_properties(self.device)
+        return {
+            "gpu_name": torch.cuda.get_device_name(self.device),
+            "compute_capability": f"{props.major}.{props.minor}",
+            "multiprocessors": props.multi_processor_count,
+            "memory_gib": round(props.total_memory / 2 ** 30, 1),
+            "cuda_version": torch.version.cuda,
+        }
+
+    def open(self, shape: Shape) -> Session:
+        """A session for ``shape``; MemoryError when its tensors would not fit comfortably."""
+        free, _ = torch.cuda.mem_get_info(self.device)
+        need = shape.input_bytes()
+        if need > self.memory_fraction * free:
+            raise MemoryError(f"needs ~{need / 2 ** 30:.1f} GiB, {free / 2 ** 30:.1f} GiB free")
+        return Session(shape, self.device, warmup_ms=self.warmup_ms, rep_ms=self.rep_ms)
+
+    def release(self, session: Optional[Session]) -> None:
+        if session is not None:
+            session.close()
+        gc.collect()
+        torch.cuda.empty_cache()
