@@ -179,14 +179,11 @@ class QnA(nn.Module):
             raise TypeError(f"x dtype {x.dtype} differs from the layer's parameter dtype {self.query.dtype}")
         B, H, W, _ = x.shape
         Ho, Wo = check_window((H, W), self.kernel_size, self.stride, self.padding)
-        N, h, d = self.n_queries, self.heads, self.head_dim
+        N, h = self.n_queries, self.heads
         weight, bias = self.fused_projection_weight()
-        qv = F.linear(x, weight, bias)  # [B, H, W, N*h + C]: one pass over x
-        logits = qv[..., : N * h].unflatten(-1, (N, h))
-        values = qv[..., N * h :].unflatten(-1, (h, d))
-        rpb = self.rpe_bias.reshape(-1, N, h)
-        out, _ = ops.attention(
-            logits, values, rpb, self.scale_tensor(),
+        qv = F.linear(x, weight, bias)  # [B, H, W, N*h + C]: logits and values in one pass over x
+        out, _ = ops.attention_packed(
+            qv, self.rpe_bias.reshape(-1, N, h), self.scale_tensor(),
             list(self.kernel_size), list(self.stride), list(self.padding),
         )
         return self.to_out(out.reshape(B, Ho, Wo, self.features))

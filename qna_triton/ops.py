@@ -48,6 +48,43 @@ def _lse_dtype(dtype: torch.dtype) -> torch.dtype:
     return torch.float64 if dtype == torch.float64 else torch.float32
 
 
+def _forward_impl(logits, values, rpb, scale, kernel_size, stride, padding):
+    ks, st, pd = tuple(kernel_size), tuple(stride), tuple(padding)
+    if resolve_backend(logits.device, logits.dtype) == "triton":
+        from .kernels import qna_forward
+
+        return qna_forward(logits, values, rpb, scale, ks, st, pd)
+    out, lse = reference.paper_qna_attention(logits, values, rpb, scale, ks, st, pd)
+    return out.contiguous(), lse.to(_lse_dtype(logits.dtype)).contiguous()
+
+
+def _backward_impl(grad_out, logits, values, rpb, scale, lse, kernel_size, stride, padding, packed):
+    """``(dlogits, dvalues, drpb, dscale)``, or ``(dqv, drpb, dscale)`` when ``packed``; ``dscale``
+    is empty when ``scale`` is None (custom ops cannot return None)."""
+    ks, st, pd = tuple(kernel_size), tuple(stride), tuple(padding)
+    if resolve_backend(logits.device, logits.dtype) == "triton":
+        from .kernels import qna_backward
+
+        grads = qna_backward(grad_out, logits, values, rpb, scale, lse, ks, st, pd, packed_grad=packed)
+    else:
+        dl, dv, dr, da = reference.direct_qna_attention_backward(
+            grad_out, logits, values, rpb, scale, lse, ks, st, pd
+        )
+        grads = (torch.cat([dl.flatten(-2), dv.flatten(-2)], dim=-1), dr, da) if packed else (dl, dv, dr, da)
+    *tensors, da = grads
+    if da is None:
+        da = rpb.new_empty((0,))
+    return tuple(t.contiguous() for t in (*tensors, da))
+
+
+def split_packed(qv: torch.Tensor, rpb: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
+    """Views of a packed ``[B, H, W, N*h + h*d]`` tensor as logits ``[B,H,W,N,h]`` and values ``[B,H,W,h,d]``."""
+    _, N, h = rpb.shape
+    nh = N * h
+    return qv[..., :nh].unflatten(-1, (N, h)), qv[..., nh:].unflatten(-1, (h, (qv.shape[-1] - nh) // h))
+
+
+# ---------------------------------------------------------------- logits and values as two tensors
 @torch.library.custom_op("qna::attention", mutates_args=())
 def attention(
     logits: torch.Tensor,
@@ -59,13 +96,7 @@ def attention(
     padding: List[int],
 ) -> Tuple[torch.Tensor, torch.Tensor]:
     """Core op forward; returns ``(out [B,Ho,Wo,h,d], lse [B,Ho,Wo,N,h])``. Inputs are pre-validated."""
-    ks, st, pd = tuple(kernel_size), tuple(stride), tuple(padding)
-    if resolve_backend(logits.device, logits.dtype) == "triton":
-        from .kernels import qna_forward
-
-        return qna_forward(logits, values, rpb, scale, ks, st, pd)
-    out, lse = reference.paper_qna_attention(logits, values, rpb, scale, ks, st, pd)
-    return out.contiguous(), lse.to(_lse_dtype(logits.dtype)).contiguous()
+    return _forward_impl(logits, values, rpb, scale, kernel_size, stride, padding)
 
 
 @attention.register_fake
@@ -92,29 +123,21 @@ def attention_backward(
     padding: List[int],
 ) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """Core op backward: ``(dlogits, dvalues, drpb, dscale)``; ``dscale`` is empty when ``scale`` is None."""
-    ks, st, pd = tuple(kernel_size), tuple(stride), tuple(padding)
-    if resolve_backend(logits.device, logits.dtype) == "triton":
-        from .kernels import qna_backward
+    return _backward_impl(grad_out, logits, values, rpb, scale, lse, kernel_size, stride, padding, False)
 
-        dl, dv, dr, da = qna_backward(grad_out, logits, values, rpb, scale, lse, ks, st, pd)
-    else:
-        dl, dv, dr, da = reference.direct_qna_attention_backward(
-            grad_out, logits, values, rpb, scale, lse, ks, st, pd
-        )
-    if da is None:
-        da = rpb.new_empty((0,))
-    return dl.contiguous(), dv.contiguous(), dr.contiguous(), da.contiguous()
+
+def _scale_grad_fake(rpb, scale):
+    return rpb.new_empty((0,)) if scale is None else torch.empty_like(scale)
 
 
 @attention_backward.register_fake
 def _attention_backward_fake(grad_out, logits, values, rpb, scale, lse, kernel_size, stride, padding):
-    da = rpb.new_empty((0,)) if scale is None else torch.empty_like(scale)
-    return torch.empty_like(logits), torch.empty_like(values), torch.empty_like(rpb), da
+    return torch.empty_like(logits), torch.empty_like(values), torch.empty_like(rpb), _scale_grad_fake(rpb, scale)
 
 
 def _setup_context(ctx, inputs, output):
-    logits, values, rpb, scale, kernel_size, stride, padding = inputs
-    ctx.save_for_backward(logits, values, rpb, scale, output[1])
+    *tensors, kernel_size, stride, padding = inputs
+    ctx.save_for_backward(*tensors, output[1])
     ctx.geometry = (kernel_size, stride, padding)
 
 
@@ -125,3 +148,54 @@ def _backward(ctx, grad_out, _grad_lse):
 
 
 attention.register_autograd(_backward, setup_context=_setup_context)
+
+
+# ------------------------------------- logits and values packed in one tensor (the QnA layer's path)
+@torch.library.custom_op("qna::attention_packed", mutates_args=())
+def attention_packed(
+    qv: torch.Tensor,
+    rpb: torch.Tensor,
+    scale: Optional[torch.Tensor],
+    kernel_size: List[int],
+    stride: List[int],
+    padding: List[int],
+) -> Tuple[torch.Tensor, torch.Tensor]:
+    """:func:`attention` on ``qv [B, H, W, N*h + h*d]``, the output of one fused projection (``N, h`` from
+    ``rpb``). Its backward writes the projection's gradient as one tensor instead of two to concatenate."""
+    return _forward_impl(*split_packed(qv, rpb), rpb, scale, kernel_size, stride, padding)
+
+
+@attention_packed.register_fake
+def _attention_packed_fake(qv, rpb, scale, kernel_size, stride, padding):
+    return _attention_fake(*split_packed(qv, rpb), rpb, scale, kernel_size, stride, padding)
+
+
+@torch.library.custom_op("qna::attention_packed_backward", mutates_args=())
+def attention_packed_backward(
+    grad_out: torch.Tensor,
+    qv: torch.Tensor,
+    rpb: torch.Tensor,
+    scale: Optional[torch.Tensor],
+    lse: torch.Tensor,
+    kernel_size: List[int],
+    stride: List[int],
+    padding: List[int],
+) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Backward of :func:`attention_packed`: ``(dqv, drpb, dscale)``."""
+    logits, values = split_packed(qv, rpb)
+    return _backward_impl(grad_out, logits, values, rpb, scale, lse, kernel_size, stride, padding, True)
+
+
+@attention_packed_backward.register_fake
+def _attention_packed_backward_fake(grad_out, qv, rpb, scale, lse, kernel_size, stride, padding):
+    return torch.empty_like(qv, memory_format=torch.contiguous_format), torch.empty_like(rpb), \
+        _scale_grad_fake(rpb, scale)
+
+
+def _packed_backward(ctx, grad_out, _grad_lse):
+    qv, rpb, scale, lse = ctx.saved_tensors
+    dqv, dr, da = attention_packed_backward(grad_out.contiguous(), qv, rpb, scale, lse, *ctx.geometry)
+    return dqv, dr, (None if scale is None else da), None, None, None
+
+
+attention_packed.register_autograd(_packed_backward, setup_context=_setup_context)

@@ -27,6 +27,21 @@ def test_opcheck(case, backend, monkeypatch):
                            None if scale is None else scale.detach(), lse.detach(), ks, st, pd))
 
 
+@pytest.mark.parametrize("backend", ["reference", "triton"])
+def test_opcheck_packed(backend, monkeypatch):
+    monkeypatch.setenv("QNA_TRITON_BACKEND", backend)
+    N, h, d = 2, 3, 4
+    qv = torch.randn(2, 5, 6, N * h + h * d, device=DEVICE, requires_grad=True)
+    rpb = torch.randn(9, N, h, device=DEVICE, requires_grad=True)
+    scale = torch.randn(9, N, h, device=DEVICE, requires_grad=True)
+    geometry = ([3, 3], [2, 1], [1, 1])
+    torch.library.opcheck(torch.ops.qna.attention_packed.default, (qv, rpb, scale, *geometry))
+    out, lse = torch.ops.qna.attention_packed(qv, rpb, scale, *geometry)
+    torch.library.opcheck(torch.ops.qna.attention_packed_backward.default,
+                          (torch.randn_like(out), qv.detach(), rpb.detach(), scale.detach(), lse.detach(),
+                           *geometry))
+
+
 class Stack(torch.nn.Module):
     """Two QnA blocks (the second down-sampling) with norms and residuals, as in QnA-ViT."""
 

@@ -154,6 +154,29 @@ def test_bad_input_raises_before_any_kernel(monkeypatch, triton_backend):
             call(*_core())
 
 
+@pytest.mark.parametrize("mode", ["normal", "none"])
+def test_layer_triton_matches_reference_path(mode, monkeypatch, nan_poison):
+    """The QnA layer's packed path (one projection, one gradient tensor) through the kernels."""
+    from qna_triton import QnA
+
+    torch.manual_seed(0)
+    layer = QnA(8, 12, 3, kernel_size=3, stride=2, n_queries=2, attn_scale=mode, use_bias=True).to(DEVICE)
+    with torch.no_grad():
+        layer.rpe_bias.normal_()
+    x = torch.randn(2, 7, 6, 8, device=DEVICE)
+    results = []
+    for backend in ("triton", "reference"):
+        monkeypatch.setenv("QNA_TRITON_BACKEND", backend)
+        layer.zero_grad()
+        y = layer(x)
+        y.square().sum().backward()
+        results.append((y.detach(), {n: p.grad.clone() for n, p in layer.named_parameters()}))
+    (y_t, g_t), (y_r, g_r) = results
+    torch.testing.assert_close(y_t, y_r, rtol=1e-4, atol=1e-5)
+    for name in g_r:
+        torch.testing.assert_close(g_t[name], g_r[name], rtol=1e-4, atol=1e-5, msg=name)
+
+
 @pytest.mark.gpu
 @pytest.mark.slow
 def test_beyond_2_31_elements():

@@ -91,8 +91,11 @@ def qna_backward(
     pd: Pair,
     config: Optional[KernelConfig] = None,
     delta_config: Optional[KernelConfig] = None,
-) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor, Optional[torch.Tensor]]:
-    """Fused backward: ``(dlogits, dvalues, drpb, dscale or None)``, deterministic."""
+    packed_grad: bool = False,
+) -> Tuple[torch.Tensor, ...]:
+    """Fused backward, deterministic: ``(dlogits, dvalues, drpb, dscale or None)``, or with
+    ``packed_grad`` ``(dqv, drpb, dscale or None)`` where ``dqv [B, H, W, N*h + h*d]`` holds both
+    gradients side by side (the gradient of a fused logits-and-values projection, written once)."""
     B, H, W, N, h, d, Ho, Wo = _problem(logits, values, ks, st, pd)
     g = grad_out.contiguous()
     lse = lse.contiguous()
@@ -111,15 +114,21 @@ def qna_backward(
     K = ks[0] * ks[1]
     num_tiles = triton.cdiv(B * H * W, cfg.block_p)
     progs = _num_programs(num_tiles, logits.device)
-    dl = torch.empty((B, H, W, N, h), device=logits.device, dtype=logits.dtype)
-    dv = torch.empty((B, H, W, h, d), device=values.device, dtype=values.dtype)
+    if packed_grad:
+        dqv = torch.empty((B, H, W, N * h + h * d), device=logits.device, dtype=logits.dtype)
+        dl, dv = dqv[..., : N * h], dqv[..., N * h :]
+    else:
+        dl = torch.empty((B, H, W, N * h), device=logits.device, dtype=logits.dtype)
+        dv = torch.empty((B, H, W, h * d), device=values.device, dtype=values.dtype)
     dr_part = torch.zeros((progs, K, N, h), device=logits.device, dtype=torch.float32)
     da_part = torch.zeros_like(dr_part) if a is not None else dr_part
     qna_bwd_kernel[(progs, triton.cdiv(h, cfg.block_h))](
         logits, values, r, a if a is not None else r, g, lse, delta, dl, dv, dr_part, da_part,
-        *common, num_tiles, triton.cdiv(num_tiles, progs),
+        *common, num_tiles, triton.cdiv(num_tiles, progs), dl.stride(2), dv.stride(2),
         HAS_SCALE=a is not None, **_blocks(cfg, N, d),
     )
     drpb = dr_part.sum(0).to(rpb.dtype)
     dscale = da_part.sum(0).to(scale.dtype) if a is not None else None
-    return dl, dv, drpb, dscale
+    if packed_grad:
+        return dqv, drpb, dscale
+    return dl.view(B, H, W, N, h), dv.view(B, H, W, h, d), drpb, dscale

@@ -78,7 +78,7 @@ def qna_bwd_kernel(
     sl_b, sl_y, sl_x, sl_n, sl_j,
     sv_b, sv_y, sv_x, sv_j, sv_t,
     KH, KW, SH, SW, PH, PW,
-    NUM_TILES, TILES_PER_PROGRAM,
+    NUM_TILES, TILES_PER_PROGRAM, DL_PIX_STRIDE, DV_PIX_STRIDE,
     HAS_SCALE: tl.constexpr,
     BLOCK_P: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_D: tl.constexpr,
 ):
@@ -147,7 +147,8 @@ def qna_bwd_kernel(
                 tl.atomic_add(part, tl.sum(dz, axis=0), mask=nh_mask)
                 if HAS_SCALE:
                     tl.atomic_add(DA_PART + part_row + o * NH + nh_r, tl.sum(p * t, axis=0), mask=nh_mask)
-        tl.store(DL + offs_p[:, None, None] * NH + nh_r[None, :, :], dl.to(DL.dtype.element_ty),
+        # dl and dv may be the two column ranges of one packed [B, H, W, N*h + h*d] gradient
+        tl.store(DL + offs_p[:, None, None] * DL_PIX_STRIDE + nh_r[None, :, :], dl.to(DL.dtype.element_ty),
                  mask=mask_p[:, None, None] & nh_mask[None, :, :])
-        tl.store(DV + offs_p[:, None, None] * (HEADS * D) + hd_g[None, :, :], dv.to(DV.dtype.element_ty),
+        tl.store(DV + offs_p[:, None, None] * DV_PIX_STRIDE + hd_g[None, :, :], dv.to(DV.dtype.element_ty),
                  mask=pv_mask)
