@@ -38,26 +38,30 @@ FP32_TOLERANCE = 1e-4
 
 
 def _compare(got: Sequence[Optional[torch.Tensor]], ref: Sequence[Optional[torch.Tensor]], dtype: str,
-             names: Sequence[str]) -> Optional[str]:
+             names: Sequence[str], chunk: int = 1 << 24) -> Optional[str]:
+    """None when every ``got`` matches ``ref`` (same non-finite values, and a largest difference within
+    the tolerance relative to ``ref``'s largest finite magnitude), else what differs. Works through
+    ``chunk`` elements at a time, so checking a large problem needs little extra device memory."""
     for name, a, b in zip(names, got, ref):
         if a is None and b is None:
             continue
         if a is None or b is None or a.shape != b.shape:
             return f"{name}: shape {None if a is None else tuple(a.shape)} vs {None if b is None else tuple(b.shape)}"
-        a64, b64 = a.double(), b.double()
-        fin = torch.isfinite(b64)
-        if not torch.equal(fin, torch.isfinite(a64)) or not torch.equal(a64[~fin], b64[~fin]):
-            return f"{name}: non-finite values differ"
-        if not fin.any():
-            continue
-        scale = b64[fin].abs().max().clamp_min(1e-30)
-        err = ((a64[fin] - b64[fin]).abs().max() / scale).item()
+        fa, fb = a.reshape(-1), b.reshape(-1)
+        diff, scale = 0.0, 0.0
+        for i in range(0, fb.numel(), chunk):
+            x, y = fa[i:i + chunk].double(), fb[i:i + chunk].double()
+            fin = torch.isfinite(y)
+            if not torch.equal(fin, torch.isfinite(x)) or not torch.equal(x[~fin], y[~fin]):
+                return f"{name}: non-finite values differ"
+            if fin.any():
+                diff = max(diff, (x[fin] - y[fin]).abs().max().item())
+                scale = max(scale, y[fin].abs().max().item())
+        err = diff / max(scale, 1e-30)
         tol = FP32_TOLERANCE if a.dtype == torch.float32 else TOLERANCE[dtype]
         if not err <= tol:
             return f"{name}: relative error {err:.3g} > {tol:g}"
     return None
-
-
 
 class _Capture:
     """Stands in for a ``@triton.jit`` kernel in ``qna_triton.kernels`` while one launcher call runs:
@@ -226,4 +230,7 @@ class Bench:
         if session is not None:
             session.close()
         gc.collect()
-        torch.cuda.empty_cache()
+        try:
+            torch.cuda.empty_cache()
+        except RuntimeError:  # a broken context: the tuner reports the original error
+            pass

@@ -23,11 +23,13 @@ from pathlib import Path
 from typing import Dict, List, Optional, Sequence
 
 from qna_triton.tuning import (
-    CONFIG_DIR_ENV, KERNELS, SCHEMA_VERSION, SHIPPED_CONFIG_DIR, clear_cache, config_file_name, sanitize_gpu_name,
+    CONFIG_DIR_ENV, KERNELS, SCHEMA_VERSION, SHIPPED_CONFIG_DIR, ConfigFileError, clear_cache, config_file_name,
+    read_config_file, sanitize_gpu_name,
 )
 
 from . import plan as plan_mod
 from .plan import Plan, estimate
+from .tuner import config_label
 
 
 def _csv(kind, choices: Optional[Sequence[str]] = None):
@@ -140,12 +142,13 @@ def describe_plan(plan: Plan, done: Optional[set] = None) -> str:
     lines = [f"plan '{plan.name}': {len(plan.shapes)} shapes x {len(plan.kernels)} kernels "
              f"({', '.join(plan.kernels)}) = {len(plan.entries())} entries, up to {plan.n_candidates} "
              "candidates each (heuristic + nearest neighbours)", ""]
-    lines.append(f"{'#':>4}  {'source':<16} {'dtype':<9} {'heads':>5} {'hd':>4} {'q':>2} {'window':>7} "
+    width = min(44, max([6] + [len(s.source) for s in plan.shapes]))
+    lines.append(f"{'#':>4}  {'source':<{width}} {'dtype':<9} {'heads':>5} {'hd':>4} {'q':>2} {'window':>7} "
                  f"{'stride':>6} {'input B x H x W':>18} {'out px':>9} {'bucket':>6}")
     for i, s in enumerate(plan.shapes):
         ho, wo = s.out_hw
         b = s.bucket.bit_length() // 2
-        lines.append(f"{i + 1:>4}  {s.source[:16]:<16} {s.dtype:<9} {s.heads:>5} {s.head_dim:>4} {s.n_queries:>2} "
+        lines.append(f"{i + 1:>4}  {s.source[-width:]:<{width}} {s.dtype:<9} {s.heads:>5} {s.head_dim:>4} {s.n_queries:>2} "
                      f"{s.kh:>3}x{s.kw:<3} {s.sh:>3}x{s.sw:<2} {f'{s.batch} x {s.height} x {s.width}':>18} "
                      f"{s.pixels:>9} {'4^' + str(b):>6}")
     lines.append("")
@@ -156,8 +159,6 @@ def describe_plan(plan: Plan, done: Optional[set] = None) -> str:
             if layout in seen:
                 continue
             seen.add(layout)
-            from .tuner import config_label
-
             cands = plan.candidates(s, k)
             lines.append(f"candidates {k:<9} heads {s.heads:>3} head_dim {s.head_dim:>3} queries {s.n_queries}: "
                          + ", ".join(config_label(c) for c in cands))
@@ -237,7 +238,15 @@ def run(args: argparse.Namespace, argv: Sequence[str], bench=None, log=print) ->
     state = "complete" if summary.complete else "incomplete (re-run the same command to continue)"
     log(f"\n[autotune] {len(summary.tuned)} entries tuned now, {summary.already_done} earlier, "
         f"{len(summary.skipped)} skipped; plan {state}. Wrote {', '.join(written)}")
+    if summary.error:
+        return 3
     return 0 if summary.complete or summary.stopped_early else 1
+
+
+def _current_gpu() -> Optional[str]:
+    import torch
+
+    return torch.cuda.get_device_name() if torch.cuda.is_available() else None
 
 
 def main(argv: Optional[List[str]] = None) -> int:
@@ -249,9 +258,16 @@ def main(argv: Optional[List[str]] = None) -> int:
         raise SystemExit("--gpu-name only names the file of a --dry-run; a real run uses the GPU's own name")
     if args.dry_run:
         plan = make_plan(args)
-        print(describe_plan(plan))
-        name = args.gpu_name or "<this GPU's name>"
-        target = out_dir(args) / (config_file_name(args.gpu_name) if args.gpu_name else "<gpu>.json")
-        print(f"output: {target} (GPU {name}); nothing was run")
+        name = args.gpu_name or _current_gpu()
+        target = out_dir(args) / (config_file_name(name) if name else "<gpu>.json")
+        done = None
+        if name and target.is_file():
+            try:
+                table = read_config_file(target)
+                done = set(table.raw_entries) | set(table.skipped)
+            except ConfigFileError as e:
+                print(f"note: {target} {e}; a run would move it aside and start afresh")
+        print(describe_plan(plan, done))
+        print(f"output: {target} (GPU {name or '<this GPU>'}); nothing was run")
         return 0
     return run(args, argv)

@@ -55,7 +55,7 @@ STAGES_CHOICES = (1, 2, 3)
 # qna_triton.kernels.aot, bfloat16, head_dim 8/32/64, 1-8 warps): fwd and bwd_delta spilled hundreds of
 # bytes from 40 elements per thread on, bwd from 20 on; below, at most a few dozen bytes.
 MAX_ELEMS_PER_THREAD = {"fwd": 36.0, "bwd_delta": 36.0, "bwd": 16.0}
-DEFAULT_CANDIDATES = 8
+DEFAULT_CANDIDATES = 7
 QUICK_CANDIDATES = 6
 
 # ------------------------------------------------------------------------------ time estimate

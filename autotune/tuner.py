@@ -40,6 +40,20 @@ class BenchLike(Protocol):
     def release(self, session: Optional[SessionLike]) -> None: ...
 
 
+class DeviceError(RuntimeError):
+    """The device is in an error state no later launch recovers from: the run stops (resumably)."""
+
+
+# CUDA errors that poison the context: every later launch in this process would fail too
+_STICKY = ("illegal memory access", "illegal instruction", "misaligned address", "unspecified launch failure",
+           "device-side assert", "CUDA error: an illegal", "hardware stack error", "uncorrectable ECC")
+
+
+def _is_sticky(e: BaseException) -> bool:
+    text = str(e)
+    return any(s in text for s in _STICKY)
+
+
 def config_label(cfg: KernelConfig) -> str:
     """``64x4/w4/s1``: block_p x block_h, warps, stages."""
     return f"{cfg.block_p}x{cfg.block_h}/w{cfg.num_warps}/s{cfg.num_stages}"
@@ -78,6 +92,8 @@ class ResultStore:
                         f"now {metadata.get(name)}; its entries are kept (use --fresh to re-tune them)")
             self.entries = dict(table.raw_entries)
             self.skipped = dict(table.skipped)
+            if "date" in table.metadata:  # when tuning started; "updated" says when it last wrote
+                self.metadata["date"] = table.metadata["date"]
             if table.invalid:
                 log(f"[autotune] {len(table.invalid)} invalid entries in {self.path} will be re-tuned")
 
@@ -175,6 +191,8 @@ def tune_entry(session: SessionLike, shape: Shape, kernel: str, candidates: List
         except KeyboardInterrupt:
             raise
         except Exception as e:  # compile errors, out of resources: the candidate is skipped
+            if _is_sticky(e):
+                raise DeviceError(f"{config_label(cfg)} on {shape.describe()}: {_short(e)}") from e
             failed[config_label(cfg)] = _short(e)
     if heur not in timings:
         return None, f"heuristic config {config_label(heur)} failed: {failed.get(config_label(heur), '?')}"
@@ -204,6 +222,7 @@ class RunSummary:
     already_done: int = 0
     stopped_early: bool = False
     complete: bool = False
+    error: str = ""
 
 
 def run_plan(plan: Plan, bench: BenchLike, store: ResultStore, *, min_gain: float = MIN_GAIN,
@@ -235,6 +254,8 @@ def run_plan(plan: Plan, bench: BenchLike, store: ResultStore, *, min_gain: floa
             except KeyboardInterrupt:
                 raise
             except Exception as e:  # out of memory, or inputs the kernels reject
+                if _is_sticky(e):
+                    raise DeviceError(f"setting up {shape.describe()}: {_short(e)}") from e
                 for kernel in pending:
                     key = shape.key(kernel).to_str()
                     store.skip(key, f"inputs of {shape.describe()}: {_short(e)}")
@@ -259,6 +280,11 @@ def run_plan(plan: Plan, bench: BenchLike, store: ResultStore, *, min_gain: floa
     except KeyboardInterrupt:
         summary.stopped_early = True
         log(f"\n[autotune] interrupted; results so far are in {store.path}; re-run the same command to continue")
+    except DeviceError as e:
+        summary.stopped_early, summary.error = True, str(e)
+        log(f"\n[autotune] the GPU reported an unrecoverable error ({e}); results so far are in {store.path}. "
+            "Re-run the same command to continue (a fresh process gets a fresh CUDA context); if the same "
+            "candidate fails again, exclude its shape (e.g. --windows) and report it.")
     finally:
         progress.close()
     done = store.done(retry_skipped=False)

@@ -254,6 +254,26 @@ def test_time_limit_and_skipped_entries(tmp_path):
     assert not tuning.read_config_file(path).skipped
 
 
+def test_unrecoverable_gpu_error_stops_the_run(tmp_path):
+    class Broken(FakeBench):
+        def open(self, shape):
+            session = super().open(shape)
+            if len(self.opened) == 2:
+                def time(kernel, cfg):
+                    raise RuntimeError("CUDA error: an illegal memory access was encountered")
+
+                session.time = time
+            return session
+
+    logs = []
+    s = tuner.run_plan(plan_mod.quick_plan(), Broken(), _store(tmp_path / "r.json"), use_tqdm=False, log=logs.append)
+    assert s.stopped_early and not s.complete and "illegal memory access" in s.error
+    assert len(s.tuned) == 3 and not s.skipped  # nothing recorded as skipped: a re-run retries it
+    table = tuning.read_config_file(tmp_path / "r.json")
+    assert len(table.entries) == 3 and not table.skipped
+    assert "Re-run the same command" in logs[-1]
+
+
 def test_corrupted_results_file_is_moved_aside(tmp_path):
     path = tmp_path / "r.json"
     path.write_text('{"schema_version": 1, "entr')
@@ -282,6 +302,10 @@ def test_cli_run_writes_config_report_and_feeds_the_lookup(tmp_path, monkeypatch
     md = (out_dir / "fake_gpu_1.md").read_text()
     assert md == bench_md.read_text() and md.startswith("# QnA kernel autotuning: Fake GPU 1")
     assert "| kernel" in md and "geometric-mean speedup" in md
+    # a dry run sees what is done
+    assert cli.main(["--dry-run", "--quick", "--out-dir", str(out_dir), "--gpu-name", FAKE_GPU]) == 0
+    out = capsys.readouterr().out
+    assert "9 entries already done" in out and "estimate: 0 entries" in out
     # the run-time look-up now finds these entries
     shape, kernel = plan_mod.quick_plan().entries()[0]
     monkeypatch.setenv(tuning.CONFIG_DIR_ENV, str(out_dir))
