@@ -207,3 +207,30 @@ def test_bad_backend_name(monkeypatch):
     monkeypatch.setenv("QNA_TRITON_BACKEND", "cuda-please")
     with pytest.raises(ValueError, match="QNA_TRITON_BACKEND"):
         qna_attention(*_core())
+
+
+def test_forward_writes_only_projections_and_attention_output():
+    """The layer is the fused logits+values projection, the core op and the output projection:
+    no other tensor of size B*H*W*C is written (no keys, no windows, no weighted copies)."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    B, H, W, C = 2, 8, 8, 32
+    layer = QnA(C, C, 4, kernel_size=3)
+    x = torch.randn(B, H, W, C)
+    big = []
+
+    class Record(TorchDispatchMode):
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            out = func(*args, **(kwargs or {}))
+            inputs = {t.untyped_storage().data_ptr() for t in torch.utils._pytree.tree_leaves((args, kwargs))
+                      if isinstance(t, torch.Tensor)}
+            for t in torch.utils._pytree.tree_leaves(out):
+                if isinstance(t, torch.Tensor) and t.numel() >= B * H * W * C // 2:
+                    if t.untyped_storage().data_ptr() not in inputs:  # a new allocation, not a view
+                        big.append(str(func))
+            return out
+
+    with torch.no_grad(), Record():
+        layer(x)
+    assert len(big) == 3, big
+    assert "qna.attention_packed" in big[1]
