@@ -71,7 +71,8 @@ def model_from_checkpoint(ckpt: Dict[str, Any], model_name: Optional[str] = None
     """Builds the checkpoint's model and loads its weights (``ema``: the EMA weights); returns it and its name.
 
     The architecture is ``model_name`` (else the checkpoint's ``model_name``) with ``model_kwargs`` (else
-    the checkpoint's ``model_kwargs``); the class count comes from the classifier's weight.
+    the checkpoint's ``model_kwargs``, or ``model_args`` for convert_flax.py's files); the class count
+    comes from the classifier's weight.
     """
     name = model_name or ckpt.get("model_name")
     if name is None:
@@ -82,13 +83,18 @@ def model_from_checkpoint(ckpt: Dict[str, Any], model_name: Optional[str] = None
         state = ckpt["ema"]
     else:
         state = ckpt["model"]
-    kwargs = dict(ckpt.get("model_kwargs") or {}) if model_kwargs is None else dict(model_kwargs)
-    fields = {f.name for f in dataclasses.fields(QnAViTConfig)} - {"num_classes"}
+    # train.py saves the architecture as "model_kwargs", convert_flax.py as "model_args".
+    saved = ckpt.get("model_kwargs") or ckpt.get("model_args") or {}
+    kwargs = dict(saved) if model_kwargs is None else dict(model_kwargs)
+    kwargs.pop("num_classes", None)
+    fields = {f.name for f in dataclasses.fields(QnAViTConfig)}
     unknown = sorted(set(kwargs) - fields)
     if unknown:
         raise ValueError(f"unknown model option(s) {unknown}")
     fc = state.get("head.fc.weight")
-    num_classes = int(fc.shape[0]) if fc is not None else int(ckpt.get("num_classes") or 0)
+    num_classes = int(fc.shape[0]) if fc is not None else 0
+    if num_classes == 0:
+        raise ValueError("the checkpoint has no classifier (head.fc.weight): nothing to evaluate top-1 with")
     model = create_model(name, num_classes=num_classes, **kwargs)
     missing, unexpected = model.load_state_dict(state, strict=False)
     if missing or unexpected:
@@ -141,7 +147,9 @@ def run(argv: Optional[Sequence[str]] = None) -> Dict[str, Any]:
     saved = ckpt.get("data") or {}
     saved_spec, saved_aug = saved.get("spec") or {}, saved.get("aug") or {}
     train_args = ckpt.get("args") or {}
-    img_size = args.img_size or saved_aug.get("img_size") or train_args.get("img_size") or 224
+    arch = ckpt.get("model_kwargs") or ckpt.get("model_args") or {}
+    img_size = args.img_size or saved_aug.get("img_size") or train_args.get("img_size") or arch.get("img_size") or 224
+    img_size = img_size[0] if isinstance(img_size, (tuple, list)) else int(img_size)
     aug = AugConfig(img_size=img_size, crop_pct=args.crop_pct or saved_aug.get("crop_pct") or 0.875,
                     interpolation=args.interpolation or saved_aug.get("interpolation") or "bicubic")
     backend = resolve_data_backend(args.data_backend)
