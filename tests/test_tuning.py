@@ -364,3 +364,21 @@ def test_tuned_config_reaches_the_launcher_and_results_do_not_change(tmp_path, m
     torch.testing.assert_close(lse, ref_lse, rtol=1e-6, atol=1e-6)
     for a, b in zip(grads, ref_grads):
         torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.gpu
+def test_tuned_file_for_this_gpu_is_used_on_cuda(tmp_path, monkeypatch):
+    name = torch.cuda.get_device_name()
+    logits, values, rpb, scale, geom = (t.cuda() if isinstance(t, torch.Tensor) else t for t in _inputs())
+    tuned = KernelConfig(8, 2, 2, 1)
+    write(tmp_path, {key("fwd", "float32", 2, 1, 3, 4, 2, 4): tuned.as_dict()}, gpu=name)
+    monkeypatch.setenv(tuning.CONFIG_DIR_ENV, str(tmp_path))
+    assert tuning.get_config("fwd", logits, values, (2, 2), (1, 1)) == tuned
+    with pytest.warns(RuntimeWarning, match="no tuned kernel configs"):
+        monkeypatch.setenv(tuning.CONFIG_DIR_ENV, str(tmp_path / "none"))
+        tuning.clear_cache()
+        assert tuning.get_config("fwd", logits, values, (2, 2), (1, 1)) == heuristic_config("fwd", 3, 4)
+    out, lse = qna_forward(logits, values, rpb, scale, *geom, config=tuned)
+    ref_out, ref_lse = qna_forward(logits, values, rpb, scale, *geom, config=heuristic_config("fwd", 3, 4))
+    torch.testing.assert_close(out, ref_out, rtol=1e-6, atol=1e-6)
+    torch.testing.assert_close(lse, ref_lse, rtol=1e-6, atol=1e-6)
