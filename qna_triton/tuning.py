@@ -465,8 +465,9 @@ def get_config(
     Ho = (H + 2 * pd[0] - ks[0]) // st[0] + 1
     Wo = (W + 2 * pd[1] - ks[1]) // st[1] + 1
     index = device.index if device.index is not None else (torch.cuda.current_device() if device.type == "cuda" else 0)
-    dtype = _TORCH_DTYPE_NAMES.get(logits.dtype, "")
-    return lookup_config(kernel, _gpu_name(index), dtype, heads, head_dim, N, ks, st, B * Ho * Wo)[0]
+    # straight to the cache with the ints at hand: this runs on every kernel launch
+    return _lookup_cached(kernel, _TORCH_DTYPE_NAMES.get(logits.dtype, ""), ks[0], ks[1], st[0], st[1], heads,
+                          head_dim, N, size_bucket(B * Ho * Wo), _gpu_name(index), config_dirs())[0]
 
 
 def clear_cache() -> None:
