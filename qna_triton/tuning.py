@@ -21,13 +21,14 @@ Matching a problem to an entry (first rule that differs decides, so it is a lexi
    entries more than a factor 4 away in any of the three are never used),
 3. nearest ``stride`` (``|log2 sh/sh'| + |log2 sw/sw'|``),
 4. nearest ``window`` (``|kh - kh'| + |kw - kw'|``),
-5. nearest size ``bucket`` (``|log4 b/b'|``); a remaining tie goes to the smaller key string.
+5. nearest size ``bucket`` (``|log4 b/b'|``); a remaining tie goes to the entry with the smaller
+   fields, compared in the order window, stride, heads, head_dim, queries, bucket.
 
 The chosen entry is then adapted to the problem without ever changing results (tiles only change
 speed): ``block_h`` is capped at ``next_pow2(heads)``, and if the per-program tile of the problem
 (``block_p * block_h * (next_pow2(queries) + next_pow2(head_dim))``) outgrows the one the entry was
-measured with, ``block_p`` and then ``block_h`` are halved until it fits, so a borrowed entry cannot
-ask for more registers than were proven to compile.
+measured with, ``block_p`` (down to 8) and then ``block_h`` are halved until it fits, so a borrowed
+entry cannot ask for more registers than were proven to compile.
 
 The file format (``schema_version`` 1) is documented in ``qna_triton/configs/README.md``;
 :func:`read_config_file` and :func:`write_config_file` are its reader and writer. Every look-up is
