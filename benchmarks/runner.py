@@ -1,0 +1,230 @@
+"""Runs one workload (a provider on one shape): warm-up, peak memory, then timing, per pass.
+
+Every failure is recorded, never hidden: out of memory as ``OOM``, a provider that cannot run a case
+as ``unsupported: <why>``, anything else as ``error: <type>: <message>``.
+"""
+
+from __future__ import annotations
+
+import gc
+import math
+import time
+from dataclasses import dataclass, field
+from typing import Callable, Dict, List, Optional, Sequence, Tuple
+
+import torch
+
+from .timing import TimingConfig, is_oom, measure_peak, sync, time_fn
+
+__all__ = ["PASSES", "Unsupported", "Workload", "run_workload", "failure_status", "Deadline"]
+
+PASSES = ("fwd", "bwd", "fwd+bwd")
+MAX_INPUT_SETS = 4
+
+
+class Unsupported(Exception):
+    """A provider cannot run this case; the message says why and goes into the results."""
+
+
+class Deadline:
+    """A wall-clock budget for a whole run: once spent, the remaining measurements are skipped."""
+
+    def __init__(self, seconds: Optional[float]) -> None:
+        self.end = None if seconds is None else time.monotonic() + seconds
+
+    def spent(self) -> bool:
+        return self.end is not None and time.monotonic() > self.end
+
+
+@dataclass
+class Workload:
+    """What one provider runs on one shape.
+
+    ``make_inputs`` draws a fresh set of random leaf tensors (those that receive gradients have
+    ``requires_grad``); ``forward(*inputs)`` returns the one output tensor. ``params`` are tensors shared
+    by every input set that also receive gradients (module parameters). ``memory_forward`` replaces
+    ``forward`` for the memory run (a compiled twin without CUDA graphs, whose pool would hide the peak).
+    ``mark_step`` marks a new iteration for CUDA-graph trees before every forward; ``compiled`` asks for
+    a second warm-up call (the first one compiles).
+    """
+
+    make_inputs: Callable[[], List[torch.Tensor]]
+    forward: Callable[..., torch.Tensor]
+    params: Sequence[torch.Tensor] = ()
+    passes: Tuple[str, ...] = PASSES
+    memory_forward: Optional[Callable[..., torch.Tensor]] = None
+    measure_memory: bool = True
+    mark_step: bool = False
+    compiled: bool = False
+    notes: List[str] = field(default_factory=list)
+
+
+def failure_status(exc: BaseException) -> str:
+    """The status recorded for a failed measurement."""
+    if isinstance(exc, Unsupported):
+        return f"unsupported: {exc}"
+    if is_oom(exc):
+        return "OOM"
+    msg = " ".join(str(exc).split())
+    if len(msg) > 300:
+        msg = msg[:300] + "..."
+    return f"error: {type(exc).__name__}: {msg}"
+
+
+def _nbytes(tensors: Sequence[torch.Tensor]) -> int:
+    return sum(t.numel() * t.element_size() for t in tensors)
+
+
+def _cleanup(device: torch.device) -> None:
+    gc.collect()
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+        torch.cuda.empty_cache()
+
+
+def run_workload(
+    build: Callable[[], Workload],
+    device: torch.device,
+    cfg: TimingConfig,
+    deadline: Deadline,
+    l2_bytes: Optional[int] = None,
+) -> Tuple[Dict[str, dict], List[str]]:
+    """Measures every pass of the workload ``build()`` makes; returns ``({pass: result}, notes)``.
+
+    A result holds ``status`` and, where measured, ``p50_ms``, ``p20_ms``, ``p80_ms``, ``peak_mb``,
+    ``extra_mb``. Memory is measured in its own runs, before the timing runs.
+    """
+    notes: List[str] = []
+    try:
+        wl = build()
+    except Exception as e:  # Unsupported, or the provider's constructor failed
+        return {p: {"status": failure_status(e)} for p in PASSES}, notes
+    notes.extend(wl.notes)
+    results: Dict[str, dict] = {p: {} for p in wl.passes}
+    if deadline.spent():
+        return {p: {"status": "skipped: time budget spent"} for p in wl.passes}, notes
+    needs_grad = any(p != "fwd" for p in wl.passes)
+    sets: List[List[torch.Tensor]] = []
+    grad_out: Optional[torch.Tensor] = None
+    mark = torch.compiler.cudagraph_mark_step_begin if wl.mark_step else (lambda: None)
+
+    def call(fwd: Callable[..., torch.Tensor], inputs: Sequence[torch.Tensor]) -> torch.Tensor:
+        mark()
+        if needs_grad:
+            return fwd(*inputs)
+        with torch.no_grad():
+            return fwd(*inputs)
+
+    failed: Dict[str, str] = {}  # passes that cannot run (e.g. the backward is out of memory)
+    try:
+        sets.append(wl.make_inputs())
+        if device.type == "cuda" and l2_bytes:
+            # Rotate input sets whose total exceeds twice the L2, so no repetition reads cached inputs
+            # (do_bench also flushes the L2 before each repetition).
+            n_sets = min(MAX_INPUT_SETS, max(1, math.ceil(2 * l2_bytes / max(1, _nbytes(sets[0])))))
+            sets.extend(wl.make_inputs() for _ in range(n_sets - 1))
+            if n_sets > 1:
+                notes.append(f"{n_sets} input sets rotated")
+        # Warm-up: compilation, autotuning, allocator growth; the second call is the time estimate.
+        for _ in range(2 if device.type == "cuda" or wl.compiled else 1):
+            t0 = time.perf_counter()
+            out = call(wl.forward, sets[0])
+            if needs_grad and not failed:
+                if grad_out is None:
+                    grad_out = torch.randn_like(out)
+                try:
+                    out.backward(grad_out)
+                except Exception as e:  # the forward alone may still fit
+                    status = failure_status(e)
+                    failed.update({p: status for p in wl.passes if p != "fwd"})
+            del out
+            sync(device)
+            estimate_ms = (time.perf_counter() - t0) * 1e3
+    except Exception as e:
+        status = failure_status(e)
+        del sets
+        _cleanup(device)
+        return {p: {"status": status} for p in wl.passes}, notes
+    for p, status in failed.items():
+        results[p]["status"] = status
+    todo = [p for p in wl.passes if p not in failed]
+    if failed:
+        for t in (t for s in sets for t in s):
+            t.grad = None
+        _cleanup(device)
+
+    leaves = [t for s in sets for t in s if t.requires_grad] + [p for p in wl.params if p.requires_grad]
+    first_leaves = [t for t in sets[0] if t.requires_grad] + [p for p in wl.params if p.requires_grad]
+
+    def clear_grads() -> None:
+        for t in leaves:
+            t.grad = None
+
+    # ---- peak memory (its own runs, before the timing)
+    if device.type == "cuda" and wl.measure_memory:
+        mem_fwd = wl.memory_forward or wl.forward
+        runs = {
+            "fwd": (lambda: None, lambda _: call(mem_fwd, sets[0])),
+            "bwd": (lambda: call(mem_fwd, sets[0]), lambda out: out.backward(grad_out)),
+            "fwd+bwd": (lambda: None, lambda _: call(mem_fwd, sets[0]).backward(grad_out)),
+        }
+        try:
+            if wl.memory_forward is not None:  # warm the twin so its compilation stays out of the peak
+                out = call(mem_fwd, sets[0])
+                if needs_grad and "fwd+bwd" in todo:
+                    out.backward(grad_out)
+                del out
+        except Exception as e:
+            for p in todo:
+                results[p]["mem_status"] = f"memory {failure_status(e)}"
+        for p in todo:
+            if "mem_status" in results[p]:
+                continue
+            clear_grads()
+            try:
+                peak, extra = measure_peak(*runs[p], device)
+                results[p].update(peak_mb=peak / 2**20, extra_mb=extra / 2**20)
+            except Exception as e:
+                results[p]["mem_status"] = f"memory {failure_status(e)}"
+            clear_grads()
+            _cleanup(device)
+    elif wl.measure_memory:
+        notes.append("memory: n/a on CPU")
+
+    # ---- timing
+    counter = [0]
+
+    def next_set() -> Sequence[torch.Tensor]:
+        counter[0] = (counter[0] + 1) % len(sets)
+        return sets[counter[0]]
+
+    for p in todo:
+        if deadline.spent():
+            results[p]["status"] = "skipped: time budget spent"
+            continue
+        try:
+            clear_grads()
+            if p == "fwd":
+                fn = lambda: call(wl.forward, next_set())  # noqa: E731
+                grads = None
+            elif p == "bwd":
+                held = call(wl.forward, sets[0])
+                fn = lambda: held.backward(grad_out, retain_graph=True)  # noqa: E731
+                grads = first_leaves
+            else:
+                fn = lambda: call(wl.forward, next_set()).backward(grad_out)  # noqa: E731
+                grads = leaves
+            p50, p20, p80 = time_fn(fn, device, cfg, grad_to_none=grads, estimate_ms=estimate_ms)
+            results[p].update(status="ok", p50_ms=p50, p20_ms=p20, p80_ms=p80)
+        except Exception as e:
+            results[p]["status"] = failure_status(e)
+        finally:
+            held = fn = None
+            clear_grads()
+    for r in results.values():
+        mem = r.pop("mem_status", None)
+        if mem:
+            r["mem_note"] = mem
+    del sets, grad_out
+    _cleanup(device)
+    return results, notes
