@@ -23,8 +23,9 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import re
 from dataclasses import dataclass
-from typing import Any, Dict, List, Mapping, Optional, Sequence, Set, Tuple, Union
+from typing import Any, Callable, Dict, List, Mapping, Optional, Sequence, Set, Tuple, Union
 
 import numpy as np
 import torch
@@ -566,16 +567,23 @@ class QnAViT(nn.Module):
                     names.add(f"{module_name}.{leaf}" if module_name else leaf)
         return names
 
-    def group_matcher(self, coarse: bool = False) -> Dict[str, Any]:
-        """Parameter groups for layer-wise learning-rate decay (timm)."""
-        return {
-            "stem": r"^stem",
-            "blocks": r"^stages\.(\d+)" if coarse else [
-                (r"^stages\.(\d+)\.(lsa_blocks|qna_blocks)\.(\d+)", None),
-                (r"^stages\.(\d+)\.downsample", None),
-                (r"^head\.(norm|qna)", (99999,)),
-            ],
-        }
+    def group_matcher(self, coarse: bool = False) -> Callable[[str], Tuple[int, ...]]:
+        """Parameter name -> sortable depth ordinal, for timm's layer-wise learning-rate decay: the stem,
+        then each stage's blocks in network order (LSA, QnA, down-sampling; whole stages if ``coarse``),
+        then the head."""
+        kinds = {"lsa_blocks": 0, "qna_blocks": 1, "downsample": 2}
+
+        def ordinal(name: str) -> Tuple[int, ...]:
+            if name.startswith("stem."):
+                return (0,)
+            m = re.match(r"stages\.(\d+)\.(lsa_blocks|qna_blocks|downsample)\.(\d+)?", name)
+            if m is None:
+                return (2,)
+            if coarse:
+                return (1, int(m.group(1)))
+            return (1, int(m.group(1)), kinds[m.group(2)], int(m.group(3) or 0))
+
+        return ordinal
 
     @torch.no_grad()
     def load_flax_params(self, params: Mapping[str, Any], batch_stats: Optional[Mapping[str, Any]] = None) -> None:

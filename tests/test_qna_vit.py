@@ -404,6 +404,14 @@ def test_timm_style_api():
     assert not {"head.fc.weight", "stages.0.qna_blocks.0.mixer.query", "stem.conv.weight"} & nwd
     assert all(p.ndim <= 1 or n.endswith(("rpe_bias", "attn_scale_weights", "bias_table")) for n, p in names.items()
                if n in nwd)
+    order = model.group_matcher()
+    in_network_order = ["stem.conv.weight", "stages.0.qna_blocks.0.mixer.Wk", "stages.0.downsample.skip.proj.weight",
+                        "stages.1.qna_blocks.0.norm1.weight", "stages.2.lsa_blocks.0.mlp.fc1.weight",
+                        "stages.2.qna_blocks.0.mixer.query", "stages.2.downsample.norm2.bias",
+                        "stages.3.lsa_blocks.0.norm1.weight", "head.norm.weight"]
+    assert sorted(in_network_order, key=order) == in_network_order
+    assert set(in_network_order) <= set(names)
+    assert model.group_matcher(coarse=True)("stages.2.downsample.norm2.bias") == (1, 2)
     model.reset_classifier(3)
     assert model(x).shape == (2, 3) and model.num_classes == 3
     model.reset_classifier(0)
