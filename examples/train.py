@@ -35,6 +35,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import csv
+import json
 import math
 import os
 import sys
@@ -57,7 +58,7 @@ from training.engine import (CosineSchedule, CsvLog, ModelEma, NonFiniteLossErro
                              derive_seed, evaluate, param_groups, parse_model_kwargs)
 from training.mixup import Mixup, TimmMixup, cross_entropy
 
-STEP_FIELDS = ("step", "epoch", "loss", "lr", "grad_norm", "images_per_s", "elapsed_s")
+STEP_FIELDS = ("step", "epoch", "loss", "lr", "grad_norm", "images_per_s", "data_wait_s", "elapsed_s")
 SUMMARY_FIELDS = ("epoch", "step", "lr", "train_loss", "val_loss", "top1", "top5", "ema_val_loss", "ema_top1",
                   "ema_top5", "images_per_s", "epoch_s")
 DEBUG_EXIT_CODE = 75  # what --debug-exit-after-step exits with (a simulated kill)
@@ -182,6 +183,7 @@ class _Pending:
     loss: torch.Tensor
     lr: float
     grad_norm: torch.Tensor
+    data_wait: float  # seconds this step waited for the loader
 
 
 @dataclass
@@ -195,7 +197,8 @@ class _Run:
     last_flush: float = 0.0
     epoch_losses: List[float] = field(default_factory=list)
     all_losses: List[Tuple[int, float]] = field(default_factory=list)
-    rates: List[float] = field(default_factory=list)
+    rates: List[float] = field(default_factory=list)  # images/s of each logging interval
+    waits: List[float] = field(default_factory=list)  # fraction of each interval spent waiting for data
     metrics: Optional[Dict[str, float]] = None
     ema_metrics: Optional[Dict[str, float]] = None
 
@@ -375,12 +378,15 @@ def _train(args: argparse.Namespace, info: DistInfo) -> Dict[str, Any]:
         losses = all_reduce_mean(torch.stack([p.loss for p in run.pending]).float(), info).tolist()
         norms = torch.stack([p.grad_norm for p in run.pending]).float().tolist()
         now = time.perf_counter()
-        rate = len(run.pending) * global_batch / max(now - run.last_flush, 1e-9)
+        elapsed = max(now - run.last_flush, 1e-9)
+        rate = len(run.pending) * global_batch / elapsed
+        waited = sum(p.data_wait for p in run.pending) / elapsed
         run.last_flush = now
         rows, bad = [], None
         for p, loss, gn in zip(run.pending, losses, norms):
             rows.append({"step": p.step, "epoch": p.epoch, "loss": loss, "lr": p.lr, "grad_norm": gn,
-                         "images_per_s": round(rate, 2), "elapsed_s": round(now - t_start, 3)})
+                         "images_per_s": round(rate, 2), "data_wait_s": round(p.data_wait, 5),
+                         "elapsed_s": round(now - t_start, 3)})
             if not math.isfinite(loss):
                 bad = (p, loss)
                 break
@@ -389,6 +395,7 @@ def _train(args: argparse.Namespace, info: DistInfo) -> Dict[str, Any]:
         run.pending.clear()
         steps_csv.write(rows)
         run.rates.append(rate)
+        run.waits.append(waited)
         if bad is not None:
             p, loss = bad
             where = (f"last good checkpoint: {run.last_ckpt[0]} (step {run.last_ckpt[1]}), left untouched"
@@ -399,7 +406,8 @@ def _train(args: argparse.Namespace, info: DistInfo) -> Dict[str, Any]:
                 f"{where}", step=p.step)
         last = rows[-1]
         line = (f"step {last['step']}/{max_steps} loss {last['loss']:.4f} (avg {sum(losses) / len(losses):.4f}) "
-                f"lr {last['lr']:.3g} grad-norm {last['grad_norm']:.3g} | {rate:.1f} images/s")
+                f"lr {last['lr']:.3g} grad-norm {last['grad_norm']:.3g} | {rate:.1f} images/s "
+                f"(data wait {100 * waited:.0f}%)")
         progress.set_postfix(f"loss {last['loss']:.4f} {rate:.0f} img/s")
         progress.write(line)
         tb.scalars({"train/loss": last["loss"], "train/lr": last["lr"], "train/grad_norm": last["grad_norm"],
@@ -496,21 +504,54 @@ def _train(args: argparse.Namespace, info: DistInfo) -> Dict[str, Any]:
     # --- summary
     seconds = time.perf_counter() - t_start
     losses = [v for _, v in run.all_losses]
-    steady = run.rates[1:] if len(run.rates) > 1 else run.rates  # the first interval holds warm-up
+    first_interval = 1 if len(run.rates) > 1 else 0  # the first interval holds start-up and warm-up
+    steady, waits = run.rates[first_interval:], run.waits[first_interval:]
     k = max(1, min(10, len(losses) // 4)) if losses else 0
     summary = {
-        "output": out, "steps": run.step, "epochs": args.epochs, "seconds": seconds,
-        "first_loss": losses[0] if losses else None, "last_loss": losses[-1] if losses else None,
+        "output": out, "model": args.model, "model_kwargs": arch, "steps": run.step, "epochs": args.epochs,
+        "seconds": seconds, "first_loss": losses[0] if losses else None, "last_loss": losses[-1] if losses else None,
         "first_loss_mean": sum(losses[:k]) / k if k else None, "last_loss_mean": sum(losses[-k:]) / k if k else None,
         "images_per_s": sum(steady) / len(steady) if steady else None,
+        "data_wait_fraction": sum(waits) / len(waits) if waits else None,
         "metrics": run.metrics, "ema_metrics": run.ema_metrics, "best": run.best,
         "checkpoint": run.last_ckpt[0] if run.last_ckpt else None,
+        "environment": _environment(info, amp_dtype, args, global_batch),
     }
+    if main:
+        with open(os.path.join(out, "summary.json"), "w") as f:
+            json.dump(plain(summary), f, indent=2)
     if losses:
         say(f"finished {run.step} steps in {seconds:.1f}s: loss {summary['first_loss_mean']:.4f} (first {k} steps) "
-            f"-> {summary['last_loss_mean']:.4f} (last {k}) | {summary['images_per_s']:.1f} images/s"
+            f"-> {summary['last_loss_mean']:.4f} (last {k}) | {summary['images_per_s']:.1f} images/s "
+            f"(data wait {100 * (summary['data_wait_fraction'] or 0):.0f}%)"
             + (f" | best top-1 {run.best['top1']:.2f}%" if run.best.get("top1") is not None else ""))
     return summary
+
+
+def _environment(info: DistInfo, amp_dtype: Optional[torch.dtype], args: argparse.Namespace,
+                 global_batch: int) -> Dict[str, Any]:
+    """What a throughput number needs beside it: hardware, versions, precision, batch."""
+    import platform
+
+    from qna_triton.ops import resolve_backend
+
+    try:
+        import triton
+
+        triton_version = triton.__version__
+    except ImportError:  # triton is a Linux-only dependency
+        triton_version = None
+
+    device = info.device
+    return {
+        "device": torch.cuda.get_device_name(device) if device.type == "cuda" else platform.processor() or "cpu",
+        "device_count": info.world_size, "torch": torch.__version__, "triton": triton_version,
+        "cuda": torch.version.cuda, "qna_backend": resolve_backend(device),
+        "precision": str(amp_dtype).replace("torch.", "") if amp_dtype else "float32",
+        "channels_last": args.channels_last, "compile": args.compile, "global_batch": global_batch,
+        "img_size": args.img_size, "threads": torch.get_num_threads(), "workers": args.workers,
+        "date": time.strftime("%Y-%m-%d %H:%M:%S"),
+    }
 
 
 def _train_step(args: argparse.Namespace, info: DistInfo, run: _Run, epoch: int, ddp_model: nn.Module,
@@ -525,8 +566,11 @@ def _train_step(args: argparse.Namespace, info: DistInfo, run: _Run, epoch: int,
     # masks without replaying the steps before it.
     torch.manual_seed(derive_seed(args.seed, run.step, info.rank, 1))
     loss_sum = torch.zeros((), device=device)
+    data_wait = 0.0
     for micro in range(args.grad_accum_steps):
+        t0 = time.perf_counter()
         x, y = next(batches)
+        data_wait += time.perf_counter() - t0
         x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
         if args.channels_last:
             x = x.contiguous(memory_format=torch.channels_last)
@@ -554,7 +598,7 @@ def _train_step(args: argparse.Namespace, info: DistInfo, run: _Run, epoch: int,
     if ema is not None:
         ema.update(model, run.step)
     run.step += 1
-    run.pending.append(_Pending(run.step, epoch, loss_sum / args.grad_accum_steps, lr, grad_norm))
+    run.pending.append(_Pending(run.step, epoch, loss_sum / args.grad_accum_steps, lr, grad_norm, data_wait))
 
 
 def _logged_epoch_losses(path: str, epoch: int) -> List[float]:

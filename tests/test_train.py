@@ -42,7 +42,8 @@ def tiny_args(out, *extra, classes=4, train_size=96, val_size=32, batch=16, epoc
             "--synthetic-val-size", str(val_size), "--img-size", "16", "--model-kwargs", *TINY,
             "--batch-size", str(batch), "--epochs", str(epochs), "--workers", "0", "--threads", "1",
             "--lr", "2e-3", "--warmup-epochs", "0.5", "--aa", "none", "--output", str(out), "--progress", "plain",
-            "--log-interval", "5", "--no-tensorboard", "--seed", "3", *extra]
+            "--log-interval", "5", "--no-tensorboard", "--seed", "3", "--device", "cpu", "--data-backend", "builtin",
+            *extra]
 
 
 def run_train(argv):
@@ -188,8 +189,7 @@ def test_image_folder_fallback_reads_pngs_and_trains(tmp_path):
         ImageFolderDataset(str(tmp_path / "train" / "class_0"))
 
     argv = tiny_args(tmp_path / "run", epochs=1, batch=8)
-    argv[argv.index("--synthetic"):argv.index("--img-size")] = ["--data-dir", str(tmp_path),
-                                                                 "--data-backend", "builtin"]
+    argv[argv.index("--synthetic"):argv.index("--img-size")] = ["--data-dir", str(tmp_path)]
     summary = run_train(argv)
     assert summary["steps"] == 3 and summary["metrics"]["images"] == 6
 
@@ -219,7 +219,8 @@ def test_short_run_learns(learned_run):
 
 def test_eval_script_reports_the_training_metrics(learned_run, tmp_path, capsys):
     out, summary = learned_run
-    result = eval_script.run(["--checkpoint", str(out / "last.pth"), "--synthetic", "--workers", "0",
+    result = eval_script.run(["--checkpoint", str(out / "last.pth"), "--synthetic", "--workers", "0", "--device", "cpu",
+                              "--data-backend", "builtin",
                               "--batch-size", "16", "--bench-steps", "2", "--results-file", str(tmp_path / "r.json")])
     text = capsys.readouterr().out
     assert re.search(r"^checkpoint: .*last\.pth \(qna_vit_tiny, 0\.\d\dM parameters, 4 classes, step 120\)$", text, re.M)
@@ -242,7 +243,7 @@ def test_eval_script_reports_the_training_metrics(learned_run, tmp_path, capsys)
                 "model_args": dict(ckpt["model_kwargs"], num_classes=4, head="gap")}, flax_like)
     again = eval_script.run(["--checkpoint", str(flax_like), "--synthetic", "--synthetic-classes", "4",
                              "--synthetic-val-size", "64", "--synthetic-image-size", "16", "--img-size", "16",
-                             "--workers", "0", "--bench-steps", "0"])
+                             "--workers", "0", "--bench-steps", "0", "--device", "cpu", "--data-backend", "builtin"])
     assert again["top1"] == pytest.approx(trained["top1"], abs=1e-3)
 
 
