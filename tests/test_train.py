@@ -208,7 +208,7 @@ def test_short_run_learns(learned_run):
     assert summary["steps"] == 120
     assert summary["first_loss_mean"] > 1.3  # ln(4) = 1.39 at the start
     assert summary["last_loss_mean"] < 1.0, summary  # 0.73 when written; label smoothing keeps it > 0.3
-    assert summary["metrics"]["top1"] >= 65.0, summary["metrics"]  # 87.5% when written, chance is 25%
+    assert summary["metrics"]["top1"] >= 65.0, summary["metrics"]  # 83% when written, chance is 25%
     rows = read_csv(out / "steps.csv", STEP_COLUMNS)
     assert [int(r[0]) for r in rows] == list(range(1, 121))
     assert len(read_csv(out / "summary.csv", SUMMARY_COLUMNS)) == 3

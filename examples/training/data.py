@@ -168,23 +168,36 @@ class SyntheticShapes(Dataset):
         rng = np.random.default_rng([self.seed, self._split_code, index])
         shape, colour, texture = self.class_spec(index % self.num_classes)
         s = self.image_size
-        yy, xx = np.mgrid[0:s, 0:s].astype(np.float32) + 0.5
+        xx, yy = self._grid()
         img = np.empty((s, s, 3), dtype=np.float32)
         img[:] = rng.uniform(0.05, 0.45, size=3).astype(np.float32)
         if texture:
             theta = rng.uniform(0.0, math.pi)
-            wave = np.sin((xx * math.cos(theta) + yy * math.sin(theta)) * (2 * math.pi * texture / s * 2))
+            wave = np.sin((xx * math.cos(theta) + yy * math.sin(theta)) * np.float32(4 * math.pi * texture / s))
             img += 0.12 * wave[..., None]
         radius = rng.uniform(0.22, 0.38) * s
         cx, cy = rng.uniform(radius, s - radius, size=2)
         angle = rng.uniform(-0.35, 0.35)
-        dx, dy = xx - cx, yy - cy
-        u = (dx * math.cos(angle) + dy * math.sin(angle)) / radius
-        v = (-dx * math.sin(angle) + dy * math.cos(angle)) / radius
+        # The shape's frame: (u, v) = rotated offset from the centre, in radii.
+        c, sn = np.float32(math.cos(angle) / radius), np.float32(math.sin(angle) / radius)
+        dx, dy = xx - np.float32(cx), yy - np.float32(cy)
+        u, v = dx * c + dy * sn, dy * c - dx * sn
         mask = SHAPES[shape](u, v)
         img[mask] = PALETTE[colour] * rng.uniform(0.75, 1.0) + rng.normal(0.0, 0.04, size=3)
-        img += rng.normal(0.0, self.noise, size=img.shape).astype(np.float32)
-        return (np.clip(img, 0.0, 1.0) * 255.0 + 0.5).astype(np.uint8)
+        noise = rng.standard_normal(img.shape, dtype=np.float32)
+        noise *= np.float32(self.noise)
+        img += noise
+        np.clip(img, 0.0, 1.0, out=img)
+        img *= 255.0
+        img += 0.5
+        return img.astype(np.uint8)
+
+    def _grid(self) -> Tuple[np.ndarray, np.ndarray]:
+        """Pixel-centre coordinates ``(x, y)``, ``[H, W]`` float32 each, computed once per process."""
+        if getattr(self, "_xy", None) is None:
+            yy, xx = np.mgrid[0:self.image_size, 0:self.image_size].astype(np.float32) + np.float32(0.5)
+            self._xy = (xx, yy)
+        return self._xy
 
     def __getitem__(self, index: int) -> Tuple[Any, int]:
         arr = self.render(index)
