@@ -21,7 +21,7 @@ from torch.utils.flop_counter import FlopCounterMode
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 from qna_triton import QnA  # noqa: E402
-from qna_vit import MODEL_CONFIGS, QnAViT, create_model  # noqa: E402
+from qna_vit import MODEL_CONFIGS, create_model  # noqa: E402
 
 __all__ = ["PAPER", "count_flops", "qna_core_macs", "main"]
 

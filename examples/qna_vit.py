@@ -202,9 +202,13 @@ def _dense(in_features: int, out_features: int, bias: bool) -> nn.Linear:
     return layer
 
 
+def _ceil_div(a: int, b: int) -> int:
+    return -(-a // b)
+
+
 def _same_pads(size: int, k: int, s: int) -> Tuple[int, int]:
     """TensorFlow/Flax 'SAME' padding of one axis: ``ceil(size / s)`` outputs, extra pixel at the end."""
-    total = max((-(-size // s) - 1) * s + k - size, 0)
+    total = max((_ceil_div(size, s) - 1) * s + k - size, 0)
     return total // 2, total - total // 2
 
 
@@ -387,8 +391,7 @@ class PatchStem(nn.Module):
         _lecun_normal_(self.conv.weight, in_chans * patch_size * patch_size)
 
     def output_size(self, h: int, w: int) -> Tuple[int, int]:
-        p = self.patch_size
-        return -(-h // p), -(-w // p)
+        return _ceil_div(h, self.patch_size), _ceil_div(w, self.patch_size)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.conv(_pad_same(x, self.patch_size, self.patch_size))
@@ -405,7 +408,7 @@ class ResNetStem(nn.Module):
         self.act = nn.GELU(approximate="tanh")
 
     def output_size(self, h: int, w: int) -> Tuple[int, int]:
-        return -(-(-(-h // 2)) // 2), -(-(-(-w // 2)) // 2)
+        return _ceil_div(_ceil_div(h, 2), 2), _ceil_div(_ceil_div(w, 2), 2)  # conv, then max-pool
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x = self.act(self.bn(self.conv(_pad_same(x, 7, 2))))
