@@ -175,7 +175,8 @@ class QnA(nn.Module):
             raise ValueError(f"x has {x.shape[-1]} channels (last dim), expected in_features={self.in_features}")
         if x.device != self.query.device:
             raise ValueError(f"x is on {x.device} but the layer's parameters are on {self.query.device}")
-        if not torch.is_autocast_enabled(x.device.type) and x.dtype != self.query.dtype:
+        autocast = x.device.type in ("cpu", "cuda") and torch.is_autocast_enabled(x.device.type)
+        if not autocast and x.dtype != self.query.dtype:
             raise TypeError(f"x dtype {x.dtype} differs from the layer's parameter dtype {self.query.dtype}")
         B, H, W, _ = x.shape
         Ho, Wo = check_window((H, W), self.kernel_size, self.stride, self.padding)

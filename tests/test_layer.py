@@ -160,6 +160,11 @@ def test_bad_module_arguments(kwargs, exc, pattern):
         QnA(**args)
 
 
+def test_meta_tensors_give_shapes():
+    layer = QnA(4, 8, 2, kernel_size=3, stride=2, out_features=6).to("meta")
+    assert layer(torch.empty(3, 9, 7, 4, device="meta")).shape == (3, 5, 4, 6)
+
+
 def test_bad_module_input():
     layer = QnA(4, 8, 2, kernel_size=5, padding=0)
     with pytest.raises(ValueError, match="x must have shape"):
