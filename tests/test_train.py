@@ -165,7 +165,7 @@ def test_atomic_save_and_csv_truncation(tmp_path):
 
 
 def test_image_folder_fallback_reads_pngs_and_trains(tmp_path):
-    from PIL import Image
+    Image = pytest.importorskip("PIL.Image", reason="the ImageFolder reader needs pillow")
 
     shapes = SyntheticShapes(3, 24, 20)
     for split, count in (("train", 24), ("val", 6)):
