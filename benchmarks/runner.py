@@ -118,13 +118,6 @@ def run_workload(
     failed: Dict[str, str] = {}  # passes that cannot run (e.g. the backward is out of memory)
     try:
         sets.append(wl.make_inputs())
-        if device.type == "cuda" and l2_bytes:
-            # Rotate input sets whose total exceeds twice the L2, so no repetition reads cached inputs
-            # (do_bench also flushes the L2 before each repetition).
-            n_sets = min(MAX_INPUT_SETS, max(1, math.ceil(2 * l2_bytes / max(1, _nbytes(sets[0])))))
-            sets.extend(wl.make_inputs() for _ in range(n_sets - 1))
-            if n_sets > 1:
-                notes.append(f"{n_sets} input sets rotated")
         # Warm-up: compilation, autotuning, allocator growth; the second call is the time estimate.
         for _ in range(2 if device.type == "cuda" or wl.compiled else 1):
             t0 = time.perf_counter()
@@ -148,19 +141,17 @@ def run_workload(
     for p, status in failed.items():
         results[p]["status"] = status
     todo = [p for p in wl.passes if p not in failed]
-    if failed:
-        for t in (t for s in sets for t in s):
-            t.grad = None
-        _cleanup(device)
-
-    leaves = [t for s in sets for t in s if t.requires_grad] + [p for p in wl.params if p.requires_grad]
-    first_leaves = [t for t in sets[0] if t.requires_grad] + [p for p in wl.params if p.requires_grad]
+    params = [p for p in wl.params if p.requires_grad]
+    leaves = [t for t in sets[0] if t.requires_grad] + params
 
     def clear_grads() -> None:
         for t in leaves:
             t.grad = None
 
-    # ---- peak memory (its own runs, before the timing)
+    clear_grads()
+    _cleanup(device)
+
+    # ---- peak memory (its own runs, before the timing, with one input set alive)
     if device.type == "cuda" and wl.measure_memory:
         mem_fwd = wl.memory_forward or wl.forward
         runs = {
@@ -191,6 +182,19 @@ def run_workload(
     elif wl.measure_memory:
         notes.append("memory: n/a on CPU")
 
+    # ---- more input sets for the timing
+    if device.type == "cuda" and l2_bytes:
+        # Rotate input sets whose total exceeds twice the L2, so no repetition reads cached inputs
+        # (do_bench also flushes the L2 before each repetition).
+        n_sets = min(MAX_INPUT_SETS, max(1, math.ceil(2 * l2_bytes / max(1, _nbytes(sets[0])))))
+        try:
+            sets.extend(wl.make_inputs() for _ in range(n_sets - 1))
+        except Exception as e:  # no room for more: time on what there is
+            notes.append(f"extra input sets not allocated ({failure_status(e)})")
+        if len(sets) > 1:
+            notes.append(f"{len(sets)} input sets rotated")
+    leaves = [t for s_ in sets for t in s_ if t.requires_grad] + params
+
     # ---- timing
     counter = [0]
 
@@ -204,22 +208,21 @@ def run_workload(
             continue
         try:
             clear_grads()
+            setup = None
             if p == "fwd":
                 fn = lambda: call(wl.forward, next_set())  # noqa: E731
-                grads = None
-            elif p == "bwd":
-                held = call(wl.forward, sets[0])
-                fn = lambda: held.backward(grad_out, retain_graph=True)  # noqa: E731
-                grads = first_leaves
+            elif p == "bwd":  # each repetition's own forward is enqueued untimed, before the start event
+                setup = lambda: call(wl.forward, next_set())  # noqa: E731
+                fn = lambda out: out.backward(grad_out)  # noqa: E731
             else:
                 fn = lambda: call(wl.forward, next_set()).backward(grad_out)  # noqa: E731
-                grads = leaves
-            p50, p20, p80 = time_fn(fn, device, cfg, grad_to_none=grads, estimate_ms=estimate_ms)
+            p50, p20, p80 = time_fn(fn, device, cfg, grad_to_none=leaves if needs_grad else None,
+                                    estimate_ms=estimate_ms, setup=setup)
             results[p].update(status="ok", p50_ms=p50, p20_ms=p20, p80_ms=p80)
         except Exception as e:
             results[p]["status"] = failure_status(e)
         finally:
-            held = fn = None
+            setup = fn = None
             clear_grads()
     for r in results.values():
         mem = r.pop("mem_status", None)

@@ -52,14 +52,19 @@ def _quantiles(times_ms: List[float]) -> Tuple[float, float, float]:
 
 
 def time_fn(
-    fn: Callable[[], None],
+    fn: Callable[..., None],
     device: torch.device,
     cfg: TimingConfig,
     grad_to_none: Optional[Sequence[torch.Tensor]] = None,
     estimate_ms: Optional[float] = None,
+    setup: Optional[Callable[[], object]] = None,
 ) -> Tuple[float, float, float]:
-    """``(p50, p20, p80)`` in milliseconds. ``fn`` must already be warm (compiled, autotuned)."""
-    if device.type == "cuda":
+    """``(p50, p20, p80)`` in milliseconds. ``fn`` must already be warm (compiled, autotuned).
+
+    With ``setup``, each repetition calls ``fn(setup())`` and only ``fn`` is timed (a backward after
+    its own forward: no retained graph, which compiled backwards with donated buffers refuse).
+    """
+    if device.type == "cuda" and setup is None:
         from triton.testing import do_bench
 
         rep = cfg.rep_ms
@@ -68,16 +73,49 @@ def time_fn(
         p50, p20, p80 = do_bench(fn, warmup=cfg.warmup_ms, rep=rep, grad_to_none=grad_to_none,
                                  quantiles=list(QUANTILES))
         return float(p50), float(p20), float(p80)
+    if device.type == "cuda":
+        return _time_with_setup_cuda(fn, setup, device, cfg, grad_to_none, estimate_ms)
+    call = (lambda: fn(setup())) if setup is not None else fn
     for _ in range(cfg.cpu_warmup):
         _clear_grads(grad_to_none)
-        fn()
+        call()
     times = []
     for _ in range(max(1, cfg.cpu_reps)):
         _clear_grads(grad_to_none)
+        state = setup() if setup is not None else None
         t0 = time.perf_counter()
-        fn()
+        fn(state) if setup is not None else fn()
         times.append((time.perf_counter() - t0) * 1e3)
+        del state
     return _quantiles(times)
+
+
+L2_FLUSH_BYTES = 256 << 20  # as do_bench: larger than any L2 of these GPUs
+
+
+def _time_with_setup_cuda(fn, setup, device, cfg, grad_to_none, estimate_ms) -> Tuple[float, float, float]:
+    """do_bench's method (L2 flushed before each repetition, CUDA events) with an untimed ``setup``
+    enqueued before the start event of every repetition."""
+    flush = torch.empty(L2_FLUSH_BYTES, dtype=torch.int8, device=device)
+    est = estimate_ms if estimate_ms else 1.0
+    n_warm = max(1, int(cfg.warmup_ms / est))
+    n_rep = max(cfg.min_reps, int(cfg.rep_ms / est))
+    n_rep = max(1, min(n_rep, int(cfg.max_rep_ms / est)))
+    for _ in range(n_warm):
+        _clear_grads(grad_to_none)
+        fn(setup())
+    starts = [torch.cuda.Event(enable_timing=True) for _ in range(n_rep)]
+    ends = [torch.cuda.Event(enable_timing=True) for _ in range(n_rep)]
+    for i in range(n_rep):
+        _clear_grads(grad_to_none)
+        state = setup()
+        flush.zero_()
+        starts[i].record()
+        fn(state)
+        ends[i].record()
+        del state
+    torch.cuda.synchronize(device)
+    return _quantiles([s.elapsed_time(e) for s, e in zip(starts, ends)])
 
 
 def measure_peak(
