@@ -112,13 +112,14 @@ class Shape:
                 "out": list(self.out_hw), "source": self.source}
 
     def input_bytes(self) -> int:
-        """Device memory of the inputs, outputs and gradients a backward timing holds (upper bound)."""
+        """Device memory a tuning session holds at most (the float32 draw of the inputs aside)."""
         item = 4 if self.dtype == "float32" else 2
         inp = self.batch * self.height * self.width
         out = self.pixels
         nh, c = self.n_queries * self.heads, self.heads * self.head_dim
-        # fused logits+values, their two gradients; out, grad_out; lse, delta (fp32)
-        return item * (3 * inp * (nh + c) + 2 * out * c) + 4 * 2 * out * nh
+        # fused logits+values, the reference's and a candidate's gradients of them; reference and
+        # candidate outputs and grad_out; float32 lse (twice) and delta
+        return item * (3 * inp * (nh + c) + 3 * out * c) + 4 * 3 * out * nh
 
     def describe(self) -> str:
         return (f"{self.dtype} h{self.heads} d{self.head_dim} q{self.n_queries} k{self.kh}x{self.kw} "
