@@ -57,7 +57,7 @@ def qna_forward(
 ) -> Tuple[torch.Tensor, torch.Tensor]:
     """Fused forward: ``(out [B,Ho,Wo,h,d] in the values' dtype, lse [B,Ho,Wo,N,h] float32)``."""
     B, H, W, N, h, d, Ho, Wo = _problem(logits, values, ks, st, pd)
-    cfg = config or get_config("fwd", logits, values, ks, st)
+    cfg = config or get_config("fwd", logits, values, ks, st, pd)
     out = torch.empty((B, Ho, Wo, h, d), device=values.device, dtype=values.dtype)
     lse = torch.empty((B, Ho, Wo, N, h), device=logits.device, dtype=torch.float32)
     r, a = _table(rpb), _table(scale)
@@ -102,7 +102,7 @@ def qna_backward(
     r, a = _table(rpb), _table(scale)
     common = _common_args(logits, values, B, H, W, Ho, Wo, N, h, d, ks, st, pd)
 
-    dcfg = delta_config or get_config("bwd_delta", logits, values, ks, st)
+    dcfg = delta_config or get_config("bwd_delta", logits, values, ks, st, pd)
     delta = torch.empty((B, Ho, Wo, N, h), device=logits.device, dtype=torch.float32)
     grid = (triton.cdiv(B * Ho * Wo, dcfg.block_p), triton.cdiv(h, dcfg.block_h))
     qna_bwd_delta_kernel[grid](
@@ -110,7 +110,7 @@ def qna_backward(
         HAS_SCALE=a is not None, **_blocks(dcfg, N, d),
     )
 
-    cfg = config or get_config("bwd", logits, values, ks, st)
+    cfg = config or get_config("bwd", logits, values, ks, st, pd)
     K = ks[0] * ks[1]
     num_tiles = triton.cdiv(B * H * W, cfg.block_p)
     progs = _num_programs(num_tiles, logits.device)
