@@ -1,0 +1,39 @@
+#!/usr/bin/env bash
+# Everything a session with a lent GPU (H100/H200, 30 minutes of device time, 10 minutes per command)
+# should run, as parts in order of priority; each part is one device command and writes under $OUT.
+#
+#   bash scripts/gpu_session.sh tests      # the whole test suite on the GPU (compiled kernels), ~5 min
+#   bash scripts/gpu_session.sh autotune   # python -m autotune --quick + its report, ~2 min
+#   bash scripts/gpu_session.sh core1      # benchmarks: ceilings + core op, windows 3..11  (benchmarks/gpu_session.sh)
+#   bash scripts/gpu_session.sh core2      # benchmarks: core op, windows 13..31
+#   bash scripts/gpu_session.sh layer      # benchmarks: QnA layer vs FlexAttention neighbourhood attention
+#   bash scripts/gpu_session.sh model      # benchmarks: qna_vit_tiny training step vs the paper's form, Swin-T
+#   bash scripts/gpu_session.sh train      # examples/gpu_session.sh: demo, 224px qna_vit_tiny images/s, torchrun
+#
+# Afterwards commit, from what comes back: qna_triton/configs/<gpu>.json, benchmarks/results/<gpu>/
+# (merge the benchmark parts with `python -m benchmarks --report-from ...`), and the test log's summary
+# in the issue notes, naming the GPU and the date.
+set -uo pipefail
+part="${1:-}"
+cd "$(dirname "$0")/.."
+export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}" PYTHONUNBUFFERED=1
+unset QNA_TRITON_BACKEND TRITON_INTERPRET
+PY="${PYTHON:-python3}"
+OUT="${OUT:-runs/gpu_session}"
+mkdir -p "$OUT"
+$PY -c "import torch, triton; print(torch.cuda.get_device_name(), 'torch', torch.__version__, 'triton', triton.__version__)" \
+    | tee "$OUT/device_$part.txt"
+
+case "$part" in
+  tests)
+    timeout 560 $PY -m pytest -q -ra -p no:cacheprovider tests 2>&1 | tee "$OUT/tests.log" ;;
+  autotune)
+    timeout 560 $PY -m autotune --quick --no-tqdm --bench-report 2>&1 | tee "$OUT/autotune.log"
+    cp qna_triton/configs/*.json qna_triton/configs/*.md "$OUT/" 2>/dev/null
+    cp -r benchmarks/results "$OUT/autotune_results" 2>/dev/null ;;
+  core1|core2|layer|model|sweeps)
+    OUT="$OUT" bash benchmarks/gpu_session.sh "$part" ;;
+  train)
+    OUT="$OUT/train" timeout 560 bash examples/gpu_session.sh ;;
+  *) echo "usage: $0 tests|autotune|core1|core2|layer|model|sweeps|train" >&2; exit 2 ;;
+esac
