@@ -143,10 +143,11 @@ def qna_bwd_kernel(
                 dz = ap * t - p * delta
                 dl += dz
                 dv += tl.sum(ap, axis=1)[:, :, None] * g
-                part = DR_PART + part_row + o * NH + nh_r
-                tl.atomic_add(part, tl.sum(dz, axis=0), mask=nh_mask)
+                # the row is private to this program: relaxed ordering suffices (no fences)
+                part = part_row + o * NH + nh_r
+                tl.atomic_add(DR_PART + part, tl.sum(dz, axis=0), mask=nh_mask, sem="relaxed")
                 if HAS_SCALE:
-                    tl.atomic_add(DA_PART + part_row + o * NH + nh_r, tl.sum(p * t, axis=0), mask=nh_mask)
+                    tl.atomic_add(DA_PART + part, tl.sum(p * t, axis=0), mask=nh_mask, sem="relaxed")
         # dl and dv may be the two column ranges of one packed [B, H, W, N*h + h*d] gradient
         tl.store(DL + offs_p[:, None, None] * DL_PIX_STRIDE + nh_r[None, :, :], dl.to(DL.dtype.element_ty),
                  mask=mask_p[:, None, None] & nh_mask[None, :, :])
