@@ -161,7 +161,7 @@ def measure(args: argparse.Namespace) -> int:
     os.makedirs(out, exist_ok=True)
     _configure_torch()
     suites = resolve_suites(args.suite)
-    cfg = TimingConfig(warmup_ms=args.warmup_ms, rep_ms=args.rep_ms, cpu_warmup=0, cpu_reps=2)
+    cfg = TimingConfig(warmup_ms=args.warmup_ms, rep_ms=args.rep_ms, cpu_warmup=1, cpu_reps=2)
     opts = Options(device, compile=not args.no_compile, compile_mode=args.compile_mode)
     deadline = Deadline(args.time_budget)
     rec = Recorder(env, out)

@@ -8,7 +8,7 @@ import gc
 import os
 import time
 import types
-from typing import Callable, Dict, Iterator, Optional, Tuple
+from typing import Iterator, Optional, Tuple
 
 import torch
 import torch.nn as nn
@@ -23,7 +23,7 @@ from .timing import TimingConfig, measure_peak, sync, time_fn
 
 __all__ = ["MODEL_PROVIDERS", "paper_forward", "use_paper_formulation", "run_model", "model_shape"]
 
-MODEL_PROVIDERS = ("qna_triton", "paper_compiled", "reference_backend", "swin_tiny")
+MODEL_PROVIDERS = ("qna_triton", "paper_compiled", "swin_tiny", "reference_backend")  # by priority
 NUM_CLASSES = 1000
 
 

@@ -135,7 +135,7 @@ def run_workload(
             estimate_ms = (time.perf_counter() - t0) * 1e3
     except Exception as e:
         status = failure_status(e)
-        del sets
+        sets.clear()
         _cleanup(device)
         return {p: {"status": status} for p in wl.passes}, notes
     for p, status in failed.items():
@@ -228,6 +228,7 @@ def run_workload(
         mem = r.pop("mem_status", None)
         if mem:
             r["mem_note"] = mem
-    del sets, grad_out
+    sets.clear()
+    grad_out = None
     _cleanup(device)
     return results, notes

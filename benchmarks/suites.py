@@ -5,11 +5,11 @@ from __future__ import annotations
 import os
 import sys
 from dataclasses import dataclass
-from typing import Callable, Dict, List, Sequence, Tuple
+from typing import Dict, List, Sequence, Tuple
 
 import torch
 
-from .providers import CORE_PROVIDERS, DTYPES, CoreShape
+from .providers import DTYPES, CoreShape
 
 __all__ = ["SUITES", "Suite", "WINDOWS", "resolve_suites", "vit_tiny_layers", "SPEC_VIT_TINY_LAYERS"]
 
@@ -148,7 +148,3 @@ def vit_tiny_shapes(smoke: bool) -> Tuple[List[CoreShape], str]:
     B = 1 if smoke else 128
     return [CoreShape(B, H, W, C, h, k, torch.bfloat16, stride=s) for H, W, C, h, k, s in layers], source
 
-
-CORE_ORDER = tuple(CORE_PROVIDERS)
-LAYER_PROVIDERS = ("qna_layer", "flex_na_layer")
-MODEL_PROVIDERS = ("qna_triton", "paper_compiled", "reference_backend", "swin_tiny")

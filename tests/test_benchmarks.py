@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import csv
 import json
-import math
 import os
 import sys
 
@@ -223,3 +222,38 @@ def test_smoke_end_to_end(tmp_path, capsys):
     assert main(["--report-from", out, os.path.join(out, "rows.jsonl"), "--out", again]) == 0
     assert len(read_rows([again])) == len(rows)
     assert os.path.getsize(os.path.join(again, "plots", "window_bf16_d8.png")) > 0
+
+
+def test_suites_and_groups():
+    from benchmarks.suites import SUITES, resolve_suites, window_shapes
+
+    assert resolve_suites([]) == list(SUITES)
+    assert resolve_suites(["layer", "window_bf16_d8"]) == ["layer_d16", "layer_d32", "window_bf16_d8"]
+    with pytest.raises(ValueError):
+        resolve_suites(["nope"])
+    shapes = window_shapes("window_fp32_d32", smoke=False)
+    assert [s.window for s in shapes] == [3, 5, 7, 9, 11, 13, 15, 21, 31]
+    assert {(s.batch, s.height, s.width, s.channels, s.heads, s.head_dim, s.queries, s.dtype) for s in shapes} == \
+        {(32, 64, 64, 128, 4, 32, 2, torch.float32)}
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the CPU-only refusal")
+def test_measuring_needs_a_gpu(tmp_path):
+    assert main(["--out", str(tmp_path)]) == 2
+    assert not os.listdir(tmp_path)
+
+
+@pytest.mark.slow
+def test_compiled_provider_times_every_pass():
+    """torch.compile'd peers: the backward is timed after its own forward (a compiled backward with
+    donated buffers refuses a retained graph), and nothing falls back or errors."""
+    from benchmarks.runner import Deadline, run_workload
+    from benchmarks.timing import TimingConfig
+
+    shape = CoreShape(1, 6, 6, 8, 2, 3, torch.float32)
+    opts = Options(torch.device("cpu"), compile=True, compile_mode="default")
+    results, notes = run_workload(lambda: CORE_PROVIDERS["paper_compiled"](shape, opts), opts.device,
+                                  TimingConfig(cpu_warmup=1, cpu_reps=2), Deadline(None))
+    torch._dynamo.reset()
+    assert {p: r["status"] for p, r in results.items()} == {"fwd": "ok", "bwd": "ok", "fwd+bwd": "ok"}
+    assert any("torch.compile" in n for n in notes)
