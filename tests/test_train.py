@@ -47,7 +47,13 @@ def tiny_args(out, *extra, classes=4, train_size=96, val_size=32, batch=16, epoc
 
 
 def run_train(argv):
-    return train_script.train(train_script.parse_args(argv))
+    """train.py in this process, leaving torch's thread count and global RNG as they were."""
+    threads = torch.get_num_threads()
+    try:
+        with torch.random.fork_rng(devices=[]):
+            return train_script.train(train_script.parse_args(argv))
+    finally:
+        torch.set_num_threads(threads)
 
 
 def subprocess_env():
@@ -321,9 +327,12 @@ def test_nonfinite_loss_stops_with_the_step_and_keeps_the_last_good_checkpoint(t
 
 
 def test_demo_runs_end_to_end(tmp_path, capsys):
-    summary = demo.main(["--epochs", "1", "--train-size", "64", "--val-size", "32", "--workers", "0",
-                         "--threads", "1", "--progress", "plain", "--output", str(tmp_path / "demo"),
-                         "--device", "cpu"])
+    threads = torch.get_num_threads()
+    with torch.random.fork_rng(devices=[]):
+        summary = demo.main(["--epochs", "1", "--train-size", "64", "--val-size", "32", "--workers", "0",
+                             "--threads", "1", "--progress", "plain", "--output", str(tmp_path / "demo"),
+                             "--device", "cpu"])
+    torch.set_num_threads(threads)
     text = capsys.readouterr().out
     assert summary["steps"] == 2
     assert "device: cpu | QnA backend: reference" in text
