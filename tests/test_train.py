@@ -280,7 +280,7 @@ def test_resume_after_a_kill_mid_epoch_repeats_the_uninterrupted_run(tmp_path):
             assert torch.equal(t, b[key][name]), (key, name)
 
 
-def test_torchrun_two_processes_match_one_process(tmp_path):
+def test_torchrun_and_gradient_accumulation_match_one_process(tmp_path):
     # Same global batch (2 x 8 vs 1 x 16), no mixup and no stochastic depth: the two runs see the same
     # images with the same augmentations and differ only in floating-point summation order.
     common = ["--mixup", "0", "--cutmix", "0", "--drop-path", "0"]
@@ -304,6 +304,17 @@ def test_torchrun_two_processes_match_one_process(tmp_path):
         assert float(t1) == pytest.approx(float(t2), abs=1e-6) and float(vl1) == pytest.approx(float(vl2), rel=1e-4)
     ckpt = load_checkpoint(str(tmp_path / "two"))
     assert ckpt["data_order"]["global_batch"] == 16 and ckpt["step"] == 8
+
+    # Gradient accumulation (8 x 2 accumulation steps) is the same run again; stopped by --max-steps
+    # mid-epoch (evaluated and saved there) and resumed to the end.
+    accum = tiny_args(tmp_path / "accum", *common, "--grad-accum-steps", "2", train_size=64, batch=8)
+    assert run_train(accum + ["--max-steps", "6"])["steps"] == 6
+    assert run_train(accum + ["--resume", str(tmp_path / "accum")])["steps"] == 8
+    acc = read_csv(tmp_path / "accum" / "steps.csv", ("step", "loss", "lr"))
+    assert [r[0] for r in acc] == [r[0] for r in one] and [r[2] for r in acc] == [r[2] for r in one]
+    for (_, l1, _), (_, l2, _) in zip(one, acc):
+        assert float(l1) == pytest.approx(float(l2), rel=1e-4, abs=1e-5)
+    assert [r[0] for r in read_csv(tmp_path / "accum" / "summary.csv", ("step",))] == ["4", "6", "8"]
 
 
 def test_nonfinite_loss_stops_with_the_step_and_keeps_the_last_good_checkpoint(tmp_path):
