@@ -223,10 +223,17 @@ def test_short_run_learns(learned_run):
     assert os.path.isfile(out / "best.pth")
 
 
-def test_eval_script_reports_the_training_metrics(learned_run, tmp_path, capsys):
+@pytest.fixture
+def keep_threads():
+    threads = torch.get_num_threads()
+    yield
+    torch.set_num_threads(threads)
+
+
+def test_eval_script_reports_the_training_metrics(learned_run, tmp_path, capsys, keep_threads):
     out, summary = learned_run
     result = eval_script.run(["--checkpoint", str(out / "last.pth"), "--synthetic", "--workers", "0", "--device", "cpu",
-                              "--data-backend", "builtin",
+                              "--data-backend", "builtin", "--threads", "1",
                               "--batch-size", "16", "--bench-steps", "2", "--results-file", str(tmp_path / "r.json")])
     text = capsys.readouterr().out
     assert re.search(r"^checkpoint: .*last\.pth \(qna_vit_tiny, 0\.\d\dM parameters, 4 classes, step 120\)$", text, re.M)
@@ -249,7 +256,8 @@ def test_eval_script_reports_the_training_metrics(learned_run, tmp_path, capsys)
                 "model_args": dict(ckpt["model_kwargs"], num_classes=4, head="gap")}, flax_like)
     again = eval_script.run(["--checkpoint", str(flax_like), "--synthetic", "--synthetic-classes", "4",
                              "--synthetic-val-size", "64", "--synthetic-image-size", "16", "--img-size", "16",
-                             "--workers", "0", "--bench-steps", "0", "--device", "cpu", "--data-backend", "builtin"])
+                             "--workers", "0", "--bench-steps", "0", "--device", "cpu", "--data-backend", "builtin",
+                             "--threads", "1"])
     assert again["top1"] == pytest.approx(trained["top1"], abs=1e-3)
 
 
@@ -337,13 +345,11 @@ def test_nonfinite_loss_stops_with_the_step_and_keeps_the_last_good_checkpoint(t
         run_train(tiny_args(tmp_path / "nan2", "--debug-nan-at-step", "2", "--log-interval", "1"))
 
 
-def test_demo_runs_end_to_end(tmp_path, capsys):
-    threads = torch.get_num_threads()
+def test_demo_runs_end_to_end(tmp_path, capsys, keep_threads):
     with torch.random.fork_rng(devices=[]):
         summary = demo.main(["--epochs", "1", "--train-size", "64", "--val-size", "32", "--workers", "0",
                              "--threads", "1", "--progress", "plain", "--output", str(tmp_path / "demo"),
                              "--device", "cpu"])
-    torch.set_num_threads(threads)
     text = capsys.readouterr().out
     assert summary["steps"] == 2
     assert "device: cpu | QnA backend: reference" in text
