@@ -13,6 +13,7 @@ from dataclasses import dataclass, field
 from typing import Callable, Dict, List, Optional, Sequence, Tuple
 
 import torch
+import torch._dynamo
 
 from .timing import TimingConfig, is_oom, measure_peak, sync, time_fn
 
@@ -45,7 +46,8 @@ class Workload:
     by every input set that also receive gradients (module parameters). ``memory_forward`` replaces
     ``forward`` for the memory run (a compiled twin without CUDA graphs, whose pool would hide the peak).
     ``mark_step`` marks a new iteration for CUDA-graph trees before every forward; ``compiled`` asks for
-    a second warm-up call (the first one compiles).
+    a second warm-up call (the first one compiles); ``rotate`` off keeps one input set; ``fallback``
+    builds the workload to use instead when this one fails its warm-up (other than out of memory).
     """
 
     make_inputs: Callable[[], List[torch.Tensor]]
@@ -56,6 +58,8 @@ class Workload:
     measure_memory: bool = True
     mark_step: bool = False
     compiled: bool = False
+    rotate: bool = True
+    fallback: Optional[Callable[[], "Workload"]] = None
     notes: List[str] = field(default_factory=list)
 
 
@@ -118,8 +122,9 @@ def run_workload(
     failed: Dict[str, str] = {}  # passes that cannot run (e.g. the backward is out of memory)
     try:
         sets.append(wl.make_inputs())
-        # Warm-up: compilation, autotuning, allocator growth; the second call is the time estimate.
-        for _ in range(2 if device.type == "cuda" or wl.compiled else 1):
+        # Warm-up: compilation, autotuning, allocator growth (CUDA-graph trees record on a later call);
+        # the last call is the time estimate.
+        for _ in range(3 if wl.mark_step else 2 if device.type == "cuda" or wl.compiled else 1):
             t0 = time.perf_counter()
             out = call(wl.forward, sets[0])
             if needs_grad and not failed:
@@ -137,6 +142,10 @@ def run_workload(
         status = failure_status(e)
         sets.clear()
         _cleanup(device)
+        if wl.fallback is not None and not is_oom(e):
+            torch._dynamo.reset()
+            results, more = run_workload(wl.fallback, device, cfg, deadline, l2_bytes)
+            return results, [f"fell back after: {status}"] + more
         return {p: {"status": status} for p in wl.passes}, notes
     for p, status in failed.items():
         results[p]["status"] = status
@@ -183,7 +192,7 @@ def run_workload(
         notes.append("memory: n/a on CPU")
 
     # ---- more input sets for the timing
-    if device.type == "cuda" and l2_bytes:
+    if device.type == "cuda" and l2_bytes and wl.rotate:
         # Rotate input sets whose total exceeds twice the L2, so no repetition reads cached inputs
         # (do_bench also flushes the L2 before each repetition).
         n_sets = min(MAX_INPUT_SETS, max(1, math.ceil(2 * l2_bytes / max(1, _nbytes(sets[0])))))

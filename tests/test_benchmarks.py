@@ -257,3 +257,39 @@ def test_compiled_provider_times_every_pass():
     torch._dynamo.reset()
     assert {p: r["status"] for p, r in results.items()} == {"fwd": "ok", "bwd": "ok", "fwd+bwd": "ok"}
     assert any("torch.compile" in n for n in notes)
+
+
+def _fake_workload(fail_forward=False, oom_backward=False, fallback=None):
+    from benchmarks.runner import Workload
+
+    class OomOnBackward(torch.autograd.Function):
+        @staticmethod
+        def forward(ctx, x):
+            return x * 2
+
+        @staticmethod
+        def backward(ctx, g):
+            raise torch.cuda.OutOfMemoryError("CUDA out of memory. Tried to allocate 64.00 GiB")
+
+    def fwd(x):
+        if fail_forward:
+            raise RuntimeError("backend broke")
+        return OomOnBackward.apply(x) if oom_backward else x * 2
+
+    return Workload(lambda: [torch.randn(4, requires_grad=True)], fwd, fallback=fallback)
+
+
+def test_runner_records_failures_and_falls_back():
+    from benchmarks.runner import Deadline, run_workload
+    from benchmarks.timing import TimingConfig
+
+    cfg, cpu = TimingConfig(cpu_warmup=0, cpu_reps=1), torch.device("cpu")
+    res, _ = run_workload(lambda: _fake_workload(oom_backward=True), cpu, cfg, Deadline(None))
+    assert [res[p]["status"] for p in ("fwd", "bwd", "fwd+bwd")] == ["ok", "OOM", "OOM"]
+    res, notes = run_workload(lambda: _fake_workload(fail_forward=True, fallback=_fake_workload), cpu, cfg,
+                              Deadline(None))
+    assert all(r["status"] == "ok" for r in res.values()) and "fell back after" in notes[0]
+    res, _ = run_workload(lambda: _fake_workload(fail_forward=True), cpu, cfg, Deadline(None))
+    assert all(r["status"].startswith("error: RuntimeError: backend broke") for r in res.values())
+    res, _ = run_workload(_fake_workload, cpu, cfg, Deadline(-1.0))
+    assert all(r["status"].startswith("skipped") for r in res.values())
