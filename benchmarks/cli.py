@@ -13,6 +13,7 @@ import json
 import os
 import sys
 import tempfile
+import time
 import warnings
 from dataclasses import replace
 from typing import Callable, Dict, List, Optional, Sequence
@@ -81,6 +82,7 @@ class Recorder:
         self.env, self.out_dir = env, out_dir
         self.path = os.path.join(out_dir, "rows.jsonl")
         self.count = 0
+        self.start = time.monotonic()
 
     def emit(self, suite: str, shape: str, dtype: str, provider: str, pas: str, result: dict,
              notes: Sequence[str], fields: Optional[dict] = None) -> dict:
@@ -100,7 +102,8 @@ class Recorder:
         self.count += 1
         p50 = f"{row['p50_ms']:.4g} ms" if row.get("p50_ms") else ""
         mem = f"{row['extra_mb']:.4g} MB extra" if row.get("extra_mb") is not None else ""
-        print(f"[{suite}] {shape} {dtype} {provider} {pas}: {row['status']} {p50} {mem}", flush=True)
+        print(f"[{time.monotonic() - self.start:5.0f}s {suite}] {shape} {dtype} {provider} {pas}: {row['status']} "
+              f"{p50} {mem}", flush=True)
         return row
 
 

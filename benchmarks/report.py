@@ -132,7 +132,7 @@ def _f(v, digits: int = 3) -> str:
         if abs(v) >= 100:
             return f"{v:.0f}"
         return f"{v:.{digits}g}"
-    return str(v)
+    return " ".join(str(v).replace("|", "/").split())  # one markdown cell
 
 
 def _header(meta: dict) -> str:
@@ -157,7 +157,7 @@ def _table(rows: List[List[str]], headers: List[str]) -> str:
 
 def results_markdown(rows: Sequence[dict], meta: dict) -> str:
     """Every row, one table per suite."""
-    parts = ["# QnA benchmark results\n", _header(meta)]
+    parts = ["# QnA benchmark results\n\n", _header(meta)]
     cols = ["shape", "dtype", "provider", "pass", "status", "p50_ms", "p20_ms", "p80_ms", "gb_s", "pct_copy",
             "x_floor", "images_s", "peak_mb", "extra_mb", "note"]
     suites: "OrderedDict[str, List[dict]]" = OrderedDict()
@@ -218,7 +218,7 @@ def summary_markdown(rows: Sequence[dict], meta: dict) -> Tuple[str, Dict[str, L
     smoke = meta["smoke"]
     idx = _index(rows)
     verdicts: Dict[str, List[Optional[bool]]] = {k: [] for k in TARGETS}
-    out = ["# QnA benchmarks: headline\n", _header(meta)]
+    out = ["# QnA benchmarks: headline\n\n", _header(meta)]
     out.append("Speed-ups are the peer's p50 time over ours (> 1: we are faster); memory ratios are the peer's "
                "fwd+bwd peak memory beyond its inputs over ours (> 1: we use less). `>`: the peer ran out of "
                "memory, bound from the free device memory.\n")
@@ -350,6 +350,8 @@ def _plot_suite(rows: Sequence[dict], suite: str, meta: dict, path: str) -> None
 
     rs = [r for r in rows if r["suite"] == suite and r.get("window") is not None]
     providers = list(OrderedDict.fromkeys(r["provider"] for r in rs))
+    colours = {p: f"C{i % 10}" for i, p in enumerate(providers)}  # one colour per provider in every panel
+    windows = sorted({r["window"] for r in rs})
     fig, axes = plt.subplots(2, 2, figsize=(12, 9))
     panels = [("fwd", "p50_ms", "forward time (ms)"), ("bwd", "p50_ms", "backward time (ms)"),
               ("fwd+bwd", "p50_ms", "forward+backward time (ms)"),
@@ -360,10 +362,14 @@ def _plot_suite(rows: Sequence[dict], suite: str, meta: dict, path: str) -> None
             pts = sorted((r["window"], r[key]) for r in rs if r["provider"] == p and r.get("pass") == pas
                          and r.get(key) and (key != "p50_ms" or _ok(r)))
             if pts:
-                ax.plot([x for x, _ in pts], [y for _, y in pts], marker="o", label=p)
+                ax.plot([x for x, _ in pts], [y for _, y in pts], marker="o", label=p, color=colours[p])
                 drawn = True
         ax.set_title(title)
         ax.set_xlabel("window k")
+        ax.set_xscale("log")
+        ax.set_xticks(windows)
+        ax.set_xticklabels([str(w) for w in windows])
+        ax.minorticks_off()
         if drawn:
             ax.set_yscale("log")
             ax.legend(fontsize=8)
