@@ -811,7 +811,7 @@ def qna_vit_base(pretrained: bool = False, **kwargs: Any) -> QnAViT:
 
 try:
     from timm.models import register_model as _timm_register
-except ImportError:  # timm is optional
+except Exception:  # timm is optional; a broken install (e.g. a torchvision built for another torch) too
     _timm_register = None
 if _timm_register is not None:
     for _fn in (qna_vit_tiny, qna_vit_tiny_7x7, qna_vit_small, qna_vit_base):
