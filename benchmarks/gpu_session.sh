@@ -24,16 +24,17 @@ cd "$(dirname "$0")/.."
 export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}" PYTHONUNBUFFERED=1
 unset QNA_TRITON_BACKEND TRITON_INTERPRET  # the library's defaults: Triton kernels on CUDA tensors
 PY="${PYTHON:-python3}"
+extra="${BENCH_ARGS:-}"  # e.g. BENCH_ARGS="--smoke --no-compile" to try the script on a CPU machine
 dest="${OUT:-benchmarks/results/_parts}"
 mkdir -p "$dest"
 
 case "$part" in
-  core1)  args=(--suite window_bf16_d8 --windows 3 5 7 9 11); budget=450 ;;
-  core2)  args=(--suite window_bf16_d8 --windows 13 15 21 31); budget=450 ;;
-  layer)  args=(--suite layer); budget=450 ;;
-  model)  args=(--suite model); budget=420 ;;
+  core1)  args=(--suite window_bf16_d8 --windows 3 5 7 9 11); budget=420 ;;
+  core2)  args=(--suite window_bf16_d8 --windows 13 15 21 31); budget=420 ;;
+  layer)  args=(--suite layer); budget=420 ;;
+  model)  args=(--suite model); budget=390 ;;
   sweeps) args=(--suite vit_tiny --suite window_fp32_d8 --suite window_bf16_d32 --suite window_fp32_d32)
-          budget=450 ;;
+          budget=420 ;;
   all)    args=(); budget=0 ;;
   *) echo "usage: $0 core1|core2|layer|model|sweeps|all" >&2; exit 2 ;;
 esac
@@ -46,10 +47,12 @@ log="$dest/log_$part.txt"
 'cuda', torch.version.cuda, torch.cuda.get_device_name(0) if torch.cuda.is_available() else 'NO GPU')"
   nvidia-smi --query-gpu=name,memory.total,clocks.sm,clocks.mem,temperature.gpu,power.draw --format=csv || true
   if [ "$budget" -gt 0 ]; then
-    # --time-budget stops starting new measurements; timeout is the hard stop (a compilation in flight)
-    timeout --signal=INT $((budget + 90)) "$PY" -m benchmarks "${args[@]}" --out "$work" --time-budget "$budget"
+    # --time-budget stops starting new measurements; timeout is the hard stop (a compilation in flight):
+    # worst case budget + 75 + 15 s, then the reports, inside the device tool's 600 s per command.
+    timeout --signal=INT --kill-after=15 $((budget + 75)) "$PY" -m benchmarks "${args[@]}" --out "$work" \
+      --time-budget "$budget" $extra
   else
-    "$PY" -m benchmarks --out "$work"
+    "$PY" -m benchmarks --out "$work" $extra
   fi
   echo "benchmarks exit code: $?"
   # Reports again from the rows, also when the run was stopped before writing them.
