@@ -229,4 +229,13 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     args = parse_args(argv)
     if args.report_from:
         return report_only(args)
-    return measure(args)
+    if not args.smoke:
+        return measure(args)
+    # Tiny shapes gain nothing from threads, and threads spinning on a busy CI machine's few cores
+    # can make each op tens of times slower.
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        return measure(args)
+    finally:
+        torch.set_num_threads(threads)

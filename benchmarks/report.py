@@ -8,6 +8,7 @@ that was not measured is left empty, and a target without its measurements is "n
 from __future__ import annotations
 
 import csv
+import importlib.util
 import json
 import math
 import os
@@ -150,8 +151,12 @@ def _header(meta: dict) -> str:
 
 
 def _table(rows: List[List[str]], headers: List[str]) -> str:
-    from tabulate import tabulate
-
+    """A GitHub markdown table: tabulate's, or a plain one where tabulate is not installed."""
+    try:
+        from tabulate import tabulate
+    except ImportError:
+        lines = ["| " + " | ".join(headers) + " |", "|" + "|".join("---" for _ in headers) + "|"]
+        return "\n".join(lines + ["| " + " | ".join(r) + " |" for r in rows])
     return tabulate(rows, headers=headers, tablefmt="github", disable_numparse=True)
 
 
@@ -403,6 +408,9 @@ def write_reports(rows: Sequence[dict], out_dir: str) -> Tuple[str, dict]:
     summary, _ = summary_markdown(derived, meta)
     with open(os.path.join(out_dir, "summary.md"), "w") as f:
         f.write(summary)
+    if importlib.util.find_spec("matplotlib") is None:
+        print("matplotlib is not installed: no plots (pip install -e '.[benchmarks]')")
+        return summary, meta
     plots = os.path.join(out_dir, "plots")
     os.makedirs(plots, exist_ok=True)
     for suite in OrderedDict.fromkeys(r["suite"] for r in derived):
