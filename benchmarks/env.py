@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import datetime as _dt
 import platform
-import re
 from dataclasses import asdict, dataclass
 from typing import Optional
 
@@ -14,8 +13,11 @@ __all__ = ["Env", "detect_env", "sanitise"]
 
 
 def sanitise(name: str) -> str:
-    """A device name as a folder name: ``"NVIDIA H100 80GB HBM3"`` -> ``"NVIDIA_H100_80GB_HBM3"``."""
-    return re.sub(r"[^A-Za-z0-9._-]+", "_", name).strip("_") or "unknown"
+    """A device name as a folder name, as the library names its per-GPU files (the autotuner's report
+    lands in the same folder): ``"NVIDIA H100 80GB HBM3"`` -> ``"nvidia_h100_80gb_hbm3"``."""
+    from qna_triton.tuning import sanitize_gpu_name
+
+    return sanitize_gpu_name(name)
 
 
 @dataclass(frozen=True)

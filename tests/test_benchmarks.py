@@ -229,7 +229,8 @@ def test_smoke_end_to_end(tmp_path, capsys):
     for r in rows:  # timed rows carry their quantiles in order
         if r["status"] == "ok" and r["p50_ms"]:
             assert float(r["p20_ms"]) <= float(r["p50_ms"]) <= float(r["p80_ms"])
-    summary = open(os.path.join(out, "summary.md")).read()
+    with open(os.path.join(out, "summary.md")) as f:
+        summary = f.read()
     assert SMOKE_LABEL in summary and "PASS" not in summary and "MISS" not in summary
     # the reports rebuild from the rows alone, and merging the same rows twice changes nothing
     again = str(tmp_path / "again")
@@ -308,3 +309,10 @@ def test_runner_records_failures_and_falls_back():
     assert all(r["status"].startswith("error: RuntimeError: backend broke") for r in res.values())
     res, _ = run_workload(_fake_workload, cpu, cfg, Deadline(-1.0))
     assert all(r["status"].startswith("skipped") for r in res.values())
+
+
+def test_results_folder_matches_the_library_gpu_key():
+    from benchmarks.env import sanitise
+    from qna_triton.tuning import sanitize_gpu_name
+
+    assert sanitise("NVIDIA H100 80GB HBM3") == sanitize_gpu_name("NVIDIA H100 80GB HBM3") == "nvidia_h100_80gb_hbm3"
