@@ -224,7 +224,7 @@ def summary_markdown(rows: Sequence[dict], meta: dict) -> Tuple[str, Dict[str, L
     idx = _index(rows)
     verdicts: Dict[str, List[Optional[bool]]] = {k: [] for k in TARGETS}
     out = ["# QnA benchmarks: headline\n\n", _header(meta)]
-    out.append("Speed-ups are the peer's p50 time over ours (> 1: we are faster); memory ratios are the peer's "
+    out.append("\nSpeed-ups are the peer's p50 time over ours (> 1: we are faster); memory ratios are the peer's "
                "fwd+bwd peak memory beyond its inputs over ours (> 1: we use less). `>`: the peer ran out of "
                "memory, bound from the free device memory.\n")
 
