@@ -18,7 +18,7 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
-from .forward import _load_z, _src_coords
+from .forward import _head_blocks, _load_v, _load_z, _src_coords
 
 
 @triton.jit
@@ -36,22 +36,15 @@ def qna_bwd_delta_kernel(
     offs_p = pid_p.to(tl.int64) * BLOCK_P + tl.arange(0, BLOCK_P)
     mask_p = offs_p < B * Ho * Wo
     b, y0, x0 = _src_coords(offs_p, Ho, Wo, SH, SW, PH, PW)
-    offs_n = tl.arange(0, BLOCK_N)
-    offs_h = pid_h * BLOCK_H + tl.arange(0, BLOCK_H)
-    offs_d = tl.arange(0, BLOCK_D)
-    mask_h = offs_h < HEADS
-    nh_mask = (offs_n[:, None] < NQ) & mask_h[None, :]
-    nh_l = offs_n[:, None] * sl_n + offs_h[None, :] * sl_j
-    nh_r = offs_n[:, None] * HEADS + offs_h[None, :]
+    nh_mask, nh_l, nh_r, hd_mask, hd_v, hd_o = _head_blocks(
+        pid_h, NQ, HEADS, D, sl_n, sl_j, sv_j, sv_t, BLOCK_N, BLOCK_H, BLOCK_D)
     NH = NQ * HEADS
-    hd_mask = mask_h[:, None] & (offs_d[None, :] < D)
     pnh_mask = mask_p[:, None, None] & nh_mask[None, :, :]
 
-    g = tl.load(G + offs_p[:, None, None] * (HEADS * D) + (offs_h[:, None] * D + offs_d[None, :])[None, :, :],
+    g = tl.load(G + offs_p[:, None, None] * (HEADS * D) + hd_o[None, :, :],
                 mask=mask_p[:, None, None] & hd_mask[None, :, :], other=0.0).to(tl.float32)
     lse = tl.load(LSE + offs_p[:, None, None] * NH + nh_r[None, :, :], mask=pnh_mask, other=0.0)
     lse = tl.where(lse == float("-inf"), 0.0, lse)
-    hd_v = offs_h[:, None] * sv_j + offs_d[None, :] * sv_t
     delta = tl.zeros((BLOCK_P, BLOCK_N, BLOCK_H), tl.float32)
     for u in range(KH):
         y = y0 + u
@@ -63,9 +56,7 @@ def qna_bwd_delta_kernel(
             p = tl.exp(_load_z(L, R, o, b, y, x, valid, nh_l, nh_r, nh_mask, NH, sl_b, sl_y, sl_x) - lse)
             if HAS_SCALE:
                 p = p * tl.load(A + o * NH + nh_r, mask=nh_mask, other=0.0)[None, :, :]
-            vbase = b * sv_b + y * sv_y + x * sv_x
-            v = tl.load(V + vbase[:, None, None] + hd_v[None, :, :],
-                        mask=valid[:, None, None] & hd_mask[None, :, :], other=0.0).to(tl.float32)
+            v = _load_v(V, b, y, x, valid, hd_v, hd_mask, sv_b, sv_y, sv_x)
             t = tl.sum(g * v, axis=2)  # [P, H]
             delta += p * t[:, None, :]
     tl.store(DELTA + offs_p[:, None, None] * NH + nh_r[None, :, :], delta, mask=pnh_mask)
@@ -85,18 +76,10 @@ def qna_bwd_kernel(
     pid = tl.program_id(0)
     pid_h = tl.program_id(1)
     num_progs = tl.num_programs(0)
-    offs_n = tl.arange(0, BLOCK_N)
-    offs_h = pid_h * BLOCK_H + tl.arange(0, BLOCK_H)
-    offs_d = tl.arange(0, BLOCK_D)
-    mask_h = offs_h < HEADS
-    nh_mask = (offs_n[:, None] < NQ) & mask_h[None, :]
-    nh_l = offs_n[:, None] * sl_n + offs_h[None, :] * sl_j
-    nh_r = offs_n[:, None] * HEADS + offs_h[None, :]
+    nh_mask, nh_l, nh_r, hd_mask, hd_v, hd_g = _head_blocks(
+        pid_h, NQ, HEADS, D, sl_n, sl_j, sv_j, sv_t, BLOCK_N, BLOCK_H, BLOCK_D)
     NH = NQ * HEADS
     K = KH * KW
-    hd_mask = mask_h[:, None] & (offs_d[None, :] < D)
-    hd_v = offs_h[:, None] * sv_j + offs_d[None, :] * sv_t
-    hd_g = offs_h[:, None] * D + offs_d[None, :]
     part_row = pid.to(tl.int64) * K * NH
 
     for it in range(TILES_PER_PROGRAM):
@@ -110,9 +93,7 @@ def qna_bwd_kernel(
         lbase = b * sl_b + y * sl_y + x * sl_x
         l_p = tl.load(L + lbase[:, None, None] + nh_l[None, :, :],
                       mask=mask_p[:, None, None] & nh_mask[None, :, :], other=0.0).to(tl.float32)
-        vbase = b * sv_b + y * sv_y + x * sv_x
-        pv_mask = mask_p[:, None, None] & hd_mask[None, :, :]
-        v_p = tl.load(V + vbase[:, None, None] + hd_v[None, :, :], mask=pv_mask, other=0.0).to(tl.float32)
+        v_p = _load_v(V, b, y, x, mask_p, hd_v, hd_mask, sv_b, sv_y, sv_x)
         dl = tl.zeros((BLOCK_P, BLOCK_N, BLOCK_H), tl.float32)
         dv = tl.zeros((BLOCK_P, BLOCK_H, BLOCK_D), tl.float32)
         for u in range(KH):
@@ -152,4 +133,4 @@ def qna_bwd_kernel(
         tl.store(DL + offs_p[:, None, None] * DL_PIX_STRIDE + nh_r[None, :, :], dl.to(DL.dtype.element_ty),
                  mask=mask_p[:, None, None] & nh_mask[None, :, :])
         tl.store(DV + offs_p[:, None, None] * DV_PIX_STRIDE + hd_g[None, :, :], dv.to(DV.dtype.element_ty),
-                 mask=pv_mask)
+                 mask=mask_p[:, None, None] & hd_mask[None, :, :])

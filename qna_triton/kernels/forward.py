@@ -36,6 +36,34 @@ def _load_z(L, R, o, b, y, x, valid, nh_l, nh_r, nh_mask, NH, sl_b, sl_y, sl_x):
 
 
 @triton.jit
+def _head_blocks(pid_h, NQ, HEADS, D, sl_n, sl_j, sv_j, sv_t,
+                 BLOCK_N: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_D: tl.constexpr):
+    """Index blocks of one program's heads: ``[N, H]`` over (query, head) and ``[H, D]`` over (head, dim).
+
+    Returns the masks and the offsets into the logits (strided), the ``[K, N, h]`` tables and ``lse``
+    (contiguous), the values (strided) and the output and its gradient (contiguous)."""
+    offs_n = tl.arange(0, BLOCK_N)
+    offs_h = pid_h * BLOCK_H + tl.arange(0, BLOCK_H)
+    offs_d = tl.arange(0, BLOCK_D)
+    mask_h = offs_h < HEADS
+    nh_mask = (offs_n[:, None] < NQ) & mask_h[None, :]
+    nh_l = offs_n[:, None] * sl_n + offs_h[None, :] * sl_j
+    nh_r = offs_n[:, None] * HEADS + offs_h[None, :]
+    hd_mask = mask_h[:, None] & (offs_d[None, :] < D)
+    hd_v = offs_h[:, None] * sv_j + offs_d[None, :] * sv_t
+    hd_o = offs_h[:, None] * D + offs_d[None, :]
+    return nh_mask, nh_l, nh_r, hd_mask, hd_v, hd_o
+
+
+@triton.jit
+def _load_v(V, b, y, x, valid, hd_v, hd_mask, sv_b, sv_y, sv_x):
+    """values[b, y, x, heads, :] as ``[P, H, D]`` float32; 0 where the source is masked."""
+    base = b * sv_b + y * sv_y + x * sv_x
+    v = tl.load(V + base[:, None, None] + hd_v[None, :, :], mask=valid[:, None, None] & hd_mask[None, :, :], other=0.0)
+    return v.to(tl.float32)
+
+
+@triton.jit
 def qna_fwd_kernel(
     L, V, R, A, O, LSE,
     B, H, W, Ho, Wo, NQ, HEADS, D,
@@ -51,13 +79,8 @@ def qna_fwd_kernel(
     offs_p = pid_p.to(tl.int64) * BLOCK_P + tl.arange(0, BLOCK_P)
     mask_p = offs_p < B * Ho * Wo
     b, y0, x0 = _src_coords(offs_p, Ho, Wo, SH, SW, PH, PW)
-    offs_n = tl.arange(0, BLOCK_N)
-    offs_h = pid_h * BLOCK_H + tl.arange(0, BLOCK_H)
-    offs_d = tl.arange(0, BLOCK_D)
-    mask_h = offs_h < HEADS
-    nh_mask = (offs_n[:, None] < NQ) & mask_h[None, :]
-    nh_l = offs_n[:, None] * sl_n + offs_h[None, :] * sl_j
-    nh_r = offs_n[:, None] * HEADS + offs_h[None, :]
+    nh_mask, nh_l, nh_r, hd_mask, hd_v, hd_o = _head_blocks(
+        pid_h, NQ, HEADS, D, sl_n, sl_j, sv_j, sv_t, BLOCK_N, BLOCK_H, BLOCK_D)
     NH = NQ * HEADS
 
     # pass 1: maximum over the window
@@ -86,8 +109,6 @@ def qna_fwd_kernel(
     lse_shift = tl.where(s > 0, lse, 0.0)
 
     # pass 3: values weighted by the query-summed, scaled probabilities
-    hd_mask = mask_h[:, None] & (offs_d[None, :] < D)
-    hd_v = offs_h[:, None] * sv_j + offs_d[None, :] * sv_t
     acc = tl.zeros((BLOCK_P, BLOCK_H, BLOCK_D), tl.float32)
     for u in range(KH):
         y = y0 + u
@@ -100,12 +121,9 @@ def qna_fwd_kernel(
             if HAS_SCALE:
                 p = p * tl.load(A + o * NH + nh_r, mask=nh_mask, other=0.0)[None, :, :]
             wgt = tl.sum(p, axis=1)  # [P, H]
-            vbase = b * sv_b + y * sv_y + x * sv_x
-            v = tl.load(V + vbase[:, None, None] + hd_v[None, :, :],
-                        mask=valid[:, None, None] & hd_mask[None, :, :], other=0.0)
-            acc += wgt[:, :, None] * v.to(tl.float32)
+            acc += wgt[:, :, None] * _load_v(V, b, y, x, valid, hd_v, hd_mask, sv_b, sv_y, sv_x)
 
-    o_ptr = O + offs_p[:, None, None] * (HEADS * D) + (offs_h[:, None] * D + offs_d[None, :])[None, :, :]
+    o_ptr = O + offs_p[:, None, None] * (HEADS * D) + hd_o[None, :, :]
     tl.store(o_ptr, acc.to(O.dtype.element_ty), mask=mask_p[:, None, None] & hd_mask[None, :, :])
     lse_ptr = LSE + offs_p[:, None, None] * NH + nh_r[None, :, :]
     tl.store(lse_ptr, lse, mask=mask_p[:, None, None] & nh_mask[None, :, :])
