@@ -126,13 +126,18 @@ def attention_backward(
     return _backward_impl(grad_out, logits, values, rpb, scale, lse, kernel_size, stride, padding, False)
 
 
+def _grad_fake(t):
+    """The real op returns contiguous gradients, whatever the input's strides."""
+    return torch.empty_like(t, memory_format=torch.contiguous_format)
+
+
 def _scale_grad_fake(rpb, scale):
-    return rpb.new_empty((0,)) if scale is None else torch.empty_like(scale)
+    return rpb.new_empty((0,)) if scale is None else _grad_fake(scale)
 
 
 @attention_backward.register_fake
 def _attention_backward_fake(grad_out, logits, values, rpb, scale, lse, kernel_size, stride, padding):
-    return torch.empty_like(logits), torch.empty_like(values), torch.empty_like(rpb), _scale_grad_fake(rpb, scale)
+    return _grad_fake(logits), _grad_fake(values), _grad_fake(rpb), _scale_grad_fake(rpb, scale)
 
 
 def _setup_context(ctx, inputs, output):
@@ -188,8 +193,7 @@ def attention_packed_backward(
 
 @attention_packed_backward.register_fake
 def _attention_packed_backward_fake(grad_out, qv, rpb, scale, lse, kernel_size, stride, padding):
-    return torch.empty_like(qv, memory_format=torch.contiguous_format), torch.empty_like(rpb), \
-        _scale_grad_fake(rpb, scale)
+    return _grad_fake(qv), _grad_fake(rpb), _scale_grad_fake(rpb, scale)
 
 
 def _packed_backward(ctx, grad_out, _grad_lse):

@@ -42,6 +42,38 @@ def test_opcheck_packed(backend, monkeypatch):
                            *geometry))
 
 
+def _permuted_inputs(B=2, H=5, W=6, N=2, h=3, d=4):
+    """Dense but not contiguous logits/values (channels-first storage viewed channels-last)."""
+    logits = torch.randn(B, N, h, H, W, device=DEVICE).permute(0, 3, 4, 1, 2)
+    values = torch.randn(B, h, d, H, W, device=DEVICE).permute(0, 3, 4, 1, 2)
+    return logits, values, torch.randn(9, N, h, device=DEVICE)
+
+
+def test_backward_fake_matches_real_strides_for_permuted_inputs(monkeypatch):
+    monkeypatch.setenv("QNA_TRITON_BACKEND", "reference")
+    logits, values, rpb = _permuted_inputs()
+    out, lse = torch.ops.qna.attention(logits, values, rpb, None, [3, 3], [1, 1], [1, 1])
+    torch.library.opcheck(torch.ops.qna.attention_backward.default,
+                          (torch.randn_like(out), logits, values, rpb, None, lse, [3, 3], [1, 1], [1, 1]))
+
+
+def test_compile_backward_with_permuted_inputs(monkeypatch):
+    monkeypatch.setenv("QNA_TRITON_BACKEND", "reference")
+    torch._dynamo.reset()
+    from qna_triton import qna_attention
+
+    def f(l5, v5, rpb):
+        out = qna_attention((l5 * 2).permute(0, 3, 4, 1, 2), (v5 * 1).permute(0, 3, 4, 1, 2), rpb, None, 3)
+        return out.square().sum()
+
+    logits, values, rpb = _permuted_inputs()
+    args = [t.permute(0, 3, 4, 1, 2).detach().requires_grad_() for t in (logits, values)] + [rpb.requires_grad_()]
+    expected = torch.autograd.grad(f(*args), args)
+    got = torch.autograd.grad(torch.compile(f, fullgraph=True)(*args), args)
+    for a, b in zip(got, expected):
+        torch.testing.assert_close(a, b)
+
+
 class Stack(torch.nn.Module):
     """Two QnA blocks (the second down-sampling) with norms and residuals, as in QnA-ViT."""
 

@@ -3,6 +3,7 @@ all accumulated in float32)."""
 
 from __future__ import annotations
 
+import contextlib
 from typing import Optional, Tuple
 
 import torch
@@ -38,6 +39,11 @@ def _common_args(logits, values, B, H, W, Ho, Wo, N, h, d, ks, st, pd):
     )
 
 
+def _on_device(t: torch.Tensor):
+    """Triton launches on the current CUDA device: make it the tensors' device."""
+    return torch.cuda.device(t.device) if t.is_cuda else contextlib.nullcontext()
+
+
 def _blocks(cfg: KernelConfig, N: int, d: int) -> dict:
     return dict(
         BLOCK_P=cfg.block_p, BLOCK_N=triton.next_power_of_2(N), BLOCK_H=cfg.block_h,
@@ -62,11 +68,12 @@ def qna_forward(
     lse = torch.empty((B, Ho, Wo, N, h), device=logits.device, dtype=torch.float32)
     r, a = _table(rpb), _table(scale)
     grid = (triton.cdiv(B * Ho * Wo, cfg.block_p), triton.cdiv(h, cfg.block_h))
-    qna_fwd_kernel[grid](
-        logits, values, r, a if a is not None else r, out, lse,
-        *_common_args(logits, values, B, H, W, Ho, Wo, N, h, d, ks, st, pd),
-        HAS_SCALE=a is not None, **_blocks(cfg, N, d),
-    )
+    with _on_device(logits):
+        qna_fwd_kernel[grid](
+            logits, values, r, a if a is not None else r, out, lse,
+            *_common_args(logits, values, B, H, W, Ho, Wo, N, h, d, ks, st, pd),
+            HAS_SCALE=a is not None, **_blocks(cfg, N, d),
+        )
     return out, lse
 
 
@@ -105,10 +112,11 @@ def qna_backward(
     dcfg = delta_config or get_config("bwd_delta", logits, values, ks, st, pd)
     delta = torch.empty((B, Ho, Wo, N, h), device=logits.device, dtype=torch.float32)
     grid = (triton.cdiv(B * Ho * Wo, dcfg.block_p), triton.cdiv(h, dcfg.block_h))
-    qna_bwd_delta_kernel[grid](
-        logits, values, r, a if a is not None else r, g, lse, delta, *common,
-        HAS_SCALE=a is not None, **_blocks(dcfg, N, d),
-    )
+    with _on_device(logits):
+        qna_bwd_delta_kernel[grid](
+            logits, values, r, a if a is not None else r, g, lse, delta, *common,
+            HAS_SCALE=a is not None, **_blocks(dcfg, N, d),
+        )
 
     cfg = config or get_config("bwd", logits, values, ks, st, pd)
     K = ks[0] * ks[1]
@@ -122,11 +130,12 @@ def qna_backward(
         dv = torch.empty((B, H, W, h * d), device=values.device, dtype=values.dtype)
     dr_part = torch.zeros((progs, K, N, h), device=logits.device, dtype=torch.float32)
     da_part = torch.zeros_like(dr_part) if a is not None else dr_part
-    qna_bwd_kernel[(progs, triton.cdiv(h, cfg.block_h))](
-        logits, values, r, a if a is not None else r, g, lse, delta, dl, dv, dr_part, da_part,
-        *common, num_tiles, triton.cdiv(num_tiles, progs), dl.stride(2), dv.stride(2),
-        HAS_SCALE=a is not None, **_blocks(cfg, N, d),
-    )
+    with _on_device(logits):
+        qna_bwd_kernel[(progs, triton.cdiv(h, cfg.block_h))](
+            logits, values, r, a if a is not None else r, g, lse, delta, dl, dv, dr_part, da_part,
+            *common, num_tiles, triton.cdiv(num_tiles, progs), dl.stride(2), dv.stride(2),
+            HAS_SCALE=a is not None, **_blocks(cfg, N, d),
+        )
     drpb = dr_part.sum(0).to(rpb.dtype)
     dscale = da_part.sum(0).to(scale.dtype) if a is not None else None
     if packed_grad:

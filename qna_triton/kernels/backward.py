@@ -9,8 +9,9 @@ With ``P[n,i,o] = exp(l[src(i,o)] + r[o,n] - lse[n,i])`` (recomputed from the sa
   ``i = (p + pad - o) / s`` that reads p through o (when it is an integer inside the output), so
   ``dl[p] = sum_o P (a t - D)`` and ``dv[p] = sum_o (sum_n a P) g[i]`` are plain sums owned by one
   program. ``dr`` and ``da`` are sums over all pixels: each program accumulates its own row of a
-  ``[programs, k_h*k_w, N, h]`` buffer (only that program touches the row, always from the same
-  thread, so the order of additions is fixed), reduced afterwards by one deterministic ``sum``.
+  ``[programs, k_h*k_w, N, h]`` buffer (the programs of one row own disjoint head columns of it, and
+  an element is always added to by the same thread, so the order of additions is fixed), reduced
+  afterwards by one deterministic ``sum``.
 """
 
 from __future__ import annotations
@@ -110,6 +111,8 @@ def qna_bwd_kernel(
                 ivalid = valid[:, None, None] & nh_mask[None, :, :]
                 # +inf for masked lanes: P = exp(z - inf) = 0 there, with no overflow on the way
                 lse = tl.load(LSE + i[:, None, None] * NH + nh_r[None, :, :], mask=ivalid, other=float("inf"))
+                # a window whose every offset is masked by -inf logits or bias has lse = -inf and P = 0
+                lse = tl.where(lse == float("-inf"), float("inf"), lse)
                 delta = tl.load(DELTA + i[:, None, None] * NH + nh_r[None, :, :], mask=ivalid, other=0.0)
                 r = tl.load(R + o * NH + nh_r, mask=nh_mask, other=0.0)
                 p = tl.exp(l_p + r[None, :, :] - lse)
@@ -124,7 +127,7 @@ def qna_bwd_kernel(
                 dz = ap * t - p * delta
                 dl += dz
                 dv += tl.sum(ap, axis=1)[:, :, None] * g
-                # the row is private to this program: relaxed ordering suffices (no fences)
+                # these columns of the row belong to this program alone: relaxed ordering suffices
                 part = part_row + o * NH + nh_r
                 tl.atomic_add(DR_PART + part, tl.sum(dz, axis=0), mask=nh_mask, sem="relaxed")
                 if HAS_SCALE:

@@ -47,10 +47,11 @@ def _head_blocks(pid_h, NQ, HEADS, D, sl_n, sl_j, sv_j, sv_t,
     offs_d = tl.arange(0, BLOCK_D)
     mask_h = offs_h < HEADS
     nh_mask = (offs_n[:, None] < NQ) & mask_h[None, :]
-    nh_l = offs_n[:, None] * sl_n + offs_h[None, :] * sl_j
+    # 64-bit: a strided input (e.g. head-major) can put a head or query beyond 2^31 elements
+    nh_l = offs_n.to(tl.int64)[:, None] * sl_n + offs_h.to(tl.int64)[None, :] * sl_j
     nh_r = offs_n[:, None] * HEADS + offs_h[None, :]
     hd_mask = mask_h[:, None] & (offs_d[None, :] < D)
-    hd_v = offs_h[:, None] * sv_j + offs_d[None, :] * sv_t
+    hd_v = offs_h.to(tl.int64)[:, None] * sv_j + offs_d.to(tl.int64)[None, :] * sv_t
     hd_o = offs_h[:, None] * D + offs_d[None, :]
     return nh_mask, nh_l, nh_r, hd_mask, hd_v, hd_o
 
