@@ -44,10 +44,21 @@ def _on_device(t: torch.Tensor):
     return torch.cuda.device(t.device) if t.is_cuda else contextlib.nullcontext()
 
 
-def _blocks(cfg: KernelConfig, N: int, d: int) -> dict:
+def _wide_offsets(logits: torch.Tensor, values: torch.Tensor) -> bool:
+    """Whether a query/head/dim offset times its stride can pass 2^31 (e.g. a head-major input over
+    2^31 elements): then those offsets are computed in 64 bits, at some cost in registers. Bounded
+    with twice the sizes, since the padded lanes of a block compute (masked) addresses too."""
+    _, _, _, N, h = logits.shape
+    d = values.shape[-1]
+    span_l = 2 * N * abs(logits.stride(3)) + 2 * h * abs(logits.stride(4))
+    span_v = 2 * h * abs(values.stride(3)) + 2 * d * abs(values.stride(4))
+    return max(span_l, span_v) >= 2**31
+
+
+def _blocks(cfg: KernelConfig, N: int, d: int, wide: bool) -> dict:
     return dict(
         BLOCK_P=cfg.block_p, BLOCK_N=triton.next_power_of_2(N), BLOCK_H=cfg.block_h,
-        BLOCK_D=triton.next_power_of_2(d), num_warps=cfg.num_warps, num_stages=cfg.num_stages,
+        BLOCK_D=triton.next_power_of_2(d), WIDE=wide, num_warps=cfg.num_warps, num_stages=cfg.num_stages,
     )
 
 
@@ -64,6 +75,7 @@ def qna_forward(
     """Fused forward: ``(out [B,Ho,Wo,h,d] in the values' dtype, lse [B,Ho,Wo,N,h] float32)``."""
     B, H, W, N, h, d, Ho, Wo = _problem(logits, values, ks, st, pd)
     cfg = config or get_config("fwd", logits, values, ks, st, pd)
+    wide = _wide_offsets(logits, values)
     out = torch.empty((B, Ho, Wo, h, d), device=values.device, dtype=values.dtype)
     lse = torch.empty((B, Ho, Wo, N, h), device=logits.device, dtype=torch.float32)
     r, a = _table(rpb), _table(scale)
@@ -72,7 +84,7 @@ def qna_forward(
         qna_fwd_kernel[grid](
             logits, values, r, a if a is not None else r, out, lse,
             *_common_args(logits, values, B, H, W, Ho, Wo, N, h, d, ks, st, pd),
-            HAS_SCALE=a is not None, **_blocks(cfg, N, d),
+            HAS_SCALE=a is not None, **_blocks(cfg, N, d, wide),
         )
     return out, lse
 
@@ -108,6 +120,7 @@ def qna_backward(
     lse = lse.contiguous()
     r, a = _table(rpb), _table(scale)
     common = _common_args(logits, values, B, H, W, Ho, Wo, N, h, d, ks, st, pd)
+    wide = _wide_offsets(logits, values)
 
     dcfg = delta_config or get_config("bwd_delta", logits, values, ks, st, pd)
     delta = torch.empty((B, Ho, Wo, N, h), device=logits.device, dtype=torch.float32)
@@ -115,7 +128,7 @@ def qna_backward(
     with _on_device(logits):
         qna_bwd_delta_kernel[grid](
             logits, values, r, a if a is not None else r, g, lse, delta, *common,
-            HAS_SCALE=a is not None, **_blocks(dcfg, N, d),
+            HAS_SCALE=a is not None, **_blocks(dcfg, N, d, wide),
         )
 
     cfg = config or get_config("bwd", logits, values, ks, st, pd)
@@ -134,7 +147,7 @@ def qna_backward(
         qna_bwd_kernel[(progs, triton.cdiv(h, cfg.block_h))](
             logits, values, r, a if a is not None else r, g, lse, delta, dl, dv, dr_part, da_part,
             *common, num_tiles, triton.cdiv(num_tiles, progs), dl.stride(2), dv.stride(2),
-            HAS_SCALE=a is not None, **_blocks(cfg, N, d),
+            HAS_SCALE=a is not None, **_blocks(cfg, N, d, wide),
         )
     drpb = dr_part.sum(0).to(rpb.dtype)
     dscale = da_part.sum(0).to(scale.dtype) if a is not None else None

@@ -59,11 +59,12 @@ def compile_kernel(
     head_dim: int,
     has_scale: bool = True,
     arch: int = 90,
+    wide: bool = False,
 ) -> CompileReport:
     """Compiles ``kernel`` for ``sm_<arch>`` and returns its resource usage (raises on compile errors)."""
     fn = KERNEL_FNS[kernel]
     consts = dict(
-        HAS_SCALE=has_scale, BLOCK_P=config.block_p, BLOCK_N=triton.next_power_of_2(n_queries),
+        HAS_SCALE=has_scale, WIDE=wide, BLOCK_P=config.block_p, BLOCK_N=triton.next_power_of_2(n_queries),
         BLOCK_H=config.block_h, BLOCK_D=triton.next_power_of_2(head_dim),
     )
     signature: Dict[str, str] = {}
@@ -101,7 +102,7 @@ HEAD_SHAPES = ((16, 8), (8, 12), (8, 16), (4, 32), (2, 64), (1, 128))
 
 def default_plan(archs: Sequence[int]) -> List[dict]:
     """The heuristic configuration of every kernel for the head shapes we support, per architecture,
-    plus the query-count / scale / float16 variants."""
+    plus the query-count / scale / float16 variants and the 64-bit-offset variant."""
     plan = []
     for arch in archs:
         for h, d in HEAD_SHAPES:
@@ -112,6 +113,8 @@ def default_plan(archs: Sequence[int]) -> List[dict]:
             for n, scale in ((1, False), (8, True)):
                 plan.append(dict(kernel=kernel, dtype="fp16", heads=4, head_dim=8, n_queries=n,
                                  has_scale=scale, arch=arch))
+            plan.append(dict(kernel=kernel, dtype="bf16", heads=4, head_dim=8, n_queries=2,
+                             has_scale=True, arch=arch, wide=True))
     return plan
 
 
@@ -120,7 +123,7 @@ def _run(entry: dict) -> dict:
     cfg = heuristic_config(entry["kernel"], entry["heads"], entry["head_dim"])
     try:
         rep = compile_kernel(entry["kernel"], dtype, cfg, entry["n_queries"], entry["head_dim"],
-                             entry["has_scale"], entry["arch"])
+                             entry["has_scale"], entry["arch"], entry.get("wide", False))
         return dict(entry, config=cfg.as_dict(), ok=True, **asdict(rep))
     except Exception as exc:  # reported, not hidden: the caller fails on ok=False
         return dict(entry, config=cfg.as_dict(), ok=False, error=f"{type(exc).__name__}: {exc}")

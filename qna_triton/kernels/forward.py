@@ -37,7 +37,7 @@ def _load_z(L, R, o, b, y, x, valid, nh_l, nh_r, nh_mask, NH, sl_b, sl_y, sl_x):
 
 @triton.jit
 def _head_blocks(pid_h, NQ, HEADS, D, sl_n, sl_j, sv_j, sv_t,
-                 BLOCK_N: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_D: tl.constexpr):
+                 BLOCK_N: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_D: tl.constexpr, WIDE: tl.constexpr):
     """Index blocks of one program's heads: ``[N, H]`` over (query, head) and ``[H, D]`` over (head, dim).
 
     Returns the masks and the offsets into the logits (strided), the ``[K, N, h]`` tables and ``lse``
@@ -47,11 +47,14 @@ def _head_blocks(pid_h, NQ, HEADS, D, sl_n, sl_j, sv_j, sv_t,
     offs_d = tl.arange(0, BLOCK_D)
     mask_h = offs_h < HEADS
     nh_mask = (offs_n[:, None] < NQ) & mask_h[None, :]
-    # 64-bit: a strided input (e.g. head-major) can put a head or query beyond 2^31 elements
-    nh_l = offs_n.to(tl.int64)[:, None] * sl_n + offs_h.to(tl.int64)[None, :] * sl_j
     nh_r = offs_n[:, None] * HEADS + offs_h[None, :]
     hd_mask = mask_h[:, None] & (offs_d[None, :] < D)
-    hd_v = offs_h.to(tl.int64)[:, None] * sv_j + offs_d.to(tl.int64)[None, :] * sv_t
+    if WIDE:  # a strided input (e.g. head-major) puts a head or query beyond 2^31 elements
+        offs_n = offs_n.to(tl.int64)
+        offs_h = offs_h.to(tl.int64)
+        offs_d = offs_d.to(tl.int64)
+    nh_l = offs_n[:, None] * sl_n + offs_h[None, :] * sl_j
+    hd_v = offs_h[:, None] * sv_j + offs_d[None, :] * sv_t
     hd_o = offs_h[:, None] * D + offs_d[None, :]
     return nh_mask, nh_l, nh_r, hd_mask, hd_v, hd_o
 
@@ -71,7 +74,7 @@ def qna_fwd_kernel(
     sl_b, sl_y, sl_x, sl_n, sl_j,
     sv_b, sv_y, sv_x, sv_j, sv_t,
     KH, KW, SH, SW, PH, PW,
-    HAS_SCALE: tl.constexpr,
+    HAS_SCALE: tl.constexpr, WIDE: tl.constexpr,
     BLOCK_P: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_D: tl.constexpr,
 ):
     pid_p = tl.program_id(0)
@@ -81,7 +84,7 @@ def qna_fwd_kernel(
     mask_p = offs_p < B * Ho * Wo
     b, y0, x0 = _src_coords(offs_p, Ho, Wo, SH, SW, PH, PW)
     nh_mask, nh_l, nh_r, hd_mask, hd_v, hd_o = _head_blocks(
-        pid_h, NQ, HEADS, D, sl_n, sl_j, sv_j, sv_t, BLOCK_N, BLOCK_H, BLOCK_D)
+        pid_h, NQ, HEADS, D, sl_n, sl_j, sv_j, sv_t, BLOCK_N, BLOCK_H, BLOCK_D, WIDE)
     NH = NQ * HEADS
 
     # pass 1: maximum over the window
