@@ -34,6 +34,9 @@ case "$part" in
   core1|core2|layer|model|sweeps)
     OUT="$OUT" bash benchmarks/gpu_session.sh "$part" ;;
   train)
-    OUT="$OUT/train" timeout 560 bash examples/gpu_session.sh ;;
+    # checkpoints stay on the machine: only logs and summaries come back (the device returns 8 files)
+    work=/tmp/qna_gpu_train
+    OUT="$work" timeout 560 bash examples/gpu_session.sh 2>&1 | tail -200 > "$OUT/train.log"
+    tar -czf "$OUT/train_results.tar.gz" -C "$work" --exclude='*.pth' --exclude='*.pt' . ;;
   *) echo "usage: $0 tests|autotune|core1|core2|layer|model|sweeps|train" >&2; exit 2 ;;
 esac
