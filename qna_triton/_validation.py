@@ -7,6 +7,8 @@ from typing import Optional, Sequence, Tuple, Union
 
 import torch
 
+from .reference import output_size
+
 IntOrPair = Union[int, Sequence[int]]
 FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 
@@ -38,7 +40,7 @@ def check_window(
             raise ValueError(
                 f"kernel_size {k} is larger than the padded image {axis} {n} + 2*{p} = {n + 2 * p}"
             )
-        out.append((n + 2 * p - k) // s + 1)
+        out.append(output_size(n, k, s, p))
     return out[0], out[1]
 
 

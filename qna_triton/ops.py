@@ -44,10 +44,6 @@ def resolve_backend(device: torch.device, dtype: torch.dtype = torch.float32) ->
     return choice
 
 
-def _lse_dtype(dtype: torch.dtype) -> torch.dtype:
-    return torch.float64 if dtype == torch.float64 else torch.float32
-
-
 def _forward_impl(logits, values, rpb, scale, kernel_size, stride, padding):
     ks, st, pd = tuple(kernel_size), tuple(stride), tuple(padding)
     if resolve_backend(logits.device, logits.dtype) == "triton":
@@ -55,7 +51,7 @@ def _forward_impl(logits, values, rpb, scale, kernel_size, stride, padding):
 
         return qna_forward(logits, values, rpb, scale, ks, st, pd)
     out, lse = reference.paper_qna_attention(logits, values, rpb, scale, ks, st, pd)
-    return out.contiguous(), lse.to(_lse_dtype(logits.dtype)).contiguous()
+    return out.contiguous(), lse.contiguous()
 
 
 def _backward_impl(grad_out, logits, values, rpb, scale, lse, kernel_size, stride, padding, packed):
@@ -103,10 +99,10 @@ def attention(
 def _attention_fake(logits, values, rpb, scale, kernel_size, stride, padding):
     resolve_backend(logits.device, logits.dtype)  # a bad QNA_TRITON_BACKEND fails at trace time too
     B, H, W, N, h = logits.shape
-    Ho = (H + 2 * padding[0] - kernel_size[0]) // stride[0] + 1
-    Wo = (W + 2 * padding[1] - kernel_size[1]) // stride[1] + 1
+    Ho = reference.output_size(H, kernel_size[0], stride[0], padding[0])
+    Wo = reference.output_size(W, kernel_size[1], stride[1], padding[1])
     out = values.new_empty((B, Ho, Wo, h, values.shape[-1]))
-    lse = logits.new_empty((B, Ho, Wo, N, h), dtype=_lse_dtype(logits.dtype))
+    lse = logits.new_empty((B, Ho, Wo, N, h), dtype=reference.compute_dtype(logits.dtype))
     return out, lse
 
 

@@ -36,6 +36,7 @@ __all__ = [
     "direct_qna_attention",
     "direct_qna_attention_backward",
     "output_size",
+    "compute_dtype",
 ]
 
 
@@ -44,7 +45,8 @@ def output_size(size: int, k: int, s: int, p: int) -> int:
     return (size + 2 * p - k) // s + 1
 
 
-def _compute_dtype(dtype: torch.dtype) -> torch.dtype:
+def compute_dtype(dtype: torch.dtype) -> torch.dtype:
+    """Accumulation dtype of the references, and the dtype of their ``lse``: float64 stays float64."""
     return torch.float64 if dtype == torch.float64 else torch.float32
 
 
@@ -120,7 +122,7 @@ def direct_qna_attention(
     (kh, kw), (sh, sw), (ph, pw) = kernel_size, stride, padding
     B, H, W, N, h = logits.shape
     Ho, Wo = output_size(H, kh, sh, ph), output_size(W, kw, sw, pw)
-    cdt = _compute_dtype(logits.dtype)
+    cdt = compute_dtype(logits.dtype)
     lp = _pad_hw(logits.to(cdt), ph, pw, -math.inf)
     vp = _pad_hw(values.to(cdt), ph, pw, 0.0)
     r = rpb.to(cdt)
@@ -162,7 +164,7 @@ def direct_qna_attention_backward(
     (kh, kw), (sh, sw), (ph, pw) = kernel_size, stride, padding
     B, H, W, N, h = logits.shape
     Ho, Wo = lse.shape[1], lse.shape[2]
-    cdt = _compute_dtype(logits.dtype)
+    cdt = compute_dtype(logits.dtype)
     lp = _pad_hw(logits.to(cdt), ph, pw, -math.inf)
     vp = _pad_hw(values.to(cdt), ph, pw, 0.0)
     g = grad_out.to(cdt)
@@ -237,7 +239,7 @@ def paper_qna_attention(
     (kh, kw), (sh, sw), (ph, pw) = kernel_size, stride, padding
     B, H, W, N, h = logits.shape
     d = values.shape[-1]
-    cdt = _compute_dtype(logits.dtype)
+    cdt = compute_dtype(logits.dtype)
     l = logits.to(cdt).reshape(B, H, W, N * h)
     v = values.to(cdt)
     r = rpb.to(cdt).reshape(kh * kw, N * h)

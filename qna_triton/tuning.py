@@ -52,6 +52,8 @@ from typing import Any, Dict, List, Mapping, Optional, Sequence, Tuple
 import torch
 import triton
 
+from .reference import output_size
+
 __all__ = [
     "KernelConfig", "heuristic_config", "get_config", "KERNELS", "EntryKey", "ConfigTable", "ConfigFileError",
     "SCHEMA_VERSION", "DTYPES", "CONFIG_DIR_ENV", "DISABLE_ENV", "SHIPPED_CONFIG_DIR", "sanitize_gpu_name",
@@ -463,8 +465,7 @@ def get_config(
     B, H, W, N = logits.shape[:4]
     if pd is None:
         pd = ((ks[0] - 1) // 2, (ks[1] - 1) // 2)
-    Ho = (H + 2 * pd[0] - ks[0]) // st[0] + 1
-    Wo = (W + 2 * pd[1] - ks[1]) // st[1] + 1
+    Ho, Wo = output_size(H, ks[0], st[0], pd[0]), output_size(W, ks[1], st[1], pd[1])
     index = device.index if device.index is not None else (torch.cuda.current_device() if device.type == "cuda" else 0)
     # straight to the cache with the ints at hand: this runs on every kernel launch
     return _lookup_cached(kernel, _TORCH_DTYPE_NAMES.get(logits.dtype, ""), ks[0], ks[1], st[0], st[1], heads,

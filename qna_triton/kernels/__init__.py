@@ -9,6 +9,7 @@ from typing import Optional, Tuple
 import torch
 import triton
 
+from ..reference import output_size
 from ..tuning import KernelConfig, get_config
 from .backward import qna_bwd_delta_kernel, qna_bwd_kernel
 from .forward import qna_fwd_kernel
@@ -21,8 +22,7 @@ __all__ = ["qna_forward", "qna_backward"]
 def _problem(logits: torch.Tensor, values: torch.Tensor, ks: Pair, st: Pair, pd: Pair):
     B, H, W, N, h = logits.shape
     d = values.shape[-1]
-    Ho = (H + 2 * pd[0] - ks[0]) // st[0] + 1
-    Wo = (W + 2 * pd[1] - ks[1]) // st[1] + 1
+    Ho, Wo = output_size(H, ks[0], st[0], pd[0]), output_size(W, ks[1], st[1], pd[1])
     return B, H, W, N, h, d, Ho, Wo
 
 
