@@ -15,6 +15,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from qna_triton import QnA
+from qna_triton.ops import split_packed
 from qna_triton.reference import output_size, paper_qna_attention
 
 from .runner import Deadline, Unsupported, failure_status
@@ -34,12 +35,12 @@ def paper_forward(self: QnA, x: torch.Tensor) -> torch.Tensor:
     B, H, W, _ = x.shape
     (kh, kw), (sh, sw), (ph, pw) = self.kernel_size, self.stride, self.padding
     Ho, Wo = output_size(H, kh, sh, ph), output_size(W, kw, sw, pw)
-    N, h, d = self.n_queries, self.heads, self.head_dim
+    N, h = self.n_queries, self.heads
     weight, bias = self.fused_projection_weight()
     qv = F.linear(x, weight, bias)
-    logits = qv[..., : N * h].unflatten(-1, (N, h))
-    values = qv[..., N * h:].unflatten(-1, (h, d))
-    out, _ = paper_qna_attention(logits, values, self.rpe_bias.reshape(-1, N, h), self.scale_tensor(),
+    rpb = self.rpe_bias.reshape(-1, N, h)
+    logits, values = split_packed(qv, rpb)
+    out, _ = paper_qna_attention(logits, values, rpb, self.scale_tensor(),
                                  self.kernel_size, self.stride, self.padding, exact_fallback=False)
     return self.to_out(out.reshape(B, Ho, Wo, self.features))
 

@@ -105,13 +105,15 @@ def _randn(shape, opts: Options, g: torch.Generator, dtype: torch.dtype, std: fl
 
 
 def qna_inputs(s: CoreShape, opts: Options, grad: bool = True) -> Callable[[], List[torch.Tensor]]:
-    """Random ``logits, values, rpb, scale`` (rpb and scale float32, as a layer's parameters)."""
+    """Random ``logits, values, rpb, scale`` (rpb and scale float32, as a layer's parameters); the
+    logits query-minor, as the QnA layer's fused projection lays them out."""
     g = _generator(opts)
     K, N, h = s.window * s.window, s.queries, s.heads
 
     def make() -> List[torch.Tensor]:
         return [
-            _randn((s.batch, s.height, s.width, N, h), opts, g, s.dtype, grad=grad),
+            _randn((s.batch, s.height, s.width, h, N), opts, g, s.dtype, grad=False)
+            .transpose(-1, -2).requires_grad_(grad),
             _randn((s.batch, s.height, s.width, h, s.head_dim), opts, g, s.dtype, grad=grad),
             _randn((K, N, h), opts, g, torch.float32, std=0.5, grad=grad),
             _randn((K, N, h), opts, g, torch.float32, std=0.5, grad=grad),

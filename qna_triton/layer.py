@@ -150,20 +150,22 @@ class QnA(nn.Module):
         return None
 
     def fused_projection_weight(self) -> tuple:
-        """``(weight [N*h + C, C_in], bias or None)`` of the one projection giving logits and values.
+        """``(weight [h*N + C, C_in], bias or None)`` of the one projection giving logits and values.
 
-        The queries are folded into ``W_k`` (``C_in x N*h``), so keys are never formed.
+        The queries are folded into ``W_k`` (``C_in x h*N``), so keys are never formed. The logits
+        rows are query-minor (row ``j*N + n``: query ``n`` of head ``j``), the layout
+        :func:`qna_triton.ops.split_packed` reads and the kernels load fastest.
         """
         N, h, d = self.n_queries, self.heads, self.head_dim
         q = self.query.reshape(N, h, d)
         if self.normalize_q:
             q = q / (torch.linalg.vector_norm(q, dim=-1, keepdim=True) + 1e-6)
         q = q / math.sqrt(d)
-        wq = torch.einsum("cjt,njt->njc", self.Wk.reshape(self.in_features, h, d), q)
+        wq = torch.einsum("cjt,njt->jnc", self.Wk.reshape(self.in_features, h, d), q)
         weight = torch.cat([wq.reshape(N * h, self.in_features), self.to_v.weight], dim=0)
         if not self.use_bias:
             return weight, None
-        bq = torch.einsum("jt,njt->nj", self.Wk_b, q).reshape(N * h)
+        bq = torch.einsum("jt,njt->jn", self.Wk_b, q).reshape(N * h)
         return weight, torch.cat([bq, self.to_v.bias])
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -182,7 +184,7 @@ class QnA(nn.Module):
         Ho, Wo = check_window((H, W), self.kernel_size, self.stride, self.padding)
         N, h = self.n_queries, self.heads
         weight, bias = self.fused_projection_weight()
-        qv = F.linear(x, weight, bias)  # [B, H, W, N*h + C]: logits and values in one pass over x
+        qv = F.linear(x, weight, bias)  # [B, H, W, h*N + C]: logits and values in one pass over x
         out, _ = ops.attention_packed(
             qv, self.rpe_bias.reshape(-1, N, h), self.scale_tensor(),
             list(self.kernel_size), list(self.stride), list(self.padding),

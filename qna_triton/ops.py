@@ -51,7 +51,7 @@ def _forward_impl(logits, values, rpb, scale, kernel_size, stride, padding):
 
         return qna_forward(logits, values, rpb, scale, ks, st, pd)
     out, lse = reference.paper_qna_attention(logits, values, rpb, scale, ks, st, pd)
-    return out.contiguous(), lse.contiguous()
+    return out.contiguous(), reference.query_minor(lse)
 
 
 def _backward_impl(grad_out, logits, values, rpb, scale, lse, kernel_size, stride, padding, packed):
@@ -66,18 +66,29 @@ def _backward_impl(grad_out, logits, values, rpb, scale, lse, kernel_size, strid
         dl, dv, dr, da = reference.direct_qna_attention_backward(
             grad_out, logits, values, rpb, scale, lse, ks, st, pd
         )
-        grads = (torch.cat([dl.flatten(-2), dv.flatten(-2)], dim=-1), dr, da) if packed else (dl, dv, dr, da)
+        grads = (torch.cat([dl.transpose(-1, -2).flatten(-2), dv.flatten(-2)], dim=-1), dr, da) if packed \
+            else (dl, dv, dr, da)
     *tensors, da = grads
     if da is None:
         da = rpb.new_empty((0,))
-    return tuple(t.contiguous() for t in (*tensors, da))
+    if not packed:  # dlogits keeps a query-minor input's layout (no copy); everything else is contiguous
+        tensors[0] = _like_logits(tensors[0], logits)
+    return tuple(t if i == 0 and not packed else t.contiguous() for i, t in enumerate((*tensors, da)))
+
+
+def _like_logits(dl: torch.Tensor, logits: torch.Tensor) -> torch.Tensor:
+    return reference.query_minor(dl) if reference.is_query_minor(logits) else dl.contiguous()
 
 
 def split_packed(qv: torch.Tensor, rpb: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
-    """Views of a packed ``[B, H, W, N*h + h*d]`` tensor as logits ``[B,H,W,N,h]`` and values ``[B,H,W,h,d]``."""
+    """Views of a packed ``[B, H, W, h*N + h*d]`` tensor as logits ``[B,H,W,N,h]`` and values ``[B,H,W,h,d]``.
+
+    The logits channels are query-minor (channel ``j*N + n`` is query ``n`` of head ``j``), the
+    order the kernels read fastest (:func:`reference.query_minor`)."""
     _, N, h = rpb.shape
     nh = N * h
-    return qv[..., :nh].unflatten(-1, (N, h)), qv[..., nh:].unflatten(-1, (h, (qv.shape[-1] - nh) // h))
+    return (qv[..., :nh].unflatten(-1, (h, N)).transpose(-1, -2),
+            qv[..., nh:].unflatten(-1, (h, (qv.shape[-1] - nh) // h)))
 
 
 # ---------------------------------------------------------------- logits and values as two tensors
@@ -91,7 +102,8 @@ def attention(
     stride: List[int],
     padding: List[int],
 ) -> Tuple[torch.Tensor, torch.Tensor]:
-    """Core op forward; returns ``(out [B,Ho,Wo,h,d], lse [B,Ho,Wo,N,h])``. Inputs are pre-validated."""
+    """Core op forward; returns ``(out [B,Ho,Wo,h,d], lse [B,Ho,Wo,N,h])`` (``lse`` stored query-minor).
+    Inputs are pre-validated."""
     return _forward_impl(logits, values, rpb, scale, kernel_size, stride, padding)
 
 
@@ -102,7 +114,8 @@ def _attention_fake(logits, values, rpb, scale, kernel_size, stride, padding):
     Ho = reference.output_size(H, kernel_size[0], stride[0], padding[0])
     Wo = reference.output_size(W, kernel_size[1], stride[1], padding[1])
     out = values.new_empty((B, Ho, Wo, h, values.shape[-1]))
-    lse = logits.new_empty((B, Ho, Wo, N, h), dtype=reference.compute_dtype(logits.dtype))
+    lse = reference.empty_query_minor((B, Ho, Wo, N, h), device=logits.device,
+                                      dtype=reference.compute_dtype(logits.dtype))
     return out, lse
 
 
@@ -123,7 +136,8 @@ def attention_backward(
 
 
 def _grad_fake(t):
-    """The real op returns contiguous gradients, whatever the input's strides."""
+    """The real op returns contiguous gradients, whatever the input's strides (but for a query-minor
+    logits input, whose gradient is query-minor too)."""
     return torch.empty_like(t, memory_format=torch.contiguous_format)
 
 
@@ -133,7 +147,9 @@ def _scale_grad_fake(rpb, scale):
 
 @attention_backward.register_fake
 def _attention_backward_fake(grad_out, logits, values, rpb, scale, lse, kernel_size, stride, padding):
-    return _grad_fake(logits), _grad_fake(values), _grad_fake(rpb), _scale_grad_fake(rpb, scale)
+    dl = (reference.empty_query_minor(logits.shape, dtype=logits.dtype, device=logits.device)
+          if reference.is_query_minor(logits) else _grad_fake(logits))
+    return dl, _grad_fake(values), _grad_fake(rpb), _scale_grad_fake(rpb, scale)
 
 
 def _setup_context(ctx, inputs, output):

@@ -50,6 +50,30 @@ def compute_dtype(dtype: torch.dtype) -> torch.dtype:
     return torch.float64 if dtype == torch.float64 else torch.float32
 
 
+def empty_query_minor(shape, **kwargs) -> torch.Tensor:
+    """An uninitialised ``[..., N, h]`` tensor stored query-minor: each pixel holds ``h`` rows of
+    ``N`` queries (the order the kernels keep their statistics and the logits gradient in)."""
+    *lead, N, h = shape
+    return torch.empty((*lead, h, N), **kwargs).transpose(-1, -2)
+
+
+def query_minor(t: torch.Tensor) -> torch.Tensor:
+    """``t`` (``[..., N, h]``) with exactly the strides of :func:`empty_query_minor`; a copy only
+    when it has other strides."""
+    want = empty_query_minor(t.shape, device="meta").stride()
+    if t.stride() == want:
+        return t
+    return empty_query_minor(t.shape, dtype=t.dtype, device=t.device).copy_(t)
+
+
+def is_query_minor(t: torch.Tensor) -> bool:
+    """Whether each pixel's ``[N, h]`` block of ``t`` is stored as ``h`` rows of ``N`` (the layout of
+    the QnA layer's packed logits, which the kernels read fastest). False when ``N`` or ``h`` is 1,
+    where both orders coincide."""
+    N, h = t.shape[-2], t.shape[-1]
+    return N > 1 and h > 1 and t.stride(-2) == 1 and t.stride(-1) == N
+
+
 def naive_qna_attention(
     logits: torch.Tensor,
     values: torch.Tensor,

@@ -62,7 +62,10 @@ def random_cases(n: int, seed: int, max_k: int = 7, head_dims=(1, 3, 8, 12, 16))
     return cases
 
 
-def make_inputs(case: Case, dtype=torch.float64, device="cpu", seed: int = 0, logit_scale: float = 2.0):
+def make_inputs(case: Case, dtype=torch.float64, device="cpu", seed: int = 0, logit_scale: float = 2.0,
+                query_minor_logits: bool = False):
+    """Random ``logits, values, rpb, scale``; ``query_minor_logits`` stores the logits as the QnA
+    layer's packed projection does (same values, other strides: the kernels' fast path)."""
     g = torch.Generator().manual_seed(seed)
     K = case.kh * case.kw
 
@@ -73,6 +76,8 @@ def make_inputs(case: Case, dtype=torch.float64, device="cpu", seed: int = 0, lo
     values = rnd(case.B, case.H, case.W, case.h, case.d)
     rpb = rnd(K, case.N, case.h, s=0.5)
     scale = rnd(K, case.N, case.h) if case.with_scale else None
+    if query_minor_logits:
+        logits = logits.transpose(-1, -2).contiguous().transpose(-1, -2)
     return logits, values, rpb, scale
 
 

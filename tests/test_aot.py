@@ -42,3 +42,20 @@ def test_default_configs_spill_at_most_a_few_registers(compiled):
     spilling = [r for r in results if r["ok"] and r["spill_stores"] + r["spill_loads"] > 64]
     assert not spilling, spilling
     assert all(r["registers"] <= 255 for r in results if r["ok"])
+
+
+def test_layer_layout_keeps_window_loops_free_of_layout_conversions(compiled):
+    """On the QnA layer's packed layout (query-minor logits, [h, d] values) at the benchmark's head
+    shape, the forward and delta kernels' window loops hold no shared-memory round trips (no
+    barriers), and the value loads are 128-bit vectors; the generic [N, h] logits layout needs them.
+    This is what `_head_blocks`'s compile-time offsets are for: a change that loses it fails here."""
+    results, _ = compiled
+    pick = {(r["kernel"], r["layout"]): r for r in results
+            if r["ok"] and r["arch"] == 90 and (r["heads"], r["head_dim"], r["n_queries"]) == (16, 8, 2)
+            and not r.get("wide")}
+    for kernel in ("fwd", "bwd_delta"):
+        packed, generic = pick[(kernel, "packed")], pick[(kernel, "generic")]
+        assert packed["loop_barriers"] == 0, packed["loops"]
+        assert generic["loop_barriers"] > 0, generic["loops"]
+        value_loop = max(packed["loops"], key=lambda lp: lp["ffma"])
+        assert value_loop["global_loads"].get("128", 0) >= 1, value_loop

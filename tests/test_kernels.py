@@ -34,7 +34,12 @@ NAMED = [
     Case(1, 8, 6, 3, 2, 4, 4, 6, 2, 3, 3, 0),
     Case(1, 9, 9, 2, 2, 3, 9, 9, 1, 1, 4, 4),
 ]
-SWEEP = NAMED + random_cases(SWEEP_SIZE, seed=99, max_k=9, head_dims=(1, 5, 8, 12, 16, 32))
+# Each case runs with the logits in one of the two layouts the kernels compile differently for:
+# [N, h] per pixel (generic strides) and query-minor [h, N] (the QnA layer's layout, compile-time offsets).
+# The named cases run in both; the random ones alternate.
+_RANDOM = random_cases(SWEEP_SIZE, seed=99, max_k=9, head_dims=(1, 5, 8, 12, 16, 32))
+SWEEP = ([pytest.param(c, qm, id=f"{c}{'_qm' if qm else ''}") for c in NAMED for qm in (False, True)]
+         + [pytest.param(c, i % 2 == 1, id=f"{c}{'_qm' if i % 2 else ''}") for i, c in enumerate(_RANDOM)])
 
 
 @pytest.fixture
@@ -65,10 +70,11 @@ def _check(got, expected, ref_same_precision, dtype, what):
     assert err <= 2 * ref_err + ATOL[dtype] * scale, f"{what}: error {err:.3g} vs reference {ref_err:.3g}"
 
 
-def _run(case, dtype, backend, monkeypatch, logit_scale=2.0):
+def _run(case, dtype, backend, monkeypatch, logit_scale=2.0, query_minor=False):
     monkeypatch.setenv("QNA_TRITON_BACKEND", backend)
-    inputs = [t for t in make_inputs(case, dtype=dtype, device=DEVICE, logit_scale=logit_scale)]
-    inputs = [None if t is None else t.clone().requires_grad_() for t in inputs]
+    inputs = [t for t in make_inputs(case, dtype=dtype, device=DEVICE, logit_scale=logit_scale,
+                                     query_minor_logits=query_minor)]
+    inputs = [None if t is None else t.detach().requires_grad_() for t in inputs]
     out = qna_attention(*inputs, *case.geometry)
     g = torch.randn(out.shape, generator=torch.Generator().manual_seed(1)).to(out)
     grads = torch.autograd.grad(out, [t for t in inputs if t is not None], g)
@@ -76,10 +82,10 @@ def _run(case, dtype, backend, monkeypatch, logit_scale=2.0):
 
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
-@pytest.mark.parametrize("case", SWEEP, ids=str)
-def test_forward_and_gradients_match_oracle(case, dtype, monkeypatch, nan_poison):
-    out, grads, g = _run(case, dtype, "triton", monkeypatch)
-    out_ref, grads_ref, _ = _run(case, dtype, "reference", monkeypatch)
+@pytest.mark.parametrize("case, query_minor", SWEEP)
+def test_forward_and_gradients_match_oracle(case, query_minor, dtype, monkeypatch, nan_poison):
+    out, grads, g = _run(case, dtype, "triton", monkeypatch, query_minor=query_minor)
+    out_ref, grads_ref, _ = _run(case, dtype, "reference", monkeypatch, query_minor=query_minor)
     leaves = [t.detach().double().cpu().requires_grad_() if t is not None else None
               for t in make_inputs(case, dtype=dtype, device=DEVICE)]
     exact = naive_qna_attention(*leaves, *case.geometry)
@@ -156,6 +162,30 @@ def test_non_contiguous_inputs(triton_backend):
         out = qna_attention(logits, v, rpb, None, 3)
         expected = oracle(logits, v, rpb, None, ((3, 3), (1, 1), (1, 1)))
         torch.testing.assert_close(out.double().cpu(), expected, rtol=1e-5, atol=1e-5)
+
+
+def test_query_minor_logits_fast_path(triton_backend):
+    """Logits stored [h, N] per pixel inside a wider projection (the layer's layout, compiled with
+    compile-time offsets) give the oracle's output and gradients, and dlogits keeps that layout."""
+    from qna_triton.reference import is_query_minor
+
+    torch.manual_seed(0)
+    B, H, W, N, h, d, k = 2, 6, 5, 3, 4, 8, 3
+    qv = torch.randn(B, H, W, h * N + h * d + 5, device=DEVICE)
+    logits = qv[..., : h * N].unflatten(-1, (h, N)).transpose(-1, -2).detach().requires_grad_()
+    values = qv[..., h * N : h * N + h * d].unflatten(-1, (h, d)).detach().requires_grad_()
+    rpb = torch.randn(k * k, N, h, device=DEVICE, requires_grad=True)
+    assert is_query_minor(logits) and not logits.is_contiguous()
+    out = qna_attention(logits, values, rpb, None, k)
+    g = torch.randn_like(out)
+    grads = torch.autograd.grad(out, (logits, values, rpb), g)
+    ref_in = [t.detach().double().cpu().requires_grad_() for t in (logits, values, rpb)]
+    expected = oracle(*ref_in[:2], ref_in[2], None, ((k, k), (1, 1), (1, 1)))
+    ref_grads = torch.autograd.grad(expected, ref_in, g.double().cpu())
+    torch.testing.assert_close(out.double().cpu(), expected, rtol=1e-5, atol=1e-5)
+    for got, want in zip(grads, ref_grads):
+        torch.testing.assert_close(got.double().cpu(), want, rtol=1e-5, atol=1e-5)
+    assert is_query_minor(grads[0])
 
 
 def test_bad_input_raises_before_any_kernel(monkeypatch, triton_backend):

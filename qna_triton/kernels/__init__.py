@@ -9,7 +9,7 @@ from typing import Optional, Tuple
 import torch
 import triton
 
-from ..reference import output_size
+from ..reference import empty_query_minor, output_size, query_minor
 from ..tuning import KernelConfig, get_config
 from .backward import qna_bwd_delta_kernel, qna_bwd_kernel
 from .forward import qna_fwd_kernel
@@ -27,8 +27,18 @@ def _problem(logits: torch.Tensor, values: torch.Tensor, ks: Pair, st: Pair, pd:
 
 
 def _table(t: Optional[torch.Tensor]) -> Optional[torch.Tensor]:
-    """rpb / scale as contiguous float32 ``[K, N, h]`` (tiny)."""
-    return None if t is None else t.detach().to(torch.float32).contiguous()
+    """rpb / scale ``[K, N, h]`` as float32 in the kernels' query-minor order ``[K, h, N]`` (tiny)."""
+    return None if t is None else t.detach().to(torch.float32).transpose(-1, -2).contiguous()
+
+
+def _layout_flags(logits: torch.Tensor, values: torch.Tensor) -> dict:
+    """Whether each pixel's logits are ``[h, N]`` and its values ``[h, d]`` contiguous blocks: then
+    the kernels use compile-time offsets for them (vectorised loads, no layout conversions)."""
+    _, _, _, N, h = logits.shape
+    d = values.shape[-1]
+    l_hn = (logits.stride(3) == 1 or N == 1) and (logits.stride(4) == N or h == 1)
+    v_hd = (values.stride(4) == 1 or d == 1) and (values.stride(3) == d or h == 1)
+    return dict(L_HN=l_hn, V_HD=v_hd)
 
 
 def _common_args(logits, values, B, H, W, Ho, Wo, N, h, d, ks, st, pd):
@@ -55,10 +65,11 @@ def _wide_offsets(logits: torch.Tensor, values: torch.Tensor) -> bool:
     return max(span_l, span_v) >= 2**31
 
 
-def _blocks(cfg: KernelConfig, N: int, d: int, wide: bool) -> dict:
+def _blocks(cfg: KernelConfig, logits: torch.Tensor, values: torch.Tensor, wide: bool) -> dict:
     return dict(
-        BLOCK_P=cfg.block_p, BLOCK_N=triton.next_power_of_2(N), BLOCK_H=cfg.block_h,
-        BLOCK_D=triton.next_power_of_2(d), WIDE=wide, num_warps=cfg.num_warps, num_stages=cfg.num_stages,
+        BLOCK_P=cfg.block_p, BLOCK_N=triton.next_power_of_2(logits.shape[3]), BLOCK_H=cfg.block_h,
+        BLOCK_D=triton.next_power_of_2(values.shape[-1]), WIDE=wide, **_layout_flags(logits, values),
+        num_warps=cfg.num_warps, num_stages=cfg.num_stages,
     )
 
 
@@ -72,19 +83,20 @@ def qna_forward(
     pd: Pair,
     config: Optional[KernelConfig] = None,
 ) -> Tuple[torch.Tensor, torch.Tensor]:
-    """Fused forward: ``(out [B,Ho,Wo,h,d] in the values' dtype, lse [B,Ho,Wo,N,h] float32)``."""
+    """Fused forward: ``(out [B,Ho,Wo,h,d] in the values' dtype, lse [B,Ho,Wo,N,h] float32)``; ``lse``
+    is stored query-minor (:func:`query_minor`)."""
     B, H, W, N, h, d, Ho, Wo = _problem(logits, values, ks, st, pd)
     cfg = config or get_config("fwd", logits, values, ks, st, pd)
     wide = _wide_offsets(logits, values)
     out = torch.empty((B, Ho, Wo, h, d), device=values.device, dtype=values.dtype)
-    lse = torch.empty((B, Ho, Wo, N, h), device=logits.device, dtype=torch.float32)
+    lse = empty_query_minor((B, Ho, Wo, N, h), device=logits.device, dtype=torch.float32)
     r, a = _table(rpb), _table(scale)
     grid = (triton.cdiv(B * Ho * Wo, cfg.block_p), triton.cdiv(h, cfg.block_h))
     with _on_device(logits):
         qna_fwd_kernel[grid](
             logits, values, r, a if a is not None else r, out, lse,
             *_common_args(logits, values, B, H, W, Ho, Wo, N, h, d, ks, st, pd),
-            HAS_SCALE=a is not None, **_blocks(cfg, N, d, wide),
+            HAS_SCALE=a is not None, **_blocks(cfg, logits, values, wide),
         )
     return out, lse
 
@@ -113,22 +125,24 @@ def qna_backward(
     packed_grad: bool = False,
 ) -> Tuple[torch.Tensor, ...]:
     """Fused backward, deterministic: ``(dlogits, dvalues, drpb, dscale or None)``, or with
-    ``packed_grad`` ``(dqv, drpb, dscale or None)`` where ``dqv [B, H, W, N*h + h*d]`` holds both
-    gradients side by side (the gradient of a fused logits-and-values projection, written once)."""
+    ``packed_grad`` ``(dqv, drpb, dscale or None)`` where ``dqv [B, H, W, h*N + h*d]`` holds both
+    gradients side by side (the gradient of a fused logits-and-values projection, written once; the
+    logits part query-minor, as in the QnA layer's packed projection). ``dlogits`` is a query-minor
+    ``[B, H, W, N, h]`` view."""
     B, H, W, N, h, d, Ho, Wo = _problem(logits, values, ks, st, pd)
     g = grad_out.contiguous()
-    lse = lse.contiguous()
+    lse = query_minor(lse)
     r, a = _table(rpb), _table(scale)
     common = _common_args(logits, values, B, H, W, Ho, Wo, N, h, d, ks, st, pd)
     wide = _wide_offsets(logits, values)
 
     dcfg = delta_config or get_config("bwd_delta", logits, values, ks, st, pd)
-    delta = torch.empty((B, Ho, Wo, N, h), device=logits.device, dtype=torch.float32)
+    delta = empty_query_minor((B, Ho, Wo, N, h), device=logits.device, dtype=torch.float32)
     grid = (triton.cdiv(B * Ho * Wo, dcfg.block_p), triton.cdiv(h, dcfg.block_h))
     with _on_device(logits):
         qna_bwd_delta_kernel[grid](
             logits, values, r, a if a is not None else r, g, lse, delta, *common,
-            HAS_SCALE=a is not None, **_blocks(dcfg, N, d, wide),
+            HAS_SCALE=a is not None, **_blocks(dcfg, logits, values, wide),
         )
 
     cfg = config or get_config("bwd", logits, values, ks, st, pd)
@@ -139,18 +153,18 @@ def qna_backward(
         dqv = torch.empty((B, H, W, N * h + h * d), device=logits.device, dtype=logits.dtype)
         dl, dv = dqv[..., : N * h], dqv[..., N * h :]
     else:
-        dl = torch.empty((B, H, W, N * h), device=logits.device, dtype=logits.dtype)
+        dl = torch.empty((B, H, W, h * N), device=logits.device, dtype=logits.dtype)
         dv = torch.empty((B, H, W, h * d), device=values.device, dtype=values.dtype)
-    dr_part = torch.zeros((progs, K, N, h), device=logits.device, dtype=torch.float32)
+    dr_part = torch.zeros((progs, K, h, N), device=logits.device, dtype=torch.float32)
     da_part = torch.zeros_like(dr_part) if a is not None else dr_part
     with _on_device(logits):
         qna_bwd_kernel[(progs, triton.cdiv(h, cfg.block_h))](
             logits, values, r, a if a is not None else r, g, lse, delta, dl, dv, dr_part, da_part,
             *common, num_tiles, triton.cdiv(num_tiles, progs), dl.stride(2), dv.stride(2),
-            HAS_SCALE=a is not None, **_blocks(cfg, N, d, wide),
+            HAS_SCALE=a is not None, **_blocks(cfg, logits, values, wide),
         )
-    drpb = dr_part.sum(0).to(rpb.dtype)
-    dscale = da_part.sum(0).to(scale.dtype) if a is not None else None
+    drpb = dr_part.sum(0).transpose(-1, -2).to(rpb.dtype)
+    dscale = da_part.sum(0).transpose(-1, -2).to(scale.dtype) if a is not None else None
     if packed_grad:
         return dqv, drpb, dscale
-    return dl.view(B, H, W, N, h), dv.view(B, H, W, h, d), drpb, dscale
+    return dl.view(B, H, W, h, N).transpose(-1, -2), dv.view(B, H, W, h, d), drpb, dscale

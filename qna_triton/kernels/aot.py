@@ -1,12 +1,20 @@
 """Ahead-of-time compilation of the kernels for a GPU architecture, without a GPU.
 
-Triton ships ``ptxas``, so a kernel can be lowered to a cubin for ``sm_80`` or ``sm_90`` on any
-machine. That catches what the interpreter cannot (block shapes, dtype rules, compile errors) and
-reports registers, spills and shared memory per configuration: used by the tests on CPU-only CI
-and by the autotuner to prune configurations before timing them.
+Triton ships ``ptxas`` and ``nvdisasm``, so a kernel can be lowered to a cubin for ``sm_80`` or
+``sm_90`` on any machine. That catches what the interpreter cannot (block shapes, dtype rules,
+compile errors) and reports registers, spills and shared memory per configuration (used by the
+tests on CPU-only CI and by the autotuner to prune configurations before timing them).
 
-Usage: ``python -m qna_triton.kernels.aot [--arch 90] [--json out.json]`` compiles the default
-configuration of every kernel and prints a resource table (exit status 1 if any fails to compile).
+The kernels are compiled exactly as a launch would compile them: the arguments of a representative
+problem go through Triton's own launch-time specialisation (integers equal to 1 become constants,
+multiples of 16 and aligned pointers are marked so), on ``meta`` tensors. The machine code of each
+window loop is then read back (:func:`loop_profile`): instructions, exponentials, global loads by
+width, and shared-memory traffic and barriers, which inside a loop mean a layout conversion per
+window offset. Static counts, not timings: they show what the compiler made of a kernel.
+
+Usage: ``python -m qna_triton.kernels.aot [--arch 90] [--json out.json] [--loops]`` compiles the
+default configuration of every kernel and prints a resource table, and with ``--loops`` the loop
+profile (exit status 1 if any kernel fails to compile).
 """
 
 from __future__ import annotations
@@ -19,7 +27,7 @@ import subprocess
 import tempfile
 from concurrent.futures import ProcessPoolExecutor
 from dataclasses import asdict, dataclass
-from typing import Dict, List, Sequence
+from typing import Dict, List, Optional, Sequence, Tuple
 
 import torch
 import triton
@@ -38,17 +46,78 @@ _POINTERS = _INPUT_DTYPE_PTRS | {"R", "A", "LSE", "DELTA", "DR_PART", "DA_PART"}
 
 
 @dataclass(frozen=True)
+class LoopProfile:
+    """One innermost loop of the machine code (a body ptxas may have unrolled)."""
+
+    instructions: int
+    exp2: int
+    global_loads: Dict[str, int]
+    shared_ops: int
+    barriers: int
+    shuffles: int
+    ffma: int
+
+
+@dataclass(frozen=True)
 class CompileReport:
-    """Resources of one compiled kernel variant."""
+    """Resources of one compiled kernel variant, and the profile of its window loops."""
 
     registers: int
     spill_stores: int
     spill_loads: int
     shared_bytes: int
+    loops: Tuple[LoopProfile, ...] = ()
 
     @property
     def spills(self) -> bool:
         return self.spill_stores > 0 or self.spill_loads > 0
+
+    @property
+    def loop_barriers(self) -> int:
+        """Barriers inside loops: each is part of a shared-memory layout conversion per iteration."""
+        return sum(lp.barriers for lp in self.loops)
+
+
+LAYOUTS = ("packed", "generic")
+
+
+def _problem_args(kernel: str, dtype: torch.dtype, n_queries: int, heads: int, head_dim: int, layout: str,
+                  window: int, wide: bool):
+    """Launch arguments of a representative problem, as ``meta`` tensors (nothing is allocated).
+
+    ``packed``: logits and values are column blocks of one projection output, the logits
+    query-minor (the QnA layer's path); ``generic``: separate contiguous ``[N, h]`` logits and values.
+    ``wide``: head-major logits with a head stride beyond 2^31 elements (the 64-bit offset variant)."""
+    from ..reference import empty_query_minor
+    from . import _common_args
+
+    B, H, W, N, h, d = 2, 16, 16, n_queries, heads, head_dim
+    meta = dict(device="meta")
+    if wide:
+        big = torch.empty(2**31 + B * H * W * N * h, dtype=dtype, **meta)
+        L = big.as_strided((B, H, W, N, h), (H * W * N, W * N, N, 1, 2**31 // h + 1))
+        V = torch.empty(B, H, W, h, d, dtype=dtype, **meta)
+    elif layout == "packed":
+        qv = torch.empty(B, H, W, h * N + h * d, dtype=dtype, **meta)
+        L = qv[..., : h * N].unflatten(-1, (h, N)).transpose(-1, -2)
+        V = qv[..., h * N:].unflatten(-1, (h, d))
+    else:
+        L = torch.empty(B, H, W, N, h, dtype=dtype, **meta)
+        V = torch.empty(B, H, W, h, d, dtype=dtype, **meta)
+    k = window
+    table = torch.empty(k * k, h, N, **meta)
+    stats = empty_query_minor((B, H, W, N, h), **meta)
+    out = torch.empty(B, H, W, h, d, dtype=dtype, **meta)
+    common = _common_args(L, V, B, H, W, H, W, N, h, d, (k, k), (1, 1), (k // 2, k // 2))
+    if kernel == "fwd":
+        args = (L, V, table, table, out, stats, *common)
+    elif kernel == "bwd_delta":
+        args = (L, V, table, table, out, stats, stats, *common)
+    else:
+        dqv = torch.empty(B, H, W, h * N + h * d, dtype=dtype, **meta)
+        args = (L, V, table, table, out, stats, stats, dqv[..., : h * N], dqv[..., h * N:], table, table,
+                *common, 64, 1, dqv.stride(2), dqv.stride(2))
+    return L, V, args
 
 
 def compile_kernel(
@@ -60,41 +129,105 @@ def compile_kernel(
     has_scale: bool = True,
     arch: int = 90,
     wide: bool = False,
+    heads: Optional[int] = None,
+    layout: str = "packed",
+    window: int = 7,
+    loops: bool = False,
 ) -> CompileReport:
-    """Compiles ``kernel`` for ``sm_<arch>`` and returns its resource usage (raises on compile errors)."""
+    """Compiles ``kernel`` for ``sm_<arch>`` as a launch on a representative problem would (see the
+    module docstring) and returns its resources; ``loops`` adds the loop profile. Raises on errors."""
+    from triton.compiler import make_backend
+    from triton.runtime.jit import create_function_from_signature
+
+    from . import _blocks, _wide_offsets
+
+    if layout not in LAYOUTS:
+        raise ValueError(f"layout must be one of {LAYOUTS}, got {layout!r}")
     fn = KERNEL_FNS[kernel]
-    consts = dict(
-        HAS_SCALE=has_scale, WIDE=wide, BLOCK_P=config.block_p, BLOCK_N=triton.next_power_of_2(n_queries),
-        BLOCK_H=config.block_h, BLOCK_D=triton.next_power_of_2(head_dim),
-    )
-    signature: Dict[str, str] = {}
-    for name in fn.arg_names:
-        if name in consts:
-            signature[name] = "constexpr"
-        elif name in _POINTERS:
-            signature[name] = "*" + (_TRITON_DTYPE[dtype] if name in _INPUT_DTYPE_PTRS else "fp32")
-        else:
-            signature[name] = "i32"  # sizes, strides, window geometry
-    src = ASTSource(fn=fn, signature=signature, constexprs=consts)
-    compiled = triton.compile(src, target=GPUTarget("cuda", arch, 32),
+    heads = heads if heads is not None else config.block_h
+    L, V, args = _problem_args(kernel, dtype, n_queries, heads, head_dim, layout, window, wide)
+    kwargs = dict(_blocks(config, L, V, wide or _wide_offsets(L, V)), HAS_SCALE=has_scale)
+    target = GPUTarget("cuda", arch, 32)
+    backend = make_backend(target)
+    binder = create_function_from_signature(fn.signature, fn.params, backend)
+    _, spec, _ = binder(*args, **kwargs)
+    names = [p.name for p in fn.params]
+    signature = {n: sp[0] for n, sp in zip(names, spec)}
+    constexprs = {(i,): sp[1] for i, sp in enumerate(spec) if sp[0] == "constexpr"}
+    attrs = {(i,): backend.parse_attr(sp[1]) for i, sp in enumerate(spec) if isinstance(sp[1], str)}
+    src = ASTSource(fn=fn, signature=signature, constexprs=constexprs, attrs=attrs)
+    compiled = triton.compile(src, target=target,
                               options=dict(num_warps=config.num_warps, num_stages=config.num_stages))
-    return CompileReport(*_ptxas_usage(compiled.asm["ptx"], arch), compiled.metadata.shared)
+    regs, st, ld, sass = _ptxas(compiled.asm["ptx"], arch, want_sass=loops)
+    return CompileReport(regs, st, ld, compiled.metadata.shared, loop_profile(sass) if loops else ())
 
 
-def _ptxas_usage(ptx: str, arch: int):
+def _ptxas(ptx: str, arch: int, want_sass: bool = False):
+    """``(registers, spill store bytes, spill load bytes, SASS text or '')`` of ``ptx``."""
     from triton.backends.nvidia.compiler import get_ptxas
 
     gpu = f"sm_{arch}a" if arch >= 90 else f"sm_{arch}"
+    ptxas = get_ptxas(arch).path
     with tempfile.TemporaryDirectory() as tmp:
         path = os.path.join(tmp, "k.ptx")
         with open(path, "w") as f:
             f.write(ptx)
-        out = subprocess.run([get_ptxas(arch).path, "-v", "--gpu-name", gpu, path, "-o", path + ".cubin"],
+        out = subprocess.run([ptxas, "-v", "--gpu-name", gpu, path, "-o", path + ".cubin"],
                              capture_output=True, text=True, check=True)
+        sass = ""
+        if want_sass:
+            nvdisasm = os.path.join(os.path.dirname(ptxas), "nvdisasm")
+            sass = subprocess.run([nvdisasm, "-c", path + ".cubin"], capture_output=True, text=True,
+                                  check=True).stdout
     text = out.stdout + out.stderr
     regs = int(re.search(r"Used (\d+) registers", text).group(1))
     spill = re.search(r"(\d+) bytes spill stores, (\d+) bytes spill loads", text)
-    return regs, int(spill.group(1)), int(spill.group(2))
+    return regs, int(spill.group(1)), int(spill.group(2)), sass
+
+
+_INSTR = re.compile(r"^\s*/\*([0-9a-f]+)\*/\s+(?:@!?U?P\w+\s+)?([A-Z][A-Z0-9_.]*)(.*)$")
+_LABEL = re.compile(r"^\s*(\.L_x_\d+):")
+
+
+def loop_profile(sass: str) -> Tuple[LoopProfile, ...]:
+    """The innermost loops of ``nvdisasm -c`` output (a backward branch and its target, containing no
+    other backward branch), in address order."""
+    instrs, labels, pending = [], {}, []
+    for line in sass.splitlines():
+        m = _LABEL.match(line)
+        if m:
+            pending.append(m.group(1))
+            continue
+        m = _INSTR.match(line)
+        if m:
+            instrs.append((int(m.group(1), 16), m.group(2), m.group(3)))
+            for name in pending:
+                labels[name] = instrs[-1][0]
+            pending = []
+    spans = []
+    for addr, op, rest in instrs:
+        t = re.search(r"(\.L_x_\d+)", rest) if op.startswith("BRA") else None
+        if t and labels.get(t.group(1), addr + 1) <= addr:
+            spans.append((labels[t.group(1)], addr))
+    inner = [sp for sp in spans if not any(o != sp and sp[0] <= o[0] and o[1] <= sp[1] for o in spans)]
+    result = []
+    for start, end in sorted(inner):
+        ops = [op for addr, op, _ in instrs if start <= addr <= end]
+        loads: Dict[str, int] = {}
+        for op in ops:
+            if op.startswith("LDG"):
+                width = next((w for w in ("128", "64", "U16", "U8") if w in op.split(".")), "32")
+                loads[width] = loads.get(width, 0) + 1
+        result.append(LoopProfile(
+            instructions=len(ops),
+            exp2=sum(op.startswith("MUFU.EX2") for op in ops),
+            global_loads=loads,
+            shared_ops=sum(op.startswith(("LDS", "STS", "STSM", "LDSM")) for op in ops),
+            barriers=sum(op.startswith("BAR") for op in ops),
+            shuffles=sum(op.startswith("SHFL") for op in ops),
+            ffma=sum(op.startswith("FFMA") for op in ops),
+        ))
+    return tuple(result)
 
 
 HEAD_SHAPES = ((16, 8), (8, 12), (8, 16), (4, 32), (2, 64), (1, 128))
@@ -102,19 +235,22 @@ HEAD_SHAPES = ((16, 8), (8, 12), (8, 16), (4, 32), (2, 64), (1, 128))
 
 def default_plan(archs: Sequence[int]) -> List[dict]:
     """The heuristic configuration of every kernel for the head shapes we support, per architecture,
-    plus the query-count / scale / float16 variants and the 64-bit-offset variant."""
+    on the QnA layer's packed layout; plus the query-count / scale / float16 variants, the generic
+    ``[N, h]`` logits layout, and the 64-bit-offset variant."""
     plan = []
     for arch in archs:
         for h, d in HEAD_SHAPES:
             for kernel in KERNEL_FNS:
                 plan.append(dict(kernel=kernel, dtype="bf16", heads=h, head_dim=d, n_queries=2,
-                                 has_scale=True, arch=arch))
+                                 has_scale=True, arch=arch, layout="packed"))
         for kernel in KERNEL_FNS:
             for n, scale in ((1, False), (8, True)):
                 plan.append(dict(kernel=kernel, dtype="fp16", heads=4, head_dim=8, n_queries=n,
-                                 has_scale=scale, arch=arch))
+                                 has_scale=scale, arch=arch, layout="packed"))
+            plan.append(dict(kernel=kernel, dtype="bf16", heads=16, head_dim=8, n_queries=2,
+                             has_scale=True, arch=arch, layout="generic"))
             plan.append(dict(kernel=kernel, dtype="bf16", heads=4, head_dim=8, n_queries=2,
-                             has_scale=True, arch=arch, wide=True))
+                             has_scale=True, arch=arch, layout="generic", wide=True))
     return plan
 
 
@@ -123,10 +259,15 @@ def _run(entry: dict) -> dict:
     cfg = heuristic_config(entry["kernel"], entry["heads"], entry["head_dim"])
     try:
         rep = compile_kernel(entry["kernel"], dtype, cfg, entry["n_queries"], entry["head_dim"],
-                             entry["has_scale"], entry["arch"], entry.get("wide", False))
-        return dict(entry, config=cfg.as_dict(), ok=True, **asdict(rep))
+                             entry["has_scale"], entry["arch"], entry.get("wide", False), heads=entry["heads"],
+                             layout=entry.get("layout", "packed"), loops=True)
+        return dict(entry, config=cfg.as_dict(), ok=True, loop_barriers=rep.loop_barriers, **asdict(rep))
     except Exception as exc:  # reported, not hidden: the caller fails on ok=False
         return dict(entry, config=cfg.as_dict(), ok=False, error=f"{type(exc).__name__}: {exc}")
+
+
+def _loads(loads: Dict[str, int]) -> str:
+    return " ".join(f"{n}x{w}" for w, n in sorted(loads.items())) or "-"
 
 
 def main() -> None:
@@ -134,6 +275,7 @@ def main() -> None:
     ap.add_argument("--arch", type=int, action="append",
                     help="compute capability x10, repeatable (80: A100, 90: H100/H200); default 80 and 90")
     ap.add_argument("--json", help="also write the results to this JSON file")
+    ap.add_argument("--loops", action="store_true", help="also print the profile of every window loop")
     ap.add_argument("--jobs", type=int, default=os.cpu_count() or 1)
     args = ap.parse_args()
     if os.environ.get("TRITON_INTERPRET") == "1":
@@ -141,14 +283,25 @@ def main() -> None:
     plan = default_plan(args.arch or [80, 90])
     with ProcessPoolExecutor(max(1, args.jobs)) as pool:
         results = list(pool.map(_run, plan))
-    print("| arch | kernel | dtype | heads x head dim | queries | block_p x block_h | warps | registers | spills (B) |")
-    print("|---|---|---|---|---|---|---|---|---|")
+    print("| arch | kernel | dtype | layout | heads x head dim | queries | block_p x block_h | warps | registers "
+          "| spills (B) | barriers in loops |")
+    print("|---|---|---|---|---|---|---|---|---|---|---|")
     for r in results:
         c = r["config"]
-        usage = (f"{r['registers']} | {r['spill_stores'] + r['spill_loads']}" if r["ok"]
-                 else f"FAILED: {r['error'][:60]} | -")
-        print(f"| sm_{r['arch']} | {r['kernel']} | {r['dtype']} | {r['heads']} x {r['head_dim']} | "
+        usage = (f"{r['registers']} | {r['spill_stores'] + r['spill_loads']} | {r['loop_barriers']}" if r["ok"]
+                 else f"FAILED: {r['error'][:60]} | - | -")
+        layout = r["layout"] + (", 64-bit" if r.get("wide") else "")
+        print(f"| sm_{r['arch']} | {r['kernel']} | {r['dtype']} | {layout} | {r['heads']} x {r['head_dim']} | "
               f"{r['n_queries']} | {c['block_p']} x {c['block_h']} | {c['num_warps']} | {usage} |")
+    if args.loops:
+        print("\n| arch | kernel | layout | heads x head dim | queries | loop | instructions | ex2 | FFMA "
+              "| global loads (count x width) | shared ops | barriers | shuffles |")
+        print("|---|---|---|---|---|---|---|---|---|---|---|---|---|")
+        for r in results:
+            for i, lp in enumerate(r.get("loops", ())):
+                print(f"| sm_{r['arch']} | {r['kernel']} | {r['layout']} | {r['heads']} x {r['head_dim']} | "
+                      f"{r['n_queries']} | {i} | {lp['instructions']} | {lp['exp2']} | {lp['ffma']} | "
+                      f"{_loads(lp['global_loads'])} | {lp['shared_ops']} | {lp['barriers']} | {lp['shuffles']} |")
     if args.json:
         with open(args.json, "w") as f:
             json.dump(results, f, indent=1)

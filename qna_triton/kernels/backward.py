@@ -25,11 +25,11 @@ from .forward import _head_blocks, _load_v, _load_z, _src_coords
 @triton.jit
 def qna_bwd_delta_kernel(
     L, V, R, A, G, LSE, DELTA,
-    B, H, W, Ho, Wo, NQ, HEADS, D,
+    B, H, W, Ho, Wo, NQ: tl.constexpr, HEADS, D: tl.constexpr,
     sl_b, sl_y, sl_x, sl_n, sl_j,
     sv_b, sv_y, sv_x, sv_j, sv_t,
     KH, KW, SH, SW, PH, PW,
-    HAS_SCALE: tl.constexpr, WIDE: tl.constexpr,
+    HAS_SCALE: tl.constexpr, WIDE: tl.constexpr, L_HN: tl.constexpr, V_HD: tl.constexpr,
     BLOCK_P: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_D: tl.constexpr,
 ):
     pid_p = tl.program_id(0)
@@ -38,7 +38,7 @@ def qna_bwd_delta_kernel(
     mask_p = offs_p < B * Ho * Wo
     b, y0, x0 = _src_coords(offs_p, Ho, Wo, SH, SW, PH, PW)
     nh_mask, nh_l, nh_r, hd_mask, hd_v, hd_o = _head_blocks(
-        pid_h, NQ, HEADS, D, sl_n, sl_j, sv_j, sv_t, BLOCK_N, BLOCK_H, BLOCK_D, WIDE)
+        pid_h, NQ, HEADS, D, sl_n, sl_j, sv_j, sv_t, BLOCK_N, BLOCK_H, BLOCK_D, WIDE, L_HN, V_HD)
     NH = NQ * HEADS
     pnh_mask = mask_p[:, None, None] & nh_mask[None, :, :]
 
@@ -66,19 +66,19 @@ def qna_bwd_delta_kernel(
 @triton.jit
 def qna_bwd_kernel(
     L, V, R, A, G, LSE, DELTA, DL, DV, DR_PART, DA_PART,
-    B, H, W, Ho, Wo, NQ, HEADS, D,
+    B, H, W, Ho, Wo, NQ: tl.constexpr, HEADS, D: tl.constexpr,
     sl_b, sl_y, sl_x, sl_n, sl_j,
     sv_b, sv_y, sv_x, sv_j, sv_t,
     KH, KW, SH, SW, PH, PW,
     NUM_TILES, TILES_PER_PROGRAM, DL_PIX_STRIDE, DV_PIX_STRIDE,
-    HAS_SCALE: tl.constexpr, WIDE: tl.constexpr,
+    HAS_SCALE: tl.constexpr, WIDE: tl.constexpr, L_HN: tl.constexpr, V_HD: tl.constexpr,
     BLOCK_P: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_D: tl.constexpr,
 ):
     pid = tl.program_id(0)
     pid_h = tl.program_id(1)
     num_progs = tl.num_programs(0)
     nh_mask, nh_l, nh_r, hd_mask, hd_v, hd_g = _head_blocks(
-        pid_h, NQ, HEADS, D, sl_n, sl_j, sv_j, sv_t, BLOCK_N, BLOCK_H, BLOCK_D, WIDE)
+        pid_h, NQ, HEADS, D, sl_n, sl_j, sv_j, sv_t, BLOCK_N, BLOCK_H, BLOCK_D, WIDE, L_HN, V_HD)
     NH = NQ * HEADS
     K = KH * KW
     part_row = pid.to(tl.int64) * K * NH

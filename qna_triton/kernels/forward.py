@@ -27,7 +27,7 @@ def _src_coords(offs_p, Ho, Wo, SH, SW, PH, PW):
 
 @triton.jit
 def _load_z(L, R, o, b, y, x, valid, nh_l, nh_r, nh_mask, NH, sl_b, sl_y, sl_x):
-    """z = logits[b, y, x, n, j] + rpb[o, n, j] as [P, N, H] float32; -inf where the source is masked."""
+    """z = logits[b, y, x, n, j] + rpb[o, j, n] as [P, N, H] float32; -inf where the source is masked."""
     base = b * sl_b + y * sl_y + x * sl_x
     msk = valid[:, None, None] & nh_mask[None, :, :]
     z = tl.load(L + base[:, None, None] + nh_l[None, :, :], mask=msk, other=float("-inf")).to(tl.float32)
@@ -36,26 +36,40 @@ def _load_z(L, R, o, b, y, x, valid, nh_l, nh_r, nh_mask, NH, sl_b, sl_y, sl_x):
 
 
 @triton.jit
-def _head_blocks(pid_h, NQ, HEADS, D, sl_n, sl_j, sv_j, sv_t,
-                 BLOCK_N: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_D: tl.constexpr, WIDE: tl.constexpr):
+def _head_blocks(pid_h, NQ: tl.constexpr, HEADS, D: tl.constexpr, sl_n, sl_j, sv_j, sv_t,
+                 BLOCK_N: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_D: tl.constexpr, WIDE: tl.constexpr,
+                 L_HN: tl.constexpr, V_HD: tl.constexpr):
     """Index blocks of one program's heads: ``[N, H]`` over (query, head) and ``[H, D]`` over (head, dim).
 
-    Returns the masks and the offsets into the logits (strided), the ``[K, N, h]`` tables and ``lse``
-    (contiguous), the values (strided) and the output and its gradient (contiguous)."""
+    Returns the masks and the offsets into the logits, the values, our own per-(query, head) buffers
+    (``[K, h, N]`` tables, ``lse`` and ``delta``: query-minor) and the output and its gradient
+    (``[h, d]``). ``L_HN`` / ``V_HD``: the logits / values of a pixel are laid out exactly like our
+    buffers (the QnA layer's packed projection), so their offsets are compile-time multiples of
+    ``NQ`` / ``D``: that lets the compiler vectorise the loads and give the logits, statistics and
+    values tiles thread mappings that agree, which keeps the window loops free of layout
+    conversions through shared memory (``docs/kernels.md``, compiler report)."""
     offs_n = tl.arange(0, BLOCK_N)
     offs_h = pid_h * BLOCK_H + tl.arange(0, BLOCK_H)
     offs_d = tl.arange(0, BLOCK_D)
     mask_h = offs_h < HEADS
     nh_mask = (offs_n[:, None] < NQ) & mask_h[None, :]
-    nh_r = offs_n[:, None] * HEADS + offs_h[None, :]
+    nh_r = offs_n[:, None] + offs_h[None, :] * NQ
     hd_mask = mask_h[:, None] & (offs_d[None, :] < D)
-    if WIDE:  # a strided input (e.g. head-major) puts a head or query beyond 2^31 elements
-        offs_n = offs_n.to(tl.int64)
-        offs_h = offs_h.to(tl.int64)
-        offs_d = offs_d.to(tl.int64)
-    nh_l = offs_n[:, None] * sl_n + offs_h[None, :] * sl_j
-    hd_v = offs_h[:, None] * sv_j + offs_d[None, :] * sv_t
     hd_o = offs_h[:, None] * D + offs_d[None, :]
+    if L_HN:
+        nh_l = nh_r
+    else:
+        if WIDE:  # a strided input (e.g. head-major) puts a head or query beyond 2^31 elements
+            nh_l = offs_n.to(tl.int64)[:, None] * sl_n + offs_h.to(tl.int64)[None, :] * sl_j
+        else:
+            nh_l = offs_n[:, None] * sl_n + offs_h[None, :] * sl_j
+    if V_HD:
+        hd_v = hd_o
+    else:
+        if WIDE:
+            hd_v = offs_h.to(tl.int64)[:, None] * sv_j + offs_d.to(tl.int64)[None, :] * sv_t
+        else:
+            hd_v = offs_h[:, None] * sv_j + offs_d[None, :] * sv_t
     return nh_mask, nh_l, nh_r, hd_mask, hd_v, hd_o
 
 
@@ -70,11 +84,11 @@ def _load_v(V, b, y, x, valid, hd_v, hd_mask, sv_b, sv_y, sv_x):
 @triton.jit
 def qna_fwd_kernel(
     L, V, R, A, O, LSE,
-    B, H, W, Ho, Wo, NQ, HEADS, D,
+    B, H, W, Ho, Wo, NQ: tl.constexpr, HEADS, D: tl.constexpr,
     sl_b, sl_y, sl_x, sl_n, sl_j,
     sv_b, sv_y, sv_x, sv_j, sv_t,
     KH, KW, SH, SW, PH, PW,
-    HAS_SCALE: tl.constexpr, WIDE: tl.constexpr,
+    HAS_SCALE: tl.constexpr, WIDE: tl.constexpr, L_HN: tl.constexpr, V_HD: tl.constexpr,
     BLOCK_P: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_D: tl.constexpr,
 ):
     pid_p = tl.program_id(0)
@@ -84,7 +98,7 @@ def qna_fwd_kernel(
     mask_p = offs_p < B * Ho * Wo
     b, y0, x0 = _src_coords(offs_p, Ho, Wo, SH, SW, PH, PW)
     nh_mask, nh_l, nh_r, hd_mask, hd_v, hd_o = _head_blocks(
-        pid_h, NQ, HEADS, D, sl_n, sl_j, sv_j, sv_t, BLOCK_N, BLOCK_H, BLOCK_D, WIDE)
+        pid_h, NQ, HEADS, D, sl_n, sl_j, sv_j, sv_t, BLOCK_N, BLOCK_H, BLOCK_D, WIDE, L_HN, V_HD)
     NH = NQ * HEADS
 
     # pass 1: maximum over the window
