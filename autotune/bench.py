@@ -25,6 +25,7 @@ import triton.testing
 
 import qna_triton.kernels as _kernels
 from qna_triton.kernels import qna_backward, qna_forward
+from qna_triton.ops import split_packed
 from qna_triton.tuning import KernelConfig, heuristic_config
 
 from .plan import REP_MS, WARMUP_MS, Shape
@@ -134,8 +135,7 @@ class Session:
         qv = randn(s.batch, s.height, s.width, N * h + h * d)
         qv[..., : N * h] *= 2.0
         qv = qv.to(dtype)
-        self.logits = qv[..., : N * h].unflatten(-1, (N, h))
-        self.values = qv[..., N * h:].unflatten(-1, (h, d))
+        self.logits, self.values = split_packed(qv, torch.empty(K, N, h, device="meta"))
         self.rpb = randn(K, N, h, scale=0.5)
         self.scale = randn(K, N, h, scale=0.5)
         self.geometry = ((s.kh, s.kw), (s.sh, s.sw), (s.ph, s.pw))
