@@ -19,7 +19,29 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
-from .forward import _head_blocks, _load_v, _load_z, _src_coords
+from .forward import _col_valid, _exp, _head_blocks, _interior, _load_v, _load_z, _row_valid, _src_coords
+
+
+@triton.jit
+def _delta_window(L, V, R, A, g, lse, b, y0, x0, mask_p, H, W, KH, KW, nh_mask, nh_l, nh_r, hd_mask, hd_v, NH,
+                  sl_b, sl_y, sl_x, sv_b, sv_y, sv_x, HAS_SCALE: tl.constexpr, MASKED: tl.constexpr,
+                  BLOCK_P: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_H: tl.constexpr):
+    """``D = sum_o a P (g . v[src])`` over the window, ``[P, N, H]`` float32."""
+    delta = tl.zeros((BLOCK_P, BLOCK_N, BLOCK_H), tl.float32)
+    for u in range(KH):
+        y = y0 + u
+        vy = _row_valid(mask_p, y, H, MASKED)
+        for w in range(KW):
+            x = x0 + w
+            valid = _col_valid(vy, x, W, MASKED)
+            o = u * KW + w
+            p = _exp(_load_z(L, R, o, b, y, x, valid, nh_l, nh_r, nh_mask, NH, sl_b, sl_y, sl_x) - lse)
+            if HAS_SCALE:
+                p = p * tl.load(A + o * NH + nh_r, mask=nh_mask, other=0.0)[None, :, :]
+            v = _load_v(V, b, y, x, valid, hd_v, hd_mask, sv_b, sv_y, sv_x)
+            t = tl.sum(g * v, axis=2)  # [P, H]
+            delta += p * t[:, None, :]
+    return delta
 
 
 @triton.jit
@@ -46,20 +68,14 @@ def qna_bwd_delta_kernel(
                 mask=mask_p[:, None, None] & hd_mask[None, :, :], other=0.0).to(tl.float32)
     lse = tl.load(LSE + offs_p[:, None, None] * NH + nh_r[None, :, :], mask=pnh_mask, other=0.0)
     lse = tl.where(lse == float("-inf"), 0.0, lse)
-    delta = tl.zeros((BLOCK_P, BLOCK_N, BLOCK_H), tl.float32)
-    for u in range(KH):
-        y = y0 + u
-        vy = mask_p & (y >= 0) & (y < H)
-        for w in range(KW):
-            x = x0 + w
-            valid = vy & (x >= 0) & (x < W)
-            o = u * KW + w
-            p = tl.exp(_load_z(L, R, o, b, y, x, valid, nh_l, nh_r, nh_mask, NH, sl_b, sl_y, sl_x) - lse)
-            if HAS_SCALE:
-                p = p * tl.load(A + o * NH + nh_r, mask=nh_mask, other=0.0)[None, :, :]
-            v = _load_v(V, b, y, x, valid, hd_v, hd_mask, sv_b, sv_y, sv_x)
-            t = tl.sum(g * v, axis=2)  # [P, H]
-            delta += p * t[:, None, :]
+    if _interior(offs_p, mask_p, y0, x0, H, W, KH, KW):
+        delta = _delta_window(L, V, R, A, g, lse, b, y0, x0, mask_p, H, W, KH, KW, nh_mask, nh_l, nh_r,
+                              hd_mask, hd_v, NH, sl_b, sl_y, sl_x, sv_b, sv_y, sv_x, HAS_SCALE, False,
+                              BLOCK_P, BLOCK_N, BLOCK_H)
+    else:
+        delta = _delta_window(L, V, R, A, g, lse, b, y0, x0, mask_p, H, W, KH, KW, nh_mask, nh_l, nh_r,
+                              hd_mask, hd_v, NH, sl_b, sl_y, sl_x, sv_b, sv_y, sv_x, HAS_SCALE, True,
+                              BLOCK_P, BLOCK_N, BLOCK_H)
     tl.store(DELTA + offs_p[:, None, None] * NH + nh_r[None, :, :], delta, mask=pnh_mask)
 
 
@@ -115,7 +131,7 @@ def qna_bwd_kernel(
                 lse = tl.where(lse == float("-inf"), float("inf"), lse)
                 delta = tl.load(DELTA + i[:, None, None] * NH + nh_r[None, :, :], mask=ivalid, other=0.0)
                 r = tl.load(R + o * NH + nh_r, mask=nh_mask, other=0.0)
-                p = tl.exp(l_p + r[None, :, :] - lse)
+                p = _exp(l_p + r[None, :, :] - lse)
                 g = tl.load(G + i[:, None, None] * (HEADS * D) + hd_g[None, :, :],
                             mask=valid[:, None, None] & hd_mask[None, :, :], other=0.0).to(tl.float32)
                 t = tl.sum(g * v_p, axis=2)[:, None, :]  # [P, 1, H]
