@@ -19,7 +19,8 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
-from .forward import _col_valid, _exp, _head_blocks, _interior, _load_v, _load_z, _row_valid, _src_coords
+from .forward import (_col_valid, _exp, _head_blocks, _interior, _load_v, _output_tile, _row_valid,
+                      _weights_and_values)
 
 
 @triton.jit
@@ -34,11 +35,8 @@ def _delta_window(L, V, R, A, g, lse, b, y0, x0, mask_p, H, W, KH, KW, nh_mask, 
         for w in range(KW):
             x = x0 + w
             valid = _col_valid(vy, x, W, MASKED)
-            o = u * KW + w
-            p = _exp(_load_z(L, R, o, b, y, x, valid, nh_l, nh_r, nh_mask, NH, sl_b, sl_y, sl_x) - lse)
-            if HAS_SCALE:
-                p = p * tl.load(A + o * NH + nh_r, mask=nh_mask, other=0.0)[None, :, :]
-            v = _load_v(V, b, y, x, valid, hd_v, hd_mask, sv_b, sv_y, sv_x)
+            p, v = _weights_and_values(L, V, R, A, u * KW + w, b, y, x, valid, lse, nh_l, nh_r, nh_mask,
+                                       hd_v, hd_mask, NH, sl_b, sl_y, sl_x, sv_b, sv_y, sv_x, HAS_SCALE)
             t = tl.sum(g * v, axis=2)  # [P, H]
             delta += p * t[:, None, :]
     return delta
@@ -54,13 +52,9 @@ def qna_bwd_delta_kernel(
     HAS_SCALE: tl.constexpr, WIDE: tl.constexpr, L_HN: tl.constexpr, V_HD: tl.constexpr,
     BLOCK_P: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_D: tl.constexpr,
 ):
-    pid_p = tl.program_id(0)
-    pid_h = tl.program_id(1)
-    offs_p = pid_p.to(tl.int64) * BLOCK_P + tl.arange(0, BLOCK_P)
-    mask_p = offs_p < B * Ho * Wo
-    b, y0, x0 = _src_coords(offs_p, Ho, Wo, SH, SW, PH, PW)
-    nh_mask, nh_l, nh_r, hd_mask, hd_v, hd_o = _head_blocks(
-        pid_h, NQ, HEADS, D, sl_n, sl_j, sv_j, sv_t, BLOCK_N, BLOCK_H, BLOCK_D, WIDE, L_HN, V_HD)
+    offs_p, mask_p, b, y0, x0, nh_mask, nh_l, nh_r, hd_mask, hd_v, hd_o = _output_tile(
+        B, Ho, Wo, NQ, HEADS, D, sl_n, sl_j, sv_j, sv_t, SH, SW, PH, PW,
+        WIDE, L_HN, V_HD, BLOCK_P, BLOCK_N, BLOCK_H, BLOCK_D)
     NH = NQ * HEADS
     pnh_mask = mask_p[:, None, None] & nh_mask[None, :, :]
 

@@ -82,11 +82,36 @@ def _head_blocks(pid_h, NQ: tl.constexpr, HEADS, D: tl.constexpr, sl_n, sl_j, sv
 
 
 @triton.jit
+def _output_tile(B, Ho, Wo, NQ: tl.constexpr, HEADS, D: tl.constexpr, sl_n, sl_j, sv_j, sv_t, SH, SW, PH, PW,
+                 WIDE: tl.constexpr, L_HN: tl.constexpr, V_HD: tl.constexpr, BLOCK_P: tl.constexpr,
+                 BLOCK_N: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_D: tl.constexpr):
+    """This program's tile of output pixels (64-bit indices: tensors beyond 2^31 elements), their
+    window origins, and its head blocks (:func:`_head_blocks`)."""
+    offs_p = tl.program_id(0).to(tl.int64) * BLOCK_P + tl.arange(0, BLOCK_P)
+    mask_p = offs_p < B * Ho * Wo
+    b, y0, x0 = _src_coords(offs_p, Ho, Wo, SH, SW, PH, PW)
+    nh_mask, nh_l, nh_r, hd_mask, hd_v, hd_o = _head_blocks(
+        tl.program_id(1), NQ, HEADS, D, sl_n, sl_j, sv_j, sv_t, BLOCK_N, BLOCK_H, BLOCK_D, WIDE, L_HN, V_HD)
+    return offs_p, mask_p, b, y0, x0, nh_mask, nh_l, nh_r, hd_mask, hd_v, hd_o
+
+
+@triton.jit
 def _load_v(V, b, y, x, valid, hd_v, hd_mask, sv_b, sv_y, sv_x):
     """values[b, y, x, heads, :] as ``[P, H, D]`` float32; 0 where the source is masked."""
     base = b * sv_b + y * sv_y + x * sv_x
     v = tl.load(V + base[:, None, None] + hd_v[None, :, :], mask=valid[:, None, None] & hd_mask[None, :, :], other=0.0)
     return v.to(tl.float32)
+
+
+@triton.jit
+def _weights_and_values(L, V, R, A, o, b, y, x, valid, lse, nh_l, nh_r, nh_mask, hd_v, hd_mask, NH,
+                        sl_b, sl_y, sl_x, sv_b, sv_y, sv_x, HAS_SCALE: tl.constexpr):
+    """At window offset ``o``: the scaled probabilities ``a[o] * exp(z - lse)`` ``[P, N, H]`` and the
+    source values ``[P, H, D]`` (0 where masked), float32."""
+    p = _exp(_load_z(L, R, o, b, y, x, valid, nh_l, nh_r, nh_mask, NH, sl_b, sl_y, sl_x) - lse)
+    if HAS_SCALE:
+        p = p * tl.load(A + o * NH + nh_r, mask=nh_mask, other=0.0)[None, :, :]
+    return p, _load_v(V, b, y, x, valid, hd_v, hd_mask, sv_b, sv_y, sv_x)
 
 
 @triton.jit
@@ -151,12 +176,9 @@ def _fwd_window(L, V, R, A, b, y0, x0, mask_p, H, W, KH, KW, nh_mask, nh_l, nh_r
         for w in range(KW):
             x = x0 + w
             valid = _col_valid(vy, x, W, MASKED)
-            o = u * KW + w
-            p = _exp(_load_z(L, R, o, b, y, x, valid, nh_l, nh_r, nh_mask, NH, sl_b, sl_y, sl_x) - lse_shift)
-            if HAS_SCALE:
-                p = p * tl.load(A + o * NH + nh_r, mask=nh_mask, other=0.0)[None, :, :]
-            wgt = tl.sum(p, axis=1)  # [P, H]
-            acc += wgt[:, :, None] * _load_v(V, b, y, x, valid, hd_v, hd_mask, sv_b, sv_y, sv_x)
+            p, v = _weights_and_values(L, V, R, A, u * KW + w, b, y, x, valid, lse_shift, nh_l, nh_r, nh_mask,
+                                       hd_v, hd_mask, NH, sl_b, sl_y, sl_x, sv_b, sv_y, sv_x, HAS_SCALE)
+            acc += tl.sum(p, axis=1)[:, :, None] * v  # queries summed before touching the values
 
     return acc, lse
 
@@ -171,14 +193,9 @@ def qna_fwd_kernel(
     HAS_SCALE: tl.constexpr, WIDE: tl.constexpr, L_HN: tl.constexpr, V_HD: tl.constexpr,
     BLOCK_P: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_D: tl.constexpr,
 ):
-    pid_p = tl.program_id(0)
-    pid_h = tl.program_id(1)
-    # 64-bit pixel indices: tensors beyond 2^31 elements
-    offs_p = pid_p.to(tl.int64) * BLOCK_P + tl.arange(0, BLOCK_P)
-    mask_p = offs_p < B * Ho * Wo
-    b, y0, x0 = _src_coords(offs_p, Ho, Wo, SH, SW, PH, PW)
-    nh_mask, nh_l, nh_r, hd_mask, hd_v, hd_o = _head_blocks(
-        pid_h, NQ, HEADS, D, sl_n, sl_j, sv_j, sv_t, BLOCK_N, BLOCK_H, BLOCK_D, WIDE, L_HN, V_HD)
+    offs_p, mask_p, b, y0, x0, nh_mask, nh_l, nh_r, hd_mask, hd_v, hd_o = _output_tile(
+        B, Ho, Wo, NQ, HEADS, D, sl_n, sl_j, sv_j, sv_t, SH, SW, PH, PW,
+        WIDE, L_HN, V_HD, BLOCK_P, BLOCK_N, BLOCK_H, BLOCK_D)
     NH = NQ * HEADS
 
     if _interior(offs_p, mask_p, y0, x0, H, W, KH, KW):
