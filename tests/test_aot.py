@@ -59,3 +59,14 @@ def test_layer_layout_keeps_window_loops_free_of_layout_conversions(compiled):
         assert generic["loop_barriers"] > 0, generic["loops"]
         value_loop = max(packed["loops"], key=lambda lp: lp["ffma"])
         assert value_loop["global_loads"].get("128", 0) >= 1, value_loop
+
+
+def test_unaligned_projection_width_still_gets_vector_loads(compiled):
+    """4 heads x 32 with 2 queries: the layer's projection is 8 + 128 = 136 columns wide, not a multiple
+    of 16, so Triton's own specialisation cannot prove the pixels aligned; the kernels' pixel-stride
+    alignment (`_pixel_align`) must still give 128-bit value loads in the forward's value loop."""
+    results, _ = compiled
+    fwd = next(r for r in results if r["ok"] and r["arch"] == 90 and r["kernel"] == "fwd"
+               and r["layout"] == "packed" and (r["heads"], r["head_dim"], r["n_queries"]) == (4, 32, 2))
+    value_loops = [lp for lp in fwd["loops"] if lp["ffma"] and lp["global_loads"]]
+    assert value_loops and all(lp["global_loads"].get("128", 0) >= 1 for lp in value_loops), value_loops

@@ -216,6 +216,21 @@ def test_interior_and_border_tiles(stride, padding, triton_backend):
         torch.testing.assert_close(got.double().cpu(), want, rtol=1e-5, atol=1e-5)
 
 
+def test_pixel_alignment_of_strides():
+    """The kernels get pixel strides divided by their alignment and multiply it back as a constant:
+    the largest power of two (up to 16 bytes of elements) dividing every pixel stride of size > 1."""
+    from qna_triton.kernels import _pixel_align, _pixel_strides
+
+    def packed(width, dtype=torch.bfloat16, B=2):
+        return torch.empty(B, 3, 5, width, dtype=dtype)[..., :8].unflatten(-1, (2, 4))
+
+    assert _pixel_align(packed(136)) == 8 and _pixel_align(packed(132)) == 4
+    assert _pixel_align(packed(131)) == 1 and _pixel_align(packed(136, torch.float32)) == 4
+    assert _pixel_align(packed(132, B=1)) == 4  # a batch of one: its stride never multiplies a nonzero index
+    t = packed(136)
+    assert [s * 8 for s in _pixel_strides(t)[:3]] == list(t.stride()[:3])
+
+
 def test_bad_input_raises_before_any_kernel(monkeypatch, triton_backend):
     import qna_triton.kernels as kernels
     from test_layer import BAD_CORE, _core
