@@ -216,6 +216,25 @@ def test_interior_and_border_tiles(stride, padding, triton_backend):
         torch.testing.assert_close(got.double().cpu(), want, rtol=1e-5, atol=1e-5)
 
 
+def test_backward_grid_keeps_occupancy_and_bounds_its_buffer(monkeypatch):
+    """The main backward kernel's persistent grid: the same resident warps per SM for every
+    num_warps, never more programs than tiles, partial-sum rows within their byte budget."""
+    from types import SimpleNamespace
+
+    import qna_triton.kernels as kernels
+
+    monkeypatch.setattr(torch.cuda, "get_device_properties", lambda d: SimpleNamespace(multi_processor_count=132))
+    cuda = torch.device("cuda")
+    warps_per_sm = kernels._BWD_WARPS_PER_SM
+    for warps in (1, 2, 4, 8):
+        progs = kernels._num_programs(10**7, cuda, warps, 4, 49 * 32)
+        assert progs * warps * 4 == 132 * warps_per_sm
+    big = kernels._num_programs(10**7, cuda, 1, 1, 961 * 32)  # k = 31: the byte cap decides
+    assert big * 961 * 32 * 4 <= kernels._PARTIAL_ROWS_BYTES < (big + 1) * 961 * 32 * 4
+    assert kernels._num_programs(3, cuda, 1, 1, 10) == 3
+    assert kernels._num_programs(100, torch.device("cpu")) == 4
+
+
 def test_pixel_alignment_of_strides():
     """The kernels get pixel strides divided by their alignment and multiply it back as a constant:
     the largest power of two (up to 16 bytes of elements) dividing every pixel stride of size > 1."""

@@ -119,13 +119,23 @@ def qna_forward(
     return out, lse
 
 
-def _num_programs(num_tiles: int, device: torch.device) -> int:
-    """Programs of the main backward kernel: enough to fill the GPU, few enough that the
-    ``[programs, K, N, h]`` partial-sum buffer for ``dr``/``da`` stays small."""
-    if device.type == "cuda":
-        sms = torch.cuda.get_device_properties(device).multi_processor_count
-        return max(1, min(num_tiles, 2 * sms))
-    return max(1, min(num_tiles, 4))
+# Main backward kernel: resident warps aimed at per SM (whatever num_warps a config has, so tuned configs
+# compare at equal occupancy), and the most bytes its [programs, K, N, h] partial-sum rows may take.
+_BWD_WARPS_PER_SM = 32
+_PARTIAL_ROWS_BYTES = 64 << 20
+
+
+def _num_programs(num_tiles: int, device: torch.device, num_warps: int = 4, head_blocks: int = 1,
+                  row_elems: int = 1) -> int:
+    """Programs (along the grid's first axis) of the main backward kernel: enough that about
+    ``_BWD_WARPS_PER_SM`` warps are resident per SM, few enough that the partial-sum buffer for
+    ``dr``/``da`` (``row_elems`` float32 per program) stays under ``_PARTIAL_ROWS_BYTES``."""
+    if device.type != "cuda":
+        return max(1, min(num_tiles, 4))
+    sms = torch.cuda.get_device_properties(device).multi_processor_count
+    want = max(1, sms * _BWD_WARPS_PER_SM // (num_warps * max(1, head_blocks)))
+    cap = max(1, _PARTIAL_ROWS_BYTES // (4 * max(1, row_elems)))  # one row holds every head block
+    return max(1, min(num_tiles, want, cap))
 
 
 def qna_backward(
@@ -166,7 +176,7 @@ def qna_backward(
     cfg = config or get_config("bwd", logits, values, ks, st, pd)
     K = ks[0] * ks[1]
     num_tiles = triton.cdiv(B * H * W, cfg.block_p)
-    progs = _num_programs(num_tiles, logits.device)
+    progs = _num_programs(num_tiles, logits.device, cfg.num_warps, triton.cdiv(h, cfg.block_h), K * N * h)
     if packed_grad:
         dqv = torch.empty((B, H, W, N * h + h * d), device=logits.device, dtype=logits.dtype)
         dl, dv = dqv[..., : N * h], dqv[..., N * h :]
