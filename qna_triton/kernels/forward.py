@@ -1,11 +1,12 @@
 """Fused QnA forward: one program per tile of output pixels and group of heads.
 
-Each program streams over the window offsets three times, reading only its tile's source pixels:
-1. the maximum of ``z = l[src] + r[o]`` per (pixel, query, head),
-2. the sum of ``exp(z - max)``, giving the exact ``lse`` (saved for the backward: ``N*h`` floats per pixel),
-3. ``out += (sum_n a[o,n] exp(z - lse)) * v[src]``: the queries and the scale are folded into one
+Each program streams over the window offsets twice, reading only its tile's source pixels:
+1. the exact ``lse`` of ``z = l[src] + r[o]`` per (pixel, query, head), by an online maximum (the running
+   sum is rescaled when the maximum grows); saved for the backward: ``N*h`` floats per pixel,
+2. ``out += (sum_n a[o,n] exp(z - lse)) * v[src]``: the queries and the scale are folded into one
    weight per (pixel, offset, head) before touching the values, so the value pass costs the same for
    any number of queries.
+Tiles whose windows all lie inside the image run both passes without bounds checks.
 Nothing of size ``window x pixels`` is ever written; accumulation is float32.
 """
 
@@ -142,20 +143,9 @@ def _interior(offs_p, mask_p, y0, x0, H, W, KH, KW):
 def _fwd_window(L, V, R, A, b, y0, x0, mask_p, H, W, KH, KW, nh_mask, nh_l, nh_r, hd_mask, hd_v, NH,
                 sl_b, sl_y, sl_x, sv_b, sv_y, sv_x, HAS_SCALE: tl.constexpr, MASKED: tl.constexpr,
                 BLOCK_P: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_D: tl.constexpr):
-    """The three passes over the window; returns ``(out [P, H, D], lse [P, N, H])``, float32."""
-    # pass 1: maximum over the window
+    """The two passes over the window; returns ``(out [P, H, D], lse [P, N, H])``, float32."""
+    # pass 1: maximum and normaliser together (online: the sum is rescaled when the maximum grows)
     m = tl.full((BLOCK_P, BLOCK_N, BLOCK_H), float("-inf"), tl.float32)
-    for u in range(KH):
-        y = y0 + u
-        vy = _row_valid(mask_p, y, H, MASKED)
-        for w in range(KW):
-            x = x0 + w
-            valid = _col_valid(vy, x, W, MASKED)
-            z = _load_z(L, R, u * KW + w, b, y, x, valid, nh_l, nh_r, nh_mask, NH, sl_b, sl_y, sl_x)
-            m = tl.maximum(m, z)
-    m = tl.where(m == float("-inf"), 0.0, m)  # empty window: any finite shift works
-
-    # pass 2: normaliser
     s = tl.zeros((BLOCK_P, BLOCK_N, BLOCK_H), tl.float32)
     for u in range(KH):
         y = y0 + u
@@ -164,11 +154,15 @@ def _fwd_window(L, V, R, A, b, y0, x0, mask_p, H, W, KH, KW, nh_mask, nh_l, nh_r
             x = x0 + w
             valid = _col_valid(vy, x, W, MASKED)
             z = _load_z(L, R, u * KW + w, b, y, x, valid, nh_l, nh_r, nh_mask, NH, sl_b, sl_y, sl_x)
-            s += _exp(z - m)
+            m_new = tl.maximum(m, z)
+            shift = tl.where(m_new == float("-inf"), 0.0, m_new)  # nothing seen yet: 0 keeps exp finite
+            s = s * _exp(m - shift) + _exp(z - shift)
+            m = m_new
+    m = tl.where(m == float("-inf"), 0.0, m)  # empty window
     lse = m + tl.log(s)  # -inf where the window holds no pixel
     lse_shift = tl.where(s > 0, lse, 0.0)
 
-    # pass 3: values weighted by the query-summed, scaled probabilities
+    # pass 2: values weighted by the query-summed, scaled probabilities
     acc = tl.zeros((BLOCK_P, BLOCK_H, BLOCK_D), tl.float32)
     for u in range(KH):
         y = y0 + u
