@@ -68,15 +68,17 @@ def _backward_impl(grad_out, logits, values, rpb, scale, lse, kernel_size, strid
         )
         grads = (torch.cat([dl.transpose(-1, -2).flatten(-2), dv.flatten(-2)], dim=-1), dr, da) if packed \
             else (dl, dv, dr, da)
-    *tensors, da = grads
+    first, *rest, da = grads
     if da is None:
         da = rpb.new_empty((0,))
-    if not packed:  # dlogits keeps a query-minor input's layout (no copy); everything else is contiguous
-        tensors[0] = _like_logits(tensors[0], logits)
-    return tuple(t if i == 0 and not packed else t.contiguous() for i, t in enumerate((*tensors, da)))
+    # dlogits keeps a query-minor input's layout (no copy); everything else is contiguous
+    first = first.contiguous() if packed else _like_logits(first, logits)
+    return (first, *(t.contiguous() for t in (*rest, da)))
 
 
 def _like_logits(dl: torch.Tensor, logits: torch.Tensor) -> torch.Tensor:
+    """The layout of ``dlogits``, one rule for the real op and its fake: query-minor for a
+    query-minor ``logits``, contiguous otherwise."""
     return reference.query_minor(dl) if reference.is_query_minor(logits) else dl.contiguous()
 
 
@@ -147,9 +149,8 @@ def _scale_grad_fake(rpb, scale):
 
 @attention_backward.register_fake
 def _attention_backward_fake(grad_out, logits, values, rpb, scale, lse, kernel_size, stride, padding):
-    dl = (reference.empty_query_minor(logits.shape, dtype=logits.dtype, device=logits.device)
-          if reference.is_query_minor(logits) else _grad_fake(logits))
-    return dl, _grad_fake(values), _grad_fake(rpb), _scale_grad_fake(rpb, scale)
+    return _like_logits(torch.empty_like(logits), logits), _grad_fake(values), _grad_fake(rpb), \
+        _scale_grad_fake(rpb, scale)
 
 
 def _setup_context(ctx, inputs, output):

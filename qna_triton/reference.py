@@ -60,8 +60,12 @@ def empty_query_minor(shape, **kwargs) -> torch.Tensor:
 def query_minor(t: torch.Tensor) -> torch.Tensor:
     """``t`` (``[..., N, h]``) with exactly the strides of :func:`empty_query_minor`; a copy only
     when it has other strides."""
-    want = empty_query_minor(t.shape, device="meta").stride()
-    if t.stride() == want:
+    *lead, N, h = t.shape
+    want, step = [1, N], h * N  # the last two dims of a contiguous [..., h, N], transposed
+    for size in reversed(lead):
+        want.insert(0, step)
+        step *= size
+    if t.stride() == tuple(want):
         return t
     return empty_query_minor(t.shape, dtype=t.dtype, device=t.device).copy_(t)
 

@@ -31,14 +31,22 @@ def _table(t: Optional[torch.Tensor]) -> Optional[torch.Tensor]:
     return None if t is None else t.detach().to(torch.float32).transpose(-1, -2).contiguous()
 
 
-def _layout_flags(logits: torch.Tensor, values: torch.Tensor) -> dict:
-    """Whether each pixel's logits are ``[h, N]`` and its values ``[h, d]`` contiguous blocks: then
-    the kernels use compile-time offsets for them (vectorised loads, no layout conversions)."""
+def _layout(logits: torch.Tensor, values: torch.Tensor, wide: Optional[bool] = None) -> dict:
+    """The kernels' layout constants for these inputs, computed once per launcher call:
+
+    * ``L_HN`` / ``V_HD``: each pixel's logits are an ``[h, N]`` and its values an ``[h, d]``
+      contiguous block, so the kernels use compile-time offsets for them (vectorised loads, no layout
+      conversions);
+    * ``L_ALIGN`` / ``V_ALIGN``: :func:`_pixel_align` of each (the pixel strides are passed divided by it);
+    * ``WIDE``: 64-bit query/head/dim offsets (:func:`_wide_offsets`, unless ``wide`` is given)."""
     _, _, _, N, h = logits.shape
     d = values.shape[-1]
-    l_hn = (logits.stride(3) == 1 or N == 1) and (logits.stride(4) == N or h == 1)
-    v_hd = (values.stride(4) == 1 or d == 1) and (values.stride(3) == d or h == 1)
-    return dict(L_HN=l_hn, V_HD=v_hd, L_ALIGN=_pixel_align(logits), V_ALIGN=_pixel_align(values))
+    return dict(
+        L_HN=(logits.stride(3) == 1 or N == 1) and (logits.stride(4) == N or h == 1),
+        V_HD=(values.stride(4) == 1 or d == 1) and (values.stride(3) == d or h == 1),
+        L_ALIGN=_pixel_align(logits), V_ALIGN=_pixel_align(values),
+        WIDE=_wide_offsets(logits, values) if wide is None else wide,
+    )
 
 
 def _pixel_align(t: torch.Tensor) -> int:
@@ -52,17 +60,17 @@ def _pixel_align(t: torch.Tensor) -> int:
     return a
 
 
-def _pixel_strides(t: torch.Tensor) -> Tuple[int, ...]:
-    """Batch/row/column strides divided by :func:`_pixel_align` (0 for a dimension of size 1), then
-    the two inner strides as they are."""
-    a = _pixel_align(t)
+def _pixel_strides(t: torch.Tensor, align: Optional[int] = None) -> Tuple[int, ...]:
+    """Batch/row/column strides divided by ``align`` (default :func:`_pixel_align`; 0 for a dimension
+    of size 1), then the two inner strides as they are."""
+    a = _pixel_align(t) if align is None else align
     return (*(t.stride(i) // a if t.size(i) > 1 else 0 for i in range(3)), t.stride(3), t.stride(4))
 
 
-def _common_args(logits, values, B, H, W, Ho, Wo, N, h, d, ks, st, pd):
+def _common_args(logits, values, B, H, W, Ho, Wo, N, h, d, ks, st, pd, layout: dict):
     return (
         B, H, W, Ho, Wo, N, h, d,
-        *_pixel_strides(logits), *_pixel_strides(values),
+        *_pixel_strides(logits, layout["L_ALIGN"]), *_pixel_strides(values, layout["V_ALIGN"]),
         ks[0], ks[1], st[0], st[1], pd[0], pd[1],
     )
 
@@ -83,11 +91,10 @@ def _wide_offsets(logits: torch.Tensor, values: torch.Tensor) -> bool:
     return max(span_l, span_v) >= 2**31
 
 
-def _blocks(cfg: KernelConfig, logits: torch.Tensor, values: torch.Tensor, wide: bool) -> dict:
+def _blocks(cfg: KernelConfig, N: int, d: int, layout: dict) -> dict:
     return dict(
-        BLOCK_P=cfg.block_p, BLOCK_N=triton.next_power_of_2(logits.shape[3]), BLOCK_H=cfg.block_h,
-        BLOCK_D=triton.next_power_of_2(values.shape[-1]), WIDE=wide, **_layout_flags(logits, values),
-        num_warps=cfg.num_warps, num_stages=cfg.num_stages,
+        BLOCK_P=cfg.block_p, BLOCK_N=triton.next_power_of_2(N), BLOCK_H=cfg.block_h,
+        BLOCK_D=triton.next_power_of_2(d), **layout, num_warps=cfg.num_warps, num_stages=cfg.num_stages,
     )
 
 
@@ -105,7 +112,7 @@ def qna_forward(
     is stored query-minor (:func:`query_minor`)."""
     B, H, W, N, h, d, Ho, Wo = _problem(logits, values, ks, st, pd)
     cfg = config or get_config("fwd", logits, values, ks, st, pd)
-    wide = _wide_offsets(logits, values)
+    layout = _layout(logits, values)
     out = torch.empty((B, Ho, Wo, h, d), device=values.device, dtype=values.dtype)
     lse = empty_query_minor((B, Ho, Wo, N, h), device=logits.device, dtype=torch.float32)
     r, a = _table(rpb), _table(scale)
@@ -113,8 +120,8 @@ def qna_forward(
     with _on_device(logits):
         qna_fwd_kernel[grid](
             logits, values, r, a if a is not None else r, out, lse,
-            *_common_args(logits, values, B, H, W, Ho, Wo, N, h, d, ks, st, pd),
-            HAS_SCALE=a is not None, **_blocks(cfg, logits, values, wide),
+            *_common_args(logits, values, B, H, W, Ho, Wo, N, h, d, ks, st, pd, layout),
+            HAS_SCALE=a is not None, **_blocks(cfg, N, d, layout),
         )
     return out, lse
 
@@ -161,8 +168,8 @@ def qna_backward(
     g = grad_out.contiguous()
     lse = query_minor(lse)
     r, a = _table(rpb), _table(scale)
-    common = _common_args(logits, values, B, H, W, Ho, Wo, N, h, d, ks, st, pd)
-    wide = _wide_offsets(logits, values)
+    layout = _layout(logits, values)
+    common = _common_args(logits, values, B, H, W, Ho, Wo, N, h, d, ks, st, pd, layout)
 
     dcfg = delta_config or get_config("bwd_delta", logits, values, ks, st, pd)
     delta = empty_query_minor((B, Ho, Wo, N, h), device=logits.device, dtype=torch.float32)
@@ -170,7 +177,7 @@ def qna_backward(
     with _on_device(logits):
         qna_bwd_delta_kernel[grid](
             logits, values, r, a if a is not None else r, g, lse, delta, *common,
-            HAS_SCALE=a is not None, **_blocks(dcfg, logits, values, wide),
+            HAS_SCALE=a is not None, **_blocks(dcfg, N, d, layout),
         )
 
     cfg = config or get_config("bwd", logits, values, ks, st, pd)
@@ -189,7 +196,7 @@ def qna_backward(
         qna_bwd_kernel[(progs, triton.cdiv(h, cfg.block_h))](
             logits, values, r, a if a is not None else r, g, lse, delta, dl, dv, dr_part, da_part,
             *common, num_tiles, triton.cdiv(num_tiles, progs), dl.stride(2), dv.stride(2),
-            HAS_SCALE=a is not None, **_blocks(cfg, logits, values, wide),
+            HAS_SCALE=a is not None, **_blocks(cfg, N, d, layout),
         )
     drpb = dr_part.sum(0).transpose(-1, -2).to(rpb.dtype)
     dscale = da_part.sum(0).transpose(-1, -2).to(scale.dtype) if a is not None else None

@@ -83,13 +83,15 @@ LAYOUTS = ("packed", "generic")
 
 def _problem_args(kernel: str, dtype: torch.dtype, n_queries: int, heads: int, head_dim: int, layout: str,
                   window: int, wide: bool):
-    """Launch arguments of a representative problem, as ``meta`` tensors (nothing is allocated).
+    """``(launch arguments, layout constants)`` of a representative problem, as ``meta`` tensors
+    (nothing is allocated).
 
     ``packed``: logits and values are column blocks of one projection output, the logits
     query-minor (the QnA layer's path); ``generic``: separate contiguous ``[N, h]`` logits and values.
     ``wide``: head-major logits with a head stride beyond 2^31 elements (the 64-bit offset variant)."""
+    from ..ops import split_packed
     from ..reference import empty_query_minor
-    from . import _common_args
+    from . import _common_args, _layout
 
     B, H, W, N, h, d = 2, 16, 16, n_queries, heads, head_dim
     meta = dict(device="meta")
@@ -98,9 +100,8 @@ def _problem_args(kernel: str, dtype: torch.dtype, n_queries: int, heads: int, h
         L = big.as_strided((B, H, W, N, h), (H * W * N, W * N, N, 1, 2**31 // h + 1))
         V = torch.empty(B, H, W, h, d, dtype=dtype, **meta)
     elif layout == "packed":
-        qv = torch.empty(B, H, W, h * N + h * d, dtype=dtype, **meta)
-        L = qv[..., : h * N].unflatten(-1, (h, N)).transpose(-1, -2)
-        V = qv[..., h * N:].unflatten(-1, (h, d))
+        L, V = split_packed(torch.empty(B, H, W, h * N + h * d, dtype=dtype, **meta),
+                            torch.empty(1, N, h, **meta))
     else:
         L = torch.empty(B, H, W, N, h, dtype=dtype, **meta)
         V = torch.empty(B, H, W, h, d, dtype=dtype, **meta)
@@ -108,7 +109,8 @@ def _problem_args(kernel: str, dtype: torch.dtype, n_queries: int, heads: int, h
     table = torch.empty(k * k, h, N, **meta)
     stats = empty_query_minor((B, H, W, N, h), **meta)
     out = torch.empty(B, H, W, h, d, dtype=dtype, **meta)
-    common = _common_args(L, V, B, H, W, H, W, N, h, d, (k, k), (1, 1), (k // 2, k // 2))
+    consts = _layout(L, V, wide=True if wide else None)
+    common = _common_args(L, V, B, H, W, H, W, N, h, d, (k, k), (1, 1), (k // 2, k // 2), consts)
     if kernel == "fwd":
         args = (L, V, table, table, out, stats, *common)
     elif kernel == "bwd_delta":
@@ -117,7 +119,7 @@ def _problem_args(kernel: str, dtype: torch.dtype, n_queries: int, heads: int, h
         dqv = torch.empty(B, H, W, h * N + h * d, dtype=dtype, **meta)
         args = (L, V, table, table, out, stats, stats, dqv[..., : h * N], dqv[..., h * N:], table, table,
                 *common, 64, 1, dqv.stride(2), dqv.stride(2))
-    return L, V, args
+    return args, consts
 
 
 def compile_kernel(
@@ -139,14 +141,14 @@ def compile_kernel(
     from triton.compiler import make_backend
     from triton.runtime.jit import create_function_from_signature
 
-    from . import _blocks, _wide_offsets
+    from . import _blocks
 
     if layout not in LAYOUTS:
         raise ValueError(f"layout must be one of {LAYOUTS}, got {layout!r}")
     fn = KERNEL_FNS[kernel]
     heads = heads if heads is not None else config.block_h
-    L, V, args = _problem_args(kernel, dtype, n_queries, heads, head_dim, layout, window, wide)
-    kwargs = dict(_blocks(config, L, V, wide or _wide_offsets(L, V)), HAS_SCALE=has_scale)
+    args, consts = _problem_args(kernel, dtype, n_queries, heads, head_dim, layout, window, wide)
+    kwargs = dict(_blocks(config, n_queries, head_dim, consts), HAS_SCALE=has_scale)
     target = GPUTarget("cuda", arch, 32)
     backend = make_backend(target)
     binder = create_function_from_signature(fn.signature, fn.params, backend)
