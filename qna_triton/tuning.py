@@ -97,17 +97,32 @@ _KEY_RE = re.compile(
 _CONFIG_FIELDS = ("block_p", "block_h", "num_warps", "num_stages")
 
 
+ALGOS = ("direct", "banded")
+
+
 @dataclass(frozen=True)
 class KernelConfig:
-    """Tile and launch parameters of one kernel: ``block_p`` pixels x ``block_h`` heads per program."""
+    """Tile and launch parameters of one kernel: ``block_p`` pixels x ``block_h`` heads per program.
+
+    The forward has two algorithms (``docs/kernels.md``): ``"direct"`` (the window loop on CUDA cores,
+    tiles of ``block_p x block_h``) and ``"banded"`` (banded matrix products on tensor cores, one head
+    and ``block_r`` output rows x ``block_w`` output columns per program; ``block_p``/``block_h``
+    unused). The backward kernels are direct only."""
 
     block_p: int
     block_h: int
     num_warps: int = 4
     num_stages: int = 1
+    algo: str = "direct"
+    block_w: int = 0
+    block_r: int = 0
 
     def as_dict(self) -> dict:
-        return asdict(self)
+        d = asdict(self)
+        if self.algo == "direct":  # schema-1 files written before the banded forward stay identical
+            for name in ("algo", "block_w", "block_r"):
+                d.pop(name)
+        return d
 
 
 @functools.lru_cache(maxsize=1024)

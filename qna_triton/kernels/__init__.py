@@ -12,6 +12,7 @@ import triton
 from ..reference import empty_query_minor, output_size, query_minor
 from ..tuning import KernelConfig, get_config
 from .backward import qna_bwd_delta_kernel, qna_bwd_kernel
+from .banded import RANGE_LIMIT, VDOT_BF16, VDOT_BF16_EMULATED, VDOT_TF32X3, qna_fwd_banded_kernel
 from .forward import qna_fwd_kernel
 
 Pair = Tuple[int, int]
@@ -98,6 +99,23 @@ def _blocks(cfg: KernelConfig, N: int, d: int, layout: dict) -> dict:
     )
 
 
+def banded_blocks(cfg: KernelConfig, N: int, d: int, ks: Pair, st: Pair, values: torch.Tensor) -> dict:
+    """Compile-time parameters of the banded forward for ``cfg`` (``algo="banded"``)."""
+    bw, br = cfg.block_w, cfg.block_r
+    bd = triton.next_power_of_2(d)
+    dc = min(bd, max(1, 256 // br))  # the value product's columns: block_r x dc <= 256
+    if values.dtype == torch.bfloat16:
+        vdot = VDOT_BF16 if values.is_cuda else VDOT_BF16_EMULATED
+    else:
+        vdot = VDOT_TF32X3
+    return dict(
+        BLOCK_W=bw, BLOCK_R=br, HALO=max(16, triton.next_power_of_2((bw - 1) * st[1] + ks[1])), BLOCK_DC=dc,
+        BLOCK_N=triton.next_power_of_2(N), BLOCK_D=bd, BLOCK_K=min(256, triton.next_power_of_2(ks[0] * ks[1])),
+        FALLBACK_P=min(bw * br, max(16, 1024 // bd)), VDOT=vdot, RANGE_LIMIT=RANGE_LIMIT,
+        num_warps=cfg.num_warps, num_stages=cfg.num_stages,
+    )
+
+
 def qna_forward(
     logits: torch.Tensor,
     values: torch.Tensor,
@@ -116,6 +134,15 @@ def qna_forward(
     out = torch.empty((B, Ho, Wo, h, d), device=values.device, dtype=values.dtype)
     lse = empty_query_minor((B, Ho, Wo, N, h), device=logits.device, dtype=torch.float32)
     r, a = _table(rpb), _table(scale)
+    if cfg.algo == "banded":
+        grid = (B * triton.cdiv(Ho, cfg.block_r) * triton.cdiv(Wo, cfg.block_w), h)
+        with _on_device(logits):
+            qna_fwd_banded_kernel[grid](
+                logits, values, r, a if a is not None else r, out, lse,
+                *_common_args(logits, values, B, H, W, Ho, Wo, N, h, d, ks, st, pd, layout),
+                HAS_SCALE=a is not None, **layout, **banded_blocks(cfg, N, d, ks, st, values),
+            )
+        return out, lse
     grid = (triton.cdiv(B * Ho * Wo, cfg.block_p), triton.cdiv(h, cfg.block_h))
     with _on_device(logits):
         qna_fwd_kernel[grid](
