@@ -99,13 +99,16 @@ def _blocks(cfg: KernelConfig, N: int, d: int, layout: dict) -> dict:
     )
 
 
-def banded_blocks(cfg: KernelConfig, N: int, d: int, ks: Pair, st: Pair, values: torch.Tensor) -> dict:
-    """Compile-time parameters of the banded forward for ``cfg`` (``algo="banded"``)."""
+def banded_blocks(cfg: KernelConfig, N: int, d: int, ks: Pair, st: Pair, values: torch.Tensor,
+                  on_gpu: Optional[bool] = None) -> dict:
+    """Compile-time parameters of the banded forward for ``cfg`` (``algo="banded"``); ``on_gpu``
+    defaults to whether ``values`` is a CUDA tensor (else the interpreter runs it)."""
+    on_gpu = values.is_cuda if on_gpu is None else on_gpu
     bw, br = cfg.block_w, cfg.block_r
     bd = triton.next_power_of_2(d)
     dc = min(bd, max(1, 256 // br))  # the value product's columns: block_r x dc <= 256
     if values.dtype == torch.bfloat16:
-        vdot = VDOT_BF16 if values.is_cuda else VDOT_BF16_EMULATED
+        vdot = VDOT_BF16 if on_gpu else VDOT_BF16_EMULATED
     else:
         vdot = VDOT_TF32X3
     return dict(

@@ -36,6 +36,7 @@ from triton.compiler import ASTSource
 
 from ..tuning import KernelConfig, heuristic_config
 from .backward import qna_bwd_delta_kernel, qna_bwd_kernel
+from .banded import qna_fwd_banded_kernel
 from .forward import qna_fwd_kernel
 
 KERNEL_FNS = {"fwd": qna_fwd_kernel, "bwd_delta": qna_bwd_delta_kernel, "bwd": qna_bwd_kernel}
@@ -56,6 +57,7 @@ class LoopProfile:
     barriers: int
     shuffles: int
     ffma: int
+    mma: int = 0  # tensor-core instructions (HMMA: mma.sync; HGMMA: Hopper's warpgroup products)
 
 
 @dataclass(frozen=True)
@@ -141,14 +143,20 @@ def compile_kernel(
     from triton.compiler import make_backend
     from triton.runtime.jit import create_function_from_signature
 
-    from . import _blocks
+    from . import _blocks, banded_blocks
 
     if layout not in LAYOUTS:
         raise ValueError(f"layout must be one of {LAYOUTS}, got {layout!r}")
-    fn = KERNEL_FNS[kernel]
+    banded = kernel == "fwd" and config.algo == "banded"
+    fn = qna_fwd_banded_kernel if banded else KERNEL_FNS[kernel]
     heads = heads if heads is not None else config.block_h
     args, consts = _problem_args(kernel, dtype, n_queries, heads, head_dim, layout, window, wide)
-    kwargs = dict(_blocks(config, n_queries, head_dim, consts), HAS_SCALE=has_scale)
+    if banded:
+        blocks = banded_blocks(config, n_queries, head_dim, (window, window), (1, 1),
+                               torch.empty(1, dtype=dtype, device="meta"), on_gpu=True)
+        kwargs = dict(blocks, **consts, HAS_SCALE=has_scale)
+    else:
+        kwargs = dict(_blocks(config, n_queries, head_dim, consts), HAS_SCALE=has_scale)
     target = GPUTarget("cuda", arch, 32)
     backend = make_backend(target)
     binder = create_function_from_signature(fn.signature, fn.params, backend)
@@ -228,6 +236,7 @@ def loop_profile(sass: str) -> Tuple[LoopProfile, ...]:
             barriers=sum(op.startswith("BAR") for op in ops),
             shuffles=sum(op.startswith("SHFL") for op in ops),
             ffma=sum(op.startswith("FFMA") for op in ops),
+            mma=sum(op.startswith(("HMMA", "HGMMA")) for op in ops),
         ))
     return tuple(result)
 

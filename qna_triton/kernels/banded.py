@@ -54,9 +54,31 @@ def _vdot(t, x, acc, VDOT: tl.constexpr):
 
 
 @triton.jit
+def _sdot(e, tp, acc, VDOT: tl.constexpr):
+    """The denominators' product: tf32 for bfloat16 inputs (errors far below theirs), else tf32x3."""
+    if VDOT == 0:
+        return tl.dot(e, tp, acc, input_precision="tf32")
+    else:
+        return tl.dot(e, tp, acc, input_precision="tf32x3")
+
+
+@triton.jit
 def _band(R, A, dy, rmax, qh, offs_i, offs_c, KW, SW, NH, HAS_SCALE: tl.constexpr):
     """The banded ``[W, halo]`` matrices of window row ``dy``: ``T' = exp(r - r_max)`` and ``T = a T'``."""
     dx = offs_c[None, :] - offs_i[:, None] * SW
+    on = (dx >= 0) & (dx < KW)
+    idx = (dy * KW + dx) * NH + qh
+    tp = _exp(tl.load(R + idx, mask=on, other=float("-inf")) - rmax)
+    if HAS_SCALE:
+        return tp, tp * tl.load(A + idx, mask=on, other=0.0)
+    else:
+        return tp, tp
+
+
+@triton.jit
+def _band_t(R, A, dy, rmax, qh, offs_i, offs_c, KW, SW, NH, HAS_SCALE: tl.constexpr):
+    """:func:`_band` transposed: ``[halo, W]``."""
+    dx = offs_c[:, None] - offs_i[None, :] * SW
     on = (dx >= 0) & (dx < KW)
     idx = (dy * KW + dx) * NH + qh
     tp = _exp(tl.load(R + idx, mask=on, other=float("-inf")) - rmax)
@@ -123,16 +145,18 @@ def qna_fwd_banded_kernel(
     x_v = ix.to(tl.int64) * sv_x
 
     # ---- the tile's logit range (finite values) per query, and the bias range: is one shift safe?
-    lmax = tl.full((BLOCK_N,), float("-inf"), tl.float32)
-    lmin = tl.full((BLOCK_N,), float("inf"), tl.float32)
+    # elementwise running extremes, reduced once after the loop (no cross-thread reduction per row)
+    lmax3 = tl.full((BLOCK_R, HALO, BLOCK_N), float("-inf"), tl.float32)
+    lmin3 = tl.full((BLOCK_R, HALO, BLOCK_N), float("inf"), tl.float32)
     for dy in range(KH):
         iy = oy * SH - PH + dy
-        m2 = col_in[:, None] & ((iy >= 0) & (iy < H) & row_out)[None, :]
-        ptr = l_img + (x_l[:, None] + iy.to(tl.int64)[None, :] * sl_y)[:, :, None] + n_off[None, None, :]
+        m2 = ((iy >= 0) & (iy < H) & row_out)[:, None] & col_in[None, :]
+        ptr = l_img + (iy.to(tl.int64)[:, None] * sl_y + x_l[None, :])[:, :, None] + n_off[None, None, :]
         lt = tl.load(ptr, mask=m2[:, :, None] & (offs_n < NQ)[None, None, :], other=float("-inf")).to(tl.float32)
-        lmax = tl.maximum(lmax, tl.max(tl.max(lt, axis=1), axis=0))
-        lt = tl.where(lt == float("-inf"), float("inf"), lt)
-        lmin = tl.minimum(lmin, tl.min(tl.min(lt, axis=1), axis=0))
+        lmax3 = tl.maximum(lmax3, lt)
+        lmin3 = tl.minimum(lmin3, tl.where(lt == float("-inf"), float("inf"), lt))
+    lmax = tl.max(tl.max(lmax3, axis=1), axis=0)
+    lmin = tl.min(tl.min(lmin3, axis=1), axis=0)
     rmax = tl.full((BLOCK_N,), float("-inf"), tl.float32)
     rmin = tl.full((BLOCK_N,), float("inf"), tl.float32)
     offs_k = tl.arange(0, BLOCK_K)
@@ -167,8 +191,10 @@ def qna_fwd_banded_kernel(
             tl.store(LSE + offs_p[:, None, None] * NH + nh_r[None, :, :], lse,
                      mask=mask_p[:, None, None] & nh_mask[None, :, :])
     else:
-        pix = (b * Ho + oy.to(tl.int64))[None, :] * Wo + ox[:, None]  # [W, R] output pixel index
-        pix_ok = (ox < Wo)[:, None] & row_out[None, :]
+        # products in the transposed orientation: [R*DC, halo] x [halo, W], the rows of the tile and
+        # the head dim as the product's rows
+        pix = (b * Ho + oy.to(tl.int64))[:, None] * Wo + ox[None, :]  # [R, W] output pixel index
+        pix_ok = row_out[:, None] & (ox < Wo)[None, :]
         offs_dc = tl.arange(0, BLOCK_DC)
         for dc in range(0, D, BLOCK_DC):
             dd = dc + offs_dc
@@ -179,7 +205,7 @@ def qna_fwd_banded_kernel(
                     d_v = jv + dd.to(tl.int64) * sv_t
                 else:
                     d_v = jv + dd * sv_t
-            out = tl.zeros((BLOCK_W, BLOCK_R, BLOCK_DC), tl.float32)
+            out = tl.zeros((BLOCK_R, BLOCK_DC, BLOCK_W), tl.float32)
             for n in range(NQ):
                 shift = _pick(lmax, offs_n, n)
                 r_max = _pick(rmax, offs_n, n)
@@ -187,25 +213,28 @@ def qna_fwd_banded_kernel(
                     ln = j * NQ + n
                 else:
                     ln = n * sl_n + jl
-                s = tl.zeros((BLOCK_W, BLOCK_R), tl.float32)
-                y = tl.zeros((BLOCK_W, BLOCK_R * BLOCK_DC), tl.float32)
+                s = tl.zeros((BLOCK_R, BLOCK_W), tl.float32)
+                y = tl.zeros((BLOCK_R * BLOCK_DC, BLOCK_W), tl.float32)
                 for dy in range(KH):
                     iy = oy * SH - PH + dy
-                    m2 = col_in[:, None] & ((iy >= 0) & (iy < H) & row_out)[None, :]
+                    m2 = ((iy >= 0) & (iy < H) & row_out)[:, None] & col_in[None, :]  # [R, halo]
                     y_l = iy.to(tl.int64) * sl_y
-                    lt = tl.load(l_img + x_l[:, None] + y_l[None, :] + ln, mask=m2, other=float("-inf"))
-                    e = _exp(lt.to(tl.float32) - shift)  # [halo, R]: one exponential per source pixel
-                    tp, t = _band(R, A, dy, r_max, j * NQ + n, offs_i, offs_c, KW, SW, NH, HAS_SCALE)
-                    s = tl.dot(tp, e, s, input_precision="tf32x3")
-                    v_ptr = (v_img + (x_v[:, None] + iy.to(tl.int64)[None, :] * sv_y)[:, :, None]
-                             + d_v[None, None, :])
-                    vt = tl.load(v_ptr, mask=m2[:, :, None] & (dd < D)[None, None, :], other=0.0)
-                    x = tl.reshape(e[:, :, None] * vt.to(tl.float32), (HALO, BLOCK_R * BLOCK_DC))
-                    y = _vdot(t, x, y, VDOT)
+                    lt = tl.load(l_img + y_l[:, None] + x_l[None, :] + ln, mask=m2, other=float("-inf"))
+                    e = _exp(lt.to(tl.float32) - shift)  # [R, halo]: one exponential per source pixel
+                    tp, t = _band_t(R, A, dy, r_max, j * NQ + n, offs_i, offs_c, KW, SW, NH, HAS_SCALE)
+                    s = _sdot(e, tp, s, VDOT)
+                    v_ptr = (v_img + (iy.to(tl.int64) * sv_y)[:, None, None] + d_v[None, :, None]
+                             + x_v[None, None, :])
+                    vt = tl.load(v_ptr, mask=m2[:, None, :] & (dd < D)[None, :, None], other=0.0)
+                    if VDOT == 0:  # bfloat16 products: packed multiplies, no conversions
+                        x = tl.reshape(e.to(tl.bfloat16)[:, None, :] * vt, (BLOCK_R * BLOCK_DC, HALO))
+                    else:
+                        x = tl.reshape(e[:, None, :] * vt.to(tl.float32), (BLOCK_R * BLOCK_DC, HALO))
+                    y = _vdot(x, t, y, VDOT)
                 inv = tl.where(s > 0, 1.0 / s, 0.0)  # an empty window (s = 0) gives 0
-                out += tl.reshape(y, (BLOCK_W, BLOCK_R, BLOCK_DC)) * inv[:, :, None]
+                out += tl.reshape(y, (BLOCK_R, BLOCK_DC, BLOCK_W)) * inv[:, None, :]
                 if dc == 0:
                     lse = tl.where(s > 0, shift + r_max + tl.log(s), float("-inf"))
                     tl.store(LSE + pix * NH + j * NQ + n, lse, mask=pix_ok)
-            o_ptr = O + (pix * (HEADS * D) + j * D)[:, :, None] + dd[None, None, :]
-            tl.store(o_ptr, out.to(O.dtype.element_ty), mask=pix_ok[:, :, None] & (dd < D)[None, None, :])
+            o_ptr = O + (pix * (HEADS * D) + j * D)[:, None, :] + dd[None, :, None]
+            tl.store(o_ptr, out.to(O.dtype.element_ty), mask=pix_ok[:, None, :] & (dd < D)[None, :, None])
