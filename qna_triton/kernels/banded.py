@@ -145,18 +145,17 @@ def qna_fwd_banded_kernel(
     x_v = ix.to(tl.int64) * sv_x
 
     # ---- the tile's logit range (finite values) per query, and the bias range: is one shift safe?
-    # elementwise running extremes, reduced once after the loop (no cross-thread reduction per row)
-    lmax3 = tl.full((BLOCK_R, HALO, BLOCK_N), float("-inf"), tl.float32)
-    lmin3 = tl.full((BLOCK_R, HALO, BLOCK_N), float("inf"), tl.float32)
-    for dy in range(KH):
-        iy = oy * SH - PH + dy
-        m2 = ((iy >= 0) & (iy < H) & row_out)[:, None] & col_in[None, :]
+    # over the halo's distinct source rows, BLOCK_R at a time (two or three steps for the usual windows)
+    lmax = tl.full((BLOCK_N,), float("-inf"), tl.float32)
+    lmin = tl.full((BLOCK_N,), float("inf"), tl.float32)
+    halo_rows = (BLOCK_R - 1) * SH + KH
+    for t0 in range(0, halo_rows, BLOCK_R):
+        iy = rb * BLOCK_R * SH - PH + t0 + offs_r
+        m2 = ((iy >= 0) & (iy < H) & (t0 + offs_r < halo_rows))[:, None] & col_in[None, :]
         ptr = l_img + (iy.to(tl.int64)[:, None] * sl_y + x_l[None, :])[:, :, None] + n_off[None, None, :]
         lt = tl.load(ptr, mask=m2[:, :, None] & (offs_n < NQ)[None, None, :], other=float("-inf")).to(tl.float32)
-        lmax3 = tl.maximum(lmax3, lt)
-        lmin3 = tl.minimum(lmin3, tl.where(lt == float("-inf"), float("inf"), lt))
-    lmax = tl.max(tl.max(lmax3, axis=1), axis=0)
-    lmin = tl.min(tl.min(lmin3, axis=1), axis=0)
+        lmax = tl.maximum(lmax, tl.max(tl.max(lt, axis=1), axis=0))
+        lmin = tl.minimum(lmin, tl.min(tl.min(tl.where(lt == float("-inf"), float("inf"), lt), axis=1), axis=0))
     rmax = tl.full((BLOCK_N,), float("-inf"), tl.float32)
     rmin = tl.full((BLOCK_N,), float("inf"), tl.float32)
     offs_k = tl.arange(0, BLOCK_K)
