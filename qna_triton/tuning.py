@@ -58,7 +58,7 @@ __all__ = [
     "KernelConfig", "heuristic_config", "get_config", "KERNELS", "EntryKey", "ConfigTable", "ConfigFileError",
     "SCHEMA_VERSION", "DTYPES", "CONFIG_DIR_ENV", "DISABLE_ENV", "SHIPPED_CONFIG_DIR", "sanitize_gpu_name",
     "size_bucket", "config_dirs", "config_file_name", "read_config_file", "write_config_file",
-    "validate_config", "lookup_config", "tile_footprint", "clear_cache",
+    "validate_config", "lookup_config", "tile_footprint", "clear_cache", "ALGOS", "ALGO_ENV", "banded_config",
 ]
 
 KERNELS = ("fwd", "bwd_delta", "bwd")
@@ -81,6 +81,13 @@ _MAX_BLOCK_H = 1024
 _MAX_WARPS = 32
 _MAX_STAGES = 8
 _MAX_TILE = 1 << 17
+# banded forward: output columns / rows per program (tensor-core operands need at least 16)
+_MAX_BANDED_BLOCK = 128
+# The heuristic takes the banded forward from this window area up (where the direct algorithm is bound
+# by CUDA-core arithmetic, docs/kernels.md), on GPUs with tensor cores for bf16/tf32 (sm_80 and later).
+BANDED_MIN_AREA = 49
+BANDED_MIN_CAPABILITY = (8, 0)
+ALGO_ENV = "QNA_TRITON_FWD_ALGO"
 # A borrowed entry is used only within this factor of the tuned heads / head_dim / queries.
 _MAX_RATIO_LOG2 = 2.0
 
@@ -135,6 +142,24 @@ def heuristic_config(kernel: str, heads: int, head_dim: int) -> KernelConfig:
     bh = max(1, min(triton.next_power_of_2(heads), _CHANNEL_BUDGET[kernel] // bd))
     bp = max(8, min(128, budget // (bh * bd)))
     return KernelConfig(block_p=bp, block_h=bh, num_warps=4, num_stages=1)
+
+
+def banded_config(window: Tuple[int, int]) -> KernelConfig:
+    """The banded forward's default: 16 x 16 output pixels of one head per program; 8 warps once the
+    halo row passes 32 pixels (the products' operands double; registers stay under 255 without spills
+    by the compiler report)."""
+    halo = triton.next_power_of_2(15 + int(window[1]))
+    return KernelConfig(block_p=1, block_h=1, num_warps=4 if halo <= 32 else 8, num_stages=1, algo="banded",
+                        block_w=16, block_r=16)
+
+
+def _fwd_algo_override() -> str:
+    """``QNA_TRITON_FWD_ALGO``: ``auto`` (default: the tuned entry, else the heuristic), ``direct`` or
+    ``banded`` (forces the forward's algorithm, on any device; the interpreter included)."""
+    value = os.environ.get(ALGO_ENV, "auto").strip().lower() or "auto"
+    if value not in ("auto",) + ALGOS:
+        raise ValueError(f"{ALGO_ENV} must be one of auto, direct, banded; got {value!r}")
+    return value
 
 
 def tile_footprint(config: KernelConfig, n_queries: int, head_dim: int) -> int:
@@ -233,6 +258,17 @@ def validate_config(value: Any) -> KernelConfig:
     cfg = KernelConfig(*(int(value[f]) for f in _CONFIG_FIELDS))
     if cfg.block_p * cfg.block_h > _MAX_TILE:
         raise ValueError(f"block_p * block_h = {cfg.block_p * cfg.block_h} exceeds {_MAX_TILE}")
+    algo = value.get("algo", "direct")
+    if algo not in ALGOS:
+        raise ValueError(f"algo must be one of {ALGOS}, got {algo!r}")
+    if algo == "banded":
+        for name in ("block_w", "block_r"):
+            v = value.get(name)
+            if isinstance(v, bool) or not isinstance(v, int) or not _is_pow(v, 2) or not 16 <= v <= _MAX_BANDED_BLOCK:
+                raise ValueError(f"{name} of a banded config must be a power of two in [16, {_MAX_BANDED_BLOCK}], "
+                                 f"got {v!r}")
+        cfg = KernelConfig(cfg.block_p, cfg.block_h, cfg.num_warps, cfg.num_stages, "banded",
+                           int(value["block_w"]), int(value["block_r"]))
     return cfg
 
 
@@ -411,7 +447,10 @@ def _load_table(gpu_name: str, dirs: Tuple[str, ...]) -> Optional[ConfigTable]:
 
 
 def _adapt(entry: EntryKey, cfg: KernelConfig, want: EntryKey) -> KernelConfig:
-    """Caps a borrowed entry's tile to the problem and to the tile it was measured with."""
+    """Caps a borrowed entry's tile to the problem and to the tile it was measured with (a banded
+    entry's tile does not grow with heads or queries: kept as measured)."""
+    if cfg.algo == "banded":
+        return cfg
     bp, bh = cfg.block_p, min(cfg.block_h, triton.next_power_of_2(want.heads))
     limit = tile_footprint(cfg, entry.n_queries, entry.head_dim)
     while tile_footprint(KernelConfig(bp, bh), want.n_queries, want.head_dim) > limit:
@@ -475,16 +514,42 @@ def get_config(
     """
     heads, head_dim = logits.shape[4], values.shape[4]
     device = logits.device
+    algo = _fwd_algo_override() if kernel == "fwd" else "direct"
+    if algo == "banded":
+        return banded_config(ks)
+    if algo == "direct" and kernel == "fwd":
+        cfg = _get_config(kernel, logits, values, ks, st, pd, heads, head_dim, device)
+        return cfg if cfg.algo == "direct" else heuristic_config(kernel, heads, head_dim)
+    return _get_config(kernel, logits, values, ks, st, pd, heads, head_dim, device)
+
+
+def _get_config(kernel, logits, values, ks, st, pd, heads, head_dim, device) -> KernelConfig:
     if device.type not in _TUNED_DEVICE_TYPES or _tuned_disabled():
-        return heuristic_config(kernel, heads, head_dim)
+        return _heuristic_for(kernel, heads, head_dim, ks, device)
     B, H, W, N = logits.shape[:4]
     if pd is None:
         pd = ((ks[0] - 1) // 2, (ks[1] - 1) // 2)
     Ho, Wo = output_size(H, ks[0], st[0], pd[0]), output_size(W, ks[1], st[1], pd[1])
     index = device.index if device.index is not None else (torch.cuda.current_device() if device.type == "cuda" else 0)
     # straight to the cache with the ints at hand: this runs on every kernel launch
-    return _lookup_cached(kernel, _TORCH_DTYPE_NAMES.get(logits.dtype, ""), ks[0], ks[1], st[0], st[1], heads,
-                          head_dim, N, size_bucket(B * Ho * Wo), _gpu_name(index), config_dirs())[0]
+    cfg, hit = _lookup_cached(kernel, _TORCH_DTYPE_NAMES.get(logits.dtype, ""), ks[0], ks[1], st[0], st[1], heads,
+                              head_dim, N, size_bucket(B * Ho * Wo), _gpu_name(index), config_dirs())
+    return cfg if hit is not None else _heuristic_for(kernel, heads, head_dim, ks, device)
+
+
+def _heuristic_for(kernel: str, heads: int, head_dim: int, ks: Tuple[int, int], device: torch.device) -> KernelConfig:
+    """:func:`heuristic_config`, except that the forward of a large window on a GPU with tensor cores
+    takes the banded algorithm (:func:`banded_config`)."""
+    if (kernel == "fwd" and device.type == "cuda" and ks[0] * ks[1] >= BANDED_MIN_AREA
+            and _capability(device.index if device.index is not None else torch.cuda.current_device())
+            >= BANDED_MIN_CAPABILITY):
+        return banded_config(ks)
+    return heuristic_config(kernel, heads, head_dim)
+
+
+@functools.lru_cache(maxsize=16)
+def _capability(index: int) -> Tuple[int, int]:
+    return tuple(torch.cuda.get_device_capability(index))
 
 
 def clear_cache() -> None:
@@ -495,4 +560,4 @@ def clear_cache() -> None:
     _warned.clear()
 
 
-_CACHES = (heuristic_config, _load_table, _lookup_cached, _gpu_name, _dirs_for)
+_CACHES = (heuristic_config, _load_table, _lookup_cached, _gpu_name, _dirs_for, _capability)

@@ -1,0 +1,173 @@
+"""The banded (tensor-core) forward against the float64 oracle, its exact fallback, and its selection.
+
+In the interpreter the bfloat16 value products are emulated (operands rounded to bfloat16, multiplied
+in float32: the interpreter's own bf16 ``tl.dot`` is wrong), so the rounding a GPU does is the one
+tested here. The backward is the direct one, fed the banded forward's ``lse``.
+"""
+
+import math
+
+import pytest
+import torch
+from helpers import Case, make_inputs
+from test_kernels import DEVICE, DTYPES, _check, _run
+
+from qna_triton import qna_attention, tuning
+from qna_triton.kernels import qna_forward
+from qna_triton.kernels.banded import RANGE_LIMIT
+from qna_triton.reference import direct_qna_attention, naive_qna_attention
+from qna_triton.tuning import KernelConfig, banded_config
+
+BANDED = KernelConfig(1, 1, 4, 1, "banded", 16, 16)
+
+# windows from 1 to beyond the 16-column tile, even and non-square, stride and padding, several
+# queries and heads, head dims that span several value chunks (40: three chunks of 16, one partial),
+# images smaller and larger than one 16 x 16 tile, with and without scale
+# (the two cases with several tiles run in one dtype each: the interpreter's backward is slow there)
+SMALL = [
+    Case(1, 9, 11, 2, 2, 8, 5, 5, 1, 1, 2, 2),
+    Case(1, 12, 13, 1, 3, 5, 4, 6, 2, 3, 3, 0),
+    Case(1, 6, 7, 2, 2, 40, 3, 3, 1, 1, 1, 1, with_scale=False),
+    Case(1, 5, 5, 1, 2, 4, 1, 1, 1, 1, 0, 0),
+]
+SWEEP = ([pytest.param(c, dt, id=f"{c}-{dt}") for c in SMALL for dt in DTYPES]
+         + [pytest.param(Case(1, 17, 20, 3, 2, 16, 7, 7, 1, 1, 3, 3), torch.bfloat16, id="2x2_tiles_k7-bf16"),
+            pytest.param(Case(1, 19, 18, 2, 1, 8, 17, 17, 1, 1, 8, 8), torch.float16, id="2x2_tiles_k17-fp16")])
+
+
+@pytest.fixture
+def banded(monkeypatch):
+    monkeypatch.setenv(tuning.ALGO_ENV, "banded")
+
+
+@pytest.fixture
+def nan_poison(monkeypatch):
+    empty = torch.empty
+
+    def poisoned(*args, **kwargs):
+        t = empty(*args, **kwargs)
+        if t.is_floating_point():
+            t.fill_(math.nan)
+        return t
+
+    monkeypatch.setattr(torch, "empty", poisoned)
+
+
+@pytest.mark.parametrize("case, dtype", SWEEP)
+def test_banded_forward_and_gradients_match_oracle(case, dtype, monkeypatch, banded, nan_poison):
+    qm = case.N > 1 and case.h > 1  # the layer's query-minor layout where it differs from [N, h]
+    out, grads, g = _run(case, dtype, "triton", monkeypatch, query_minor=qm)
+    out_ref, grads_ref, _ = _run(case, dtype, "reference", monkeypatch, query_minor=qm)
+    leaves = [t.detach().double().cpu().requires_grad_() if t is not None else None
+              for t in make_inputs(case, dtype=dtype, device=DEVICE)]
+    exact = naive_qna_attention(*leaves, *case.geometry)
+    exact_grads = torch.autograd.grad(exact, [t for t in leaves if t is not None], g.double().cpu())
+    _check(out.cpu(), exact, out_ref.cpu(), dtype, "out")
+    for name, a, r, e in zip(("dlogits", "dvalues", "drpb", "dscale"), grads, grads_ref, exact_grads):
+        _check(a.cpu(), e, r.cpu(), dtype, name)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+def test_banded_lse_and_output_equal_the_direct_form(dtype):
+    """float32 and float16 inputs use float32-accurate (tf32x3) products: the saved lse and the output
+    agree with the float64 direct form to float32 / float16 rounding."""
+    case = Case(2, 17, 20, 3, 2, 16, 7, 7, 1, 1, 3, 3)
+    logits, values, rpb, scale = make_inputs(case, dtype=dtype, device=DEVICE)
+    out, lse = qna_forward(logits, values, rpb, scale, *case.geometry, config=BANDED)
+    out_ref, lse_ref = direct_qna_attention(*(t.double().cpu() for t in (logits, values, rpb, scale)), *case.geometry)
+    tol = 1e-5 if dtype == torch.float32 else 2e-3
+    torch.testing.assert_close(lse.double().cpu(), lse_ref, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(out.double().cpu(), out_ref, rtol=tol, atol=tol)
+
+
+def test_tiles_too_wide_for_one_shift_take_the_exact_fallback():
+    """One launch where some tiles' logits span more than RANGE_LIMIT (those run the direct algorithm)
+    and others do not (the banded products): every pixel equals the float64 direct form. With a single
+    shift those wide tiles would underflow to an lse of -inf."""
+    torch.manual_seed(0)
+    B, H, W, N, h, d, k = 1, 20, 36, 2, 2, 8, 7
+    logits = torch.randn(B, H, W, N, h)
+    logits[:, :, 20:] *= 3 * RANGE_LIMIT  # the right-hand tiles only
+    values, rpb, scale = torch.randn(B, H, W, h, d), torch.randn(k * k, N, h), torch.randn(k * k, N, h)
+    geo = ((k, k), (1, 1), (3, 3))
+    out, lse = qna_forward(logits, values, rpb, scale, *geo, config=BANDED)
+    out_ref, lse_ref = direct_qna_attention(*(t.double() for t in (logits, values, rpb, scale)), *geo)
+    assert torch.isfinite(lse).all()
+    torch.testing.assert_close(lse.double(), lse_ref, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(out.double(), out_ref, rtol=1e-5, atol=1e-4)
+
+
+def test_banded_empty_windows_and_masked_offsets():
+    """Windows entirely in the padding, and offsets masked by a -inf bias: output 0 and lse -inf
+    exactly where the direct form has them, finite everywhere else."""
+    torch.manual_seed(0)
+    logits, values = torch.randn(1, 4, 5, 2, 1), torch.randn(1, 4, 5, 1, 3)
+    rpb = torch.zeros(25, 2, 1)
+    rpb[10:, 0] = -math.inf  # query 0 sees only the two top window rows
+    geo = ((5, 5), (1, 1), (4, 4))  # windows of the outer output rows/columns fall in the padding
+    out, lse = qna_forward(logits, values, rpb, None, *geo, config=BANDED)
+    out_ref, lse_ref = direct_qna_attention(logits.double(), values.double(), rpb.double(), None, *geo)
+    assert torch.equal(torch.isinf(lse), torch.isinf(lse_ref)) and torch.isinf(lse_ref).any()
+    torch.testing.assert_close(out.double(), out_ref, rtol=1e-5, atol=1e-5)
+    assert (out[torch.isinf(lse_ref).all(-2).all(-1)] == 0).all()
+
+
+def test_algorithm_selection(monkeypatch):
+    """QNA_TRITON_FWD_ALGO forces an algorithm; by default GPUs with tensor cores take the banded
+    forward from a 7 x 7 window up, CPU tensors (the interpreter) the direct one; the backward kernels
+    are never banded; a bad value names the variable."""
+    logits, values = torch.empty(1, 8, 8, 2, 4), torch.empty(1, 8, 8, 4, 8)
+    get = lambda kernel, k: tuning.get_config(kernel, logits, values, (k, k), (1, 1))  # noqa: E731
+    monkeypatch.delenv(tuning.ALGO_ENV, raising=False)
+    assert get("fwd", 15).algo == "direct"
+    monkeypatch.setenv(tuning.ALGO_ENV, "banded")
+    assert get("fwd", 3) == banded_config((3, 3)) and get("bwd", 15).algo == "direct"
+    monkeypatch.setenv(tuning.ALGO_ENV, "sideways")
+    with pytest.raises(ValueError, match=tuning.ALGO_ENV):
+        get("fwd", 3)
+    monkeypatch.setenv(tuning.ALGO_ENV, "auto")
+    monkeypatch.setattr(tuning, "_capability", lambda index: (9, 0))
+    cuda = torch.device("cuda", 0)
+    assert tuning._heuristic_for("fwd", 4, 8, (7, 7), cuda) == banded_config((7, 7))
+    assert tuning._heuristic_for("fwd", 4, 8, (5, 5), cuda).algo == "direct"
+    assert tuning._heuristic_for("bwd", 4, 8, (7, 7), cuda).algo == "direct"
+    monkeypatch.setattr(tuning, "_capability", lambda index: (7, 5))
+    assert tuning._heuristic_for("fwd", 4, 8, (7, 7), cuda).algo == "direct"
+    assert banded_config((31, 31)).num_warps == 8 and banded_config((15, 15)).num_warps == 4
+
+
+def test_banded_config_entries_round_trip_and_are_validated(tmp_path):
+    """A tuned file may hold banded forward entries: written, read back equal; bad tiles rejected."""
+    key = "kernel=fwd;dtype=bfloat16;window=15x15;stride=1x1;heads=16;head_dim=8;queries=2;bucket=65536"
+    cfg = KernelConfig(1, 1, 8, 1, "banded", 32, 16)
+    path = tmp_path / "gpu.json"
+    tuning.write_config_file(path, {"gpu_name": "x"}, {key: {"config": cfg.as_dict()}})
+    table = tuning.read_config_file(path)
+    assert list(table.entries.values()) == [cfg]
+    assert "algo" not in KernelConfig(8, 16).as_dict()  # direct entries keep the original schema
+    for bad in ({"algo": "banded", "block_w": 8, "block_r": 16}, {"algo": "banded", "block_w": 24, "block_r": 16},
+                {"algo": "banded", "block_r": 16}, {"algo": "fft"}):
+        with pytest.raises(ValueError, match="block_w|algo"):
+            tuning.validate_config(dict(block_p=1, block_h=1, num_warps=4, num_stages=1, **bad))
+
+
+def test_qna_layer_under_banded_forward(monkeypatch, banded):
+    """The QnA layer (packed query-minor projection) with the banded forward equals the reference path."""
+    from qna_triton import QnA
+
+    torch.manual_seed(0)
+    layer = QnA(8, 12, 3, kernel_size=7, stride=1, n_queries=2, attn_scale="normal").to(DEVICE)
+    with torch.no_grad():
+        layer.rpe_bias.normal_()
+    x = torch.randn(1, 9, 10, 8, device=DEVICE)
+    results = []
+    for backend in ("triton", "reference"):
+        monkeypatch.setenv("QNA_TRITON_BACKEND", backend)
+        layer.zero_grad()
+        y = layer(x)
+        y.square().sum().backward()
+        results.append((y.detach(), {n: p.grad.clone() for n, p in layer.named_parameters()}))
+    (y_t, g_t), (y_r, g_r) = results
+    torch.testing.assert_close(y_t, y_r, rtol=1e-4, atol=1e-5)
+    for name in g_r:
+        torch.testing.assert_close(g_t[name], g_r[name], rtol=1e-4, atol=1e-5, msg=name)
