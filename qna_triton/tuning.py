@@ -84,8 +84,10 @@ _MAX_TILE = 1 << 17
 # banded forward: output columns / rows per program (tensor-core operands need at least 16)
 _MAX_BANDED_BLOCK = 128
 # The heuristic takes the banded forward from this window area up (where the direct algorithm is bound
-# by CUDA-core arithmetic, docs/kernels.md), on GPUs with tensor cores for bf16/tf32 (sm_80 and later).
-BANDED_MIN_AREA = 49
+# by CUDA-core arithmetic, docs/kernels.md), on GPUs with tensor cores for bf16/tf32 (sm_80 and later):
+# 7 x 7 for bfloat16; 11 x 11 for float16/float32, whose float32 operands cost more per product (the
+# compiler report's instructions per window row, not yet a timing).
+BANDED_MIN_AREA = {torch.bfloat16: 49, torch.float16: 121, torch.float32: 121}
 BANDED_MIN_CAPABILITY = (8, 0)
 ALGO_ENV = "QNA_TRITON_FWD_ALGO"
 # A borrowed entry is used only within this factor of the tuned heads / head_dim / queries.
@@ -144,12 +146,14 @@ def heuristic_config(kernel: str, heads: int, head_dim: int) -> KernelConfig:
     return KernelConfig(block_p=bp, block_h=bh, num_warps=4, num_stages=1)
 
 
-def banded_config(window: Tuple[int, int]) -> KernelConfig:
-    """The banded forward's default: 16 x 16 output pixels of one head per program; 8 warps once the
-    halo row passes 32 pixels (the products' operands double; registers stay under 255 without spills
-    by the compiler report)."""
+def banded_config(window: Tuple[int, int], head_dim: int = 8, dtype: torch.dtype = torch.bfloat16) -> KernelConfig:
+    """The banded forward's default: 16 x 16 output pixels of one head per program, on 4 warps; on 8
+    once the operands grow (a halo row beyond 32 pixels, head dims beyond 32, or float32 operands for
+    float16/float32 inputs), which keeps it within 255 registers without spills by the compiler
+    report (``python -m qna_triton.kernels.aot``)."""
     halo = triton.next_power_of_2(15 + int(window[1]))
-    return KernelConfig(block_p=1, block_h=1, num_warps=4 if halo <= 32 else 8, num_stages=1, algo="banded",
+    small = halo <= 32 and head_dim <= 32 and dtype == torch.bfloat16
+    return KernelConfig(block_p=1, block_h=1, num_warps=4 if small else 8, num_stages=1, algo="banded",
                         block_w=16, block_r=16)
 
 
@@ -516,7 +520,7 @@ def get_config(
     device = logits.device
     algo = _fwd_algo_override() if kernel == "fwd" else "direct"
     if algo == "banded":
-        return banded_config(ks)
+        return banded_config(ks, head_dim, values.dtype)
     if algo == "direct" and kernel == "fwd":
         cfg = _get_config(kernel, logits, values, ks, st, pd, heads, head_dim, device)
         return cfg if cfg.algo == "direct" else heuristic_config(kernel, heads, head_dim)
@@ -525,7 +529,7 @@ def get_config(
 
 def _get_config(kernel, logits, values, ks, st, pd, heads, head_dim, device) -> KernelConfig:
     if device.type not in _TUNED_DEVICE_TYPES or _tuned_disabled():
-        return _heuristic_for(kernel, heads, head_dim, ks, device)
+        return _heuristic_for(kernel, heads, head_dim, ks, device, values.dtype)
     B, H, W, N = logits.shape[:4]
     if pd is None:
         pd = ((ks[0] - 1) // 2, (ks[1] - 1) // 2)
@@ -534,16 +538,17 @@ def _get_config(kernel, logits, values, ks, st, pd, heads, head_dim, device) -> 
     # straight to the cache with the ints at hand: this runs on every kernel launch
     cfg, hit = _lookup_cached(kernel, _TORCH_DTYPE_NAMES.get(logits.dtype, ""), ks[0], ks[1], st[0], st[1], heads,
                               head_dim, N, size_bucket(B * Ho * Wo), _gpu_name(index), config_dirs())
-    return cfg if hit is not None else _heuristic_for(kernel, heads, head_dim, ks, device)
+    return cfg if hit is not None else _heuristic_for(kernel, heads, head_dim, ks, device, values.dtype)
 
 
-def _heuristic_for(kernel: str, heads: int, head_dim: int, ks: Tuple[int, int], device: torch.device) -> KernelConfig:
+def _heuristic_for(kernel: str, heads: int, head_dim: int, ks: Tuple[int, int], device: torch.device,
+                   dtype: torch.dtype = torch.bfloat16) -> KernelConfig:
     """:func:`heuristic_config`, except that the forward of a large window on a GPU with tensor cores
     takes the banded algorithm (:func:`banded_config`)."""
-    if (kernel == "fwd" and device.type == "cuda" and ks[0] * ks[1] >= BANDED_MIN_AREA
+    if (kernel == "fwd" and device.type == "cuda" and ks[0] * ks[1] >= BANDED_MIN_AREA.get(dtype, 1 << 30)
             and _capability(device.index if device.index is not None else torch.cuda.current_device())
             >= BANDED_MIN_CAPABILITY):
-        return banded_config(ks)
+        return banded_config(ks, head_dim, dtype)
     return heuristic_config(kernel, heads, head_dim)
 
 

@@ -58,7 +58,7 @@ def test_layer_layout_keeps_window_loops_free_of_layout_conversions(compiled):
     results, _ = compiled
     pick = {(r["kernel"], r["layout"]): r for r in results
             if r["ok"] and r["arch"] == 90 and (r["heads"], r["head_dim"], r["n_queries"]) == (16, 8, 2)
-            and not r.get("wide")}
+            and not r.get("wide") and r.get("algo") != "banded"}
     for kernel in ("fwd", "bwd_delta"):
         packed, generic = pick[(kernel, "packed")], pick[(kernel, "generic")]
         assert packed["loop_barriers"] == 0, packed["loops"]
@@ -73,6 +73,24 @@ def test_unaligned_projection_width_still_gets_vector_loads(compiled):
     alignment (`_pixel_align`) must still give 128-bit value loads in the forward's value loop."""
     results, _ = compiled
     fwd = next(r for r in results if r["ok"] and r["arch"] == 90 and r["kernel"] == "fwd"
-               and r["layout"] == "packed" and (r["heads"], r["head_dim"], r["n_queries"]) == (4, 32, 2))
+               and r["layout"] == "packed" and r.get("algo") != "banded" and (r["heads"], r["head_dim"], r["n_queries"]) == (4, 32, 2))
     value_loops = _value_loops(fwd)
     assert value_loops and all(lp["global_loads"].get("128", 0) >= 1 for lp in value_loops), value_loops
+
+
+def test_banded_forward_runs_its_window_rows_on_tensor_cores(compiled):
+    """The banded forward compiles for sm_80 and sm_90 at its default tiles (every dtype, head dims 8
+    to 128, both halo widths); its window-row loop issues tensor-core products and only one exponential
+    per source pixel and per band element (``E`` and ``T'``), never one per (pixel, offset) pair. (With
+    16-wide value chunks the compiler recomputes ``E`` in the threads that share it rather than moving
+    it: up to twice the count, a per-pair form would issue ``16 * 16 * k`` per row: 7,936 at k = 31, against a bound of 4,096.)"""
+    results, _ = compiled
+    banded = [r for r in results if r.get("algo") == "banded"]
+    assert {r["arch"] for r in banded} == {80, 90} and {r["dtype"] for r in banded} == {"bf16", "fp16", "fp32"}
+    for r in banded:
+        assert r["ok"], r
+        mma_loops = [lp for lp in r["loops"] if lp["mma"] > 0]
+        assert len(mma_loops) == 1, r["loops"]
+        halo = max(16, 1 << (15 + r["window"] - 1).bit_length())
+        threads = 32 * r["config"]["num_warps"]
+        assert mma_loops[0]["exp2"] * threads <= 2 * (16 + 16) * halo, (r["window"], mma_loops[0])

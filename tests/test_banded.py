@@ -121,7 +121,7 @@ def test_algorithm_selection(monkeypatch):
     monkeypatch.delenv(tuning.ALGO_ENV, raising=False)
     assert get("fwd", 15).algo == "direct"
     monkeypatch.setenv(tuning.ALGO_ENV, "banded")
-    assert get("fwd", 3) == banded_config((3, 3)) and get("bwd", 15).algo == "direct"
+    assert get("fwd", 3) == banded_config((3, 3), 8, torch.float32) and get("bwd", 15).algo == "direct"
     monkeypatch.setenv(tuning.ALGO_ENV, "sideways")
     with pytest.raises(ValueError, match=tuning.ALGO_ENV):
         get("fwd", 3)
@@ -130,10 +130,13 @@ def test_algorithm_selection(monkeypatch):
     cuda = torch.device("cuda", 0)
     assert tuning._heuristic_for("fwd", 4, 8, (7, 7), cuda) == banded_config((7, 7))
     assert tuning._heuristic_for("fwd", 4, 8, (5, 5), cuda).algo == "direct"
+    assert tuning._heuristic_for("fwd", 4, 8, (7, 7), cuda, torch.float16).algo == "direct"
+    assert tuning._heuristic_for("fwd", 4, 8, (11, 11), cuda, torch.float16).algo == "banded"
     assert tuning._heuristic_for("bwd", 4, 8, (7, 7), cuda).algo == "direct"
     monkeypatch.setattr(tuning, "_capability", lambda index: (7, 5))
     assert tuning._heuristic_for("fwd", 4, 8, (7, 7), cuda).algo == "direct"
     assert banded_config((31, 31)).num_warps == 8 and banded_config((15, 15)).num_warps == 4
+    assert banded_config((15, 15), 64).num_warps == 8 and banded_config((15, 15), 8, torch.float32).num_warps == 8
 
 
 def test_banded_config_entries_round_trip_and_are_validated(tmp_path):

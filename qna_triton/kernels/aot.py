@@ -34,7 +34,7 @@ import triton
 from triton.backends.compiler import GPUTarget
 from triton.compiler import ASTSource
 
-from ..tuning import KernelConfig, heuristic_config
+from ..tuning import KernelConfig, banded_config, heuristic_config
 from .backward import qna_bwd_delta_kernel, qna_bwd_kernel
 from .banded import qna_fwd_banded_kernel
 from .forward import qna_fwd_kernel
@@ -262,16 +262,25 @@ def default_plan(archs: Sequence[int]) -> List[dict]:
                              has_scale=True, arch=arch, layout="generic"))
             plan.append(dict(kernel=kernel, dtype="bf16", heads=4, head_dim=8, n_queries=2,
                              has_scale=True, arch=arch, layout="generic", wide=True))
+        # the banded forward (tensor cores) at its default tiles: both halo widths, chunked head dims,
+        # and its three operand modes (bf16; tf32x3 for float16 and float32)
+        for dtype, (h, d), window in (("bf16", (16, 8), 15), ("bf16", (16, 8), 31), ("bf16", (4, 32), 15),
+                                      ("bf16", (1, 128), 15), ("fp16", (16, 8), 15), ("fp32", (16, 8), 7)):
+            plan.append(dict(kernel="fwd", algo="banded", dtype=dtype, heads=h, head_dim=d, n_queries=2,
+                             has_scale=True, arch=arch, layout="packed", window=window))
     return plan
 
 
 def _run(entry: dict) -> dict:
     dtype = {v: k for k, v in _TRITON_DTYPE.items()}[entry["dtype"]]
-    cfg = heuristic_config(entry["kernel"], entry["heads"], entry["head_dim"])
+    if entry.get("algo") == "banded":
+        cfg = banded_config((entry["window"], entry["window"]), entry["head_dim"], dtype)
+    else:
+        cfg = heuristic_config(entry["kernel"], entry["heads"], entry["head_dim"])
     try:
         rep = compile_kernel(entry["kernel"], dtype, cfg, entry["n_queries"], entry["head_dim"],
                              entry["has_scale"], entry["arch"], entry.get("wide", False), heads=entry["heads"],
-                             layout=entry.get("layout", "packed"), loops=True)
+                             layout=entry.get("layout", "packed"), window=entry.get("window", 7), loops=True)
         return dict(entry, config=cfg.as_dict(), ok=True, loop_barriers=rep.loop_barriers, **asdict(rep))
     except Exception as exc:  # reported, not hidden: the caller fails on ok=False
         return dict(entry, config=cfg.as_dict(), ok=False, error=f"{type(exc).__name__}: {exc}")
@@ -294,7 +303,7 @@ def main() -> None:
     plan = default_plan(args.arch or [80, 90])
     with ProcessPoolExecutor(max(1, args.jobs)) as pool:
         results = list(pool.map(_run, plan))
-    print("| arch | kernel | dtype | layout | heads x head dim | queries | block_p x block_h | warps | registers "
+    print("| arch | kernel | dtype | layout | heads x head dim | queries | tile | warps | registers "
           "| spills (B) | barriers in loops |")
     print("|---|---|---|---|---|---|---|---|---|---|---|")
     for r in results:
@@ -302,17 +311,20 @@ def main() -> None:
         usage = (f"{r['registers']} | {r['spill_stores'] + r['spill_loads']} | {r['loop_barriers']}" if r["ok"]
                  else f"FAILED: {r['error'][:60]} | - | -")
         layout = r["layout"] + (", 64-bit" if r.get("wide") else "")
+        tile = (f"banded k={r['window']}: {c['block_r']} x {c['block_w']} px" if r.get("algo") == "banded"
+                else f"{c['block_p']} x {c['block_h']}")
         print(f"| sm_{r['arch']} | {r['kernel']} | {r['dtype']} | {layout} | {r['heads']} x {r['head_dim']} | "
-              f"{r['n_queries']} | {c['block_p']} x {c['block_h']} | {c['num_warps']} | {usage} |")
+              f"{r['n_queries']} | {tile} | {c['num_warps']} | {usage} |")
     if args.loops:
         print("\n| arch | kernel | layout | heads x head dim | queries | loop | instructions | ex2 | FFMA "
-              "| global loads (count x width) | shared ops | barriers | shuffles |")
-        print("|---|---|---|---|---|---|---|---|---|---|---|---|---|")
+              "| global loads (count x width) | shared ops | barriers | shuffles | mma |")
+        print("|---|---|---|---|---|---|---|---|---|---|---|---|---|---|")
         for r in results:
             for i, lp in enumerate(r.get("loops", ())):
-                print(f"| sm_{r['arch']} | {r['kernel']} | {r['layout']} | {r['heads']} x {r['head_dim']} | "
+                print(f"| sm_{r['arch']} | {r['kernel']}{' (banded)' if r.get('algo') == 'banded' else ''} | {r['layout']} | {r['heads']} x {r['head_dim']} | "
                       f"{r['n_queries']} | {i} | {lp['instructions']} | {lp['exp2']} | {lp['ffma']} | "
-                      f"{_loads(lp['global_loads'])} | {lp['shared_ops']} | {lp['barriers']} | {lp['shuffles']} |")
+                      f"{_loads(lp['global_loads'])} | {lp['shared_ops']} | {lp['barriers']} | {lp['shuffles']} "
+                      f"| {lp['mma']} |")
     if args.json:
         with open(args.json, "w") as f:
             json.dump(results, f, indent=1)
