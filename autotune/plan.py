@@ -20,10 +20,12 @@ import math
 from dataclasses import dataclass, field, replace
 from typing import Dict, Iterable, List, Optional, Sequence, Tuple
 
+import torch
 import triton
 
 from qna_triton.tuning import (
-    DTYPES, KERNELS, EntryKey, KernelConfig, heuristic_config, size_bucket, tile_footprint,
+    BANDED_MIN_AREA, DTYPES, KERNELS, EntryKey, KernelConfig, banded_config, heuristic_config, size_bucket,
+    tile_footprint,
 )
 
 # ---------------------------------------------------------------------------------------- axes
@@ -188,7 +190,35 @@ class Plan:
         return [(s, k) for s in self.shapes for k in self.kernels]
 
     def candidates(self, shape: Shape, kernel: str) -> List[KernelConfig]:
-        return candidate_configs(kernel, shape.heads, shape.head_dim, shape.n_queries, self.n_candidates)
+        """The library's default for the problem first (:func:`default_config`), then the direct
+        neighbourhood of :func:`candidate_configs` and, for the forward, the banded tiles of
+        :func:`banded_candidates`: the tuner picks the algorithm per window as well as the tile."""
+        direct = candidate_configs(kernel, shape.heads, shape.head_dim, shape.n_queries, self.n_candidates)
+        extra = banded_candidates(shape) if kernel == "fwd" else []
+        first = default_config(kernel, shape)
+        return [first] + [c for c in dict.fromkeys(direct + extra) if c != first]
+
+
+def default_config(kernel: str, shape: Shape) -> KernelConfig:
+    """What the library runs for this problem without a tuned file on a GPU with tensor cores
+    (``qna_triton.tuning``: the banded forward from ``BANDED_MIN_AREA`` up, else the direct heuristic):
+    the reference each tuned entry's speed-up is measured against."""
+    dtype = getattr(torch, shape.dtype)
+    if kernel == "fwd" and shape.kh * shape.kw >= BANDED_MIN_AREA.get(dtype, 1 << 30):
+        return banded_config((shape.kh, shape.kw), shape.head_dim, dtype)
+    return heuristic_config(kernel, shape.heads, shape.head_dim)
+
+
+def banded_candidates(shape: Shape) -> List[KernelConfig]:
+    """Banded forward tiles worth timing for windows of 3 x 3 and more: the default 16 x 16 pixels,
+    the other warp count, and 32 columns or 32 rows on 8 warps."""
+    if shape.kh * shape.kw < 9:
+        return []
+    base = banded_config((shape.kh, shape.kw), shape.head_dim, getattr(torch, shape.dtype))
+    return list(dict.fromkeys([
+        base, replace(base, num_warps=12 - base.num_warps),
+        replace(base, block_w=32, num_warps=8), replace(base, block_r=32, num_warps=8),
+    ]))
 
 
 def default_plan(dtypes: Sequence[str] = DEFAULT_DTYPES, windows: Sequence[int] = WINDOWS,

@@ -14,10 +14,10 @@ from pathlib import Path
 from typing import Any, Callable, Dict, List, Optional, Protocol, Tuple
 
 from qna_triton.tuning import (
-    ConfigFileError, KernelConfig, heuristic_config, read_config_file, sanitize_gpu_name, write_config_file,
+    ConfigFileError, KernelConfig, read_config_file, sanitize_gpu_name, write_config_file,
 )
 
-from .plan import Plan, Shape
+from .plan import Plan, Shape, default_config
 
 # A candidate must beat the heuristic's median by this fraction to replace it: smaller differences
 # are within the spread of repeated timings, and the heuristic is the better-tested config.
@@ -55,7 +55,10 @@ def _is_sticky(e: BaseException) -> bool:
 
 
 def config_label(cfg: KernelConfig) -> str:
-    """``64x4/w4/s1``: block_p x block_h, warps, stages."""
+    """``64x4/w4/s1``: block_p x block_h, warps, stages; ``banded16x16/w4/s1``: a banded forward of
+    block_r x block_w output pixels."""
+    if cfg.algo == "banded":
+        return f"banded{cfg.block_r}x{cfg.block_w}/w{cfg.num_warps}/s{cfg.num_stages}"
     return f"{cfg.block_p}x{cfg.block_h}/w{cfg.num_warps}/s{cfg.num_stages}"
 
 
@@ -171,12 +174,13 @@ def make_progress(total: int, initial: int = 0, use_tqdm: bool = True):
 # ------------------------------------------------------------------------------------- loop
 def tune_entry(session: SessionLike, shape: Shape, kernel: str, candidates: List[KernelConfig],
                min_gain: float = MIN_GAIN) -> Tuple[Optional[Dict[str, Any]], str]:
-    """Checks and times ``candidates`` (the heuristic config is the reference and is always timed).
+    """Checks and times ``candidates`` (the library's default config for the problem,
+    :func:`~autotune.plan.default_config`, is the reference and is always timed).
 
     Returns ``(entry, "")`` or ``(None, reason)`` when not even the heuristic config could be timed.
     """
     t0 = time.monotonic()
-    heur = heuristic_config(kernel, shape.heads, shape.head_dim)
+    heur = default_config(kernel, shape)
     ordered = [heur] + [c for c in candidates if c != heur]
     timings: Dict[KernelConfig, Timing] = {}
     failed: Dict[str, str] = {}

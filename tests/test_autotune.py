@@ -193,7 +193,8 @@ def test_tuning_loop_picks_the_fastest_valid_candidate(tmp_path):
         cands = plan.candidates(shape, kernel)
         ok = [c for c in cands if c.num_stages == 1 and c.block_p != 4]
         best = min(ok, key=lambda c: fake_time(kernel, c))
-        heur = heuristic_config(kernel, shape.heads, shape.head_dim)
+        heur = plan_mod.default_config(kernel, shape)
+        assert cands[0] == heur
         if fake_time(kernel, best) > 0.98 * fake_time(kernel, heur):
             best = heur
         assert table.entries[EntryKey.from_str(text)] == best
@@ -416,3 +417,16 @@ def test_bench_checks_and_times_on_the_gpu():
                 assert 0 < p20 <= med <= p80
     finally:
         bench.release(session)
+
+
+def test_forward_candidates_include_the_banded_algorithm():
+    """The tuner chooses the forward's algorithm per window: from 3 x 3 up its candidates hold banded
+    tiles, and from 7 x 7 (bfloat16) the library's default, the reference of the speed-up, is banded."""
+    plan = plan_mod.quick_plan()
+    by_window = {s.kh: s for s, k in plan.entries() if k == "fwd" and s.sh == 1}
+    c3, c7 = plan.candidates(by_window[3], "fwd"), plan.candidates(by_window[7], "fwd")
+    assert c3[0].algo == "direct" and any(c.algo == "banded" for c in c3)
+    assert c7[0] == tuning.banded_config((7, 7)) and any(c.algo == "direct" for c in c7)
+    for c in c3 + c7:
+        tuning.validate_config(c.as_dict())
+    assert all(c.algo == "direct" for s, k in plan.entries() if k != "fwd" for c in plan.candidates(s, k))

@@ -12,7 +12,7 @@ import torch
 from helpers import Case, make_inputs
 from test_kernels import DEVICE, DTYPES, _check, _run
 
-from qna_triton import qna_attention, tuning
+from qna_triton import tuning
 from qna_triton.kernels import qna_forward
 from qna_triton.kernels.banded import RANGE_LIMIT
 from qna_triton.reference import direct_qna_attention, naive_qna_attention
