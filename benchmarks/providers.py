@@ -17,6 +17,7 @@ import torch.nn.functional as F
 from qna_triton import qna_attention
 from qna_triton.ops import resolve_backend
 from qna_triton.reference import naive_qna_attention, output_size, paper_qna_attention
+from qna_triton.tuning import forward_algorithm
 
 from . import floors
 from .peers import FLEX_MIN_HEAD_DIM, flex_neighbourhood_attention, neighbourhood_block_mask, swin_window_attention
@@ -145,6 +146,18 @@ def qna_triton(s: CoreShape, opts: Options) -> Workload:
     backend = resolve_backend(opts.device, s.dtype)
     notes = [] if backend == "triton" else [f"backend={backend} (the library's PyTorch path on {opts.device.type})"]
     return Workload(qna_inputs(s, opts), fwd, notes=notes)
+
+
+def qna_triton_direct(s: CoreShape, opts: Options) -> Workload:
+    """Our op with the direct forward forced (``qna_triton`` takes the banded one from 7 x 7 on GPUs
+    with tensor cores): the two algorithms side by side. The backward is the same."""
+    ks, st, pd = _geometry(s)
+
+    def fwd(l, v, r, a):
+        with forward_algorithm("direct"):
+            return qna_attention(l, v, r, a, ks, st, pd)
+
+    return Workload(qna_inputs(s, opts), fwd, notes=["forward: direct algorithm (forced)"])
 
 
 def _paper(s: CoreShape) -> Callable:
@@ -287,6 +300,7 @@ def copy(s: CoreShape, opts: Options) -> Workload:
 CORE_PROVIDERS: Dict[str, Callable[[CoreShape, Options], Workload]] = {
     "copy": copy,
     "qna_triton": qna_triton,
+    "qna_triton_direct": qna_triton_direct,
     "paper_eager": paper_eager,
     "paper_compiled": paper_compiled,
     "naive_window": naive_window,

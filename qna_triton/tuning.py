@@ -38,6 +38,7 @@ after the first costs a few integer operations and a dictionary hit.
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import json
 import math
@@ -47,7 +48,7 @@ import tempfile
 import warnings
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any, Dict, List, Mapping, Optional, Sequence, Tuple
+from typing import Any, Dict, Iterator, List, Mapping, Optional, Sequence, Tuple
 
 import torch
 import triton
@@ -59,6 +60,7 @@ __all__ = [
     "SCHEMA_VERSION", "DTYPES", "CONFIG_DIR_ENV", "DISABLE_ENV", "SHIPPED_CONFIG_DIR", "sanitize_gpu_name",
     "size_bucket", "config_dirs", "config_file_name", "read_config_file", "write_config_file",
     "validate_config", "lookup_config", "tile_footprint", "clear_cache", "ALGOS", "ALGO_ENV", "banded_config",
+    "forward_algorithm",
 ]
 
 KERNELS = ("fwd", "bwd_delta", "bwd")
@@ -157,9 +159,29 @@ def banded_config(window: Tuple[int, int], head_dim: int = 8, dtype: torch.dtype
                         block_w=16, block_r=16)
 
 
+_algo_forced: Optional[str] = None
+
+
+@contextlib.contextmanager
+def forward_algorithm(algo: str) -> Iterator[None]:
+    """Within the block, the forward runs ``algo`` (``"direct"``, ``"banded"`` or ``"auto"``) whatever
+    ``QNA_TRITON_FWD_ALGO`` says: e.g. to compare the two algorithms in one process."""
+    global _algo_forced
+    if algo not in ("auto",) + ALGOS:
+        raise ValueError(f"algo must be one of auto, direct, banded; got {algo!r}")
+    previous, _algo_forced = _algo_forced, algo
+    try:
+        yield
+    finally:
+        _algo_forced = previous
+
+
 def _fwd_algo_override() -> str:
-    """``QNA_TRITON_FWD_ALGO``: ``auto`` (default: the tuned entry, else the heuristic), ``direct`` or
-    ``banded`` (forces the forward's algorithm, on any device; the interpreter included)."""
+    """:func:`forward_algorithm` if active, else ``QNA_TRITON_FWD_ALGO``: ``auto`` (default: the tuned
+    entry, else the heuristic), ``direct`` or ``banded`` (forces the forward's algorithm, on any
+    device; the interpreter included)."""
+    if _algo_forced is not None:
+        return _algo_forced
     value = os.environ.get(ALGO_ENV, "auto").strip().lower() or "auto"
     if value not in ("auto",) + ALGOS:
         raise ValueError(f"{ALGO_ENV} must be one of auto, direct, banded; got {value!r}")

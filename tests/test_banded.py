@@ -120,6 +120,15 @@ def test_algorithm_selection(monkeypatch):
     get = lambda kernel, k: tuning.get_config(kernel, logits, values, (k, k), (1, 1))  # noqa: E731
     monkeypatch.delenv(tuning.ALGO_ENV, raising=False)
     assert get("fwd", 15).algo == "direct"
+    with tuning.forward_algorithm("banded"):
+        assert get("fwd", 3).algo == "banded"
+        with tuning.forward_algorithm("direct"):
+            assert get("fwd", 15).algo == "direct"
+        assert get("fwd", 3).algo == "banded"
+    assert get("fwd", 3).algo == "direct"
+    with pytest.raises(ValueError, match="algo"):
+        with tuning.forward_algorithm("fast"):
+            pass
     monkeypatch.setenv(tuning.ALGO_ENV, "banded")
     assert get("fwd", 3) == banded_config((3, 3), 8, torch.float32) and get("bwd", 15).algo == "direct"
     monkeypatch.setenv(tuning.ALGO_ENV, "sideways")
