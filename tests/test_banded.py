@@ -80,6 +80,21 @@ def test_banded_lse_and_output_equal_the_direct_form(dtype):
     torch.testing.assert_close(out.double().cpu(), out_ref, rtol=tol, atol=tol)
 
 
+def test_banded_non_contiguous_inputs():
+    """Head-major logits and spatially transposed values (neither in the layer's layout: the generic
+    strides path of the banded kernel) give the float64 direct form."""
+    torch.manual_seed(0)
+    B, H, W, N, h, d, k = 1, 18, 17, 2, 3, 8, 5
+    logits = torch.randn(B, h, N, H, W).permute(0, 3, 4, 2, 1)
+    values = torch.randn(B, W, H, h, d).transpose(1, 2)
+    rpb, scale = torch.randn(k * k, N, h), torch.randn(k * k, N, h)
+    geo = ((k, k), (1, 1), (2, 2))
+    out, lse = qna_forward(logits, values, rpb, scale, *geo, config=BANDED)
+    out_ref, lse_ref = direct_qna_attention(*(t.double() for t in (logits, values, rpb, scale)), *geo)
+    torch.testing.assert_close(lse.double(), lse_ref, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(out.double(), out_ref, rtol=1e-5, atol=1e-5)
+
+
 def test_tiles_too_wide_for_one_shift_take_the_exact_fallback():
     """One launch where some tiles' logits span more than RANGE_LIMIT (those run the direct algorithm)
     and others do not (the banded products): every pixel equals the float64 direct form. With a single

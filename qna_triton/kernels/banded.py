@@ -138,7 +138,10 @@ def qna_fwd_banded_kernel(
     if L_HN:
         n_off = j * NQ + offs_n  # query-minor: one head's queries are adjacent
     else:
-        n_off = offs_n * sl_n + jl
+        if WIDE:
+            n_off = offs_n.to(tl.int64) * sl_n + jl
+        else:
+            n_off = offs_n * sl_n + jl
     l_img = L + b * sl_b
     v_img = V + b * sv_b
     x_l = ix.to(tl.int64) * sl_x
@@ -211,7 +214,10 @@ def qna_fwd_banded_kernel(
                 if L_HN:
                     ln = j * NQ + n
                 else:
-                    ln = n * sl_n + jl
+                    if WIDE:
+                        ln = n.to(tl.int64) * sl_n + jl
+                    else:
+                        ln = n * sl_n + jl
                 s = tl.zeros((BLOCK_R, BLOCK_W), tl.float32)
                 y = tl.zeros((BLOCK_R * BLOCK_DC, BLOCK_W), tl.float32)
                 for dy in range(KH):
