@@ -542,6 +542,11 @@ def get_config(
     device = logits.device
     algo = _fwd_algo_override() if kernel == "fwd" else "direct"
     if algo == "banded":
+        if device.type == "cuda":
+            cap = _capability(device.index if device.index is not None else torch.cuda.current_device())
+            if cap < BANDED_MIN_CAPABILITY:
+                raise RuntimeError(f"the banded forward ({ALGO_ENV} / forward_algorithm) needs bf16/tf32 tensor "
+                                   f"cores (sm_80 or later); this GPU is sm_{cap[0]}{cap[1]}")
         return banded_config(ks, head_dim, values.dtype)
     if algo == "direct" and kernel == "fwd":
         cfg = _get_config(kernel, logits, values, ks, st, pd, heads, head_dim, device)

@@ -32,7 +32,7 @@ SMALL = [
 ]
 SWEEP = ([pytest.param(c, dt, id=f"{c}-{dt}") for c in SMALL for dt in DTYPES]
          + [pytest.param(Case(1, 17, 20, 3, 2, 16, 7, 7, 1, 1, 3, 3), torch.bfloat16, id="2x2_tiles_k7-bf16"),
-            pytest.param(Case(1, 19, 18, 2, 1, 8, 17, 17, 1, 1, 8, 8), torch.float16, id="2x2_tiles_k17-fp16")])
+            pytest.param(Case(1, 17, 18, 2, 1, 4, 11, 11, 1, 1, 5, 5), torch.float16, id="2x2_tiles_k11-fp16")])
 
 
 @pytest.fixture
@@ -78,6 +78,22 @@ def test_banded_lse_and_output_equal_the_direct_form(dtype):
     tol = 1e-5 if dtype == torch.float32 else 2e-3
     torch.testing.assert_close(lse.double().cpu(), lse_ref, rtol=1e-5, atol=1e-5)
     torch.testing.assert_close(out.double().cpu(), out_ref, rtol=tol, atol=tol)
+
+
+def test_bad_banded_tiles_raise_before_any_launch():
+    logits, values = torch.randn(1, 5, 5, 1, 1), torch.randn(1, 5, 5, 1, 4)
+    for bw, br in ((8, 16), (16, 24), (0, 16)):
+        with pytest.raises(ValueError, match="block_w|block_r"):
+            qna_forward(logits, values, torch.zeros(9, 1, 1), None, (3, 3), (1, 1), (1, 1),
+                        config=KernelConfig(1, 1, 4, 1, "banded", bw, br))
+
+
+def test_forcing_banded_on_a_gpu_without_bf16_tensor_cores_raises(monkeypatch):
+    monkeypatch.setattr(tuning, "_capability", lambda index: (7, 5))
+    logits, values = torch.empty(1, 8, 8, 2, 4, device="meta"), torch.empty(1, 8, 8, 4, 8, device="meta")
+    monkeypatch.setattr(torch.Tensor, "device", property(lambda self: torch.device("cuda", 0)))
+    with tuning.forward_algorithm("banded"), pytest.raises(RuntimeError, match="sm_80"):
+        tuning.get_config("fwd", logits, values, (7, 7), (1, 1))
 
 
 def test_banded_non_contiguous_inputs():

@@ -248,6 +248,10 @@ def test_pixel_alignment_of_strides():
     assert _pixel_align(packed(132, B=1)) == 4  # a batch of one: its stride never multiplies a nonzero index
     t = packed(136)
     assert [s * 8 for s in _pixel_strides(t)[:3]] == list(t.stride()[:3])
+    # a batch stride of 2^31 elements or more is passed undivided: the kernels multiply the alignment
+    # back in the argument's own integer type, and a quotient that fits 32 bits would wrap there
+    huge = torch.empty(0, dtype=torch.bfloat16, device="meta").as_strided((2, 1, 1, 1, 8), (2**31 + 8, 8, 8, 8, 1))
+    assert _pixel_align(huge) == 1 and _pixel_strides(huge)[0] == 2**31 + 8
 
 
 def test_bad_input_raises_before_any_kernel(monkeypatch, triton_backend):

@@ -55,6 +55,10 @@ def _pixel_align(t: torch.Tensor) -> int:
     ``t``. The kernels receive those strides divided by ``a`` and multiply by the constant ``a``, so the
     compiler knows each pixel starts ``a`` elements aligned (Triton's launch specialisation only knows
     multiples of 16): a packed projection of ``h*N + h*d = 136`` columns still gets 128-bit loads."""
+    if any(t.size(i) > 1 and abs(t.stride(i)) >= 2**31 for i in range(3)):
+        # the kernels multiply the divided stride back in the argument's own integer type: a quotient
+        # that fits 32 bits would wrap there, so such strides go undivided (64-bit arguments)
+        return 1
     a = max(1, 16 // t.element_size())
     while a > 1 and any(t.size(i) > 1 and t.stride(i) % a for i in range(3)):
         a //= 2
@@ -105,6 +109,9 @@ def banded_blocks(cfg: KernelConfig, N: int, d: int, ks: Pair, st: Pair, values:
     defaults to whether ``values`` is a CUDA tensor (else the interpreter runs it)."""
     on_gpu = values.is_cuda if on_gpu is None else on_gpu
     bw, br = cfg.block_w, cfg.block_r
+    for name, v in (("block_w", bw), ("block_r", br)):
+        if v < 16 or v & (v - 1):  # tensor-core operands: powers of two, at least 16
+            raise ValueError(f"config.{name} of a banded forward must be a power of two >= 16, got {v}")
     bd = triton.next_power_of_2(d)
     dc = min(bd, max(1, 256 // br))  # the value product's columns: block_r x dc <= 256
     if values.dtype == torch.bfloat16:
@@ -138,12 +145,13 @@ def qna_forward(
     lse = empty_query_minor((B, Ho, Wo, N, h), device=logits.device, dtype=torch.float32)
     r, a = _table(rpb), _table(scale)
     if cfg.algo == "banded":
+        blocks = banded_blocks(cfg, N, d, ks, st, values)  # checks the tiles first
         grid = (B * triton.cdiv(Ho, cfg.block_r) * triton.cdiv(Wo, cfg.block_w), h)
         with _on_device(logits):
             qna_fwd_banded_kernel[grid](
                 logits, values, r, a if a is not None else r, out, lse,
                 *_common_args(logits, values, B, H, W, Ho, Wo, N, h, d, ks, st, pd, layout),
-                HAS_SCALE=a is not None, **layout, **banded_blocks(cfg, N, d, ks, st, values),
+                HAS_SCALE=a is not None, **layout, **blocks,
             )
         return out, lse
     grid = (triton.cdiv(B * Ho * Wo, cfg.block_p), triton.cdiv(h, cfg.block_h))

@@ -8,20 +8,22 @@ For one head and query ``n``, with a shift ``c`` shared by the whole tile, the f
 so for a program owning ``BLOCK_R`` output rows x ``BLOCK_W`` output columns, and one window row ``dy``:
 
 * ``E[c, r] = exp(l[row r + dy, halo column c] - c)``: one exponential per *source* pixel,
-* ``T'[i, c] = exp(r[dy, c - i*s] - r_max)`` (0 off the band ``0 <= c - i*s < k_w``), ``T = a * T'``:
-  the same banded matrix for every tile, built from the tiny bias and scale tables,
-* ``S[i, r] += T' @ E`` (the softmax denominators, a ``[W, halo] x [halo, R]`` product) and
-  ``Y[i, (r, d)] += T @ (E * v)`` (a ``[W, halo] x [halo, R*d]`` product: the tile's rows become the
-  product's columns, which also makes a head dim of 8 a wide enough operand).
+* ``T'[c, i] = exp(r[dy, c - i*s] - r_max)`` (0 off the band ``0 <= c - i*s < k_w``), ``T = a * T'``:
+  ``[halo, W]``, the same banded matrix for every tile, built from the tiny bias and scale tables,
+* ``S[r, i] += E @ T'`` (the softmax denominators, ``[R, halo] x [halo, W]``) and
+  ``Y[(r, d), i] += (E * v) @ T`` (``[R*d, halo] x [halo, W]``: the tile's rows and the head dim are the
+  product's rows, which makes a head dim of 8 a 128-row operand; a warpgroup ``wgmma`` on sm_90).
 
 Then ``out = sum_n Y_n / S_n`` and ``lse_n = c + r_max + log S_n``: no exponential per (pixel, offset)
 pair, and the products run on tensor cores. The shift is exact algebra, but every term must stay a
 normal float: a tile whose logits (plus bias) span more than ``RANGE_LIMIT`` takes the direct
 algorithm of :mod:`forward` instead (decided per program, so the result is exact either way).
 
-Precision: the denominators use ``tf32x3`` products (float32-accurate); the value products use
-bfloat16 operands for bfloat16 inputs (the precision of the inputs themselves) and ``tf32x3`` otherwise
-(float16 values times small ``E`` would leave float16's range).
+Precision: bfloat16 inputs take bfloat16 operands for the value products (``E`` rounded to bfloat16,
+times the values, rounded again: the inputs' own precision) and tf32 for the denominators; float16 and
+float32 inputs take ``tf32x3`` for both (float32-accurate; float16 operands would underflow, as ``E * v``
+can leave float16's range). A NaN or infinite input reaches every output of the tile rows whose
+products it enters (``0 * NaN`` off the band), not only the windows holding it.
 """
 
 from __future__ import annotations
@@ -63,21 +65,8 @@ def _sdot(e, tp, acc, VDOT: tl.constexpr):
 
 
 @triton.jit
-def _band(R, A, dy, rmax, qh, offs_i, offs_c, KW, SW, NH, HAS_SCALE: tl.constexpr):
-    """The banded ``[W, halo]`` matrices of window row ``dy``: ``T' = exp(r - r_max)`` and ``T = a T'``."""
-    dx = offs_c[None, :] - offs_i[:, None] * SW
-    on = (dx >= 0) & (dx < KW)
-    idx = (dy * KW + dx) * NH + qh
-    tp = _exp(tl.load(R + idx, mask=on, other=float("-inf")) - rmax)
-    if HAS_SCALE:
-        return tp, tp * tl.load(A + idx, mask=on, other=0.0)
-    else:
-        return tp, tp
-
-
-@triton.jit
 def _band_t(R, A, dy, rmax, qh, offs_i, offs_c, KW, SW, NH, HAS_SCALE: tl.constexpr):
-    """:func:`_band` transposed: ``[halo, W]``."""
+    """The banded ``[halo, W]`` matrices of window row ``dy``: ``T' = exp(r - r_max)`` and ``T = a T'``."""
     dx = offs_c[:, None] - offs_i[None, :] * SW
     on = (dx >= 0) & (dx < KW)
     idx = (dy * KW + dx) * NH + qh
@@ -233,6 +222,9 @@ def qna_fwd_banded_kernel(
                     vt = tl.load(v_ptr, mask=m2[:, None, :] & (dd < D)[None, :, None], other=0.0)
                     if VDOT == 0:  # bfloat16 products: packed multiplies, no conversions
                         x = tl.reshape(e.to(tl.bfloat16)[:, None, :] * vt, (BLOCK_R * BLOCK_DC, HALO))
+                    elif VDOT == 2:  # the same roundings in float32 (the interpreter): E, then E * v in _vdot
+                        eb = e.to(tl.bfloat16).to(tl.float32)
+                        x = tl.reshape(eb[:, None, :] * vt.to(tl.float32), (BLOCK_R * BLOCK_DC, HALO))
                     else:
                         x = tl.reshape(e[:, None, :] * vt.to(tl.float32), (BLOCK_R * BLOCK_DC, HALO))
                     y = _vdot(x, t, y, VDOT)
