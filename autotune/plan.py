@@ -205,7 +205,7 @@ def default_config(kernel: str, shape: Shape) -> KernelConfig:
     the reference each tuned entry's speed-up is measured against."""
     dtype = getattr(torch, shape.dtype)
     if kernel == "fwd" and shape.kh * shape.kw >= BANDED_MIN_AREA.get(dtype, 1 << 30):
-        return banded_config((shape.kh, shape.kw), shape.head_dim, dtype)
+        return banded_config((shape.kh, shape.kw), shape.head_dim, dtype, (shape.sh, shape.sw))
     return heuristic_config(kernel, shape.heads, shape.head_dim)
 
 
@@ -214,7 +214,7 @@ def banded_candidates(shape: Shape) -> List[KernelConfig]:
     the other warp count, and 32 columns or 32 rows on 8 warps."""
     if shape.kh * shape.kw < 9:
         return []
-    base = banded_config((shape.kh, shape.kw), shape.head_dim, getattr(torch, shape.dtype))
+    base = banded_config((shape.kh, shape.kw), shape.head_dim, getattr(torch, shape.dtype), (shape.sh, shape.sw))
     return list(dict.fromkeys([
         base, replace(base, num_warps=12 - base.num_warps),
         replace(base, block_w=32, num_warps=8), replace(base, block_r=32, num_warps=8),

@@ -148,12 +148,13 @@ def heuristic_config(kernel: str, heads: int, head_dim: int) -> KernelConfig:
     return KernelConfig(block_p=bp, block_h=bh, num_warps=4, num_stages=1)
 
 
-def banded_config(window: Tuple[int, int], head_dim: int = 8, dtype: torch.dtype = torch.bfloat16) -> KernelConfig:
+def banded_config(window: Tuple[int, int], head_dim: int = 8, dtype: torch.dtype = torch.bfloat16,
+                  stride: Tuple[int, int] = (1, 1)) -> KernelConfig:
     """The banded forward's default: 16 x 16 output pixels of one head per program, on 4 warps; on 8
     once the operands grow (a halo row beyond 32 pixels, head dims beyond 32, or float32 operands for
     float16/float32 inputs), which keeps it within 255 registers without spills by the compiler
     report (``python -m qna_triton.kernels.aot``)."""
-    halo = triton.next_power_of_2(15 + int(window[1]))
+    halo = triton.next_power_of_2(15 * int(stride[1]) + int(window[1]))  # (block_w - 1) * s + k
     small = halo <= 32 and head_dim <= 32 and dtype == torch.bfloat16
     return KernelConfig(block_p=1, block_h=1, num_warps=4 if small else 8, num_stages=1, algo="banded",
                         block_w=16, block_r=16)
@@ -547,7 +548,7 @@ def get_config(
             if cap < BANDED_MIN_CAPABILITY:
                 raise RuntimeError(f"the banded forward ({ALGO_ENV} / forward_algorithm) needs bf16/tf32 tensor "
                                    f"cores (sm_80 or later); this GPU is sm_{cap[0]}{cap[1]}")
-        return banded_config(ks, head_dim, values.dtype)
+        return banded_config(ks, head_dim, values.dtype, st)
     if algo == "direct" and kernel == "fwd":
         cfg = _get_config(kernel, logits, values, ks, st, pd, heads, head_dim, device)
         return cfg if cfg.algo == "direct" else heuristic_config(kernel, heads, head_dim)
@@ -556,7 +557,7 @@ def get_config(
 
 def _get_config(kernel, logits, values, ks, st, pd, heads, head_dim, device) -> KernelConfig:
     if device.type not in _TUNED_DEVICE_TYPES or _tuned_disabled():
-        return _heuristic_for(kernel, heads, head_dim, ks, device, values.dtype)
+        return _heuristic_for(kernel, heads, head_dim, ks, device, values.dtype, st)
     B, H, W, N = logits.shape[:4]
     if pd is None:
         pd = ((ks[0] - 1) // 2, (ks[1] - 1) // 2)
@@ -565,17 +566,17 @@ def _get_config(kernel, logits, values, ks, st, pd, heads, head_dim, device) -> 
     # straight to the cache with the ints at hand: this runs on every kernel launch
     cfg, hit = _lookup_cached(kernel, _TORCH_DTYPE_NAMES.get(logits.dtype, ""), ks[0], ks[1], st[0], st[1], heads,
                               head_dim, N, size_bucket(B * Ho * Wo), _gpu_name(index), config_dirs())
-    return cfg if hit is not None else _heuristic_for(kernel, heads, head_dim, ks, device, values.dtype)
+    return cfg if hit is not None else _heuristic_for(kernel, heads, head_dim, ks, device, values.dtype, st)
 
 
 def _heuristic_for(kernel: str, heads: int, head_dim: int, ks: Tuple[int, int], device: torch.device,
-                   dtype: torch.dtype = torch.bfloat16) -> KernelConfig:
+                   dtype: torch.dtype = torch.bfloat16, st: Tuple[int, int] = (1, 1)) -> KernelConfig:
     """:func:`heuristic_config`, except that the forward of a large window on a GPU with tensor cores
     takes the banded algorithm (:func:`banded_config`)."""
     if (kernel == "fwd" and device.type == "cuda" and ks[0] * ks[1] >= BANDED_MIN_AREA.get(dtype, 1 << 30)
             and _capability(device.index if device.index is not None else torch.cuda.current_device())
             >= BANDED_MIN_CAPABILITY):
-        return banded_config(ks, head_dim, dtype)
+        return banded_config(ks, head_dim, dtype, st)
     return heuristic_config(kernel, heads, head_dim)
 
 

@@ -177,6 +177,7 @@ def test_algorithm_selection(monkeypatch):
     assert tuning._heuristic_for("fwd", 4, 8, (7, 7), cuda).algo == "direct"
     assert banded_config((31, 31)).num_warps == 8 and banded_config((15, 15)).num_warps == 4
     assert banded_config((15, 15), 64).num_warps == 8 and banded_config((15, 15), 8, torch.float32).num_warps == 8
+    assert banded_config((7, 7)).num_warps == 4 and banded_config((7, 7), stride=(2, 2)).num_warps == 8  # halo 37
 
 
 def test_banded_config_entries_round_trip_and_are_validated(tmp_path):
