@@ -24,9 +24,9 @@ import torch
 import triton
 
 from qna_triton.tuning import (
-    BANDED_MIN_AREA, DTYPES, KERNELS, EntryKey, KernelConfig, banded_config, heuristic_config, size_bucket,
-    tile_footprint,
+    DTYPES, KERNELS, EntryKey, KernelConfig, banded_config, heuristic_config, size_bucket, tile_footprint,
 )
+from qna_triton.tuning import default_config as tuning_default_config
 
 # ---------------------------------------------------------------------------------------- axes
 WINDOWS = tuple(range(1, 32, 2)) + (2, 4, 8)
@@ -201,12 +201,10 @@ class Plan:
 
 def default_config(kernel: str, shape: Shape) -> KernelConfig:
     """What the library runs for this problem without a tuned file on a GPU with tensor cores
-    (``qna_triton.tuning``: the banded forward from ``BANDED_MIN_AREA`` up, else the direct heuristic):
-    the reference each tuned entry's speed-up is measured against."""
-    dtype = getattr(torch, shape.dtype)
-    if kernel == "fwd" and shape.kh * shape.kw >= BANDED_MIN_AREA.get(dtype, 1 << 30):
-        return banded_config((shape.kh, shape.kw), shape.head_dim, dtype, (shape.sh, shape.sw))
-    return heuristic_config(kernel, shape.heads, shape.head_dim)
+    (:func:`qna_triton.tuning.default_config`): the reference each tuned entry's speed-up is measured
+    against."""
+    return tuning_default_config(kernel, shape.heads, shape.head_dim, (shape.kh, shape.kw), (shape.sh, shape.sw),
+                                 getattr(torch, shape.dtype), tensor_cores=True)
 
 
 def banded_candidates(shape: Shape) -> List[KernelConfig]:

@@ -60,7 +60,7 @@ __all__ = [
     "SCHEMA_VERSION", "DTYPES", "CONFIG_DIR_ENV", "DISABLE_ENV", "SHIPPED_CONFIG_DIR", "sanitize_gpu_name",
     "size_bucket", "config_dirs", "config_file_name", "read_config_file", "write_config_file",
     "validate_config", "lookup_config", "tile_footprint", "clear_cache", "ALGOS", "ALGO_ENV", "banded_config",
-    "forward_algorithm",
+    "forward_algorithm", "default_config", "check_banded_tiles",
 ]
 
 KERNELS = ("fwd", "bwd_delta", "bwd")
@@ -146,6 +146,25 @@ def heuristic_config(kernel: str, heads: int, head_dim: int) -> KernelConfig:
     bh = max(1, min(triton.next_power_of_2(heads), _CHANNEL_BUDGET[kernel] // bd))
     bp = max(8, min(128, budget // (bh * bd)))
     return KernelConfig(block_p=bp, block_h=bh, num_warps=4, num_stages=1)
+
+
+def check_banded_tiles(block_w: Any, block_r: Any) -> None:
+    """A banded forward's tiles are tensor-core operands: powers of two from 16 to ``_MAX_BANDED_BLOCK``
+    (ValueError naming the field otherwise). Used by the file reader and by the launcher."""
+    for name, v in (("block_w", block_w), ("block_r", block_r)):
+        if isinstance(v, bool) or not isinstance(v, int) or not _is_pow(v, 2) or not 16 <= v <= _MAX_BANDED_BLOCK:
+            raise ValueError(f"{name} of a banded config must be a power of two in [16, {_MAX_BANDED_BLOCK}], "
+                             f"got {v!r}")
+
+
+def default_config(kernel: str, heads: int, head_dim: int, ks: Tuple[int, int], st: Tuple[int, int],
+                   dtype: torch.dtype, tensor_cores: bool) -> KernelConfig:
+    """The config used without a tuned entry: :func:`heuristic_config`, except that the forward of a
+    window from ``BANDED_MIN_AREA`` up, on a GPU with bf16/tf32 ``tensor_cores``, takes the banded
+    algorithm (:func:`banded_config`)."""
+    if kernel == "fwd" and tensor_cores and ks[0] * ks[1] >= BANDED_MIN_AREA.get(dtype, 1 << 30):
+        return banded_config(ks, head_dim, dtype, st)
+    return heuristic_config(kernel, heads, head_dim)
 
 
 def banded_config(window: Tuple[int, int], head_dim: int = 8, dtype: torch.dtype = torch.bfloat16,
@@ -289,11 +308,7 @@ def validate_config(value: Any) -> KernelConfig:
     if algo not in ALGOS:
         raise ValueError(f"algo must be one of {ALGOS}, got {algo!r}")
     if algo == "banded":
-        for name in ("block_w", "block_r"):
-            v = value.get(name)
-            if isinstance(v, bool) or not isinstance(v, int) or not _is_pow(v, 2) or not 16 <= v <= _MAX_BANDED_BLOCK:
-                raise ValueError(f"{name} of a banded config must be a power of two in [16, {_MAX_BANDED_BLOCK}], "
-                                 f"got {v!r}")
+        check_banded_tiles(value.get("block_w"), value.get("block_r"))
         cfg = KernelConfig(cfg.block_p, cfg.block_h, cfg.num_warps, cfg.num_stages, "banded",
                            int(value["block_w"]), int(value["block_r"]))
     return cfg
@@ -571,13 +586,13 @@ def _get_config(kernel, logits, values, ks, st, pd, heads, head_dim, device) -> 
 
 def _heuristic_for(kernel: str, heads: int, head_dim: int, ks: Tuple[int, int], device: torch.device,
                    dtype: torch.dtype = torch.bfloat16, st: Tuple[int, int] = (1, 1)) -> KernelConfig:
-    """:func:`heuristic_config`, except that the forward of a large window on a GPU with tensor cores
-    takes the banded algorithm (:func:`banded_config`)."""
-    if (kernel == "fwd" and device.type == "cuda" and ks[0] * ks[1] >= BANDED_MIN_AREA.get(dtype, 1 << 30)
-            and _capability(device.index if device.index is not None else torch.cuda.current_device())
-            >= BANDED_MIN_CAPABILITY):
-        return banded_config(ks, head_dim, dtype, st)
-    return heuristic_config(kernel, heads, head_dim)
+    """:func:`default_config` for ``device`` (tensor cores: a CUDA device of ``BANDED_MIN_CAPABILITY``;
+    the capability is asked only when the banded forward would be chosen)."""
+    cfg = default_config(kernel, heads, head_dim, ks, st, dtype, tensor_cores=True)
+    if cfg.algo == "banded" and not (device.type == "cuda" and _capability(
+            device.index if device.index is not None else torch.cuda.current_device()) >= BANDED_MIN_CAPABILITY):
+        return heuristic_config(kernel, heads, head_dim)
+    return cfg
 
 
 @functools.lru_cache(maxsize=16)

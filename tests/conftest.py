@@ -3,6 +3,7 @@
 ``TRITON_INTERPRET`` must be set before triton is first imported, so it is set here, at collection.
 """
 
+import math
 import os
 import sys
 from pathlib import Path
@@ -28,3 +29,17 @@ def pytest_collection_modifyitems(config, items):
     for item in items:
         if "gpu" in item.keywords:
             item.add_marker(skip_gpu)
+
+
+@pytest.fixture
+def nan_poison(monkeypatch):
+    """Every float ``torch.empty`` is filled with NaN, so an element a kernel forgets to write fails."""
+    empty = torch.empty
+
+    def poisoned(*args, **kwargs):
+        t = empty(*args, **kwargs)
+        if t.is_floating_point():
+            t.fill_(math.nan)
+        return t
+
+    monkeypatch.setattr(torch, "empty", poisoned)

@@ -10,7 +10,7 @@ import torch
 import triton
 
 from ..reference import empty_query_minor, output_size, query_minor
-from ..tuning import KernelConfig, get_config
+from ..tuning import KernelConfig, check_banded_tiles, get_config
 from .backward import qna_bwd_delta_kernel, qna_bwd_kernel
 from .banded import RANGE_LIMIT, VDOT_BF16, VDOT_BF16_EMULATED, VDOT_TF32X3, qna_fwd_banded_kernel
 from .forward import qna_fwd_kernel
@@ -109,9 +109,7 @@ def banded_blocks(cfg: KernelConfig, N: int, d: int, ks: Pair, st: Pair, values:
     defaults to whether ``values`` is a CUDA tensor (else the interpreter runs it)."""
     on_gpu = values.is_cuda if on_gpu is None else on_gpu
     bw, br = cfg.block_w, cfg.block_r
-    for name, v in (("block_w", bw), ("block_r", br)):
-        if v < 16 or v & (v - 1):  # tensor-core operands: powers of two, at least 16
-            raise ValueError(f"config.{name} of a banded forward must be a power of two >= 16, got {v}")
+    check_banded_tiles(bw, br)
     bd = triton.next_power_of_2(d)
     dc = min(bd, max(1, 256 // br))  # the value product's columns: block_r x dc <= 256
     if values.dtype == torch.bfloat16:

@@ -31,7 +31,7 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
-from .forward import _exp, _fwd_window, _head_blocks
+from .forward import _exp, _fwd_window, _head_blocks, _store_out_lse
 
 # Largest spread (logits + bias, natural log units) one shift may cover: every term of the products then
 # stays above exp(-60) ~ 1e-26 of the shift, a normal number in float32, tf32 and bfloat16, so nothing
@@ -176,11 +176,8 @@ def qna_fwd_banded_kernel(
                                    nh_mask, nh_l, nh_r, hd_mask, hd_v, NH,
                                    sl_b, sl_y, sl_x, sv_b, sv_y, sv_x, HAS_SCALE, True,
                                    FALLBACK_P, BLOCK_N, 1, BLOCK_D)
-            offs_p = (b * Ho + py) * Wo + px
-            tl.store(O + offs_p[:, None, None] * (HEADS * D) + hd_o[None, :, :], acc.to(O.dtype.element_ty),
-                     mask=mask_p[:, None, None] & hd_mask[None, :, :])
-            tl.store(LSE + offs_p[:, None, None] * NH + nh_r[None, :, :], lse,
-                     mask=mask_p[:, None, None] & nh_mask[None, :, :])
+            _store_out_lse(O, LSE, acc, lse, (b * Ho + py) * Wo + px, mask_p, hd_o, hd_mask, nh_r, nh_mask,
+                           HEADS * D, NH)
     else:
         # products in the transposed orientation: [R*DC, halo] x [halo, W], the rows of the tile and
         # the head dim as the product's rows

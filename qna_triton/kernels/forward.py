@@ -178,6 +178,14 @@ def _fwd_window(L, V, R, A, b, y0, x0, mask_p, H, W, KH, KW, nh_mask, nh_l, nh_r
 
 
 @triton.jit
+def _store_out_lse(O, LSE, acc, lse, offs_p, mask_p, hd_o, hd_mask, nh_r, nh_mask, HD, NH):
+    """Writes a tile's output ``[P, H, D]`` (in the output's dtype) and ``lse`` ``[P, N, H]`` (query-minor)."""
+    tl.store(O + offs_p[:, None, None] * HD + hd_o[None, :, :], acc.to(O.dtype.element_ty),
+             mask=mask_p[:, None, None] & hd_mask[None, :, :])
+    tl.store(LSE + offs_p[:, None, None] * NH + nh_r[None, :, :], lse, mask=mask_p[:, None, None] & nh_mask[None, :, :])
+
+
+@triton.jit
 def qna_fwd_kernel(
     L, V, R, A, O, LSE,
     B, H, W, Ho, Wo, NQ: tl.constexpr, HEADS, D: tl.constexpr,
@@ -206,7 +214,4 @@ def qna_fwd_kernel(
                                sl_b, sl_y, sl_x, sv_b, sv_y, sv_x, HAS_SCALE, True,
                                BLOCK_P, BLOCK_N, BLOCK_H, BLOCK_D)
 
-    o_ptr = O + offs_p[:, None, None] * (HEADS * D) + hd_o[None, :, :]
-    tl.store(o_ptr, acc.to(O.dtype.element_ty), mask=mask_p[:, None, None] & hd_mask[None, :, :])
-    lse_ptr = LSE + offs_p[:, None, None] * NH + nh_r[None, :, :]
-    tl.store(lse_ptr, lse, mask=mask_p[:, None, None] & nh_mask[None, :, :])
+    _store_out_lse(O, LSE, acc, lse, offs_p, mask_p, hd_o, hd_mask, nh_r, nh_mask, HEADS * D, NH)
