@@ -24,7 +24,8 @@ import torch
 import triton
 
 from qna_triton.tuning import (
-    DTYPES, KERNELS, EntryKey, KernelConfig, banded_config, heuristic_config, size_bucket, tile_footprint,
+    BANDED_KERNELS, DTYPES, KERNELS, EntryKey, KernelConfig, banded_config, heuristic_config, size_bucket,
+    tile_footprint,
 )
 from qna_triton.tuning import default_config as tuning_default_config
 
@@ -191,10 +192,10 @@ class Plan:
 
     def candidates(self, shape: Shape, kernel: str) -> List[KernelConfig]:
         """The library's default for the problem first (:func:`default_config`), then the direct
-        neighbourhood of :func:`candidate_configs` and, for the forward, the banded tiles of
-        :func:`banded_candidates`: the tuner picks the algorithm per window as well as the tile."""
+        neighbourhood of :func:`candidate_configs` and, for the forward and the delta kernel, the banded
+        tiles of :func:`banded_candidates`: the tuner picks the algorithm per window as well as the tile."""
         direct = candidate_configs(kernel, shape.heads, shape.head_dim, shape.n_queries, self.n_candidates)
-        extra = banded_candidates(shape) if kernel == "fwd" else []
+        extra = banded_candidates(shape, kernel) if kernel in BANDED_KERNELS else []
         first = default_config(kernel, shape)
         return [first] + [c for c in dict.fromkeys(direct + extra) if c != first]
 
@@ -207,12 +208,13 @@ def default_config(kernel: str, shape: Shape) -> KernelConfig:
                                  getattr(torch, shape.dtype), tensor_cores=True)
 
 
-def banded_candidates(shape: Shape) -> List[KernelConfig]:
-    """Banded forward tiles worth timing for windows of 3 x 3 and more: the default 16 x 16 pixels,
-    the other warp count, and 32 columns or 32 rows on 8 warps."""
+def banded_candidates(shape: Shape, kernel: str = "fwd") -> List[KernelConfig]:
+    """Banded tiles of ``kernel`` (the forward or the delta) worth timing for windows of 3 x 3 and more:
+    the default 16 x 16 pixels, the other warp count, and 32 columns or 32 rows on 8 warps."""
     if shape.kh * shape.kw < 9:
         return []
-    base = banded_config((shape.kh, shape.kw), shape.head_dim, getattr(torch, shape.dtype), (shape.sh, shape.sw))
+    base = banded_config((shape.kh, shape.kw), shape.head_dim, getattr(torch, shape.dtype), (shape.sh, shape.sw),
+                         kernel)
     return list(dict.fromkeys([
         base, replace(base, num_warps=12 - base.num_warps),
         replace(base, block_w=32, num_warps=8), replace(base, block_r=32, num_warps=8),

@@ -55,8 +55,8 @@ def _is_sticky(e: BaseException) -> bool:
 
 
 def config_label(cfg: KernelConfig) -> str:
-    """``64x4/w4/s1``: block_p x block_h, warps, stages; ``banded16x16/w4/s1``: a banded forward of
-    block_r x block_w output pixels."""
+    """``64x4/w4/s1``: block_p x block_h, warps, stages; ``banded16x16/w4/s1``: a banded kernel (forward
+    or delta) of block_r x block_w output pixels."""
     if cfg.algo == "banded":
         return f"banded{cfg.block_r}x{cfg.block_w}/w{cfg.num_warps}/s{cfg.num_stages}"
     return f"{cfg.block_p}x{cfg.block_h}/w{cfg.num_warps}/s{cfg.num_stages}"

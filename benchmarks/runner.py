@@ -6,11 +6,12 @@ as ``unsupported: <why>``, anything else as ``error: <type>: <message>``.
 
 from __future__ import annotations
 
+import contextlib
 import gc
 import math
 import time
 from dataclasses import dataclass, field
-from typing import Callable, Dict, List, Optional, Sequence, Tuple
+from typing import Callable, ContextManager, Dict, List, Optional, Sequence, Tuple
 
 import torch
 import torch._dynamo
@@ -61,6 +62,7 @@ class Workload:
     rotate: bool = True
     fallback: Optional[Callable[[], "Workload"]] = None
     notes: List[str] = field(default_factory=list)
+    context: Optional[Callable[[], ContextManager]] = None  # entered around all of its runs
 
 
 def failure_status(exc: BaseException) -> str:
@@ -98,12 +100,17 @@ def run_workload(
     A result holds ``status`` and, where measured, ``p50_ms``, ``p20_ms``, ``p80_ms``, ``peak_mb``,
     ``extra_mb``. Memory is measured in its own runs, before the timing runs.
     """
-    notes: List[str] = []
     try:
         wl = build()
     except Exception as e:  # Unsupported, or the provider's constructor failed
-        return {p: {"status": failure_status(e)} for p in PASSES}, notes
-    notes.extend(wl.notes)
+        return {p: {"status": failure_status(e)} for p in PASSES}, []
+    with wl.context() if wl.context is not None else contextlib.nullcontext():
+        return _measure(wl, device, cfg, deadline, l2_bytes)
+
+
+def _measure(wl: Workload, device: torch.device, cfg: TimingConfig, deadline: Deadline,
+             l2_bytes: Optional[int]) -> Tuple[Dict[str, dict], List[str]]:
+    notes: List[str] = list(wl.notes)
     results: Dict[str, dict] = {p: {} for p in wl.passes}
     if deadline.spent():
         return {p: {"status": "skipped: time budget spent"} for p in wl.passes}, notes

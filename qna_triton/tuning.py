@@ -60,7 +60,7 @@ __all__ = [
     "SCHEMA_VERSION", "DTYPES", "CONFIG_DIR_ENV", "DISABLE_ENV", "SHIPPED_CONFIG_DIR", "sanitize_gpu_name",
     "size_bucket", "config_dirs", "config_file_name", "read_config_file", "write_config_file",
     "validate_config", "lookup_config", "tile_footprint", "clear_cache", "ALGOS", "ALGO_ENV", "banded_config",
-    "forward_algorithm", "default_config", "check_banded_tiles",
+    "forward_algorithm", "default_config", "check_banded_tiles", "BANDED_KERNELS",
 ]
 
 KERNELS = ("fwd", "bwd_delta", "bwd")
@@ -85,11 +85,16 @@ _MAX_STAGES = 8
 _MAX_TILE = 1 << 17
 # banded forward: output columns / rows per program (tensor-core operands need at least 16)
 _MAX_BANDED_BLOCK = 128
-# The heuristic takes the banded forward from this window area up (where the direct algorithm is bound
-# by CUDA-core arithmetic, docs/kernels.md), on GPUs with tensor cores for bf16/tf32 (sm_80 and later):
-# 7 x 7 for bfloat16; 11 x 11 for float16/float32, whose float32 operands cost more per product (the
-# compiler report's instructions per window row, not yet a timing).
-BANDED_MIN_AREA = {torch.bfloat16: 49, torch.float16: 121, torch.float32: 121}
+# The heuristic takes the banded kernels from these window areas up (where the direct algorithm is bound
+# by CUDA-core arithmetic, docs/kernels.md), on GPUs with tensor cores for bf16/tf32 (sm_80 and later).
+# Forward: 7 x 7 for bfloat16; 11 x 11 for float16/float32, whose float32 operands cost more per product.
+# Delta: its products are split into three (float32-accurate sums, see kernels.banded_blocks), so it
+# costs about twice the forward per window row and only pays from 11 x 11 (bfloat16) / 15 x 15. These
+# come from the compiler report's instructions per window row, not yet from timings.
+BANDED_MIN_AREA = {
+    "fwd": {torch.bfloat16: 49, torch.float16: 121, torch.float32: 121},
+    "bwd_delta": {torch.bfloat16: 121, torch.float16: 225, torch.float32: 225},
+}
 BANDED_MIN_CAPABILITY = (8, 0)
 ALGO_ENV = "QNA_TRITON_FWD_ALGO"
 # A borrowed entry is used only within this factor of the tuned heads / head_dim / queries.
@@ -109,16 +114,19 @@ _CONFIG_FIELDS = ("block_p", "block_h", "num_warps", "num_stages")
 
 
 ALGOS = ("direct", "banded")
+# kernels with a banded form: the forward, and the backward's delta (the same window sum, dotted with
+# the output gradient); the main backward kernel is direct only
+BANDED_KERNELS = ("fwd", "bwd_delta")
 
 
 @dataclass(frozen=True)
 class KernelConfig:
     """Tile and launch parameters of one kernel: ``block_p`` pixels x ``block_h`` heads per program.
 
-    The forward has two algorithms (``docs/kernels.md``): ``"direct"`` (the window loop on CUDA cores,
-    tiles of ``block_p x block_h``) and ``"banded"`` (banded matrix products on tensor cores, one head
-    and ``block_r`` output rows x ``block_w`` output columns per program; ``block_p``/``block_h``
-    unused). The backward kernels are direct only."""
+    The forward and the backward's delta kernel have two algorithms (``docs/kernels.md``): ``"direct"``
+    (the window loop on CUDA cores, tiles of ``block_p x block_h``) and ``"banded"`` (banded matrix
+    products on tensor cores, one head and ``block_r`` output rows x ``block_w`` output columns per
+    program; ``block_p``/``block_h`` unused). The main backward kernel is direct only."""
 
     block_p: int
     block_h: int
@@ -159,22 +167,25 @@ def check_banded_tiles(block_w: Any, block_r: Any) -> None:
 
 def default_config(kernel: str, heads: int, head_dim: int, ks: Tuple[int, int], st: Tuple[int, int],
                    dtype: torch.dtype, tensor_cores: bool) -> KernelConfig:
-    """The config used without a tuned entry: :func:`heuristic_config`, except that the forward of a
-    window from ``BANDED_MIN_AREA`` up, on a GPU with bf16/tf32 ``tensor_cores``, takes the banded
-    algorithm (:func:`banded_config`)."""
-    if kernel == "fwd" and tensor_cores and ks[0] * ks[1] >= BANDED_MIN_AREA.get(dtype, 1 << 30):
-        return banded_config(ks, head_dim, dtype, st)
+    """The config used without a tuned entry: :func:`heuristic_config`, except that the forward and the
+    delta kernel of a window from ``BANDED_MIN_AREA`` up, on a GPU with bf16/tf32 ``tensor_cores``, take
+    the banded algorithm (:func:`banded_config`)."""
+    if kernel in BANDED_KERNELS and tensor_cores and ks[0] * ks[1] >= BANDED_MIN_AREA[kernel].get(dtype, 1 << 30):
+        return banded_config(ks, head_dim, dtype, st, kernel)
     return heuristic_config(kernel, heads, head_dim)
 
 
 def banded_config(window: Tuple[int, int], head_dim: int = 8, dtype: torch.dtype = torch.bfloat16,
-                  stride: Tuple[int, int] = (1, 1)) -> KernelConfig:
-    """The banded forward's default: 16 x 16 output pixels of one head per program, on 4 warps; on 8
-    once the operands grow (a halo row beyond 32 pixels, head dims beyond 32, or float32 operands for
-    float16/float32 inputs), which keeps it within 255 registers without spills by the compiler
-    report (``python -m qna_triton.kernels.aot``)."""
+                  stride: Tuple[int, int] = (1, 1), kernel: str = "fwd") -> KernelConfig:
+    """The banded kernel's default: 16 x 16 output pixels of one head per program, on 4 warps; on 8
+    once the operands grow (a halo row beyond 32 pixels, float32 operands for float16/float32 inputs,
+    head dims beyond 32 in the forward and beyond 8 in the delta, whose split products hold twice the
+    operands), which keeps it within 255 registers and 64 bytes of spills by the compiler report
+    (``python -m qna_triton.kernels.aot``)."""
+    if kernel not in BANDED_KERNELS:
+        raise ValueError(f"kernel must be one of {BANDED_KERNELS} (those with a banded form), got {kernel!r}")
     halo = triton.next_power_of_2(15 * int(stride[1]) + int(window[1]))  # (block_w - 1) * s + k
-    small = halo <= 32 and head_dim <= 32 and dtype == torch.bfloat16
+    small = halo <= 32 and head_dim <= (32 if kernel == "fwd" else 8) and dtype == torch.bfloat16
     return KernelConfig(block_p=1, block_h=1, num_warps=4 if small else 8, num_stages=1, algo="banded",
                         block_w=16, block_r=16)
 
@@ -184,8 +195,9 @@ _algo_forced: Optional[str] = None
 
 @contextlib.contextmanager
 def forward_algorithm(algo: str) -> Iterator[None]:
-    """Within the block, the forward runs ``algo`` (``"direct"``, ``"banded"`` or ``"auto"``) whatever
-    ``QNA_TRITON_FWD_ALGO`` says: e.g. to compare the two algorithms in one process."""
+    """Within the block, the forward and the backward's delta kernel (``BANDED_KERNELS``) run ``algo``
+    (``"direct"``, ``"banded"`` or ``"auto"``) whatever ``QNA_TRITON_FWD_ALGO`` says: e.g. to compare
+    the two algorithms in one process."""
     global _algo_forced
     if algo not in ("auto",) + ALGOS:
         raise ValueError(f"algo must be one of auto, direct, banded; got {algo!r}")
@@ -198,8 +210,8 @@ def forward_algorithm(algo: str) -> Iterator[None]:
 
 def _fwd_algo_override() -> str:
     """:func:`forward_algorithm` if active, else ``QNA_TRITON_FWD_ALGO``: ``auto`` (default: the tuned
-    entry, else the heuristic), ``direct`` or ``banded`` (forces the forward's algorithm, on any
-    device; the interpreter included)."""
+    entry, else the heuristic), ``direct`` or ``banded`` (forces the algorithm of the forward and of the
+    delta kernel, on any device; the interpreter included)."""
     if _algo_forced is not None:
         return _algo_forced
     value = os.environ.get(ALGO_ENV, "auto").strip().lower() or "auto"
@@ -285,8 +297,10 @@ class EntryKey:
             raise ValueError(f"bucket {self.bucket} is not a power of {BUCKET_BASE}")
 
 
-def validate_config(value: Any) -> KernelConfig:
-    """A ``{"block_p", "block_h", "num_warps", "num_stages"}`` mapping as a checked KernelConfig."""
+def validate_config(value: Any, kernel: Optional[str] = None) -> KernelConfig:
+    """A ``{"block_p", "block_h", "num_warps", "num_stages"}`` mapping (plus ``algo``, ``block_w``,
+    ``block_r`` for a banded entry) as a checked KernelConfig; ``kernel``, when given, must have the
+    entry's algorithm."""
     if not isinstance(value, Mapping):
         raise ValueError(f"config must be an object, got {type(value).__name__}")
     missing = [f for f in _CONFIG_FIELDS if f not in value]
@@ -308,6 +322,8 @@ def validate_config(value: Any) -> KernelConfig:
     if algo not in ALGOS:
         raise ValueError(f"algo must be one of {ALGOS}, got {algo!r}")
     if algo == "banded":
+        if kernel is not None and kernel not in BANDED_KERNELS:
+            raise ValueError(f"algo 'banded' exists for {BANDED_KERNELS} only, not for {kernel!r}")
         check_banded_tiles(value.get("block_w"), value.get("block_r"))
         cfg = KernelConfig(cfg.block_p, cfg.block_h, cfg.num_warps, cfg.num_stages, "banded",
                            int(value["block_w"]), int(value["block_r"]))
@@ -391,7 +407,7 @@ def read_config_file(path: os.PathLike) -> ConfigTable:
             key = EntryKey.from_str(text)
             if not isinstance(value, dict):
                 raise ValueError(f"entry must be an object, got {type(value).__name__}")
-            cfg = validate_config(value.get("config"))
+            cfg = validate_config(value.get("config"), key.kernel)
         except ValueError as e:
             invalid[str(text)] = str(e)
             continue
@@ -405,8 +421,7 @@ def write_config_file(path: os.PathLike, metadata: Mapping[str, Any], entries: M
     """Writes a schema-1 config file atomically (a reader never sees half a file); every entry is
     validated first, so the writer cannot produce a file the reader rejects."""
     for text, value in entries.items():
-        EntryKey.from_str(text)
-        validate_config(value.get("config"))
+        validate_config(value.get("config"), EntryKey.from_str(text).kernel)
     data = {
         "schema_version": SCHEMA_VERSION,
         "metadata": dict(metadata),
@@ -556,15 +571,15 @@ def get_config(
     """
     heads, head_dim = logits.shape[4], values.shape[4]
     device = logits.device
-    algo = _fwd_algo_override() if kernel == "fwd" else "direct"
+    algo = _fwd_algo_override() if kernel in BANDED_KERNELS else "direct"
     if algo == "banded":
         if device.type == "cuda":
             cap = _capability(device.index if device.index is not None else torch.cuda.current_device())
             if cap < BANDED_MIN_CAPABILITY:
                 raise RuntimeError(f"the banded forward ({ALGO_ENV} / forward_algorithm) needs bf16/tf32 tensor "
                                    f"cores (sm_80 or later); this GPU is sm_{cap[0]}{cap[1]}")
-        return banded_config(ks, head_dim, values.dtype, st)
-    if algo == "direct" and kernel == "fwd":
+        return banded_config(ks, head_dim, values.dtype, st, kernel)
+    if algo == "direct" and kernel in BANDED_KERNELS:
         cfg = _get_config(kernel, logits, values, ks, st, pd, heads, head_dim, device)
         return cfg if cfg.algo == "direct" else heuristic_config(kernel, heads, head_dim)
     return _get_config(kernel, logits, values, ks, st, pd, heads, head_dim, device)

@@ -7,6 +7,7 @@ import math
 import os
 import subprocess
 import sys
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
@@ -419,9 +420,10 @@ def test_bench_checks_and_times_on_the_gpu():
         bench.release(session)
 
 
-def test_forward_candidates_include_the_banded_algorithm():
-    """The tuner chooses the forward's algorithm per window: from 3 x 3 up its candidates hold banded
-    tiles, and from 7 x 7 (bfloat16) the library's default, the reference of the speed-up, is banded."""
+def test_forward_and_delta_candidates_include_the_banded_algorithm():
+    """The tuner chooses the algorithm of the forward and of the delta kernel per window: from 3 x 3 up
+    their candidates hold banded tiles, and from 7 x 7 (bfloat16) the forward's default, the reference
+    of the speed-up, is banded (the delta's from 11 x 11); the main backward kernel is direct only."""
     plan = plan_mod.quick_plan()
     by_window = {s.kh: s for s, k in plan.entries() if k == "fwd" and s.sh == 1}
     c3, c7 = plan.candidates(by_window[3], "fwd"), plan.candidates(by_window[7], "fwd")
@@ -429,4 +431,8 @@ def test_forward_candidates_include_the_banded_algorithm():
     assert c7[0] == tuning.banded_config((7, 7)) and any(c.algo == "direct" for c in c7)
     for c in c3 + c7:
         tuning.validate_config(c.as_dict())
-    assert all(c.algo == "direct" for s, k in plan.entries() if k != "fwd" for c in plan.candidates(s, k))
+    d3, d7 = plan.candidates(by_window[3], "bwd_delta"), plan.candidates(by_window[7], "bwd_delta")
+    assert d3[0].algo == d7[0].algo == "direct" and any(c.algo == "banded" for c in d3 + d7)
+    d11 = plan.candidates(replace(by_window[7], kh=11, kw=11, ph=5, pw=5), "bwd_delta")
+    assert d11[0] == tuning.banded_config((11, 11), kernel="bwd_delta")
+    assert all(c.algo == "direct" for s, k in plan.entries() if k == "bwd" for c in plan.candidates(s, k))

@@ -1,10 +1,13 @@
-"""The banded (tensor-core) forward against the float64 oracle, its exact fallback, and its selection.
+"""The banded (tensor-core) kernels, forward and the backward's delta, against the float64 oracle,
+their exact fallback, and their selection.
 
 In the interpreter the bfloat16 value products are emulated (operands rounded to bfloat16, multiplied
 in float32: the interpreter's own bf16 ``tl.dot`` is wrong), so the rounding a GPU does is the one
-tested here. The backward is the direct one, fed the banded forward's ``lse``.
+tested here. The main backward kernel is the direct one, fed the banded forward's ``lse`` and the
+banded delta.
 """
 
+import json
 import math
 
 import pytest
@@ -13,7 +16,7 @@ from helpers import Case, make_inputs
 from test_kernels import DEVICE, DTYPES, _check, _run, assert_layer_matches_reference_path
 
 from qna_triton import tuning
-from qna_triton.kernels import qna_forward
+from qna_triton.kernels import qna_backward, qna_forward
 from qna_triton.kernels.banded import RANGE_LIMIT
 from qna_triton.reference import direct_qna_attention, naive_qna_attention
 from qna_triton.tuning import KernelConfig, banded_config
@@ -132,8 +135,9 @@ def test_banded_empty_windows_and_masked_offsets():
 
 def test_algorithm_selection(monkeypatch):
     """QNA_TRITON_FWD_ALGO forces an algorithm; by default GPUs with tensor cores take the banded
-    forward from a 7 x 7 window up, CPU tensors (the interpreter) the direct one; the backward kernels
-    are never banded; a bad value names the variable."""
+    forward from a 7 x 7 window up and the banded delta from 11 x 11 (bfloat16), CPU tensors (the
+    interpreter) the direct ones; the main backward kernel is never banded; a bad value names the
+    variable."""
     logits, values = torch.empty(1, 8, 8, 2, 4), torch.empty(1, 8, 8, 4, 8)
     get = lambda kernel, k: tuning.get_config(kernel, logits, values, (k, k), (1, 1))  # noqa: E731
     monkeypatch.delenv(tuning.ALGO_ENV, raising=False)
@@ -149,6 +153,7 @@ def test_algorithm_selection(monkeypatch):
             pass
     monkeypatch.setenv(tuning.ALGO_ENV, "banded")
     assert get("fwd", 3) == banded_config((3, 3), 8, torch.float32) and get("bwd", 15).algo == "direct"
+    assert get("bwd_delta", 3) == banded_config((3, 3), 8, torch.float32, kernel="bwd_delta")
     monkeypatch.setenv(tuning.ALGO_ENV, "sideways")
     with pytest.raises(ValueError, match=tuning.ALGO_ENV):
         get("fwd", 3)
@@ -160,21 +165,40 @@ def test_algorithm_selection(monkeypatch):
     assert tuning._heuristic_for("fwd", 4, 8, (7, 7), cuda, torch.float16).algo == "direct"
     assert tuning._heuristic_for("fwd", 4, 8, (11, 11), cuda, torch.float16).algo == "banded"
     assert tuning._heuristic_for("bwd", 4, 8, (7, 7), cuda).algo == "direct"
+    assert tuning._heuristic_for("bwd", 4, 8, (31, 31), cuda).algo == "direct"
+    assert tuning._heuristic_for("bwd_delta", 4, 8, (9, 9), cuda).algo == "direct"
+    assert tuning._heuristic_for("bwd_delta", 4, 8, (11, 11), cuda) == banded_config((11, 11), kernel="bwd_delta")
+    assert tuning._heuristic_for("bwd_delta", 4, 8, (13, 13), cuda, torch.float32).algo == "direct"
+    assert tuning._heuristic_for("bwd_delta", 4, 8, (15, 15), cuda, torch.float32).algo == "banded"
     monkeypatch.setattr(tuning, "_capability", lambda index: (7, 5))
     assert tuning._heuristic_for("fwd", 4, 8, (7, 7), cuda).algo == "direct"
     assert banded_config((31, 31)).num_warps == 8 and banded_config((15, 15)).num_warps == 4
     assert banded_config((15, 15), 64).num_warps == 8 and banded_config((15, 15), 8, torch.float32).num_warps == 8
     assert banded_config((7, 7)).num_warps == 4 and banded_config((7, 7), stride=(2, 2)).num_warps == 8  # halo 37
+    # the delta's split products hold twice the operands: 8 warps from head dim 16
+    assert banded_config((15, 15), 8, kernel="bwd_delta").num_warps == 4
+    assert banded_config((15, 15), 16, kernel="bwd_delta").num_warps == 8
+    with pytest.raises(ValueError, match="kernel"):
+        banded_config((15, 15), kernel="bwd")
 
 
 def test_banded_config_entries_round_trip_and_are_validated(tmp_path):
-    """A tuned file may hold banded forward entries: written, read back equal; bad tiles rejected."""
+    """A tuned file may hold banded forward and delta entries: written, read back equal; bad tiles
+    rejected, and so is a banded entry for the main backward kernel (it has no banded form)."""
     key = "kernel=fwd;dtype=bfloat16;window=15x15;stride=1x1;heads=16;head_dim=8;queries=2;bucket=65536"
     cfg = KernelConfig(1, 1, 8, 1, "banded", 32, 16)
     path = tmp_path / "gpu.json"
-    tuning.write_config_file(path, {"gpu_name": "x"}, {key: {"config": cfg.as_dict()}})
+    entries = {key: {"config": cfg.as_dict()}, key.replace("fwd", "bwd_delta"): {"config": cfg.as_dict()}}
+    tuning.write_config_file(path, {"gpu_name": "x"}, entries)
     table = tuning.read_config_file(path)
-    assert list(table.entries.values()) == [cfg]
+    assert list(table.entries.values()) == [cfg, cfg] and not table.invalid
+    with pytest.raises(ValueError, match="banded"):
+        tuning.write_config_file(path, {"gpu_name": "x"}, {key.replace("fwd", "bwd"): {"config": cfg.as_dict()}})
+    raw = json.loads(path.read_text())
+    raw["entries"][key.replace("fwd", "bwd")] = {"config": cfg.as_dict()}
+    path.write_text(json.dumps(raw))
+    table = tuning.read_config_file(path)
+    assert len(table.entries) == 2 and "banded" in table.invalid[key.replace("fwd", "bwd")]
     assert "algo" not in KernelConfig(8, 16).as_dict()  # direct entries keep the original schema
     for bad in ({"algo": "banded", "block_w": 8, "block_r": 16}, {"algo": "banded", "block_w": 24, "block_r": 16},
                 {"algo": "banded", "block_r": 16}, {"algo": "fft"}):
@@ -189,3 +213,74 @@ def test_qna_layer_under_banded_forward(monkeypatch, banded):
     torch.manual_seed(0)
     layer = QnA(8, 12, 3, kernel_size=7, stride=1, n_queries=2, attn_scale="normal").to(DEVICE)
     assert_layer_matches_reference_path(layer, torch.randn(1, 9, 10, 8, device=DEVICE), monkeypatch)
+
+
+def _grads(case_inputs, geo, lse, g, dcfg):
+    logits, values, rpb, scale = case_inputs
+    return qna_backward(g, logits, values, rpb, scale, lse, *geo, delta_config=dcfg)
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_banded_delta_equals_the_direct_delta(dtype):
+    """The backward with the banded delta gives the direct delta's gradients to float32 accuracy, in
+    every dtype: its value products are float32-accurate (bfloat16 inputs: operands split into two
+    bfloat16 parts), because the main kernel subtracts ``D`` from ``a t``. With plain bfloat16 operands
+    (the forward's) ``dlogits`` and ``drpb`` of this case are off by ~1 % (checked), beyond the bounds here. Head
+    dim 40 spans three value chunks; the second tile takes the fallback (logits too wide for one shift)."""
+    torch.manual_seed(0)
+    B, H, W, N, h, d, k = 1, 9, 20, 2, 1, 40, 3
+    logits = torch.randn(B, H, W, N, h)
+    logits[:, :, 18:] *= 3 * RANGE_LIMIT  # in the second tile's halo only
+    inputs = (logits.to(dtype), (torch.randn(B, H, W, h, d) + 2).to(dtype), torch.randn(k * k, N, h),
+              torch.randn(k * k, N, h))
+    geo = ((k, k), (1, 1), (1, 1))
+    out, lse = qna_forward(*inputs, *geo)
+    g = torch.randn(out.shape).to(dtype)
+    got = _grads(inputs, geo, lse, g, BANDED)
+    ref = _grads(inputs, geo, lse, g, tuning.heuristic_config("bwd_delta", h, d))
+    for name, a, r in zip(("dlogits", "dvalues", "drpb", "dscale"), got, ref):
+        err = (a.double() - r.double()).abs().max() / r.double().abs().max()
+        # 16-bit gradients: about one rounding of the result apart; float32 ones (drpb, dscale; all for
+        # float32 inputs): float32 sums (tf32x3), or sums of the ~2^-16-accurate split bfloat16 products
+        if a.dtype != torch.float32:
+            bound = 2 ** -7
+        else:
+            bound = 2e-4 if dtype == torch.bfloat16 else 1e-5
+        assert err <= bound, (name, err.item())
+
+
+def _nan_pattern_test(poison, dtype=torch.float32):
+    torch.manual_seed(0)
+    B, H, W, N, h, d, k = 1, 12, 13, 2, 2, 8, 5
+    t = dict(logits=torch.randn(B, H, W, N, h), values=torch.randn(B, H, W, h, d),
+             rpb=torch.randn(k * k, N, h), scale=torch.randn(k * k, N, h))
+    geo = ((k, k), (1, 1), (2, 2))
+    g = torch.randn(B, H, W, h, d)
+    poison(t, g)
+    inputs = tuple(t[n].to(dtype) if n in ("logits", "values") else t[n] for n in ("logits", "values", "rpb", "scale"))
+    with tuning.forward_algorithm("direct"):
+        out_ref, lse_ref = qna_forward(*inputs, *geo)
+        ref = _grads(inputs, geo, lse_ref, g.to(dtype), None)
+    out, lse = qna_forward(*inputs, *geo, config=BANDED)
+    got = _grads(inputs, geo, lse_ref, g.to(dtype), BANDED)
+    assert torch.isnan(out_ref).any() and not torch.isnan(out_ref).all()
+    for name, a, r in (("out", out, out_ref), ("lse", lse, lse_ref), *zip(("dlogits", "dvalues"), got, ref)):
+        assert torch.equal(torch.isnan(a), torch.isnan(r)), name
+        torch.testing.assert_close(a[~torch.isnan(r)].double(), r[~torch.isnan(r)].double(), rtol=1e-5, atol=1e-5)
+
+
+def test_nan_in_a_logit_stays_in_its_windows():
+    """A NaN logit makes NaN exactly the outputs (and lse, gradients) whose windows hold it, as in the
+    direct kernels: the banded products would spread it along their tile rows (``0 * NaN`` off the
+    band), so such a tile is redone by the direct algorithm."""
+    def poison(t, g):
+        t["logits"][0, 3, 4, 1, 0] = float("nan")
+    _nan_pattern_test(poison)
+
+
+def test_nan_in_a_value_or_gradient_stays_in_its_windows():
+    """The same for a NaN value (forward and delta products) and an infinite output gradient."""
+    def poison(t, g):
+        t["values"][0, 9, 10, 1, 3] = float("nan")
+        g[0, 2, 3, 0, 0] = float("inf")
+    _nan_pattern_test(poison)

@@ -316,3 +316,35 @@ def test_results_folder_matches_the_library_gpu_key():
     from qna_triton.tuning import sanitize_gpu_name
 
     assert sanitise("NVIDIA H100 80GB HBM3") == sanitize_gpu_name("NVIDIA H100 80GB HBM3") == "nvidia_h100_80gb_hbm3"
+
+
+def test_workload_context_covers_forward_and_backward():
+    """A workload's context (``qna_triton_direct``: the direct kernels forced) is active in every run
+    of it, the backward included (autograd runs it after the forward has returned)."""
+    from benchmarks.providers import qna_triton_direct
+    from benchmarks.runner import Deadline, Workload, run_workload
+    from benchmarks.timing import TimingConfig
+    from qna_triton import tuning
+
+    seen = []
+
+    class Record(torch.autograd.Function):
+        @staticmethod
+        def forward(ctx, x):
+            seen.append(("fwd", tuning._fwd_algo_override()))
+            return x * 2
+
+        @staticmethod
+        def backward(ctx, g):
+            seen.append(("bwd", tuning._fwd_algo_override()))
+            return g * 2
+
+    cfg, cpu = TimingConfig(cpu_warmup=0, cpu_reps=1), torch.device("cpu")
+    wl = lambda: Workload(lambda: [torch.randn(4, requires_grad=True)], Record.apply,  # noqa: E731
+                          context=lambda: tuning.forward_algorithm("direct"))
+    res, _ = run_workload(wl, cpu, cfg, Deadline(None))
+    assert all(r["status"] == "ok" for r in res.values())
+    assert {kind for kind, _ in seen} == {"fwd", "bwd"} and all(algo == "direct" for _, algo in seen)
+    assert tuning._fwd_algo_override() == "auto"
+    with qna_triton_direct(CoreShape(1, 6, 6, 8, 2, 3, torch.float32), CPU).context():
+        assert tuning._fwd_algo_override() == "direct"

@@ -12,7 +12,8 @@ import triton
 from ..reference import empty_query_minor, output_size, query_minor
 from ..tuning import KernelConfig, check_banded_tiles, get_config
 from .backward import qna_bwd_delta_kernel, qna_bwd_kernel
-from .banded import RANGE_LIMIT, VDOT_BF16, VDOT_BF16_EMULATED, VDOT_TF32X3, qna_fwd_banded_kernel
+from .banded import (RANGE_LIMIT, VDOT_BF16, VDOT_BF16_EMULATED, VDOT_BF16X3, VDOT_BF16X3_EMULATED, VDOT_TF32X3,
+                     qna_banded_kernel)
 from .forward import qna_fwd_kernel
 
 Pair = Tuple[int, int]
@@ -104,15 +105,24 @@ def _blocks(cfg: KernelConfig, N: int, d: int, layout: dict) -> dict:
 
 
 def banded_blocks(cfg: KernelConfig, N: int, d: int, ks: Pair, st: Pair, values: torch.Tensor,
-                  on_gpu: Optional[bool] = None) -> dict:
-    """Compile-time parameters of the banded forward for ``cfg`` (``algo="banded"``); ``on_gpu``
-    defaults to whether ``values`` is a CUDA tensor (else the interpreter runs it)."""
+                  on_gpu: Optional[bool] = None, delta: bool = False) -> dict:
+    """Compile-time parameters of the banded kernel for ``cfg`` (``algo="banded"``), as the forward or
+    (``delta``) the backward's delta kernel; ``on_gpu`` defaults to whether ``values`` is a CUDA tensor
+    (else the interpreter runs it).
+
+    Operand precision of the value products: the forward of bfloat16 inputs multiplies bfloat16
+    operands (its output has the inputs' precision); the delta needs more, since the main backward
+    kernel subtracts it from ``a t`` (a bfloat16-rounded ``D`` cost ~2 % of ``drpb`` in the tests),
+    so it splits each operand into two bfloat16 parts (three products, ~2^-16); float16 and float32
+    inputs take tf32x3 (float32-accurate) in both."""
     on_gpu = values.is_cuda if on_gpu is None else on_gpu
     bw, br = cfg.block_w, cfg.block_r
     check_banded_tiles(bw, br)
     bd = triton.next_power_of_2(d)
     dc = min(bd, max(1, 256 // br))  # the value product's columns: block_r x dc <= 256
-    if values.dtype == torch.bfloat16:
+    if values.dtype == torch.bfloat16 and delta:
+        vdot = VDOT_BF16X3 if on_gpu else VDOT_BF16X3_EMULATED
+    elif values.dtype == torch.bfloat16:
         vdot = VDOT_BF16 if on_gpu else VDOT_BF16_EMULATED
     else:
         vdot = VDOT_TF32X3
@@ -146,10 +156,10 @@ def qna_forward(
         blocks = banded_blocks(cfg, N, d, ks, st, values)  # checks the tiles first
         grid = (B * triton.cdiv(Ho, cfg.block_r) * triton.cdiv(Wo, cfg.block_w), h)
         with _on_device(logits):
-            qna_fwd_banded_kernel[grid](
-                logits, values, r, a if a is not None else r, out, lse,
+            qna_banded_kernel[grid](
+                logits, values, r, a if a is not None else r, out, lse, out, lse,
                 *_common_args(logits, values, B, H, W, Ho, Wo, N, h, d, ks, st, pd, layout),
-                HAS_SCALE=a is not None, **layout, **blocks,
+                HAS_SCALE=a is not None, DELTA_MODE=False, **layout, **blocks,
             )
         return out, lse
     grid = (triton.cdiv(B * Ho * Wo, cfg.block_p), triton.cdiv(h, cfg.block_h))
@@ -209,12 +219,21 @@ def qna_backward(
 
     dcfg = delta_config or get_config("bwd_delta", logits, values, ks, st, pd)
     delta = empty_query_minor((B, Ho, Wo, N, h), device=logits.device, dtype=torch.float32)
-    grid = (triton.cdiv(B * Ho * Wo, dcfg.block_p), triton.cdiv(h, dcfg.block_h))
-    with _on_device(logits):
-        qna_bwd_delta_kernel[grid](
-            logits, values, r, a if a is not None else r, g, lse, delta, *common,
-            HAS_SCALE=a is not None, **_blocks(dcfg, N, d, layout),
-        )
+    if dcfg.algo == "banded":  # the forward's banded window sum, dotted with the output gradient
+        blocks = banded_blocks(dcfg, N, d, ks, st, values, delta=True)
+        grid = (B * triton.cdiv(Ho, dcfg.block_r) * triton.cdiv(Wo, dcfg.block_w), h)
+        with _on_device(logits):
+            qna_banded_kernel[grid](
+                logits, values, r, a if a is not None else r, g, lse, g, delta, *common,
+                HAS_SCALE=a is not None, DELTA_MODE=True, **layout, **blocks,
+            )
+    else:
+        grid = (triton.cdiv(B * Ho * Wo, dcfg.block_p), triton.cdiv(h, dcfg.block_h))
+        with _on_device(logits):
+            qna_bwd_delta_kernel[grid](
+                logits, values, r, a if a is not None else r, g, lse, delta, *common,
+                HAS_SCALE=a is not None, **_blocks(dcfg, N, d, layout),
+            )
 
     cfg = config or get_config("bwd", logits, values, ks, st, pd)
     K = ks[0] * ks[1]

@@ -34,9 +34,9 @@ import triton
 from triton.backends.compiler import GPUTarget
 from triton.compiler import ASTSource
 
-from ..tuning import KernelConfig, banded_config, heuristic_config
+from ..tuning import BANDED_KERNELS, KernelConfig, banded_config, heuristic_config
 from .backward import qna_bwd_delta_kernel, qna_bwd_kernel
-from .banded import qna_fwd_banded_kernel
+from .banded import qna_banded_kernel
 from .forward import qna_fwd_kernel
 
 KERNEL_FNS = {"fwd": qna_fwd_kernel, "bwd_delta": qna_bwd_delta_kernel, "bwd": qna_bwd_kernel}
@@ -84,7 +84,7 @@ LAYOUTS = ("packed", "generic")
 
 
 def _problem_args(kernel: str, dtype: torch.dtype, n_queries: int, heads: int, head_dim: int, layout: str,
-                  window: int, wide: bool):
+                  window: int, wide: bool, banded: bool = False):
     """``(launch arguments, layout constants)`` of a representative problem, as ``meta`` tensors
     (nothing is allocated).
 
@@ -113,7 +113,9 @@ def _problem_args(kernel: str, dtype: torch.dtype, n_queries: int, heads: int, h
     out = torch.empty(B, H, W, h, d, dtype=dtype, **meta)
     consts = _layout(L, V, wide=True if wide else None)
     common = _common_args(L, V, B, H, W, H, W, N, h, d, (k, k), (1, 1), (k // 2, k // 2), consts)
-    if kernel == "fwd":
+    if banded:  # O, LSE, G, DELTA: the forward's or the delta's (one kernel)
+        args = (L, V, table, table, out, stats, out, stats, *common)
+    elif kernel == "fwd":
         args = (L, V, table, table, out, stats, *common)
     elif kernel == "bwd_delta":
         args = (L, V, table, table, out, stats, stats, *common)
@@ -147,14 +149,17 @@ def compile_kernel(
 
     if layout not in LAYOUTS:
         raise ValueError(f"layout must be one of {LAYOUTS}, got {layout!r}")
-    banded = kernel == "fwd" and config.algo == "banded"
-    fn = qna_fwd_banded_kernel if banded else KERNEL_FNS[kernel]
+    banded = config.algo == "banded"
+    if banded and kernel not in BANDED_KERNELS:
+        raise ValueError(f"{kernel} has no banded form")
+    fn = qna_banded_kernel if banded else KERNEL_FNS[kernel]
     heads = heads if heads is not None else config.block_h
-    args, consts = _problem_args(kernel, dtype, n_queries, heads, head_dim, layout, window, wide)
+    args, consts = _problem_args(kernel, dtype, n_queries, heads, head_dim, layout, window, wide, banded)
     if banded:
         blocks = banded_blocks(config, n_queries, head_dim, (window, window), (1, 1),
-                               torch.empty(1, dtype=dtype, device="meta"), on_gpu=True)
-        kwargs = dict(blocks, **consts, HAS_SCALE=has_scale)
+                               torch.empty(1, dtype=dtype, device="meta"), on_gpu=True,
+                               delta=kernel == "bwd_delta")
+        kwargs = dict(blocks, **consts, HAS_SCALE=has_scale, DELTA_MODE=kernel == "bwd_delta")
     else:
         kwargs = dict(_blocks(config, n_queries, head_dim, consts), HAS_SCALE=has_scale)
     target = GPUTarget("cuda", arch, 32)
@@ -262,19 +267,20 @@ def default_plan(archs: Sequence[int]) -> List[dict]:
                              has_scale=True, arch=arch, layout="generic"))
             plan.append(dict(kernel=kernel, dtype="bf16", heads=4, head_dim=8, n_queries=2,
                              has_scale=True, arch=arch, layout="generic", wide=True))
-        # the banded forward (tensor cores) at its default tiles: both halo widths, chunked head dims,
-        # and its three operand modes (bf16; tf32x3 for float16 and float32)
+        # the banded forward and delta (tensor cores) at their default tiles: both halo widths, chunked
+        # head dims, and the three operand modes (bf16; tf32x3 for float16 and float32)
         for dtype, (h, d), window in (("bf16", (16, 8), 15), ("bf16", (16, 8), 31), ("bf16", (4, 32), 15),
                                       ("bf16", (1, 128), 15), ("fp16", (16, 8), 15), ("fp32", (16, 8), 7)):
-            plan.append(dict(kernel="fwd", algo="banded", dtype=dtype, heads=h, head_dim=d, n_queries=2,
-                             has_scale=True, arch=arch, layout="packed", window=window))
+            for kernel in BANDED_KERNELS:
+                plan.append(dict(kernel=kernel, algo="banded", dtype=dtype, heads=h, head_dim=d, n_queries=2,
+                                 has_scale=True, arch=arch, layout="packed", window=window))
     return plan
 
 
 def _run(entry: dict) -> dict:
     dtype = {v: k for k, v in _TRITON_DTYPE.items()}[entry["dtype"]]
     if entry.get("algo") == "banded":
-        cfg = banded_config((entry["window"], entry["window"]), entry["head_dim"], dtype)
+        cfg = banded_config((entry["window"], entry["window"]), entry["head_dim"], dtype, kernel=entry["kernel"])
     else:
         cfg = heuristic_config(entry["kernel"], entry["heads"], entry["head_dim"])
     try:

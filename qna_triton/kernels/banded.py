@@ -1,4 +1,4 @@
-"""QnA forward on tensor cores: the window sum as banded matrix products (large windows).
+"""QnA forward (and the backward's delta) on tensor cores: the window sum as banded matrix products.
 
 For one head and query ``n``, with a shift ``c`` shared by the whole tile, the forward factorises
 (``../shared`` kernel notes, "Beyond the direct algorithm")::
@@ -19,11 +19,21 @@ pair, and the products run on tensor cores. The shift is exact algebra, but ever
 normal float: a tile whose logits (plus bias) span more than ``RANGE_LIMIT`` takes the direct
 algorithm of :mod:`forward` instead (decided per program, so the result is exact either way).
 
-Precision: bfloat16 inputs take bfloat16 operands for the value products (``E`` rounded to bfloat16,
-times the values, rounded again: the inputs' own precision) and tf32 for the denominators; float16 and
-float32 inputs take ``tf32x3`` for both (float32-accurate; float16 operands would underflow, as ``E * v``
-can leave float16's range). A NaN or infinite input reaches every output of the tile rows whose
-products it enters (``0 * NaN`` off the band), not only the windows holding it.
+The backward's ``D[n, i] = sum_o a P t = g[i] . (sum_o a P v)`` (``backward.py``) is the same window
+sum dotted with the output gradient: with ``DELTA_MODE`` the kernel computes ``Y`` as above and writes
+``D = g . Y * exp(c + r_max - lse)`` from the saved ``lse`` (no denominator product), so ``D`` matches
+the ``P`` the main backward kernel recomputes.
+
+Precision: the forward of bfloat16 inputs takes bfloat16 operands for the value products (``E``
+rounded to bfloat16, times the values, rounded again: the inputs' own precision) and tf32 for the
+denominators; float16 and float32 inputs take ``tf32x3`` for both (float32-accurate; float16 operands
+would underflow, as ``E * v`` can leave float16's range). The delta must be float32-accurate, since the
+main backward kernel subtracts it from ``a t`` (a bfloat16 ``D`` put ~2 % of error into ``drpb``): its
+bfloat16 products split each operand into two bfloat16 parts (three products), others take tf32x3.
+
+A NaN or infinity in the products would spread along the tile's rows (``0 * NaN`` off the band): a tile
+whose result is not finite is redone by the direct algorithm, so non-finite inputs reach exactly the
+outputs the direct kernels give them.
 """
 
 from __future__ import annotations
@@ -31,6 +41,7 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
+from .backward import _delta_window
 from .forward import _exp, _fwd_window, _head_blocks, _store_out_lse
 
 # Largest spread (logits + bias, natural log units) one shift may cover: every term of the products then
@@ -42,6 +53,15 @@ RANGE_LIMIT = 60.0
 VDOT_BF16 = 0  # bfloat16 operands, float32 accumulation (bfloat16 inputs on a GPU)
 VDOT_TF32X3 = 1  # float32 operands, three tf32 products (float16 / float32 inputs)
 VDOT_BF16_EMULATED = 2  # bfloat16-rounded operands multiplied in float32 (the interpreter: its bf16 dot is wrong)
+VDOT_BF16X3 = 3  # float32 operands as bfloat16 high + low parts, three products (~2^-16 relative error)
+VDOT_BF16X3_EMULATED = 4  # the same split, multiplied in float32 (the interpreter)
+
+
+@triton.jit
+def _split_bf16(x):
+    """``x`` (float32) as ``hi + lo``, both bfloat16: 16 significant bits."""
+    hi = x.to(tl.bfloat16)
+    return hi, (x - hi.to(tl.float32)).to(tl.bfloat16)
 
 
 @triton.jit
@@ -51,6 +71,18 @@ def _vdot(t, x, acc, VDOT: tl.constexpr):
     elif VDOT == 2:
         return tl.dot(t.to(tl.bfloat16).to(tl.float32), x.to(tl.bfloat16).to(tl.float32), acc,
                       input_precision="ieee")
+    elif VDOT == 3 or VDOT == 4:
+        # hi*hi + lo*hi + hi*lo: the lo*lo term is below 2^-16 of the product
+        th, tlo = _split_bf16(t)
+        xh, xlo = _split_bf16(x)
+        if VDOT == 3:
+            acc = tl.dot(th, xh, acc)
+            acc = tl.dot(tlo, xh, acc)
+            return tl.dot(th, xlo, acc)
+        else:
+            acc = tl.dot(th.to(tl.float32), xh.to(tl.float32), acc, input_precision="ieee")
+            acc = tl.dot(tlo.to(tl.float32), xh.to(tl.float32), acc, input_precision="ieee")
+            return tl.dot(th.to(tl.float32), xlo.to(tl.float32), acc, input_precision="ieee")
     else:
         return tl.dot(t, x, acc, input_precision="tf32x3")
 
@@ -84,8 +116,25 @@ def _pick(vec, offs, n):
 
 
 @triton.jit
-def qna_fwd_banded_kernel(
-    L, V, R, A, O, LSE,
+def _any_nonfinite2(x):
+    """1 if the 2-D ``x`` holds a NaN or an infinity, else 0."""
+    return tl.max(tl.max((~(tl.abs(x) < float("inf"))).to(tl.int32), axis=1), axis=0)
+
+
+@triton.jit
+def _out_offsets(pix, j, dd, HEADS, D: tl.constexpr):
+    """``[R, DC, W]`` offsets of a value chunk of the output (or its gradient) ``[B, Ho, Wo, h, d]``."""
+    return (pix * (HEADS * D) + j * D)[:, None, :] + dd[None, :, None]
+
+
+@triton.jit
+def _out_mask(pix_ok, dd, D: tl.constexpr):
+    return pix_ok[:, None, :] & (dd < D)[None, :, None]
+
+
+@triton.jit
+def qna_banded_kernel(
+    L, V, R, A, O, LSE, G, DELTA,
     B, H, W, Ho, Wo, NQ: tl.constexpr, HEADS, D: tl.constexpr,
     sl_b, sl_y, sl_x, sl_n, sl_j,
     sv_b, sv_y, sv_x, sv_j, sv_t,
@@ -94,8 +143,11 @@ def qna_fwd_banded_kernel(
     L_ALIGN: tl.constexpr, V_ALIGN: tl.constexpr,
     BLOCK_W: tl.constexpr, BLOCK_R: tl.constexpr, HALO: tl.constexpr, BLOCK_DC: tl.constexpr,
     BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_K: tl.constexpr, FALLBACK_P: tl.constexpr,
-    VDOT: tl.constexpr, RANGE_LIMIT: tl.constexpr,
+    VDOT: tl.constexpr, RANGE_LIMIT: tl.constexpr, DELTA_MODE: tl.constexpr,
 ):
+    """The forward (``O``, ``LSE`` written; ``G``, ``DELTA`` unused) or, with ``DELTA_MODE``, the
+    backward's ``D = g . sum_o a P v`` per (pixel, query, head) (``G`` and the saved ``LSE`` read,
+    ``DELTA`` written; ``O`` unused): the same window sum, dotted with the output gradient."""
     sl_b, sl_y, sl_x = sl_b * L_ALIGN, sl_y * L_ALIGN, sl_x * L_ALIGN
     sv_b, sv_y, sv_x = sv_b * V_ALIGN, sv_y * V_ALIGN, sv_x * V_ALIGN
     NH = NQ * HEADS
@@ -163,27 +215,16 @@ def qna_fwd_banded_kernel(
     rmin = tl.where(rmin == float("inf"), rmax, rmin)
     spread = tl.where(offs_n < NQ, (lmax - lmin) + (rmax - rmin), 0.0)
 
-    if tl.max(spread, axis=0) > RANGE_LIMIT:
-        # too wide for one shift: the direct algorithm, exact for any logits, over sub-tiles of pixels
-        nh_mask, nh_l, nh_r, hd_mask, hd_v, hd_o = _head_blocks(
-            j, NQ, HEADS, D, sl_n, sl_j, sv_j, sv_t, BLOCK_N, 1, BLOCK_D, WIDE, L_HN, V_HD)
-        for q0 in range(0, BLOCK_W * BLOCK_R, FALLBACK_P):
-            q = q0 + tl.arange(0, FALLBACK_P)
-            py = (rb * BLOCK_R + q // BLOCK_W).to(tl.int64)
-            px = (cb * BLOCK_W + q % BLOCK_W).to(tl.int64)
-            mask_p = (py < Ho) & (px < Wo)
-            acc, lse = _fwd_window(L, V, R, A, b, py * SH - PH, px * SW - PW, mask_p, H, W, KH, KW,
-                                   nh_mask, nh_l, nh_r, hd_mask, hd_v, NH,
-                                   sl_b, sl_y, sl_x, sv_b, sv_y, sv_x, HAS_SCALE, True,
-                                   FALLBACK_P, BLOCK_N, 1, BLOCK_D)
-            _store_out_lse(O, LSE, acc, lse, (b * Ho + py) * Wo + px, mask_p, hd_o, hd_mask, nh_r, nh_mask,
-                           HEADS * D, NH)
-    else:
+    pix = (b * Ho + oy.to(tl.int64))[:, None] * Wo + ox[None, :]  # [R, W] output pixel index
+    pix_ok = row_out[:, None] & (ox < Wo)[None, :]
+    # 1: this tile runs the direct algorithm (too wide a range for one shift, or a non-finite result)
+    redo = (tl.max(spread, axis=0) > RANGE_LIMIT).to(tl.int32)
+    if redo == 0:
         # products in the transposed orientation: [R*DC, halo] x [halo, W], the rows of the tile and
         # the head dim as the product's rows
-        pix = (b * Ho + oy.to(tl.int64))[:, None] * Wo + ox[None, :]  # [R, W] output pixel index
-        pix_ok = row_out[:, None] & (ox < Wo)[None, :]
         offs_dc = tl.arange(0, BLOCK_DC)
+        if DELTA_MODE:
+            dacc = tl.zeros((BLOCK_N, BLOCK_R, BLOCK_W), tl.float32)
         for dc in range(0, D, BLOCK_DC):
             dd = dc + offs_dc
             if V_HD:
@@ -193,7 +234,8 @@ def qna_fwd_banded_kernel(
                     d_v = jv + dd.to(tl.int64) * sv_t
                 else:
                     d_v = jv + dd * sv_t
-            out = tl.zeros((BLOCK_R, BLOCK_DC, BLOCK_W), tl.float32)
+            if not DELTA_MODE:
+                out = tl.zeros((BLOCK_R, BLOCK_DC, BLOCK_W), tl.float32)
             for n in range(NQ):
                 shift = _pick(lmax, offs_n, n)
                 r_max = _pick(rmax, offs_n, n)
@@ -213,7 +255,8 @@ def qna_fwd_banded_kernel(
                     lt = tl.load(l_img + y_l[:, None] + x_l[None, :] + ln, mask=m2, other=float("-inf"))
                     e = _exp(lt.to(tl.float32) - shift)  # [R, halo]: one exponential per source pixel
                     tp, t = _band_t(R, A, dy, r_max, j * NQ + n, offs_i, offs_c, KW, SW, NH, HAS_SCALE)
-                    s = _sdot(e, tp, s, VDOT)
+                    if not DELTA_MODE:  # the delta normalises by the saved lse instead
+                        s = _sdot(e, tp, s, VDOT)
                     v_ptr = (v_img + (iy.to(tl.int64) * sv_y)[:, None, None] + d_v[None, :, None]
                              + x_v[None, None, :])
                     vt = tl.load(v_ptr, mask=m2[:, None, :] & (dd < D)[None, :, None], other=0.0)
@@ -225,10 +268,64 @@ def qna_fwd_banded_kernel(
                     else:
                         x = tl.reshape(e[:, None, :] * vt.to(tl.float32), (BLOCK_R * BLOCK_DC, HALO))
                     y = _vdot(x, t, y, VDOT)
-                inv = tl.where(s > 0, 1.0 / s, 0.0)  # an empty window (s = 0) gives 0
-                out += tl.reshape(y, (BLOCK_R, BLOCK_DC, BLOCK_W)) * inv[:, None, :]
-                if dc == 0:
-                    lse = tl.where(s > 0, shift + r_max + tl.log(s), float("-inf"))
-                    tl.store(LSE + pix * NH + j * NQ + n, lse, mask=pix_ok)
-            o_ptr = O + (pix * (HEADS * D) + j * D)[:, None, :] + dd[None, :, None]
-            tl.store(o_ptr, out.to(O.dtype.element_ty), mask=pix_ok[:, None, :] & (dd < D)[None, :, None])
+                yt = tl.reshape(y, (BLOCK_R, BLOCK_DC, BLOCK_W))
+                if DELTA_MODE:
+                    # D = g . sum_o a P v, with P = E T' exp(c + r_max - lse): the saved lse, so that D is
+                    # consistent with the P the main backward kernel recomputes (finite lse: the exponent
+                    # is at most the tile's spread; an empty window has D = 0)
+                    lse = tl.load(LSE + pix * NH + j * NQ + n, mask=pix_ok, other=float("-inf"))
+                    fac = tl.where(lse == float("-inf"), 0.0, _exp(shift + r_max - lse))
+                    # loaded per query, after the window loop: held through it, the gradient tile would
+                    # cost 16-32 registers a thread there (spills at head dims of 16 and more)
+                    gt = tl.load(G + _out_offsets(pix, j, dd, HEADS, D), mask=_out_mask(pix_ok, dd, D),
+                                 other=0.0).to(tl.float32)
+                    part = tl.sum(yt * gt, axis=1) * fac
+                    redo = tl.maximum(redo, _any_nonfinite2(part))
+                    dacc += tl.where((offs_n == n)[:, None, None], part[None, :, :], 0.0)
+                else:
+                    inv = tl.where(s > 0, 1.0 / s, 0.0)  # an empty window (s = 0) gives 0
+                    out += yt * inv[:, None, :]
+                    if dc == 0:
+                        lse = tl.where(s > 0, shift + r_max + tl.log(s), float("-inf"))
+                        tl.store(LSE + pix * NH + j * NQ + n, lse, mask=pix_ok)
+            if not DELTA_MODE:
+                # a NaN or infinity anywhere in the products spreads along the tile's rows (0 * NaN off
+                # the band): such a tile is redone by the direct algorithm, which confines it to its
+                # windows. Checking the output suffices: whatever makes S non-finite (E or T') enters
+                # the value product too, and 0 * NaN is NaN. (A check of S as well costs ~4 % more
+                # instructions in the window loop, by the compiler report.)
+                redo = tl.maximum(redo, _any_nonfinite2(tl.reshape(out, (BLOCK_R * BLOCK_DC, BLOCK_W))))
+                # (offsets computed here, not before the loops: they would hold registers through them)
+                tl.store(O + _out_offsets(pix, j, dd, HEADS, D), out.to(O.dtype.element_ty),
+                         mask=_out_mask(pix_ok, dd, D))
+        if DELTA_MODE:
+            d_ptr = DELTA + pix[None, :, :] * NH + j * NQ + offs_n[:, None, None]
+            tl.store(d_ptr, dacc, mask=pix_ok[None, :, :] & (offs_n < NQ)[:, None, None])
+
+    if redo > 0:
+        # the direct algorithm, exact for any logits, over sub-tiles of pixels (overwrites what the
+        # products stored for a tile with a non-finite result)
+        nh_mask, nh_l, nh_r, hd_mask, hd_v, hd_o = _head_blocks(
+            j, NQ, HEADS, D, sl_n, sl_j, sv_j, sv_t, BLOCK_N, 1, BLOCK_D, WIDE, L_HN, V_HD)
+        for q0 in range(0, BLOCK_W * BLOCK_R, FALLBACK_P):
+            q = q0 + tl.arange(0, FALLBACK_P)
+            py = (rb * BLOCK_R + q // BLOCK_W).to(tl.int64)
+            px = (cb * BLOCK_W + q % BLOCK_W).to(tl.int64)
+            mask_p = (py < Ho) & (px < Wo)
+            offs_p = (b * Ho + py) * Wo + px
+            if DELTA_MODE:
+                pnh = mask_p[:, None, None] & nh_mask[None, :, :]
+                g = tl.load(G + offs_p[:, None, None] * (HEADS * D) + hd_o[None, :, :],
+                            mask=mask_p[:, None, None] & hd_mask[None, :, :], other=0.0).to(tl.float32)
+                lse = tl.load(LSE + offs_p[:, None, None] * NH + nh_r[None, :, :], mask=pnh, other=0.0)
+                lse = tl.where(lse == float("-inf"), 0.0, lse)
+                delta = _delta_window(L, V, R, A, g, lse, b, py * SH - PH, px * SW - PW, mask_p, H, W, KH, KW,
+                                      nh_mask, nh_l, nh_r, hd_mask, hd_v, NH, sl_b, sl_y, sl_x, sv_b, sv_y, sv_x,
+                                      HAS_SCALE, True, FALLBACK_P, BLOCK_N, 1)
+                tl.store(DELTA + offs_p[:, None, None] * NH + nh_r[None, :, :], delta, mask=pnh)
+            else:
+                acc, lse = _fwd_window(L, V, R, A, b, py * SH - PH, px * SW - PW, mask_p, H, W, KH, KW,
+                                       nh_mask, nh_l, nh_r, hd_mask, hd_v, NH,
+                                       sl_b, sl_y, sl_x, sv_b, sv_y, sv_x, HAS_SCALE, True,
+                                       FALLBACK_P, BLOCK_N, 1, BLOCK_D)
+                _store_out_lse(O, LSE, acc, lse, offs_p, mask_p, hd_o, hd_mask, nh_r, nh_mask, HEADS * D, NH)
