@@ -576,7 +576,7 @@ def get_config(
         if device.type == "cuda":
             cap = _capability(device.index if device.index is not None else torch.cuda.current_device())
             if cap < BANDED_MIN_CAPABILITY:
-                raise RuntimeError(f"the banded forward ({ALGO_ENV} / forward_algorithm) needs bf16/tf32 tensor "
+                raise RuntimeError(f"the banded kernels ({ALGO_ENV} / forward_algorithm) need bf16/tf32 tensor "
                                    f"cores (sm_80 or later); this GPU is sm_{cap[0]}{cap[1]}")
         return banded_config(ks, head_dim, values.dtype, st, kernel)
     if algo == "direct" and kernel in BANDED_KERNELS:

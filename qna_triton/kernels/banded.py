@@ -52,7 +52,9 @@ RANGE_LIMIT = 60.0
 # value-product operand modes (VDOT)
 VDOT_BF16 = 0  # bfloat16 operands, float32 accumulation (bfloat16 inputs on a GPU)
 VDOT_TF32X3 = 1  # float32 operands, three tf32 products (float16 / float32 inputs)
-VDOT_BF16_EMULATED = 2  # bfloat16-rounded operands multiplied in float32 (the interpreter: its bf16 dot is wrong)
+# the interpreter: its bf16 dot is wrong and its bf16 conversion truncates, so operands are rounded to
+# nearest by hand (_round_bf16) and multiplied in float32
+VDOT_BF16_EMULATED = 2  # bfloat16-rounded operands multiplied in float32
 VDOT_BF16X3 = 3  # float32 operands as bfloat16 high + low parts, three products (~2^-16 relative error)
 VDOT_BF16X3_EMULATED = 4  # the same split, multiplied in float32 (the interpreter)
 
@@ -65,24 +67,40 @@ def _split_bf16(x):
 
 
 @triton.jit
+def _round_bf16(x):
+    """``x`` (float32) rounded to the nearest bfloat16 (ties to even), as float32. For the interpreter,
+    whose own conversion to bfloat16 truncates (Triton 3.6), where a GPU rounds to nearest."""
+    u = x.to(tl.uint32, bitcast=True)
+    u = (u + 0x7FFF + ((u >> 16) & 1)) & 0xFFFF0000
+    return u.to(tl.float32, bitcast=True)
+
+
+@triton.jit
+def _split_bf16_emulated(x):
+    """:func:`_split_bf16` as float32 values, rounding as a GPU does (:func:`_round_bf16`)."""
+    hi = _round_bf16(x)
+    return hi, _round_bf16(x - hi)
+
+
+@triton.jit
 def _vdot(t, x, acc, VDOT: tl.constexpr):
     if VDOT == 0:
         return tl.dot(t.to(tl.bfloat16), x.to(tl.bfloat16), acc)
     elif VDOT == 2:
-        return tl.dot(t.to(tl.bfloat16).to(tl.float32), x.to(tl.bfloat16).to(tl.float32), acc,
-                      input_precision="ieee")
-    elif VDOT == 3 or VDOT == 4:
+        return tl.dot(_round_bf16(t), _round_bf16(x), acc, input_precision="ieee")
+    elif VDOT == 3:
         # hi*hi + lo*hi + hi*lo: the lo*lo term is below 2^-16 of the product
         th, tlo = _split_bf16(t)
         xh, xlo = _split_bf16(x)
-        if VDOT == 3:
-            acc = tl.dot(th, xh, acc)
-            acc = tl.dot(tlo, xh, acc)
-            return tl.dot(th, xlo, acc)
-        else:
-            acc = tl.dot(th.to(tl.float32), xh.to(tl.float32), acc, input_precision="ieee")
-            acc = tl.dot(tlo.to(tl.float32), xh.to(tl.float32), acc, input_precision="ieee")
-            return tl.dot(th.to(tl.float32), xlo.to(tl.float32), acc, input_precision="ieee")
+        acc = tl.dot(th, xh, acc)
+        acc = tl.dot(tlo, xh, acc)
+        return tl.dot(th, xlo, acc)
+    elif VDOT == 4:
+        th, tlo = _split_bf16_emulated(t)
+        xh, xlo = _split_bf16_emulated(x)
+        acc = tl.dot(th, xh, acc, input_precision="ieee")
+        acc = tl.dot(tlo, xh, acc, input_precision="ieee")
+        return tl.dot(th, xlo, acc, input_precision="ieee")
     else:
         return tl.dot(t, x, acc, input_precision="tf32x3")
 
@@ -263,7 +281,7 @@ def qna_banded_kernel(
                     if VDOT == 0:  # bfloat16 products: packed multiplies, no conversions
                         x = tl.reshape(e.to(tl.bfloat16)[:, None, :] * vt, (BLOCK_R * BLOCK_DC, HALO))
                     elif VDOT == 2:  # the same roundings in float32 (the interpreter): E, then E * v in _vdot
-                        eb = e.to(tl.bfloat16).to(tl.float32)
+                        eb = _round_bf16(e)
                         x = tl.reshape(eb[:, None, :] * vt.to(tl.float32), (BLOCK_R * BLOCK_DC, HALO))
                     else:
                         x = tl.reshape(e[:, None, :] * vt.to(tl.float32), (BLOCK_R * BLOCK_DC, HALO))
