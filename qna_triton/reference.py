@@ -94,7 +94,6 @@ def naive_qna_attention(
     """
     (kh, kw), (sh, sw), (ph, pw) = kernel_size, stride, padding
     B, H, W, N, h = logits.shape
-    d = values.shape[-1]
     Ho, Wo = output_size(H, kh, sh, ph), output_size(W, kw, sw, pw)
     dev = logits.device
     ys = torch.arange(Ho, device=dev) * sh - ph  # top-left source row of each output row
