@@ -15,12 +15,12 @@ import torch
 import triton
 import triton.language as tl
 from helpers import Case, make_inputs
-from test_kernels import DEVICE, DTYPES, _check, _run, assert_layer_matches_reference_path
+from test_kernels import DEVICE, DTYPES, assert_layer_matches_reference_path, assert_op_matches_oracle
 
 from qna_triton import tuning
 from qna_triton.kernels import qna_backward, qna_forward
 from qna_triton.kernels.banded import RANGE_LIMIT, _round_bf16
-from qna_triton.reference import direct_qna_attention, naive_qna_attention
+from qna_triton.reference import direct_qna_attention
 from qna_triton.tuning import KernelConfig, banded_config
 
 BANDED = KernelConfig(1, 1, 4, 1, "banded", 16, 16)
@@ -54,16 +54,8 @@ def banded(monkeypatch):
 
 @pytest.mark.parametrize("case, dtype", SWEEP)
 def test_banded_forward_and_gradients_match_oracle(case, dtype, monkeypatch, banded, nan_poison):
-    qm = case.N > 1 and case.h > 1  # the layer's query-minor layout where it differs from [N, h]
-    out, grads, g = _run(case, dtype, "triton", monkeypatch, query_minor=qm)
-    out_ref, grads_ref, _ = _run(case, dtype, "reference", monkeypatch, query_minor=qm)
-    leaves = [t.detach().double().cpu().requires_grad_() if t is not None else None
-              for t in make_inputs(case, dtype=dtype, device=DEVICE)]
-    exact = naive_qna_attention(*leaves, *case.geometry)
-    exact_grads = torch.autograd.grad(exact, [t for t in leaves if t is not None], g.double().cpu())
-    _check(out.cpu(), exact, out_ref.cpu(), dtype, "out")
-    for name, a, r, e in zip(("dlogits", "dvalues", "drpb", "dscale"), grads, grads_ref, exact_grads):
-        _check(a.cpu(), e, r.cpu(), dtype, name)
+    # the layer's query-minor layout where it differs from [N, h]
+    assert_op_matches_oracle(case, dtype, monkeypatch, query_minor=case.N > 1 and case.h > 1)
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16])

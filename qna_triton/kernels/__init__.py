@@ -134,6 +134,23 @@ def banded_blocks(cfg: KernelConfig, N: int, d: int, ks: Pair, st: Pair, values:
     )
 
 
+def _launch_banded(cfg: KernelConfig, delta: bool, logits, values, r, a, common: tuple, layout: dict,
+                   out_or_g: torch.Tensor, lse: torch.Tensor, delta_out: Optional[torch.Tensor],
+                   ks: Pair, st: Pair) -> None:
+    """One launch of the banded kernel: the forward (writes ``out_or_g`` = out and ``lse``) or, with
+    ``delta``, the backward's delta (reads ``out_or_g`` = the output gradient and ``lse``, writes
+    ``delta_out``)."""
+    B, _, _, Ho, Wo, N, h, d = common[:8]  # the sizes lead _common_args
+    blocks = banded_blocks(cfg, N, d, ks, st, values, delta=delta)  # checks the tiles first
+    grid = (B * triton.cdiv(Ho, cfg.block_r) * triton.cdiv(Wo, cfg.block_w), h)
+    with _on_device(logits):
+        qna_banded_kernel[grid](
+            logits, values, r, a if a is not None else r, out_or_g, lse, out_or_g,
+            delta_out if delta else lse, *common,
+            HAS_SCALE=a is not None, DELTA_MODE=delta, **layout, **blocks,
+        )
+
+
 def qna_forward(
     logits: torch.Tensor,
     values: torch.Tensor,
@@ -152,21 +169,14 @@ def qna_forward(
     out = torch.empty((B, Ho, Wo, h, d), device=values.device, dtype=values.dtype)
     lse = empty_query_minor((B, Ho, Wo, N, h), device=logits.device, dtype=torch.float32)
     r, a = _table(rpb), _table(scale)
+    common = _common_args(logits, values, B, H, W, Ho, Wo, N, h, d, ks, st, pd, layout)
     if cfg.algo == "banded":
-        blocks = banded_blocks(cfg, N, d, ks, st, values)  # checks the tiles first
-        grid = (B * triton.cdiv(Ho, cfg.block_r) * triton.cdiv(Wo, cfg.block_w), h)
-        with _on_device(logits):
-            qna_banded_kernel[grid](
-                logits, values, r, a if a is not None else r, out, lse, out, lse,
-                *_common_args(logits, values, B, H, W, Ho, Wo, N, h, d, ks, st, pd, layout),
-                HAS_SCALE=a is not None, DELTA_MODE=False, **layout, **blocks,
-            )
+        _launch_banded(cfg, False, logits, values, r, a, common, layout, out, lse, None, ks, st)
         return out, lse
     grid = (triton.cdiv(B * Ho * Wo, cfg.block_p), triton.cdiv(h, cfg.block_h))
     with _on_device(logits):
         qna_fwd_kernel[grid](
-            logits, values, r, a if a is not None else r, out, lse,
-            *_common_args(logits, values, B, H, W, Ho, Wo, N, h, d, ks, st, pd, layout),
+            logits, values, r, a if a is not None else r, out, lse, *common,
             HAS_SCALE=a is not None, **_blocks(cfg, N, d, layout),
         )
     return out, lse
@@ -220,13 +230,7 @@ def qna_backward(
     dcfg = delta_config or get_config("bwd_delta", logits, values, ks, st, pd)
     delta = empty_query_minor((B, Ho, Wo, N, h), device=logits.device, dtype=torch.float32)
     if dcfg.algo == "banded":  # the forward's banded window sum, dotted with the output gradient
-        blocks = banded_blocks(dcfg, N, d, ks, st, values, delta=True)
-        grid = (B * triton.cdiv(Ho, dcfg.block_r) * triton.cdiv(Wo, dcfg.block_w), h)
-        with _on_device(logits):
-            qna_banded_kernel[grid](
-                logits, values, r, a if a is not None else r, g, lse, g, delta, *common,
-                HAS_SCALE=a is not None, DELTA_MODE=True, **layout, **blocks,
-            )
+        _launch_banded(dcfg, True, logits, values, r, a, common, layout, g, lse, delta, ks, st)
     else:
         grid = (triton.cdiv(B * Ho * Wo, dcfg.block_p), triton.cdiv(h, dcfg.block_h))
         with _on_device(logits):
