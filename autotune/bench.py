@@ -164,8 +164,8 @@ class Session:
                 return qna_forward(self.logits, self.values, self.rpb, self.scale, *self.geometry, config=cfg)
 
             return fn, fn()
-        if cfg.algo == "banded":  # the forward's banded kernel, in its delta mode
-            name = "qna_banded_kernel"
+        if cfg.algo == "banded":  # the delta: the forward's banded kernel, in its delta mode
+            name = "qna_banded_kernel" if kernel == "bwd_delta" else "qna_banded_bwd_kernel"
         else:
             name = "qna_bwd_delta_kernel" if kernel == "bwd_delta" else "qna_bwd_kernel"
         with _capturing(name) as cap:

@@ -24,7 +24,7 @@ import torch
 import triton
 
 from qna_triton.tuning import (
-    BANDED_KERNELS, DTYPES, KERNELS, EntryKey, KernelConfig, banded_config, heuristic_config, size_bucket,
+    DTYPES, KERNELS, EntryKey, KernelConfig, banded_config, has_banded_form, heuristic_config, size_bucket,
     tile_footprint,
 )
 from qna_triton.tuning import default_config as tuning_default_config
@@ -192,10 +192,10 @@ class Plan:
 
     def candidates(self, shape: Shape, kernel: str) -> List[KernelConfig]:
         """The library's default for the problem first (:func:`default_config`), then the direct
-        neighbourhood of :func:`candidate_configs` and, for the forward and the delta kernel, the banded
+        neighbourhood of :func:`candidate_configs` and, for the kernels with a banded form, the banded
         tiles of :func:`banded_candidates`: the tuner picks the algorithm per window as well as the tile."""
         direct = candidate_configs(kernel, shape.heads, shape.head_dim, shape.n_queries, self.n_candidates)
-        extra = banded_candidates(shape, kernel) if kernel in BANDED_KERNELS else []
+        extra = banded_candidates(shape, kernel)
         first = default_config(kernel, shape)
         return [first] + [c for c in dict.fromkeys(direct + extra) if c != first]
 
@@ -209,16 +209,18 @@ def default_config(kernel: str, shape: Shape) -> KernelConfig:
 
 
 def banded_candidates(shape: Shape, kernel: str = "fwd") -> List[KernelConfig]:
-    """Banded tiles of ``kernel`` (the forward or the delta) worth timing for windows of 3 x 3 and more:
-    the default 16 x 16 pixels, the other warp count, and 32 columns or 32 rows on 8 warps."""
-    if shape.kh * shape.kw < 9:
+    """Banded tiles of ``kernel`` (the forward, the delta or, at stride 1, the main backward kernel) worth
+    timing for windows of 3 x 3 and more: the default 16 x 16 pixels, the other warp count, and (not for
+    the main backward kernel, whose larger tiles spill by the compiler report) 32 columns or 32 rows on
+    8 warps."""
+    if shape.kh * shape.kw < 9 or not has_banded_form(kernel, (shape.sh, shape.sw)):
         return []
     base = banded_config((shape.kh, shape.kw), shape.head_dim, getattr(torch, shape.dtype), (shape.sh, shape.sw),
                          kernel)
-    return list(dict.fromkeys([
-        base, replace(base, num_warps=12 - base.num_warps),
-        replace(base, block_w=32, num_warps=8), replace(base, block_r=32, num_warps=8),
-    ]))
+    tiles = [base, replace(base, num_warps=12 - base.num_warps)]
+    if kernel != "bwd":
+        tiles += [replace(base, block_w=32, num_warps=8), replace(base, block_r=32, num_warps=8)]
+    return list(dict.fromkeys(tiles))
 
 
 def default_plan(dtypes: Sequence[str] = DEFAULT_DTYPES, windows: Sequence[int] = WINDOWS,

@@ -60,7 +60,7 @@ __all__ = [
     "SCHEMA_VERSION", "DTYPES", "CONFIG_DIR_ENV", "DISABLE_ENV", "SHIPPED_CONFIG_DIR", "sanitize_gpu_name",
     "size_bucket", "config_dirs", "config_file_name", "read_config_file", "write_config_file",
     "validate_config", "lookup_config", "tile_footprint", "clear_cache", "ALGOS", "ALGO_ENV", "banded_config",
-    "forward_algorithm", "default_config", "check_banded_tiles", "BANDED_KERNELS",
+    "forward_algorithm", "default_config", "check_banded_tiles", "BANDED_KERNELS", "has_banded_form",
 ]
 
 KERNELS = ("fwd", "bwd_delta", "bwd")
@@ -89,12 +89,18 @@ _MAX_BANDED_BLOCK = 128
 # by CUDA-core arithmetic, docs/kernels.md), on GPUs with tensor cores for bf16/tf32 (sm_80 and later).
 # Forward: 7 x 7 for bfloat16; 11 x 11 for float16/float32, whose float32 operands cost more per product.
 # Delta: its products are split into three (float32-accurate sums, see kernels.banded_blocks), so it
-# costs about twice the forward per window row and only pays from 11 x 11 (bfloat16) / 15 x 15. These
-# come from the compiler report's instructions per window row, not yet from timings.
+# costs about twice the forward per window row and only pays from 11 x 11 (bfloat16) / 15 x 15. Main
+# backward kernel (stride 1): ~2.5x fewer instructions than the direct one at 15 x 15 (bfloat16, head
+# dim 8), ~1.1x at 7 x 7, so from 11 x 11, for bfloat16 only and up to BANDED_BWD_MAX_KW columns and
+# head dims of 16 (beyond, its default tile spills: float32 operands, a 64-column halo, head dims of 32
+# on sm_80; the autotuner still times it there). These come from the compiler report's instructions per window row,
+# not yet from timings.
 BANDED_MIN_AREA = {
     "fwd": {torch.bfloat16: 49, torch.float16: 121, torch.float32: 121},
     "bwd_delta": {torch.bfloat16: 121, torch.float16: 225, torch.float32: 225},
+    "bwd": {torch.bfloat16: 121},
 }
+BANDED_BWD_MAX_KW, BANDED_BWD_MAX_HEAD_DIM = 17, 16
 BANDED_MIN_CAPABILITY = (8, 0)
 ALGO_ENV = "QNA_TRITON_FWD_ALGO"
 # A borrowed entry is used only within this factor of the tuned heads / head_dim / queries.
@@ -114,9 +120,15 @@ _CONFIG_FIELDS = ("block_p", "block_h", "num_warps", "num_stages")
 
 
 ALGOS = ("direct", "banded")
-# kernels with a banded form: the forward, and the backward's delta (the same window sum, dotted with
-# the output gradient); the main backward kernel is direct only
-BANDED_KERNELS = ("fwd", "bwd_delta")
+# kernels with a banded form: the forward, the backward's delta (the same window sum, dotted with the
+# output gradient) and, for stride 1, the main backward kernel (kernels/banded_bwd.py)
+BANDED_KERNELS = ("fwd", "bwd_delta", "bwd")
+
+
+def has_banded_form(kernel: str, stride: Tuple[int, int]) -> bool:
+    """Whether ``kernel`` has a banded (tensor-core) form at this stride: the main backward kernel
+    only at stride 1 (its tiles are of source pixels, each read by one output per window offset)."""
+    return kernel in BANDED_KERNELS and (kernel != "bwd" or tuple(int(s) for s in stride) == (1, 1))
 
 
 @dataclass(frozen=True)
@@ -170,22 +182,27 @@ def default_config(kernel: str, heads: int, head_dim: int, ks: Tuple[int, int], 
     """The config used without a tuned entry: :func:`heuristic_config`, except that the forward and the
     delta kernel of a window from ``BANDED_MIN_AREA`` up, on a GPU with bf16/tf32 ``tensor_cores``, take
     the banded algorithm (:func:`banded_config`)."""
-    if kernel in BANDED_KERNELS and tensor_cores and ks[0] * ks[1] >= BANDED_MIN_AREA[kernel].get(dtype, 1 << 30):
+    if (has_banded_form(kernel, st) and tensor_cores
+            and ks[0] * ks[1] >= BANDED_MIN_AREA[kernel].get(dtype, 1 << 30)
+            and (kernel != "bwd" or (ks[1] <= BANDED_BWD_MAX_KW and head_dim <= BANDED_BWD_MAX_HEAD_DIM))):
         return banded_config(ks, head_dim, dtype, st, kernel)
     return heuristic_config(kernel, heads, head_dim)
 
 
 def banded_config(window: Tuple[int, int], head_dim: int = 8, dtype: torch.dtype = torch.bfloat16,
                   stride: Tuple[int, int] = (1, 1), kernel: str = "fwd") -> KernelConfig:
-    """The banded kernel's default: 16 x 16 output pixels of one head per program, on 4 warps; on 8
-    once the operands grow (a halo row beyond 32 pixels, float32 operands for float16/float32 inputs,
-    head dims beyond 32 in the forward and beyond 8 in the delta, whose split products hold twice the
-    operands), which keeps it within 255 registers and 64 bytes of spills by the compiler report
-    (``python -m qna_triton.kernels.aot``)."""
-    if kernel not in BANDED_KERNELS:
-        raise ValueError(f"kernel must be one of {BANDED_KERNELS} (those with a banded form), got {kernel!r}")
+    """The banded kernels' default: 16 x 16 pixels (output pixels; source pixels for the main backward
+    kernel) of one head per program, on 4 warps; on 8 once the operands grow (a halo row beyond 32
+    pixels, float32 operands for float16/float32 inputs, head dims beyond 32 in the forward and beyond 8
+    in the delta, whose split products hold twice the operands; always for the main backward kernel),
+    by the compiler report's registers and spills (``python -m qna_triton.kernels.aot``)."""
+    if not has_banded_form(kernel, stride):
+        raise ValueError(f"kernel must be one of {BANDED_KERNELS} (those with a banded form; bwd at stride 1 "
+                         f"only), got {kernel!r} at stride {tuple(stride)}")
     halo = triton.next_power_of_2(15 * int(stride[1]) + int(window[1]))  # (block_w - 1) * s + k
-    small = halo <= 32 and head_dim <= (32 if kernel == "fwd" else 8) and dtype == torch.bfloat16
+    # the main backward kernel holds twice the delta's operands (two products per window row): 8 warps
+    small = (halo <= 32 and head_dim <= {"fwd": 32, "bwd_delta": 8}.get(kernel, 0)
+             and dtype == torch.bfloat16)
     return KernelConfig(block_p=1, block_h=1, num_warps=4 if small else 8, num_stages=1, algo="banded",
                         block_w=16, block_r=16)
 
@@ -297,10 +314,11 @@ class EntryKey:
             raise ValueError(f"bucket {self.bucket} is not a power of {BUCKET_BASE}")
 
 
-def validate_config(value: Any, kernel: Optional[str] = None) -> KernelConfig:
+def validate_config(value: Any, kernel: Optional[str] = None,
+                    stride: Optional[Tuple[int, int]] = None) -> KernelConfig:
     """A ``{"block_p", "block_h", "num_warps", "num_stages"}`` mapping (plus ``algo``, ``block_w``,
-    ``block_r`` for a banded entry) as a checked KernelConfig; ``kernel``, when given, must have the
-    entry's algorithm."""
+    ``block_r`` for a banded entry) as a checked KernelConfig; ``kernel`` (at ``stride``), when given,
+    must have the entry's algorithm."""
     if not isinstance(value, Mapping):
         raise ValueError(f"config must be an object, got {type(value).__name__}")
     missing = [f for f in _CONFIG_FIELDS if f not in value]
@@ -322,8 +340,9 @@ def validate_config(value: Any, kernel: Optional[str] = None) -> KernelConfig:
     if algo not in ALGOS:
         raise ValueError(f"algo must be one of {ALGOS}, got {algo!r}")
     if algo == "banded":
-        if kernel is not None and kernel not in BANDED_KERNELS:
-            raise ValueError(f"algo 'banded' exists for {BANDED_KERNELS} only, not for {kernel!r}")
+        if kernel is not None and not has_banded_form(kernel, stride or (1, 1)):
+            raise ValueError(f"algo 'banded' exists for {BANDED_KERNELS} only (bwd at stride 1), not for "
+                             f"{kernel!r} at stride {tuple(stride or (1, 1))}")
         check_banded_tiles(value.get("block_w"), value.get("block_r"))
         cfg = KernelConfig(cfg.block_p, cfg.block_h, cfg.num_warps, cfg.num_stages, "banded",
                            int(value["block_w"]), int(value["block_r"]))
@@ -407,7 +426,7 @@ def read_config_file(path: os.PathLike) -> ConfigTable:
             key = EntryKey.from_str(text)
             if not isinstance(value, dict):
                 raise ValueError(f"entry must be an object, got {type(value).__name__}")
-            cfg = validate_config(value.get("config"), key.kernel)
+            cfg = validate_config(value.get("config"), key.kernel, (key.sh, key.sw))
         except ValueError as e:
             invalid[str(text)] = str(e)
             continue
@@ -421,7 +440,8 @@ def write_config_file(path: os.PathLike, metadata: Mapping[str, Any], entries: M
     """Writes a schema-1 config file atomically (a reader never sees half a file); every entry is
     validated first, so the writer cannot produce a file the reader rejects."""
     for text, value in entries.items():
-        validate_config(value.get("config"), EntryKey.from_str(text).kernel)
+        key = EntryKey.from_str(text)
+        validate_config(value.get("config"), key.kernel, (key.sh, key.sw))
     data = {
         "schema_version": SCHEMA_VERSION,
         "metadata": dict(metadata),
@@ -505,8 +525,11 @@ def _load_table(gpu_name: str, dirs: Tuple[str, ...]) -> Optional[ConfigTable]:
 
 def _adapt(entry: EntryKey, cfg: KernelConfig, want: EntryKey) -> KernelConfig:
     """Caps a borrowed entry's tile to the problem and to the tile it was measured with (a banded
-    entry's tile does not grow with heads or queries: kept as measured)."""
+    entry's tile does not grow with heads or queries: kept as measured; a banded main backward entry is
+    not borrowed for a stride it has no banded form at: the heuristic then)."""
     if cfg.algo == "banded":
+        if not has_banded_form(want.kernel, (want.sh, want.sw)):
+            return heuristic_config(want.kernel, want.heads, want.head_dim)
         return cfg
     bp, bh = cfg.block_p, min(cfg.block_h, triton.next_power_of_2(want.heads))
     limit = tile_footprint(cfg, entry.n_queries, entry.head_dim)
@@ -571,7 +594,7 @@ def get_config(
     """
     heads, head_dim = logits.shape[4], values.shape[4]
     device = logits.device
-    algo = _fwd_algo_override() if kernel in BANDED_KERNELS else "direct"
+    algo = _fwd_algo_override() if has_banded_form(kernel, st) else "direct"
     if algo == "banded":
         if device.type == "cuda":
             cap = _capability(device.index if device.index is not None else torch.cuda.current_device())
@@ -579,7 +602,7 @@ def get_config(
                 raise RuntimeError(f"the banded kernels ({ALGO_ENV} / forward_algorithm) need bf16/tf32 tensor "
                                    f"cores (sm_80 or later); this GPU is sm_{cap[0]}{cap[1]}")
         return banded_config(ks, head_dim, values.dtype, st, kernel)
-    if algo == "direct" and kernel in BANDED_KERNELS:
+    if algo == "direct" and has_banded_form(kernel, st):
         cfg = _get_config(kernel, logits, values, ks, st, pd, heads, head_dim, device)
         return cfg if cfg.algo == "direct" else heuristic_config(kernel, heads, head_dim)
     return _get_config(kernel, logits, values, ks, st, pd, heads, head_dim, device)

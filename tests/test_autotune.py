@@ -424,10 +424,10 @@ def test_bench_checks_and_times_on_the_gpu():
         bench.release(session)
 
 
-def test_forward_and_delta_candidates_include_the_banded_algorithm():
-    """The tuner chooses the algorithm of the forward and of the delta kernel per window: from 3 x 3 up
-    their candidates hold banded tiles, and from 7 x 7 (bfloat16) the forward's default, the reference
-    of the speed-up, is banded (the delta's from 11 x 11); the main backward kernel is direct only."""
+def test_candidates_include_the_banded_algorithm():
+    """The tuner chooses the algorithm of each kernel per window: from 3 x 3 up their candidates hold
+    banded tiles (the main backward kernel's at stride 1 only), and from 7 x 7 (bfloat16) the forward's
+    default, the reference of the speed-up, is banded (the delta's and the main kernel's from 11 x 11)."""
     plan = plan_mod.quick_plan()
     by_window = {s.kh: s for s, k in plan.entries() if k == "fwd" and s.sh == 1}
     c3, c7 = plan.candidates(by_window[3], "fwd"), plan.candidates(by_window[7], "fwd")
@@ -439,4 +439,8 @@ def test_forward_and_delta_candidates_include_the_banded_algorithm():
     assert d3[0].algo == d7[0].algo == "direct" and any(c.algo == "banded" for c in d3 + d7)
     d11 = plan.candidates(replace(by_window[7], kh=11, kw=11, ph=5, pw=5), "bwd_delta")
     assert d11[0] == tuning.banded_config((11, 11), kernel="bwd_delta")
-    assert all(c.algo == "direct" for s, k in plan.entries() if k == "bwd" for c in plan.candidates(s, k))
+    bwd = [(s, plan.candidates(s, k)) for s, k in plan.entries() if k == "bwd" and s.kh * s.kw >= 9]
+    assert all(any(c.algo == "banded" for c in cs) == (s.sh == s.sw == 1) for s, cs in bwd)
+    assert {s.sh for s, _ in bwd} == {1, 2}
+    b11 = plan.candidates(replace(by_window[7], kh=11, kw=11, ph=5, pw=5), "bwd")
+    assert b11[0] == tuning.banded_config((11, 11), kernel="bwd")

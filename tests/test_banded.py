@@ -1,10 +1,9 @@
-"""The banded (tensor-core) kernels, forward and the backward's delta, against the float64 oracle,
-their exact fallback, and their selection.
+"""The banded (tensor-core) kernels, forward, the backward's delta and the main backward kernel, against
+the float64 oracle and the direct kernels, their exact fallback, and their selection.
 
 In the interpreter the bfloat16 value products are emulated (operands rounded to bfloat16, multiplied
 in float32: the interpreter's own bf16 ``tl.dot`` is wrong), so the rounding a GPU does is the one
-tested here. The main backward kernel is the direct one, fed the banded forward's ``lse`` and the
-banded delta.
+tested here.
 """
 
 import json
@@ -24,6 +23,7 @@ from qna_triton.reference import direct_qna_attention
 from qna_triton.tuning import KernelConfig, banded_config
 
 BANDED = KernelConfig(1, 1, 4, 1, "banded", 16, 16)
+BANDED_BWD = KernelConfig(1, 1, 8, 1, "banded", 16, 16)
 
 
 @triton.jit
@@ -136,9 +136,9 @@ def test_banded_empty_windows_and_masked_offsets():
 
 def test_algorithm_selection(monkeypatch):
     """QNA_TRITON_FWD_ALGO forces an algorithm; by default GPUs with tensor cores take the banded
-    forward from a 7 x 7 window up and the banded delta from 11 x 11 (bfloat16), CPU tensors (the
-    interpreter) the direct ones; the main backward kernel is never banded; a bad value names the
-    variable."""
+    forward from a 7 x 7 window up and the banded delta and main backward kernel from 11 x 11 (bfloat16;
+    the main backward kernel at stride 1, up to 17 columns and head dim 16), CPU tensors (the
+    interpreter) the direct ones; a bad value names the variable."""
     logits, values = torch.empty(1, 8, 8, 2, 4), torch.empty(1, 8, 8, 4, 8)
     get = lambda kernel, k: tuning.get_config(kernel, logits, values, (k, k), (1, 1))  # noqa: E731
     monkeypatch.delenv(tuning.ALGO_ENV, raising=False)
@@ -153,7 +153,10 @@ def test_algorithm_selection(monkeypatch):
         with tuning.forward_algorithm("fast"):
             pass
     monkeypatch.setenv(tuning.ALGO_ENV, "banded")
-    assert get("fwd", 3) == banded_config((3, 3), 8, torch.float32) and get("bwd", 15).algo == "direct"
+    assert get("fwd", 3) == banded_config((3, 3), 8, torch.float32)
+    assert get("bwd", 3) == banded_config((3, 3), 8, torch.float32, kernel="bwd")
+    # forcing applies where a banded form exists: the main backward kernel at stride 1 only
+    assert tuning.get_config("bwd", logits, values, (3, 3), (2, 2)).algo == "direct"
     assert get("bwd_delta", 3) == banded_config((3, 3), 8, torch.float32, kernel="bwd_delta")
     monkeypatch.setenv(tuning.ALGO_ENV, "sideways")
     with pytest.raises(ValueError, match=tuning.ALGO_ENV):
@@ -166,7 +169,12 @@ def test_algorithm_selection(monkeypatch):
     assert tuning._heuristic_for("fwd", 4, 8, (7, 7), cuda, torch.float16).algo == "direct"
     assert tuning._heuristic_for("fwd", 4, 8, (11, 11), cuda, torch.float16).algo == "banded"
     assert tuning._heuristic_for("bwd", 4, 8, (7, 7), cuda).algo == "direct"
-    assert tuning._heuristic_for("bwd", 4, 8, (31, 31), cuda).algo == "direct"
+    assert tuning._heuristic_for("bwd", 4, 8, (11, 11), cuda) == banded_config((11, 11), kernel="bwd")
+    assert tuning._heuristic_for("bwd", 4, 8, (11, 11), cuda, st=(2, 2)).algo == "direct"
+    assert tuning._heuristic_for("bwd", 4, 8, (15, 15), cuda, torch.float32).algo == "direct"
+    assert tuning._heuristic_for("bwd", 4, 16, (15, 15), cuda).algo == "banded"
+    assert tuning._heuristic_for("bwd", 4, 32, (15, 15), cuda).algo == "direct"  # would spill on sm_80
+    assert tuning._heuristic_for("bwd", 4, 8, (31, 31), cuda).algo == "direct"  # 64-column halo: would spill
     assert tuning._heuristic_for("bwd_delta", 4, 8, (9, 9), cuda).algo == "direct"
     assert tuning._heuristic_for("bwd_delta", 4, 8, (11, 11), cuda) == banded_config((11, 11), kernel="bwd_delta")
     assert tuning._heuristic_for("bwd_delta", 4, 8, (13, 13), cuda, torch.float32).algo == "direct"
@@ -179,27 +187,33 @@ def test_algorithm_selection(monkeypatch):
     # the delta's split products hold twice the operands: 8 warps from head dim 16
     assert banded_config((15, 15), 8, kernel="bwd_delta").num_warps == 4
     assert banded_config((15, 15), 16, kernel="bwd_delta").num_warps == 8
+    assert banded_config((15, 15), 8, kernel="bwd").num_warps == 8
+    with pytest.raises(ValueError, match="stride"):
+        banded_config((15, 15), kernel="bwd", stride=(2, 2))
     with pytest.raises(ValueError, match="kernel"):
-        banded_config((15, 15), kernel="bwd")
+        banded_config((15, 15), kernel="main")
 
 
 def test_banded_config_entries_round_trip_and_are_validated(tmp_path):
-    """A tuned file may hold banded forward and delta entries: written, read back equal; bad tiles
-    rejected, and so is a banded entry for the main backward kernel (it has no banded form)."""
+    """A tuned file may hold banded forward, delta and (stride 1) main backward entries: written, read
+    back equal; bad tiles rejected, and so is a banded main backward entry at stride 2 (it has no
+    banded form there)."""
     key = "kernel=fwd;dtype=bfloat16;window=15x15;stride=1x1;heads=16;head_dim=8;queries=2;bucket=65536"
     cfg = KernelConfig(1, 1, 8, 1, "banded", 32, 16)
     path = tmp_path / "gpu.json"
-    entries = {key: {"config": cfg.as_dict()}, key.replace("fwd", "bwd_delta"): {"config": cfg.as_dict()}}
+    entries = {k: {"config": cfg.as_dict()} for k in (key, key.replace("fwd", "bwd_delta"),
+                                                      key.replace("fwd", "bwd"))}
     tuning.write_config_file(path, {"gpu_name": "x"}, entries)
     table = tuning.read_config_file(path)
-    assert list(table.entries.values()) == [cfg, cfg] and not table.invalid
+    assert list(table.entries.values()) == [cfg, cfg, cfg] and not table.invalid
+    strided = key.replace("fwd", "bwd").replace("stride=1x1", "stride=2x2")
     with pytest.raises(ValueError, match="banded"):
-        tuning.write_config_file(path, {"gpu_name": "x"}, {key.replace("fwd", "bwd"): {"config": cfg.as_dict()}})
+        tuning.write_config_file(path, {"gpu_name": "x"}, {strided: {"config": cfg.as_dict()}})
     raw = json.loads(path.read_text())
-    raw["entries"][key.replace("fwd", "bwd")] = {"config": cfg.as_dict()}
+    raw["entries"][strided] = {"config": cfg.as_dict()}
     path.write_text(json.dumps(raw))
     table = tuning.read_config_file(path)
-    assert len(table.entries) == 2 and "banded" in table.invalid[key.replace("fwd", "bwd")]
+    assert len(table.entries) == 3 and "banded" in table.invalid[strided]
     assert "algo" not in KernelConfig(8, 16).as_dict()  # direct entries keep the original schema
     for bad in ({"algo": "banded", "block_w": 8, "block_r": 16}, {"algo": "banded", "block_w": 24, "block_r": 16},
                 {"algo": "banded", "block_r": 16}, {"algo": "fft"}):
@@ -216,9 +230,9 @@ def test_qna_layer_under_banded_forward(monkeypatch, banded):
     assert_layer_matches_reference_path(layer, torch.randn(1, 9, 10, 8, device=DEVICE), monkeypatch)
 
 
-def _grads(case_inputs, geo, lse, g, dcfg):
+def _grads(case_inputs, geo, lse, g, dcfg, cfg=None):
     logits, values, rpb, scale = case_inputs
-    return qna_backward(g, logits, values, rpb, scale, lse, *geo, delta_config=dcfg)
+    return qna_backward(g, logits, values, rpb, scale, lse, *geo, config=cfg, delta_config=dcfg)
 
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
@@ -263,9 +277,10 @@ def _nan_pattern_test(poison, dtype=torch.float32):
         out_ref, lse_ref = qna_forward(*inputs, *geo)
         ref = _grads(inputs, geo, lse_ref, g.to(dtype), None)
     out, lse = qna_forward(*inputs, *geo, config=BANDED)
-    got = _grads(inputs, geo, lse_ref, g.to(dtype), BANDED)
+    got = _grads(inputs, geo, lse_ref, g.to(dtype), BANDED, BANDED_BWD)
     assert torch.isnan(out_ref).any() and not torch.isnan(out_ref).all()
-    for name, a, r in (("out", out, out_ref), ("lse", lse, lse_ref), *zip(("dlogits", "dvalues"), got, ref)):
+    named = ("dlogits", "dvalues", "drpb", "dscale")
+    for name, a, r in (("out", out, out_ref), ("lse", lse, lse_ref), *zip(named, got, ref)):
         assert torch.equal(torch.isnan(a), torch.isnan(r)), name
         torch.testing.assert_close(a[~torch.isnan(r)].double(), r[~torch.isnan(r)].double(), rtol=1e-5, atol=1e-5)
 
@@ -273,7 +288,8 @@ def _nan_pattern_test(poison, dtype=torch.float32):
 def test_nan_in_a_logit_stays_in_its_windows():
     """A NaN logit makes NaN exactly the outputs (and lse, gradients) whose windows hold it, as in the
     direct kernels: the banded products would spread it along their tile rows (``0 * NaN`` off the
-    band), so such a tile is redone by the direct algorithm."""
+    band), so such a tile is redone by the direct algorithm (forward, delta and main backward kernel;
+    ``drpb`` / ``dscale`` are NaN exactly where the direct kernel's are)."""
     def poison(t, g):
         t["logits"][0, 3, 4, 1, 0] = float("nan")
     _nan_pattern_test(poison)
@@ -297,3 +313,47 @@ def test_interpreter_rounds_bfloat16_operands_as_a_gpu_does():
     y = torch.empty_like(x)
     _round_kernel[(1,)](x, y, 1024)
     assert torch.equal(y, x.bfloat16().float())
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_banded_backward_equals_the_direct_backward(dtype):
+    """The banded main backward kernel gives the direct kernel's gradients to float32 accuracy in every
+    dtype (its products are float32-accurate: ``v . Z - U`` and ``a da - sum P D`` cancel as ``a t - D``
+    does). Head dim 20 spans three 8-wide chunks (one partial); a non-square window with asymmetric
+    padding; three queries; two tiles across, the second partial and in the fallback (logits too wide
+    for one shift), so the scratch rows of drpb / dscale are written by both paths in one launch."""
+    torch.manual_seed(0)
+    B, H, W, N, h, d, kh, kw = 1, 7, 21, 3, 2, 20, 3, 4
+    logits = torch.randn(B, H, W, N, h)
+    logits[:, :, 17:] *= 3 * RANGE_LIMIT  # the second tile only (source tiles: no halo)
+    inputs = (logits.to(dtype), (torch.randn(B, H, W, h, d) + 2).to(dtype), torch.randn(kh * kw, N, h),
+              torch.randn(kh * kw, N, h))
+    geo = ((kh, kw), (1, 1), (1, 2))
+    with tuning.forward_algorithm("direct"):
+        out, lse = qna_forward(*inputs, *geo)
+        g = torch.randn(out.shape).to(dtype)
+        ref = _grads(inputs, geo, lse, g, None)
+    got = _grads(inputs, geo, lse, g, tuning.heuristic_config("bwd_delta", h, d), BANDED_BWD)
+    for name, a, r in zip(("dlogits", "dvalues", "drpb", "dscale"), got, ref):
+        assert torch.isfinite(a).all(), name
+        err = (a.double() - r.double()).abs().max() / r.double().abs().max()
+        if a.dtype != torch.float32:
+            bound = 2 ** -7 if a.dtype == torch.bfloat16 else 2 ** -10
+        else:
+            bound = 2e-4 if dtype == torch.bfloat16 else 1e-5
+        assert err <= bound, (name, err.item())
+
+
+def test_banded_backward_needs_stride_1():
+    """A banded main backward config at stride 2 is refused by name before any launch, and a tuned
+    stride-1 entry is not borrowed for a stride-2 problem."""
+    logits, values = torch.randn(1, 8, 8, 1, 1), torch.randn(1, 8, 8, 1, 4)
+    rpb = torch.zeros(9, 1, 1)
+    out, lse = qna_forward(logits, values, rpb, None, (3, 3), (2, 2), (1, 1))
+    with pytest.raises(ValueError, match="stride"):
+        qna_backward(torch.randn_like(out), logits, values, rpb, None, lse, (3, 3), (2, 2), (1, 1),
+                     config=BANDED_BWD)
+    entry = tuning.EntryKey("bwd", "bfloat16", 15, 15, 1, 1, 16, 8, 2, 65536)
+    want = tuning.EntryKey("bwd", "bfloat16", 15, 15, 2, 2, 16, 8, 2, 65536)
+    assert tuning._adapt(entry, BANDED_BWD, want) == tuning.heuristic_config("bwd", 16, 8)
+    assert tuning._adapt(entry, BANDED_BWD, entry) == BANDED_BWD

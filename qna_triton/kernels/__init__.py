@@ -12,6 +12,7 @@ import triton
 from ..reference import empty_query_minor, output_size, query_minor
 from ..tuning import KernelConfig, check_banded_tiles, get_config
 from .backward import qna_bwd_delta_kernel, qna_bwd_kernel
+from .banded_bwd import qna_banded_bwd_kernel
 from .banded import (RANGE_LIMIT, VDOT_BF16, VDOT_BF16_EMULATED, VDOT_BF16X3, VDOT_BF16X3_EMULATED, VDOT_TF32X3,
                      qna_banded_kernel)
 from .forward import qna_fwd_kernel
@@ -120,16 +121,38 @@ def banded_blocks(cfg: KernelConfig, N: int, d: int, ks: Pair, st: Pair, values:
     check_banded_tiles(bw, br)
     bd = triton.next_power_of_2(d)
     dc = min(bd, max(1, 256 // br))  # the value product's columns: block_r x dc <= 256
-    if values.dtype == torch.bfloat16 and delta:
-        vdot = VDOT_BF16X3 if on_gpu else VDOT_BF16X3_EMULATED
-    elif values.dtype == torch.bfloat16:
-        vdot = VDOT_BF16 if on_gpu else VDOT_BF16_EMULATED
-    else:
-        vdot = VDOT_TF32X3
+    vdot = _vdot_mode(values, on_gpu, split=delta)
     return dict(
         BLOCK_W=bw, BLOCK_R=br, HALO=max(16, triton.next_power_of_2((bw - 1) * st[1] + ks[1])), BLOCK_DC=dc,
         BLOCK_N=triton.next_power_of_2(N), BLOCK_D=bd, BLOCK_K=min(256, triton.next_power_of_2(ks[0] * ks[1])),
         FALLBACK_P=min(bw * br, max(16, 1024 // bd)), VDOT=vdot, RANGE_LIMIT=RANGE_LIMIT,
+        num_warps=cfg.num_warps, num_stages=cfg.num_stages,
+    )
+
+
+def _vdot_mode(values: torch.Tensor, on_gpu: bool, split: bool) -> int:
+    if values.dtype != torch.bfloat16:
+        return VDOT_TF32X3
+    if split:
+        return VDOT_BF16X3 if on_gpu else VDOT_BF16X3_EMULATED
+    return VDOT_BF16 if on_gpu else VDOT_BF16_EMULATED
+
+
+def banded_bwd_blocks(cfg: KernelConfig, N: int, d: int, ks: Pair, values: torch.Tensor,
+                      on_gpu: Optional[bool] = None) -> dict:
+    """Compile-time parameters of the banded main backward kernel for ``cfg`` (stride 1): tiles of
+    ``block_r x block_w`` source pixels, a halo of ``block_w + k_w - 1`` output columns, and
+    float32-accurate products (split bfloat16, or tf32x3), since ``v . Z - U`` and ``a da - sum P D``
+    cancel as ``a t - D`` does."""
+    on_gpu = values.is_cuda if on_gpu is None else on_gpu
+    bw, br = cfg.block_w, cfg.block_r
+    check_banded_tiles(bw, br)
+    bd = triton.next_power_of_2(d)
+    return dict(
+        BLOCK_W=bw, BLOCK_R=br, HALO=max(16, triton.next_power_of_2(bw + ks[1] - 1)),
+        BLOCK_DC=min(bd, max(1, 128 // br)), BLOCK_N=triton.next_power_of_2(N), BLOCK_D=bd,
+        BLOCK_KW=triton.next_power_of_2(ks[1]), FALLBACK_P=min(bw * br, max(16, 1024 // bd)),
+        VDOT=_vdot_mode(values, on_gpu, split=True), RANGE_LIMIT=RANGE_LIMIT,
         num_warps=cfg.num_warps, num_stages=cfg.num_stages,
     )
 
@@ -241,8 +264,15 @@ def qna_backward(
 
     cfg = config or get_config("bwd", logits, values, ks, st, pd)
     K = ks[0] * ks[1]
-    num_tiles = triton.cdiv(B * H * W, cfg.block_p)
-    progs = _num_programs(num_tiles, logits.device, cfg.num_warps, triton.cdiv(h, cfg.block_h), K * N * h)
+    banded = cfg.algo == "banded"
+    if banded and tuple(st) != (1, 1):
+        raise ValueError(f"the banded backward kernel needs stride 1, got stride={tuple(st)}")
+    if banded:
+        num_tiles = B * triton.cdiv(H, cfg.block_r) * triton.cdiv(W, cfg.block_w)
+        progs = _num_programs(num_tiles, logits.device, cfg.num_warps, h, 2 * K * N * h)  # + scratch rows
+    else:
+        num_tiles = triton.cdiv(B * H * W, cfg.block_p)
+        progs = _num_programs(num_tiles, logits.device, cfg.num_warps, triton.cdiv(h, cfg.block_h), K * N * h)
     if packed_grad:
         dqv = torch.empty((B, H, W, N * h + h * d), device=logits.device, dtype=logits.dtype)
         dl, dv = dqv[..., : N * h], dqv[..., N * h :]
@@ -252,11 +282,20 @@ def qna_backward(
     dr_part = torch.zeros((progs, K, h, N), device=logits.device, dtype=torch.float32)
     da_part = torch.zeros_like(dr_part) if a is not None else dr_part
     with _on_device(logits):
-        qna_bwd_kernel[(progs, triton.cdiv(h, cfg.block_h))](
-            logits, values, r, a if a is not None else r, g, lse, delta, dl, dv, dr_part, da_part,
-            *common, num_tiles, triton.cdiv(num_tiles, progs), dl.stride(2), dv.stride(2),
-            HAS_SCALE=a is not None, **_blocks(cfg, N, d, layout),
-        )
+        if banded:
+            dr_tile = torch.empty_like(dr_part)
+            da_tile = torch.empty_like(dr_part) if a is not None else dr_tile
+            qna_banded_bwd_kernel[(progs, h)](
+                logits, values, r, a if a is not None else r, g, lse, delta, dl, dv, dr_part, da_part,
+                dr_tile, da_tile, *common, num_tiles, triton.cdiv(num_tiles, progs), dl.stride(2), dv.stride(2),
+                HAS_SCALE=a is not None, **layout, **banded_bwd_blocks(cfg, N, d, ks, values),
+            )
+        else:
+            qna_bwd_kernel[(progs, triton.cdiv(h, cfg.block_h))](
+                logits, values, r, a if a is not None else r, g, lse, delta, dl, dv, dr_part, da_part,
+                *common, num_tiles, triton.cdiv(num_tiles, progs), dl.stride(2), dv.stride(2),
+                HAS_SCALE=a is not None, **_blocks(cfg, N, d, layout),
+            )
     drpb = dr_part.sum(0).transpose(-1, -2).to(rpb.dtype)
     dscale = da_part.sum(0).transpose(-1, -2).to(scale.dtype) if a is not None else None
     if packed_grad:

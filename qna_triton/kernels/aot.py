@@ -37,6 +37,7 @@ from triton.compiler import ASTSource
 from ..tuning import BANDED_KERNELS, KernelConfig, banded_config, heuristic_config
 from .backward import qna_bwd_delta_kernel, qna_bwd_kernel
 from .banded import qna_banded_kernel
+from .banded_bwd import qna_banded_bwd_kernel
 from .forward import qna_fwd_kernel
 
 KERNEL_FNS = {"fwd": qna_fwd_kernel, "bwd_delta": qna_bwd_delta_kernel, "bwd": qna_bwd_kernel}
@@ -113,7 +114,11 @@ def _problem_args(kernel: str, dtype: torch.dtype, n_queries: int, heads: int, h
     out = torch.empty(B, H, W, h, d, dtype=dtype, **meta)
     consts = _layout(L, V, wide=True if wide else None)
     common = _common_args(L, V, B, H, W, H, W, N, h, d, (k, k), (1, 1), (k // 2, k // 2), consts)
-    if banded:  # O, LSE, G, DELTA: the forward's or the delta's (one kernel)
+    if banded and kernel == "bwd":  # the main backward kernel's banded form (+ its scratch rows)
+        dqv = torch.empty(B, H, W, h * N + h * d, dtype=dtype, **meta)
+        args = (L, V, table, table, out, stats, stats, dqv[..., : h * N], dqv[..., h * N:], table, table, table,
+                table, *common, 4, 1, dqv.stride(2), dqv.stride(2))
+    elif banded:  # O, LSE, G, DELTA: the forward's or the delta's (one kernel)
         args = (L, V, table, table, out, stats, out, stats, *common)
     elif kernel == "fwd":
         args = (L, V, table, table, out, stats, *common)
@@ -145,17 +150,21 @@ def compile_kernel(
     from triton.compiler import make_backend
     from triton.runtime.jit import create_function_from_signature
 
-    from . import _blocks, banded_blocks
+    from . import _blocks, banded_blocks, banded_bwd_blocks
 
     if layout not in LAYOUTS:
         raise ValueError(f"layout must be one of {LAYOUTS}, got {layout!r}")
     banded = config.algo == "banded"
     if banded and kernel not in BANDED_KERNELS:
         raise ValueError(f"{kernel} has no banded form")
-    fn = qna_banded_kernel if banded else KERNEL_FNS[kernel]
+    fn = (qna_banded_bwd_kernel if kernel == "bwd" else qna_banded_kernel) if banded else KERNEL_FNS[kernel]
     heads = heads if heads is not None else config.block_h
     args, consts = _problem_args(kernel, dtype, n_queries, heads, head_dim, layout, window, wide, banded)
-    if banded:
+    if banded and kernel == "bwd":
+        blocks = banded_bwd_blocks(config, n_queries, head_dim, (window, window),
+                                   torch.empty(1, dtype=dtype, device="meta"), on_gpu=True)
+        kwargs = dict(blocks, **consts, HAS_SCALE=has_scale)
+    elif banded:
         blocks = banded_blocks(config, n_queries, head_dim, (window, window), (1, 1),
                                torch.empty(1, dtype=dtype, device="meta"), on_gpu=True,
                                delta=kernel == "bwd_delta")
@@ -271,9 +280,13 @@ def default_plan(archs: Sequence[int]) -> List[dict]:
         # head dims, and the three operand modes (bf16; tf32x3 for float16 and float32)
         for dtype, (h, d), window in (("bf16", (16, 8), 15), ("bf16", (16, 8), 31), ("bf16", (4, 32), 15),
                                       ("bf16", (1, 128), 15), ("fp16", (16, 8), 15), ("fp32", (16, 8), 7)):
-            for kernel in BANDED_KERNELS:
+            for kernel in ("fwd", "bwd_delta"):
                 plan.append(dict(kernel=kernel, algo="banded", dtype=dtype, heads=h, head_dim=d, n_queries=2,
                                  has_scale=True, arch=arch, layout="packed", window=window))
+        # the banded main backward kernel where the heuristic takes it (bf16, halo of 32, head dims to 16)
+        for h, d in ((16, 8), (8, 16)):
+            plan.append(dict(kernel="bwd", algo="banded", dtype="bf16", heads=h, head_dim=d, n_queries=2,
+                             has_scale=True, arch=arch, layout="packed", window=15))
     return plan
 
 

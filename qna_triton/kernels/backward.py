@@ -79,6 +79,32 @@ def qna_bwd_delta_kernel(
 
 
 @triton.jit
+def _bwd_pairs(R, A, G, LSE, DELTA, l_p, v_p, o, i, valid, nh_mask, nh_r, hd_mask, hd_g, NH, HEADS,
+               D: tl.constexpr, HAS_SCALE: tl.constexpr):
+    """The pairs (input pixel p, offset o) of a tile, with ``i`` the output pixel reading p through o
+    (``valid`` where it exists): ``(dz = P (a t - D), a P, g[i], P t)`` as ``[P, N, H]``, ``[P, N, H]``,
+    ``[P, H, D]`` and ``[P, N, H]``."""
+    i = tl.where(valid, i, 0)
+    ivalid = valid[:, None, None] & nh_mask[None, :, :]
+    # +inf for masked lanes: P = exp(z - inf) = 0 there, with no overflow on the way
+    lse = tl.load(LSE + i[:, None, None] * NH + nh_r[None, :, :], mask=ivalid, other=float("inf"))
+    # a window whose every offset is masked by -inf logits or bias has lse = -inf and P = 0
+    lse = tl.where(lse == float("-inf"), float("inf"), lse)
+    delta = tl.load(DELTA + i[:, None, None] * NH + nh_r[None, :, :], mask=ivalid, other=0.0)
+    r = tl.load(R + o * NH + nh_r, mask=nh_mask, other=0.0)
+    p = _exp(l_p + r[None, :, :] - lse)
+    g = tl.load(G + i[:, None, None] * (HEADS * D) + hd_g[None, :, :],
+                mask=valid[:, None, None] & hd_mask[None, :, :], other=0.0).to(tl.float32)
+    t = tl.sum(g * v_p, axis=2)[:, None, :]  # [P, 1, H]
+    if HAS_SCALE:
+        a = tl.load(A + o * NH + nh_r, mask=nh_mask, other=0.0)[None, :, :]
+        ap = a * p
+    else:
+        ap = p
+    return ap * t - p * delta, ap, g, p * t
+
+
+@triton.jit
 def qna_bwd_kernel(
     L, V, R, A, G, LSE, DELTA, DL, DV, DR_PART, DA_PART,
     B, H, W, Ho, Wo, NQ: tl.constexpr, HEADS, D: tl.constexpr,
@@ -126,32 +152,15 @@ def qna_bwd_kernel(
                 X = tx // SW
                 valid = vy & (tx >= 0) & (X * SW == tx) & (X < Wo)
                 o = u * KW + w
-                i = (b * Ho + Y) * Wo + X
-                i = tl.where(valid, i, 0)
-                ivalid = valid[:, None, None] & nh_mask[None, :, :]
-                # +inf for masked lanes: P = exp(z - inf) = 0 there, with no overflow on the way
-                lse = tl.load(LSE + i[:, None, None] * NH + nh_r[None, :, :], mask=ivalid, other=float("inf"))
-                # a window whose every offset is masked by -inf logits or bias has lse = -inf and P = 0
-                lse = tl.where(lse == float("-inf"), float("inf"), lse)
-                delta = tl.load(DELTA + i[:, None, None] * NH + nh_r[None, :, :], mask=ivalid, other=0.0)
-                r = tl.load(R + o * NH + nh_r, mask=nh_mask, other=0.0)
-                p = _exp(l_p + r[None, :, :] - lse)
-                g = tl.load(G + i[:, None, None] * (HEADS * D) + hd_g[None, :, :],
-                            mask=valid[:, None, None] & hd_mask[None, :, :], other=0.0).to(tl.float32)
-                t = tl.sum(g * v_p, axis=2)[:, None, :]  # [P, 1, H]
-                if HAS_SCALE:
-                    a = tl.load(A + o * NH + nh_r, mask=nh_mask, other=0.0)[None, :, :]
-                    ap = a * p
-                else:
-                    ap = p
-                dz = ap * t - p * delta
+                dz, ap, g, pt = _bwd_pairs(R, A, G, LSE, DELTA, l_p, v_p, o, (b * Ho + Y) * Wo + X, valid,
+                                           nh_mask, nh_r, hd_mask, hd_g, NH, HEADS, D, HAS_SCALE)
                 dl += dz
                 dv += tl.sum(ap, axis=1)[:, :, None] * g
                 # these columns of the row belong to this program alone: relaxed ordering suffices
                 part = part_row + o * NH + nh_r
                 tl.atomic_add(DR_PART + part, tl.sum(dz, axis=0), mask=nh_mask, sem="relaxed")
                 if HAS_SCALE:
-                    tl.atomic_add(DA_PART + part, tl.sum(p * t, axis=0), mask=nh_mask, sem="relaxed")
+                    tl.atomic_add(DA_PART + part, tl.sum(pt, axis=0), mask=nh_mask, sem="relaxed")
         # dl and dv may be the two column ranges of one packed [B, H, W, N*h + h*d] gradient
         tl.store(DL + offs_p[:, None, None] * DL_PIX_STRIDE + nh_r[None, :, :], dl.to(DL.dtype.element_ty),
                  mask=mask_p[:, None, None] & nh_mask[None, :, :])

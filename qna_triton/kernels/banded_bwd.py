@@ -1,0 +1,276 @@
+"""The main backward kernel on tensor cores (stride 1): ``dlogits``, ``dvalues``, ``drpb``, ``dscale``.
+
+A program owns ``BLOCK_R`` x ``BLOCK_W`` *source* pixels of one head (persistent: it loops over
+tiles). With the forward's factorisation ``P[n, i, o] = E[p] T'[o] F[i]`` (``E = exp(l - c)``, ``c``
+the tile's largest logit, ``T' = exp(r - r_max)``, ``F[i] = exp(c + r_max - lse[i])``), ``G = F g``
+and ``H = F D`` per output pixel ``i``, per query and window row ``dy`` the output pixels that read the
+tile through row ``dy`` are a halo of ``BLOCK_W + k_w - 1`` columns in the rows ``y + pad - dy``, and
+the band ``T[c, x] = (a T')[dy, x - c + k_w - 1]`` (0 off ``0 <= dx < k_w``) joins halo column ``c``
+to source column ``x``:
+
+* ``Z += G @ T`` (``[R*dc, halo] x [halo, W]``) and ``U += H @ T'`` (``[R, halo] x [halo, W]``), so
+  ``dv = sum_n E_n Z_n`` and ``dl_n = E_n (v . Z_n - U_n)``: no exponential and no ``g . v`` per pair;
+* ``M = G^T @ (E v)`` and ``M' = H^T @ E`` (``[halo, W]``): their sums along the band's diagonals
+  (``_diag``) are ``da[dy, dx] / T'`` and the ``sum P D`` term of ``dr = a da - sum P D``.
+
+``v . Z - U`` and ``a da - sum P D`` cancel as ``a t - D`` does, so every product is float32-accurate
+(split bfloat16 for bfloat16 inputs, tf32x3 otherwise). A tile whose logit + bias spread passes
+``RANGE_LIMIT``, or whose results are not finite, is redone by the direct algorithm of
+``backward.py``. A tile's ``dr`` / ``da`` rows go to a per-program scratch row first and are added to
+the program's row of the partial sums only once the tile is known good (a redone tile rewrites the
+scratch), so a redo never counts a pair twice; every element of both rows is written by one program in
+a fixed order, so the sums are deterministic, as in the direct kernel.
+"""
+
+from __future__ import annotations
+
+import triton
+import triton.language as tl
+
+from .backward import _bwd_pairs
+from .banded import _any_nonfinite2, _pick, _sdot, _vdot
+from .forward import _exp, _head_blocks, _load_v
+
+
+@triton.jit
+def _band(R, A, dy, rmax, qh, offs_c, offs_x, KW, NH, HAS_SCALE: tl.constexpr):
+    """``T'[c, x] = exp(r[dy, x - c + k_w - 1] - r_max)`` on the band, 0 off it, and ``T = a T'``:
+    ``[halo, W]`` (halo column ``c`` is the output column ``x0 + pad - (k_w - 1) + c``)."""
+    dx = offs_x[None, :] - offs_c[:, None] + (KW - 1)
+    on = (dx >= 0) & (dx < KW)
+    idx = (dy * KW + dx) * NH + qh
+    tp = _exp(tl.load(R + idx, mask=on, other=float("-inf")) - rmax)
+    if HAS_SCALE:
+        return tp, tp * tl.load(A + idx, mask=on, other=0.0)
+    else:
+        return tp, tp
+
+
+@triton.jit
+def _diag(m, offs_k, offs_x, KW, HALO: tl.constexpr):
+    """``s[k] = sum_x m[x - k + k_w - 1, x]`` of a ``[halo, W]`` product: its sum along the band's
+    diagonal of offset ``dx = k`` (``[BLOCK_KW]``, 0 beyond ``k_w``)."""
+    idx = offs_x[None, :] - offs_k[:, None] + (KW - 1)
+    ok = (idx >= 0) & (idx < HALO) & (offs_k < KW)[:, None]
+    vals = tl.gather(m, tl.where(ok, idx, 0), 0)
+    return tl.sum(tl.where(ok, vals, 0.0), axis=1)
+
+
+@triton.jit
+def qna_banded_bwd_kernel(
+    L, V, R, A, G, LSE, DELTA, DL, DV, DR_PART, DA_PART, DR_TILE, DA_TILE,
+    B, H, W, Ho, Wo, NQ: tl.constexpr, HEADS, D: tl.constexpr,
+    sl_b, sl_y, sl_x, sl_n, sl_j,
+    sv_b, sv_y, sv_x, sv_j, sv_t,
+    KH, KW, SH, SW, PH, PW,
+    NUM_TILES, TILES_PER_PROGRAM, DL_PIX_STRIDE, DV_PIX_STRIDE,
+    HAS_SCALE: tl.constexpr, WIDE: tl.constexpr, L_HN: tl.constexpr, V_HD: tl.constexpr,
+    L_ALIGN: tl.constexpr, V_ALIGN: tl.constexpr,
+    BLOCK_W: tl.constexpr, BLOCK_R: tl.constexpr, HALO: tl.constexpr, BLOCK_DC: tl.constexpr,
+    BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_KW: tl.constexpr,
+    FALLBACK_P: tl.constexpr, VDOT: tl.constexpr, RANGE_LIMIT: tl.constexpr,
+):
+    """``dl``, ``dv`` of the tile's source pixels (``DL``, ``DV``) and this program's row of the
+    ``[programs, k_h*k_w, h, N]`` partial sums of ``dr`` / ``da`` (``DR_PART``, ``DA_PART``; the
+    ``*_TILE`` buffers of the same shape are the scratch rows)."""
+    sl_b, sl_y, sl_x = sl_b * L_ALIGN, sl_y * L_ALIGN, sl_x * L_ALIGN
+    sv_b, sv_y, sv_x = sv_b * V_ALIGN, sv_y * V_ALIGN, sv_x * V_ALIGN
+    NH = NQ * HEADS
+    pid = tl.program_id(0)
+    num_progs = tl.num_programs(0)
+    j = tl.program_id(1)
+    col_blocks = tl.cdiv(W, BLOCK_W)
+    row_blocks = tl.cdiv(H, BLOCK_R)
+
+    offs_r = tl.arange(0, BLOCK_R)
+    offs_x = tl.arange(0, BLOCK_W)
+    offs_c = tl.arange(0, HALO)
+    offs_n = tl.arange(0, BLOCK_N)
+    offs_dc = tl.arange(0, BLOCK_DC)
+    offs_kw = tl.arange(0, BLOCK_KW)
+    if WIDE:
+        jl = j.to(tl.int64) * sl_j
+        jv = j.to(tl.int64) * sv_j
+    else:
+        jl = j * sl_j
+        jv = j * sv_j
+
+    # the bias range per query (the same for every tile)
+    rmax = tl.full((BLOCK_N,), float("-inf"), tl.float32)
+    rmin = tl.full((BLOCK_N,), float("inf"), tl.float32)
+    for dy in range(KH):
+        rt = tl.load(R + (dy * KW + offs_kw[:, None]) * NH + j * NQ + offs_n[None, :],
+                     mask=(offs_kw < KW)[:, None] & (offs_n < NQ)[None, :], other=float("-inf"))
+        rmax = tl.maximum(rmax, tl.max(rt, axis=0))
+        rmin = tl.minimum(rmin, tl.min(tl.where(rt == float("-inf"), float("inf"), rt), axis=0))
+    rmax = tl.where(rmax == float("-inf"), 0.0, rmax)
+    rmin = tl.where(rmin == float("inf"), rmax, rmin)
+
+    # this program's rows of the partial sums and of the scratch: [k_h*k_w, h, N], its head's columns
+    row0 = pid.to(tl.int64) * KH * KW * NH
+    row = row0 + j * NQ
+    row_n = (offs_kw * NH)[None, :] + offs_n[:, None]  # one window row: [N, k_w]
+    row_mask = (offs_n < NQ)[:, None] & (offs_kw < KW)[None, :]
+    for it in range(TILES_PER_PROGRAM):
+        tile = pid + it * num_progs
+        if tile < NUM_TILES:  # (the persistent loop's last round may have no tile)
+            cb = tile % col_blocks
+            rb = (tile // col_blocks) % row_blocks
+            b = (tile // (col_blocks * row_blocks)).to(tl.int64)
+            y = rb * BLOCK_R + offs_r  # the tile's source rows
+            x = cb * BLOCK_W + offs_x  # and columns
+            pix_ok = (y < H)[:, None] & (x < W)[None, :]
+            pix = (b * H + y.to(tl.int64))[:, None] * W + x[None, :]  # [R, W] flat source pixel
+            l_base = b * sl_b + (y.to(tl.int64) * sl_y)[:, None] + (x.to(tl.int64) * sl_x)[None, :]
+            v_base = b * sv_b + (y.to(tl.int64) * sv_y)[:, None] + (x.to(tl.int64) * sv_x)[None, :]
+            if L_HN:
+                n_off = j * NQ + offs_n
+            else:
+                if WIDE:
+                    n_off = offs_n.to(tl.int64) * sl_n + jl
+                else:
+                    n_off = offs_n * sl_n + jl
+            lt = tl.load(L + l_base[:, :, None] + n_off[None, None, :],
+                         mask=pix_ok[:, :, None] & (offs_n < NQ)[None, None, :], other=float("-inf")).to(tl.float32)
+            lmax = tl.max(tl.max(lt, axis=1), axis=0)
+            lmin = tl.min(tl.min(tl.where(lt == float("-inf"), float("inf"), lt), axis=1), axis=0)
+            lmax = tl.where(lmax == float("-inf"), 0.0, lmax)
+            lmin = tl.where(lmin == float("inf"), lmax, lmin)
+            spread = tl.where(offs_n < NQ, (lmax - lmin) + (rmax - rmin), 0.0)
+            redo = (tl.max(spread, axis=0) > RANGE_LIMIT).to(tl.int32)
+
+            # output pixels reading the tile through window row dy: rows y + PH - dy, halo columns xo
+            xo = cb * BLOCK_W + PW - (KW - 1) + offs_c
+            col_ok = (xo >= 0) & (xo < Wo) & (offs_c < BLOCK_W + KW - 1)
+            dl_t = tl.zeros((BLOCK_N, BLOCK_R, BLOCK_W), tl.float32)
+            if redo == 0:
+                for dc in range(0, D, BLOCK_DC):
+                    dd = dc + offs_dc
+                    if V_HD:
+                        d_v = j * D + dd
+                    else:
+                        if WIDE:
+                            d_v = jv + dd.to(tl.int64) * sv_t
+                        else:
+                            d_v = jv + dd * sv_t
+                    vt = tl.load(V + v_base[:, None, :] + d_v[None, :, None],
+                                 mask=pix_ok[:, None, :] & (dd < D)[None, :, None], other=0.0).to(tl.float32)
+                    dv_t = tl.zeros((BLOCK_R, BLOCK_DC, BLOCK_W), tl.float32)
+                    for n in range(NQ):
+                        shift = _pick(lmax, offs_n, n)
+                        r_max = _pick(rmax, offs_n, n)
+                        qh = j * NQ + n
+                        if L_HN:
+                            ln = qh
+                        else:
+                            if WIDE:
+                                ln = n.to(tl.int64) * sl_n + jl
+                            else:
+                                ln = n * sl_n + jl
+                        e = _exp(tl.load(L + l_base + ln, mask=pix_ok, other=float("-inf")).to(tl.float32) - shift)
+                        ev = tl.reshape(e[:, None, :] * vt, (BLOCK_R * BLOCK_DC, BLOCK_W))
+                        z = tl.zeros((BLOCK_R * BLOCK_DC, BLOCK_W), tl.float32)
+                        u = tl.zeros((BLOCK_R, BLOCK_W), tl.float32)
+                        for dy in range(KH):
+                            yo = y + PH - dy
+                            ok = ((yo >= 0) & (yo < Ho))[:, None] & col_ok[None, :]  # [R, halo]
+                            opix = (b * Ho + yo.to(tl.int64))[:, None] * Wo + xo[None, :]
+                            lse = tl.load(LSE + opix * NH + qh, mask=ok, other=float("-inf"))
+                            # exact for any pair with a finite weight (the tile's spread bounds the
+                            # exponent there); the clamp only keeps F finite where every pair's weight is 0
+                            f = tl.where(lse == float("-inf"), 0.0, _exp(tl.minimum(shift + r_max - lse, RANGE_LIMIT)))
+                            gt = tl.load(G + (opix * (HEADS * D) + j * D)[:, None, :] + dd[None, :, None],
+                                         mask=ok[:, None, :] & (dd < D)[None, :, None], other=0.0).to(tl.float32)
+                            gf = tl.reshape(gt * f[:, None, :], (BLOCK_R * BLOCK_DC, HALO))
+                            tp, t = _band(R, A, dy, r_max, qh, offs_c, offs_x, KW, NH, HAS_SCALE)
+                            z = _vdot(gf, t, z, VDOT)
+                            m = _vdot(tl.trans(gf), ev, tl.zeros((HALO, BLOCK_W), tl.float32), VDOT)
+                            da_row = _diag(m, offs_kw, offs_x, KW, HALO)
+                            tpo = _exp(tl.load(R + (dy * KW + offs_kw) * NH + qh, mask=offs_kw < KW,
+                                               other=float("-inf")) - r_max)
+                            if HAS_SCALE:
+                                ao = tl.load(A + (dy * KW + offs_kw) * NH + qh, mask=offs_kw < KW, other=0.0)
+                            else:
+                                ao = tl.full((BLOCK_KW,), 1.0, tl.float32)
+                            da_row = da_row * tpo
+                            dr_row = ao * da_row
+                            if dc == 0:
+                                hf = f * tl.load(DELTA + opix * NH + qh, mask=ok, other=0.0)
+                                u = _sdot(hf, tp, u, VDOT)
+                                mh = _sdot(tl.trans(hf), e, tl.zeros((HALO, BLOCK_W), tl.float32), VDOT)
+                                dr_row -= tpo * _diag(mh, offs_kw, offs_x, KW, HALO)
+                            # the scratch rows: written by the first head-dim chunk, added to by the others
+                            # (always with this [k_w] mapping, so each element by the same threads)
+                            srow = row + (dy * KW + offs_kw) * NH + n
+                            if dc > 0:
+                                dr_row += tl.load(DR_TILE + srow, mask=offs_kw < KW, other=0.0)
+                                da_row += tl.load(DA_TILE + srow, mask=offs_kw < KW, other=0.0)
+                            tl.store(DR_TILE + srow, dr_row, mask=offs_kw < KW)
+                            if HAS_SCALE:
+                                tl.store(DA_TILE + srow, da_row, mask=offs_kw < KW)
+                        z3 = tl.reshape(z, (BLOCK_R, BLOCK_DC, BLOCK_W))
+                        dv_t += e[:, None, :] * z3
+                        dl_n = e * tl.sum(vt * z3, axis=1)
+                        if dc == 0:
+                            dl_n -= e * u
+                        dl_t += tl.where((offs_n == n)[:, None, None], dl_n[None, :, :], 0.0)
+                    redo = tl.maximum(redo, _any_nonfinite2(tl.reshape(dv_t, (BLOCK_R * BLOCK_DC, BLOCK_W))))
+                    tl.store(DV + (pix * DV_PIX_STRIDE + j * D)[:, None, :] + dd[None, :, None],
+                             dv_t.to(DV.dtype.element_ty), mask=pix_ok[:, None, :] & (dd < D)[None, :, None])
+                redo = tl.maximum(redo, _any_nonfinite2(tl.reshape(dl_t, (BLOCK_N * BLOCK_R, BLOCK_W))))
+                dl_ptr = DL + pix[None, :, :] * DL_PIX_STRIDE + j * NQ + offs_n[:, None, None]
+                tl.store(dl_ptr, dl_t.to(DL.dtype.element_ty), mask=pix_ok[None, :, :] & (offs_n < NQ)[:, None, None])
+            if redo > 0:
+                # the direct algorithm for this tile (backward.py's pairs), over sub-tiles of pixels; its
+                # dr / da replace whatever the products wrote to the scratch
+                tl.debug_barrier()
+                for dy in range(KH):
+                    tl.store(DR_TILE + row + dy * KW * NH + row_n, tl.zeros((BLOCK_N, BLOCK_KW), tl.float32),
+                             mask=row_mask)
+                    tl.store(DA_TILE + row + dy * KW * NH + row_n, tl.zeros((BLOCK_N, BLOCK_KW), tl.float32),
+                             mask=row_mask)
+                tl.debug_barrier()
+                nh_mask, nh_l, nh_r, hd_mask, hd_v, hd_g = _head_blocks(
+                    j, NQ, HEADS, D, sl_n, sl_j, sv_j, sv_t, BLOCK_N, 1, BLOCK_D, WIDE, L_HN, V_HD)
+                for q0 in range(0, BLOCK_W * BLOCK_R, FALLBACK_P):
+                    q = q0 + tl.arange(0, FALLBACK_P)
+                    py = (rb * BLOCK_R + q // BLOCK_W).to(tl.int64)
+                    px = (cb * BLOCK_W + q % BLOCK_W).to(tl.int64)
+                    mask_p = (py < H) & (px < W)
+                    offs_p = (b * H + py) * W + px
+                    l_p = tl.load(L + (b * sl_b + py * sl_y + px * sl_x)[:, None, None] + nh_l[None, :, :],
+                                  mask=mask_p[:, None, None] & nh_mask[None, :, :], other=0.0).to(tl.float32)
+                    v_p = _load_v(V, b, py, px, mask_p, hd_v, hd_mask, sv_b, sv_y, sv_x)
+                    dl = tl.zeros((FALLBACK_P, BLOCK_N, 1), tl.float32)
+                    dv = tl.zeros((FALLBACK_P, 1, BLOCK_D), tl.float32)
+                    for u in range(KH):
+                        Y = py + PH - u  # stride 1: the output row reading row py through offset row u
+                        vy = mask_p & (Y >= 0) & (Y < Ho)
+                        for w in range(KW):
+                            X = px + PW - w
+                            valid = vy & (X >= 0) & (X < Wo)
+                            o = u * KW + w
+                            dz, ap, g, pt = _bwd_pairs(R, A, G, LSE, DELTA, l_p, v_p, o, (b * Ho + Y) * Wo + X, valid,
+                                                       nh_mask, nh_r, hd_mask, hd_g, NH, HEADS, D, HAS_SCALE)
+                            dl += dz
+                            dv += tl.sum(ap, axis=1)[:, :, None] * g
+                            srow = row0 + o * NH + nh_r  # (nh_r holds j * NQ)
+                            tl.store(DR_TILE + srow, tl.load(DR_TILE + srow, mask=nh_mask) + tl.sum(dz, axis=0),
+                                     mask=nh_mask)
+                            if HAS_SCALE:
+                                tl.store(DA_TILE + srow, tl.load(DA_TILE + srow, mask=nh_mask) + tl.sum(pt, axis=0),
+                                         mask=nh_mask)
+                    tl.store(DL + offs_p[:, None, None] * DL_PIX_STRIDE + nh_r[None, :, :], dl.to(DL.dtype.element_ty),
+                             mask=mask_p[:, None, None] & nh_mask[None, :, :])
+                    tl.store(DV + offs_p[:, None, None] * DV_PIX_STRIDE + hd_g[None, :, :], dv.to(DV.dtype.element_ty),
+                             mask=mask_p[:, None, None] & hd_mask[None, :, :])
+            # the tile is good: add its scratch rows to the program's partial sums (the barrier orders the
+            # scratch written above, with other thread mappings, before it is read here)
+            tl.debug_barrier()
+            for dy in range(KH):
+                off = row + dy * KW * NH + row_n
+                tl.store(DR_PART + off, tl.load(DR_PART + off, mask=row_mask) + tl.load(DR_TILE + off, mask=row_mask),
+                         mask=row_mask)
+                if HAS_SCALE:
+                    da = tl.load(DA_PART + off, mask=row_mask) + tl.load(DA_TILE + off, mask=row_mask)
+                    tl.store(DA_PART + off, da, mask=row_mask)
