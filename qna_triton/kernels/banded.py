@@ -117,7 +117,14 @@ def _sdot(e, tp, acc, VDOT: tl.constexpr):
 @triton.jit
 def _band_t(R, A, dy, rmax, qh, offs_i, offs_c, KW, SW, NH, HAS_SCALE: tl.constexpr):
     """The banded ``[halo, W]`` matrices of window row ``dy``: ``T' = exp(r - r_max)`` and ``T = a T'``."""
-    dx = offs_c[:, None] - offs_i[None, :] * SW
+    return _band_at(R, A, dy, offs_c[:, None] - offs_i[None, :] * SW, rmax, qh, KW, NH, HAS_SCALE)
+
+
+@triton.jit
+def _band_at(R, A, dy, dx, rmax, qh, KW, NH, HAS_SCALE: tl.constexpr):
+    """``T' = exp(r[dy, dx] - r_max)`` and ``T = a T'`` for a matrix of window columns ``dx`` (0 off
+    ``0 <= dx < k_w``): the band of either orientation (forward: halo source x output; main backward
+    kernel: halo output x source)."""
     on = (dx >= 0) & (dx < KW)
     idx = (dy * KW + dx) * NH + qh
     tp = _exp(tl.load(R + idx, mask=on, other=float("-inf")) - rmax)

@@ -28,7 +28,7 @@ import triton
 import triton.language as tl
 
 from .backward import _bwd_pairs
-from .banded import _any_nonfinite2, _pick, _sdot, _vdot
+from .banded import _any_nonfinite2, _band_at, _pick, _sdot, _vdot
 from .forward import _exp, _head_blocks, _load_v
 
 
@@ -36,14 +36,7 @@ from .forward import _exp, _head_blocks, _load_v
 def _band(R, A, dy, rmax, qh, offs_c, offs_x, KW, NH, HAS_SCALE: tl.constexpr):
     """``T'[c, x] = exp(r[dy, x - c + k_w - 1] - r_max)`` on the band, 0 off it, and ``T = a T'``:
     ``[halo, W]`` (halo column ``c`` is the output column ``x0 + pad - (k_w - 1) + c``)."""
-    dx = offs_x[None, :] - offs_c[:, None] + (KW - 1)
-    on = (dx >= 0) & (dx < KW)
-    idx = (dy * KW + dx) * NH + qh
-    tp = _exp(tl.load(R + idx, mask=on, other=float("-inf")) - rmax)
-    if HAS_SCALE:
-        return tp, tp * tl.load(A + idx, mask=on, other=0.0)
-    else:
-        return tp, tp
+    return _band_at(R, A, dy, offs_x[None, :] - offs_c[:, None] + (KW - 1), rmax, qh, KW, NH, HAS_SCALE)
 
 
 @triton.jit
