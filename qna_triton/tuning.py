@@ -91,16 +91,17 @@ _MAX_BANDED_BLOCK = 128
 # Delta: its products are split into three (float32-accurate sums, see kernels.banded_blocks), so it
 # costs about twice the forward per window row and only pays from 11 x 11 (bfloat16) / 15 x 15. Main
 # backward kernel (stride 1): ~2.5x fewer instructions than the direct one at 15 x 15 (bfloat16, head
-# dim 8), ~1.1x at 7 x 7, so from 11 x 11, for bfloat16 only and up to BANDED_BWD_MAX_KW columns and
-# head dims of 16 (beyond, its default tile spills: float32 operands, a 64-column halo, head dims of 32
-# on sm_80; the autotuner still times it there). These come from the compiler report's instructions per window row,
-# not yet from timings.
+# dim 8), ~1.1x at 7 x 7, so from 11 x 11, for bfloat16 and float16 (both take split bfloat16
+# products) and head dims up to BANDED_BWD_MAX_HEAD_DIM (beyond, and for float32's tf32x3 operands, its
+# default tile spills; the autotuner still times it there); its halo is processed in 32-column chunks,
+# so any window width fits. These come from the compiler report's instructions per window row, not yet
+# from timings.
 BANDED_MIN_AREA = {
     "fwd": {torch.bfloat16: 49, torch.float16: 121, torch.float32: 121},
     "bwd_delta": {torch.bfloat16: 121, torch.float16: 225, torch.float32: 225},
-    "bwd": {torch.bfloat16: 121},
+    "bwd": {torch.bfloat16: 121, torch.float16: 121},
 }
-BANDED_BWD_MAX_KW, BANDED_BWD_MAX_HEAD_DIM = 17, 16
+BANDED_BWD_MAX_HEAD_DIM = 16
 BANDED_MIN_CAPABILITY = (8, 0)
 ALGO_ENV = "QNA_TRITON_FWD_ALGO"
 # A borrowed entry is used only within this factor of the tuned heads / head_dim / queries.
@@ -135,10 +136,11 @@ def has_banded_form(kernel: str, stride: Tuple[int, int]) -> bool:
 class KernelConfig:
     """Tile and launch parameters of one kernel: ``block_p`` pixels x ``block_h`` heads per program.
 
-    The forward and the backward's delta kernel have two algorithms (``docs/kernels.md``): ``"direct"``
-    (the window loop on CUDA cores, tiles of ``block_p x block_h``) and ``"banded"`` (banded matrix
-    products on tensor cores, one head and ``block_r`` output rows x ``block_w`` output columns per
-    program; ``block_p``/``block_h`` unused). The main backward kernel is direct only."""
+    Every kernel has two algorithms (``docs/kernels.md``): ``"direct"`` (the window loop on CUDA cores,
+    tiles of ``block_p x block_h``) and ``"banded"`` (banded matrix products on tensor cores, one head
+    and ``block_r`` rows x ``block_w`` columns of pixels per program, output pixels for the forward and
+    the delta, source pixels for the main backward kernel, which has it at stride 1 only;
+    ``block_p``/``block_h`` unused)."""
 
     block_p: int
     block_h: int
@@ -184,7 +186,7 @@ def default_config(kernel: str, heads: int, head_dim: int, ks: Tuple[int, int], 
     the banded algorithm (:func:`banded_config`)."""
     if (has_banded_form(kernel, st) and tensor_cores
             and ks[0] * ks[1] >= BANDED_MIN_AREA[kernel].get(dtype, 1 << 30)
-            and (kernel != "bwd" or (ks[1] <= BANDED_BWD_MAX_KW and head_dim <= BANDED_BWD_MAX_HEAD_DIM))):
+            and (kernel != "bwd" or head_dim <= BANDED_BWD_MAX_HEAD_DIM)):
         return banded_config(ks, head_dim, dtype, st, kernel)
     return heuristic_config(kernel, heads, head_dim)
 

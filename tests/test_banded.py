@@ -16,7 +16,7 @@ import triton.language as tl
 from helpers import Case, make_inputs
 from test_kernels import DEVICE, DTYPES, assert_layer_matches_reference_path, assert_op_matches_oracle
 
-from qna_triton import tuning
+from qna_triton import kernels, tuning
 from qna_triton.kernels import qna_backward, qna_forward
 from qna_triton.kernels.banded import RANGE_LIMIT, _round_bf16
 from qna_triton.reference import direct_qna_attention
@@ -137,7 +137,7 @@ def test_banded_empty_windows_and_masked_offsets():
 def test_algorithm_selection(monkeypatch):
     """QNA_TRITON_FWD_ALGO forces an algorithm; by default GPUs with tensor cores take the banded
     forward from a 7 x 7 window up and the banded delta and main backward kernel from 11 x 11 (bfloat16;
-    the main backward kernel at stride 1, up to 17 columns and head dim 16), CPU tensors (the
+    the main backward kernel at stride 1, also float16, up to head dim 16), CPU tensors (the
     interpreter) the direct ones; a bad value names the variable."""
     logits, values = torch.empty(1, 8, 8, 2, 4), torch.empty(1, 8, 8, 4, 8)
     get = lambda kernel, k: tuning.get_config(kernel, logits, values, (k, k), (1, 1))  # noqa: E731
@@ -174,7 +174,8 @@ def test_algorithm_selection(monkeypatch):
     assert tuning._heuristic_for("bwd", 4, 8, (15, 15), cuda, torch.float32).algo == "direct"
     assert tuning._heuristic_for("bwd", 4, 16, (15, 15), cuda).algo == "banded"
     assert tuning._heuristic_for("bwd", 4, 32, (15, 15), cuda).algo == "direct"  # would spill on sm_80
-    assert tuning._heuristic_for("bwd", 4, 8, (31, 31), cuda).algo == "direct"  # 64-column halo: would spill
+    assert tuning._heuristic_for("bwd", 4, 8, (31, 31), cuda) == banded_config((31, 31), kernel="bwd")
+    assert tuning._heuristic_for("bwd", 4, 8, (11, 11), cuda, torch.float16).algo == "banded"
     assert tuning._heuristic_for("bwd_delta", 4, 8, (9, 9), cuda).algo == "direct"
     assert tuning._heuristic_for("bwd_delta", 4, 8, (11, 11), cuda) == banded_config((11, 11), kernel="bwd_delta")
     assert tuning._heuristic_for("bwd_delta", 4, 8, (13, 13), cuda, torch.float32).algo == "direct"
@@ -315,12 +316,12 @@ def test_interpreter_rounds_bfloat16_operands_as_a_gpu_does():
     assert torch.equal(y, x.bfloat16().float())
 
 
-@pytest.mark.parametrize("dtype", DTYPES, ids=str)
-def test_banded_backward_equals_the_direct_backward(dtype):
+@pytest.mark.parametrize("dtype, chunk", [(torch.bfloat16, 16), (torch.float16, 16), (torch.float32, 32)], ids=str)
+def test_banded_backward_equals_the_direct_backward(dtype, chunk, monkeypatch):
     """The banded main backward kernel gives the direct kernel's gradients to float32 accuracy in every
     dtype (its products are float32-accurate: ``v . Z - U`` and ``a da - sum P D`` cancel as ``a t - D``
-    does). Head dim 20 spans three 8-wide chunks (one partial); a non-square window with asymmetric
-    padding; three queries; two tiles across, the second partial and in the fallback (logits too wide
+    does), with its halo in one chunk or (16-column chunks) two. Head dim 20 spans three 8-wide chunks
+    (one partial); a non-square window with asymmetric padding; three queries; two tiles across, the second partial and in the fallback (logits too wide
     for one shift), so the scratch rows of drpb / dscale are written by both paths in one launch."""
     torch.manual_seed(0)
     B, H, W, N, h, d, kh, kw = 1, 7, 21, 3, 2, 20, 3, 4
@@ -333,6 +334,7 @@ def test_banded_backward_equals_the_direct_backward(dtype):
         out, lse = qna_forward(*inputs, *geo)
         g = torch.randn(out.shape).to(dtype)
         ref = _grads(inputs, geo, lse, g, None)
+    monkeypatch.setattr(kernels, "halo_chunk", lambda halo: chunk)
     got = _grads(inputs, geo, lse, g, tuning.heuristic_config("bwd_delta", h, d), BANDED_BWD)
     for name, a, r in zip(("dlogits", "dvalues", "drpb", "dscale"), got, ref):
         assert torch.isfinite(a).all(), name

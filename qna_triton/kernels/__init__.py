@@ -130,29 +130,40 @@ def banded_blocks(cfg: KernelConfig, N: int, d: int, ks: Pair, st: Pair, values:
     )
 
 
-def _vdot_mode(values: torch.Tensor, on_gpu: bool, split: bool) -> int:
-    if values.dtype != torch.bfloat16:
+def _vdot_mode(values: torch.Tensor, on_gpu: bool, split: bool, split_fp16: bool = False) -> int:
+    """The banded products' precision; ``split_fp16`` lets float16 inputs take the split bfloat16
+    products too (~2^-16, well below float16's 2^-11), where tf32x3's float32 operands would spill."""
+    if values.dtype != torch.bfloat16 and not (split_fp16 and values.dtype == torch.float16):
         return VDOT_TF32X3
     if split:
         return VDOT_BF16X3 if on_gpu else VDOT_BF16X3_EMULATED
     return VDOT_BF16 if on_gpu else VDOT_BF16_EMULATED
 
 
+def halo_chunk(halo: int) -> int:
+    """Columns per chunk of the banded main backward kernel's halo (``block_w + k_w - 1`` output
+    columns): 32 (16 for a halo of 16). Not 16 to pad less: by the compiler report a 16-column chunk
+    costs ~80 % of a 32-column one (its ``[16, W]`` products leave most of 8 warps idle), so three of
+    them (46 columns at k = 31) cost more than two of 32; two 32-column chunks unrolled together spill."""
+    return 32 if halo > 16 else 16
+
+
 def banded_bwd_blocks(cfg: KernelConfig, N: int, d: int, ks: Pair, values: torch.Tensor,
                       on_gpu: Optional[bool] = None) -> dict:
     """Compile-time parameters of the banded main backward kernel for ``cfg`` (stride 1): tiles of
-    ``block_r x block_w`` source pixels, a halo of ``block_w + k_w - 1`` output columns, and
-    float32-accurate products (split bfloat16, or tf32x3), since ``v . Z - U`` and ``a da - sum P D``
-    cancel as ``a t - D`` does."""
+    ``block_r x block_w`` source pixels, a halo of ``block_w + k_w - 1`` output columns in chunks of
+    :func:`halo_chunk`, and float32-accurate products (split bfloat16 for bfloat16 and float16 inputs,
+    tf32x3 for float32), since ``v . Z - U`` and ``a da - sum P D`` cancel as ``a t - D`` does."""
     on_gpu = values.is_cuda if on_gpu is None else on_gpu
     bw, br = cfg.block_w, cfg.block_r
     check_banded_tiles(bw, br)
     bd = triton.next_power_of_2(d)
+    chunk = halo_chunk(bw + ks[1] - 1)
     return dict(
-        BLOCK_W=bw, BLOCK_R=br, HALO=max(16, triton.next_power_of_2(bw + ks[1] - 1)),
+        BLOCK_W=bw, BLOCK_R=br, HALO=chunk, HALO_CHUNKS=triton.cdiv(bw + ks[1] - 1, chunk),
         BLOCK_DC=min(bd, max(1, 128 // br)), BLOCK_N=triton.next_power_of_2(N), BLOCK_D=bd,
         BLOCK_KW=triton.next_power_of_2(ks[1]), FALLBACK_P=min(bw * br, max(16, 1024 // bd)),
-        VDOT=_vdot_mode(values, on_gpu, split=True), RANGE_LIMIT=RANGE_LIMIT,
+        VDOT=_vdot_mode(values, on_gpu, split=True, split_fp16=True), RANGE_LIMIT=RANGE_LIMIT,
         num_warps=cfg.num_warps, num_stages=cfg.num_stages,
     )
 

@@ -40,10 +40,11 @@ def _band(R, A, dy, rmax, qh, offs_c, offs_x, KW, NH, HAS_SCALE: tl.constexpr):
 
 
 @triton.jit
-def _diag(m, offs_k, offs_x, KW, HALO: tl.constexpr):
-    """``s[k] = sum_x m[x - k + k_w - 1, x]`` of a ``[halo, W]`` product: its sum along the band's
-    diagonal of offset ``dx = k`` (``[BLOCK_KW]``, 0 beyond ``k_w``)."""
-    idx = offs_x[None, :] - offs_k[:, None] + (KW - 1)
+def _diag(m, offs_k, offs_x, KW, C0, HALO: tl.constexpr):
+    """``s[k] = sum_x m[x - k + k_w - 1 - c0, x]`` of a ``[HALO, W]`` product over the halo columns
+    ``c0 .. c0 + HALO - 1``: its part of the sum along the band's diagonal of offset ``dx = k``
+    (``[BLOCK_KW]``, 0 beyond ``k_w``)."""
+    idx = offs_x[None, :] - offs_k[:, None] + (KW - 1 - C0)
     ok = (idx >= 0) & (idx < HALO) & (offs_k < KW)[:, None]
     vals = tl.gather(m, tl.where(ok, idx, 0), 0)
     return tl.sum(tl.where(ok, vals, 0.0), axis=1)
@@ -59,7 +60,8 @@ def qna_banded_bwd_kernel(
     NUM_TILES, TILES_PER_PROGRAM, DL_PIX_STRIDE, DV_PIX_STRIDE,
     HAS_SCALE: tl.constexpr, WIDE: tl.constexpr, L_HN: tl.constexpr, V_HD: tl.constexpr,
     L_ALIGN: tl.constexpr, V_ALIGN: tl.constexpr,
-    BLOCK_W: tl.constexpr, BLOCK_R: tl.constexpr, HALO: tl.constexpr, BLOCK_DC: tl.constexpr,
+    BLOCK_W: tl.constexpr, BLOCK_R: tl.constexpr, HALO: tl.constexpr, HALO_CHUNKS: tl.constexpr,
+    BLOCK_DC: tl.constexpr,
     BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_KW: tl.constexpr,
     FALLBACK_P: tl.constexpr, VDOT: tl.constexpr, RANGE_LIMIT: tl.constexpr,
 ):
@@ -133,8 +135,7 @@ def qna_banded_bwd_kernel(
             redo = (tl.max(spread, axis=0) > RANGE_LIMIT).to(tl.int32)
 
             # output pixels reading the tile through window row dy: rows y + PH - dy, halo columns xo
-            xo = cb * BLOCK_W + PW - (KW - 1) + offs_c
-            col_ok = (xo >= 0) & (xo < Wo) & (offs_c < BLOCK_W + KW - 1)
+            x_halo = cb * BLOCK_W + PW - (KW - 1)  # the output column of halo column 0
             dl_t = tl.zeros((BLOCK_N, BLOCK_R, BLOCK_W), tl.float32)
             if redo == 0:
                 for dc in range(0, D, BLOCK_DC):
@@ -166,32 +167,42 @@ def qna_banded_bwd_kernel(
                         u = tl.zeros((BLOCK_R, BLOCK_W), tl.float32)
                         for dy in range(KH):
                             yo = y + PH - dy
-                            ok = ((yo >= 0) & (yo < Ho))[:, None] & col_ok[None, :]  # [R, halo]
-                            opix = (b * Ho + yo.to(tl.int64))[:, None] * Wo + xo[None, :]
-                            lse = tl.load(LSE + opix * NH + qh, mask=ok, other=float("-inf"))
-                            # exact for any pair with a finite weight (the tile's spread bounds the
-                            # exponent there); the clamp only keeps F finite where every pair's weight is 0
-                            f = tl.where(lse == float("-inf"), 0.0, _exp(tl.minimum(shift + r_max - lse, RANGE_LIMIT)))
-                            gt = tl.load(G + (opix * (HEADS * D) + j * D)[:, None, :] + dd[None, :, None],
-                                         mask=ok[:, None, :] & (dd < D)[None, :, None], other=0.0).to(tl.float32)
-                            gf = tl.reshape(gt * f[:, None, :], (BLOCK_R * BLOCK_DC, HALO))
-                            tp, t = _band(R, A, dy, r_max, qh, offs_c, offs_x, KW, NH, HAS_SCALE)
-                            z = _vdot(gf, t, z, VDOT)
-                            m = _vdot(tl.trans(gf), ev, tl.zeros((HALO, BLOCK_W), tl.float32), VDOT)
-                            da_row = _diag(m, offs_kw, offs_x, KW, HALO)
+                            row_ok = (yo >= 0) & (yo < Ho)
+                            orow = (b * Ho + yo.to(tl.int64)) * Wo
+                            da_acc = tl.zeros((BLOCK_KW,), tl.float32)
+                            pd_acc = tl.zeros((BLOCK_KW,), tl.float32)
+                            # the halo in chunks of HALO columns: their products and diagonal sums are
+                            # independent, so a chunk's operands are all that is held at a time
+                            for ci in range(HALO_CHUNKS):
+                                c = ci * HALO + offs_c
+                                xo = x_halo + c
+                                ok = row_ok[:, None] & ((xo >= 0) & (xo < Wo) & (c < BLOCK_W + KW - 1))[None, :]
+                                opix = orow[:, None] + xo[None, :]  # [R, HALO]
+                                lse = tl.load(LSE + opix * NH + qh, mask=ok, other=float("-inf"))
+                                # exact for any pair with a finite weight (the tile's spread bounds the
+                                # exponent there); the clamp only keeps F finite where every pair's weight is 0
+                                f = tl.where(lse == float("-inf"), 0.0,
+                                             _exp(tl.minimum(shift + r_max - lse, RANGE_LIMIT)))
+                                gt = tl.load(G + (opix * (HEADS * D) + j * D)[:, None, :] + dd[None, :, None],
+                                             mask=ok[:, None, :] & (dd < D)[None, :, None], other=0.0).to(tl.float32)
+                                gf = tl.reshape(gt * f[:, None, :], (BLOCK_R * BLOCK_DC, HALO))
+                                tp, t = _band(R, A, dy, r_max, qh, c, offs_x, KW, NH, HAS_SCALE)
+                                z = _vdot(gf, t, z, VDOT)
+                                m = _vdot(tl.trans(gf), ev, tl.zeros((HALO, BLOCK_W), tl.float32), VDOT)
+                                da_acc += _diag(m, offs_kw, offs_x, KW, ci * HALO, HALO)
+                                if dc == 0:
+                                    hf = f * tl.load(DELTA + opix * NH + qh, mask=ok, other=0.0)
+                                    u = _sdot(hf, tp, u, VDOT)
+                                    mh = _sdot(tl.trans(hf), e, tl.zeros((HALO, BLOCK_W), tl.float32), VDOT)
+                                    pd_acc += _diag(mh, offs_kw, offs_x, KW, ci * HALO, HALO)
                             tpo = _exp(tl.load(R + (dy * KW + offs_kw) * NH + qh, mask=offs_kw < KW,
                                                other=float("-inf")) - r_max)
                             if HAS_SCALE:
                                 ao = tl.load(A + (dy * KW + offs_kw) * NH + qh, mask=offs_kw < KW, other=0.0)
                             else:
                                 ao = tl.full((BLOCK_KW,), 1.0, tl.float32)
-                            da_row = da_row * tpo
-                            dr_row = ao * da_row
-                            if dc == 0:
-                                hf = f * tl.load(DELTA + opix * NH + qh, mask=ok, other=0.0)
-                                u = _sdot(hf, tp, u, VDOT)
-                                mh = _sdot(tl.trans(hf), e, tl.zeros((HALO, BLOCK_W), tl.float32), VDOT)
-                                dr_row -= tpo * _diag(mh, offs_kw, offs_x, KW, HALO)
+                            da_row = da_acc * tpo
+                            dr_row = ao * da_row - tpo * pd_acc
                             # the scratch rows: written by the first head-dim chunk, added to by the others
                             # (always with this [k_w] mapping, so each element by the same threads)
                             srow = row + (dy * KW + offs_kw) * NH + n
