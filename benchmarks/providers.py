@@ -17,7 +17,7 @@ import torch.nn.functional as F
 from qna_triton import qna_attention
 from qna_triton.ops import resolve_backend
 from qna_triton.reference import naive_qna_attention, output_size, paper_qna_attention
-from qna_triton.tuning import forward_algorithm
+from qna_triton.tuning import kernel_algorithm
 
 from . import floors
 from .peers import FLEX_MIN_HEAD_DIM, flex_neighbourhood_attention, neighbourhood_block_mask, swin_window_attention
@@ -158,7 +158,7 @@ def qna_triton_direct(s: CoreShape, opts: Options) -> Workload:
         return qna_attention(l, v, r, a, ks, st, pd)
 
     return Workload(qna_inputs(s, opts), fwd, notes=["direct forward and delta (forced)"],
-                    context=lambda: forward_algorithm("direct"))
+                    context=lambda: kernel_algorithm("direct"))
 
 
 def _paper(s: CoreShape) -> Callable:

@@ -60,7 +60,7 @@ __all__ = [
     "SCHEMA_VERSION", "DTYPES", "CONFIG_DIR_ENV", "DISABLE_ENV", "SHIPPED_CONFIG_DIR", "sanitize_gpu_name",
     "size_bucket", "config_dirs", "config_file_name", "read_config_file", "write_config_file",
     "validate_config", "lookup_config", "tile_footprint", "clear_cache", "ALGOS", "ALGO_ENV", "banded_config",
-    "forward_algorithm", "default_config", "check_banded_tiles", "BANDED_KERNELS", "has_banded_form",
+    "kernel_algorithm", "default_config", "check_banded_tiles", "BANDED_KERNELS", "has_banded_form",
 ]
 
 KERNELS = ("fwd", "bwd_delta", "bwd")
@@ -103,7 +103,7 @@ BANDED_MIN_AREA = {
 }
 BANDED_BWD_MAX_HEAD_DIM = 16
 BANDED_MIN_CAPABILITY = (8, 0)
-ALGO_ENV = "QNA_TRITON_FWD_ALGO"
+ALGO_ENV = "QNA_TRITON_ALGO"
 # A borrowed entry is used only within this factor of the tuned heads / head_dim / queries.
 _MAX_RATIO_LOG2 = 2.0
 
@@ -213,10 +213,11 @@ _algo_forced: Optional[str] = None
 
 
 @contextlib.contextmanager
-def forward_algorithm(algo: str) -> Iterator[None]:
-    """Within the block, the forward and the backward's delta kernel (``BANDED_KERNELS``) run ``algo``
-    (``"direct"``, ``"banded"`` or ``"auto"``) whatever ``QNA_TRITON_FWD_ALGO`` says: e.g. to compare
-    the two algorithms in one process."""
+def kernel_algorithm(algo: str) -> Iterator[None]:
+    """Within the block, every kernel with a banded form (``has_banded_form``: the forward, the
+    backward's delta and, at stride 1, the main backward kernel) runs ``algo`` (``"direct"``,
+    ``"banded"`` or ``"auto"``) whatever ``QNA_TRITON_ALGO`` says: e.g. to compare the two algorithms
+    in one process."""
     global _algo_forced
     if algo not in ("auto",) + ALGOS:
         raise ValueError(f"algo must be one of auto, direct, banded; got {algo!r}")
@@ -227,10 +228,10 @@ def forward_algorithm(algo: str) -> Iterator[None]:
         _algo_forced = previous
 
 
-def _fwd_algo_override() -> str:
-    """:func:`forward_algorithm` if active, else ``QNA_TRITON_FWD_ALGO``: ``auto`` (default: the tuned
-    entry, else the heuristic), ``direct`` or ``banded`` (forces the algorithm of the forward and of the
-    delta kernel, on any device; the interpreter included)."""
+def _algo_override() -> str:
+    """:func:`kernel_algorithm` if active, else ``QNA_TRITON_ALGO``: ``auto`` (default: the tuned
+    entry, else the heuristic), ``direct`` or ``banded`` (forces the algorithm of every kernel with a
+    banded form, on any device; the interpreter included)."""
     if _algo_forced is not None:
         return _algo_forced
     value = os.environ.get(ALGO_ENV, "auto").strip().lower() or "auto"
@@ -596,12 +597,12 @@ def get_config(
     """
     heads, head_dim = logits.shape[4], values.shape[4]
     device = logits.device
-    algo = _fwd_algo_override() if has_banded_form(kernel, st) else "direct"
+    algo = _algo_override() if has_banded_form(kernel, st) else "direct"
     if algo == "banded":
         if device.type == "cuda":
             cap = _capability(device.index if device.index is not None else torch.cuda.current_device())
             if cap < BANDED_MIN_CAPABILITY:
-                raise RuntimeError(f"the banded kernels ({ALGO_ENV} / forward_algorithm) need bf16/tf32 tensor "
+                raise RuntimeError(f"the banded kernels ({ALGO_ENV} / kernel_algorithm) need bf16/tf32 tensor "
                                    f"cores (sm_80 or later); this GPU is sm_{cap[0]}{cap[1]}")
         return banded_config(ks, head_dim, values.dtype, st, kernel)
     if algo == "direct" and has_banded_form(kernel, st):

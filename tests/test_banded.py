@@ -83,7 +83,7 @@ def test_forcing_banded_on_a_gpu_without_bf16_tensor_cores_raises(monkeypatch):
     monkeypatch.setattr(tuning, "_capability", lambda index: (7, 5))
     logits, values = torch.empty(1, 8, 8, 2, 4, device="meta"), torch.empty(1, 8, 8, 4, 8, device="meta")
     monkeypatch.setattr(torch.Tensor, "device", property(lambda self: torch.device("cuda", 0)))
-    with tuning.forward_algorithm("banded"), pytest.raises(RuntimeError, match="sm_80"):
+    with tuning.kernel_algorithm("banded"), pytest.raises(RuntimeError, match="sm_80"):
         tuning.get_config("fwd", logits, values, (7, 7), (1, 1))
 
 
@@ -135,7 +135,7 @@ def test_banded_empty_windows_and_masked_offsets():
 
 
 def test_algorithm_selection(monkeypatch):
-    """QNA_TRITON_FWD_ALGO forces an algorithm; by default GPUs with tensor cores take the banded
+    """QNA_TRITON_ALGO forces an algorithm; by default GPUs with tensor cores take the banded
     forward from a 7 x 7 window up and the banded delta and main backward kernel from 11 x 11 (bfloat16;
     the main backward kernel at stride 1, also float16, up to head dim 16), CPU tensors (the
     interpreter) the direct ones; a bad value names the variable."""
@@ -143,14 +143,14 @@ def test_algorithm_selection(monkeypatch):
     get = lambda kernel, k: tuning.get_config(kernel, logits, values, (k, k), (1, 1))  # noqa: E731
     monkeypatch.delenv(tuning.ALGO_ENV, raising=False)
     assert get("fwd", 15).algo == "direct"
-    with tuning.forward_algorithm("banded"):
+    with tuning.kernel_algorithm("banded"):
         assert get("fwd", 3).algo == "banded"
-        with tuning.forward_algorithm("direct"):
+        with tuning.kernel_algorithm("direct"):
             assert get("fwd", 15).algo == "direct"
         assert get("fwd", 3).algo == "banded"
     assert get("fwd", 3).algo == "direct"
     with pytest.raises(ValueError, match="algo"):
-        with tuning.forward_algorithm("fast"):
+        with tuning.kernel_algorithm("fast"):
             pass
     monkeypatch.setenv(tuning.ALGO_ENV, "banded")
     assert get("fwd", 3) == banded_config((3, 3), 8, torch.float32)
@@ -274,7 +274,7 @@ def _nan_pattern_test(poison, dtype=torch.float32):
     g = torch.randn(B, H, W, h, d)
     poison(t, g)
     inputs = tuple(t[n].to(dtype) if n in ("logits", "values") else t[n] for n in ("logits", "values", "rpb", "scale"))
-    with tuning.forward_algorithm("direct"):
+    with tuning.kernel_algorithm("direct"):
         out_ref, lse_ref = qna_forward(*inputs, *geo)
         ref = _grads(inputs, geo, lse_ref, g.to(dtype), None)
     out, lse = qna_forward(*inputs, *geo, config=BANDED)
@@ -330,7 +330,7 @@ def test_banded_backward_equals_the_direct_backward(dtype, chunk, monkeypatch):
     inputs = (logits.to(dtype), (torch.randn(B, H, W, h, d) + 2).to(dtype), torch.randn(kh * kw, N, h),
               torch.randn(kh * kw, N, h))
     geo = ((kh, kw), (1, 1), (1, 2))
-    with tuning.forward_algorithm("direct"):
+    with tuning.kernel_algorithm("direct"):
         out, lse = qna_forward(*inputs, *geo)
         g = torch.randn(out.shape).to(dtype)
         ref = _grads(inputs, geo, lse, g, None)

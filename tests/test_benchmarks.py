@@ -331,20 +331,20 @@ def test_workload_context_covers_forward_and_backward():
     class Record(torch.autograd.Function):
         @staticmethod
         def forward(ctx, x):
-            seen.append(("fwd", tuning._fwd_algo_override()))
+            seen.append(("fwd", tuning._algo_override()))
             return x * 2
 
         @staticmethod
         def backward(ctx, g):
-            seen.append(("bwd", tuning._fwd_algo_override()))
+            seen.append(("bwd", tuning._algo_override()))
             return g * 2
 
     cfg, cpu = TimingConfig(cpu_warmup=0, cpu_reps=1), torch.device("cpu")
     wl = lambda: Workload(lambda: [torch.randn(4, requires_grad=True)], Record.apply,  # noqa: E731
-                          context=lambda: tuning.forward_algorithm("direct"))
+                          context=lambda: tuning.kernel_algorithm("direct"))
     res, _ = run_workload(wl, cpu, cfg, Deadline(None))
     assert all(r["status"] == "ok" for r in res.values())
     assert {kind for kind, _ in seen} == {"fwd", "bwd"} and all(algo == "direct" for _, algo in seen)
-    assert tuning._fwd_algo_override() == "auto"
+    assert tuning._algo_override() == "auto"
     with qna_triton_direct(CoreShape(1, 6, 6, 8, 2, 3, torch.float32), CPU).context():
-        assert tuning._fwd_algo_override() == "direct"
+        assert tuning._algo_override() == "direct"

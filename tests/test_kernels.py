@@ -135,7 +135,7 @@ def test_backward_is_deterministic(triton_backend, algo):
     (whose main backward kernel keeps per-tile scratch rows of drpb / dscale before adding them)."""
     case = Case(2, 9, 9, 2, 4, 8, 5, 5, 1, 1, 2, 2)
     runs = []
-    with tuning.forward_algorithm(algo):
+    with tuning.kernel_algorithm(algo):
         for _ in range(2):
             ts = [t.clone().requires_grad_() for t in make_inputs(case, dtype=torch.float32, device=DEVICE)]
             out = qna_attention(*ts, *case.geometry)
