@@ -76,6 +76,13 @@ SHIPPED_CONFIG_DIR = Path(__file__).resolve().parent / "configs"
 _TILE_BUDGET = {"fwd": 1024, "bwd_delta": 1024, "bwd": 512}
 # most channels (heads x head-dim) of one pixel in a program
 _CHANNEL_BUDGET = {"fwd": 128, "bwd_delta": 128, "bwd": 32}
+# The main backward kernel on one warp: its per-offset sums over the tile's pixels (drpb, dscale) then
+# stay inside the warp, and its [pixels, queries, heads] tiles are not spread over idle threads. By the
+# compiler report (sm_90, bf16, 2 queries) 1.3x to 2.8x fewer instructions per (pixel, offset, head)
+# than on 4 warps at every head shape of docs/kernels.md (16 x 8: 135 against 244), with no spills; the
+# backward's grid is sized to the programs the SM holds at once, so fewer warps per program do not
+# leave a second, partial wave. Not yet timed; the autotuner times 2 and 4 warps next to it.
+_HEURISTIC_WARPS = {"fwd": 4, "bwd_delta": 4, "bwd": 1}
 
 # Hard limits of a valid entry: powers of two, and far below Triton's 2^20-element tensor limit.
 _MAX_BLOCK_P = 4096
@@ -90,8 +97,11 @@ _MAX_BANDED_BLOCK = 128
 # Forward: 7 x 7 for bfloat16; 11 x 11 for float16/float32, whose float32 operands cost more per product.
 # Delta: its products are split into three (float32-accurate sums, see kernels.banded_blocks), so it
 # costs about twice the forward per window row and only pays from 11 x 11 (bfloat16) / 15 x 15. Main
-# backward kernel (stride 1): ~2.5x fewer instructions than the direct one at 15 x 15 (bfloat16, head
-# dim 8), ~1.1x at 7 x 7, so from 11 x 11, for bfloat16 and float16 (both take split bfloat16
+# backward kernel (stride 1): ~1400 / k_w thread-instructions per (pixel, offset, head) at head dim 8
+# against ~135 for the direct one on one warp (_HEURISTIC_WARPS): a tie at 11 columns, 1.3x fewer at
+# 13, 1.4x at 15, but less than 1.25x from 18 to 26 columns, where a second 32-column halo chunk is
+# mostly padding; so by window width (_banded_bwd_pays: 13 to 17 columns and from 27 on; its count does
+# not depend on the window's height), for bfloat16 and float16 (both take split bfloat16
 # products) and head dims up to BANDED_BWD_MAX_HEAD_DIM (beyond, and for float32's tf32x3 operands, its
 # default tile spills; the autotuner still times it there); its halo is processed in 32-column chunks,
 # so any window width fits. These come from the compiler report's instructions per window row, not yet
@@ -99,10 +109,14 @@ _MAX_BANDED_BLOCK = 128
 BANDED_MIN_AREA = {
     "fwd": {torch.bfloat16: 49, torch.float16: 121, torch.float32: 121},
     "bwd_delta": {torch.bfloat16: 121, torch.float16: 225, torch.float32: 225},
-    "bwd": {torch.bfloat16: 121, torch.float16: 121},
+    "bwd": {torch.bfloat16: 1, torch.float16: 1},  # by window width instead: _banded_bwd_pays
 }
 BANDED_BWD_MAX_HEAD_DIM = 16
 BANDED_MIN_CAPABILITY = (8, 0)
+# The banded main backward kernel's default tile spills 140-210 bytes on sm_80 (its split products'
+# operands all live in registers with mma.sync; sm_90's warpgroup products read them from shared
+# memory: at most 24 bytes), so the heuristic takes it from sm_90 on; the autotuner times it on sm_80.
+BANDED_BWD_MIN_CAPABILITY = (9, 0)
 ALGO_ENV = "QNA_TRITON_ALGO"
 # A borrowed entry is used only within this factor of the tuned heads / head_dim / queries.
 _MAX_RATIO_LOG2 = 2.0
@@ -167,7 +181,7 @@ def heuristic_config(kernel: str, heads: int, head_dim: int) -> KernelConfig:
     bd = triton.next_power_of_2(head_dim)
     bh = max(1, min(triton.next_power_of_2(heads), _CHANNEL_BUDGET[kernel] // bd))
     bp = max(8, min(128, budget // (bh * bd)))
-    return KernelConfig(block_p=bp, block_h=bh, num_warps=4, num_stages=1)
+    return KernelConfig(block_p=bp, block_h=bh, num_warps=_HEURISTIC_WARPS[kernel], num_stages=1)
 
 
 def check_banded_tiles(block_w: Any, block_r: Any) -> None:
@@ -186,9 +200,18 @@ def default_config(kernel: str, heads: int, head_dim: int, ks: Tuple[int, int], 
     the banded algorithm (:func:`banded_config`)."""
     if (has_banded_form(kernel, st) and tensor_cores
             and ks[0] * ks[1] >= BANDED_MIN_AREA[kernel].get(dtype, 1 << 30)
-            and (kernel != "bwd" or head_dim <= BANDED_BWD_MAX_HEAD_DIM)):
+            and (kernel != "bwd" or (head_dim <= BANDED_BWD_MAX_HEAD_DIM and _banded_bwd_pays(ks[1])))):
         return banded_config(ks, head_dim, dtype, st, kernel)
     return heuristic_config(kernel, heads, head_dim)
+
+
+def _banded_bwd_pays(kw: int) -> bool:
+    """Whether the banded main backward kernel issues at least 1.25x fewer instructions per (pixel,
+    offset, head) than the direct one (135 on one warp), by the compiler report (sm_90, bf16, head dim 8):
+    ~700 per 32-column halo chunk and window row (+50 from the second chunk on), times 2 queries, over
+    the row's ``kw`` offsets."""
+    chunks = triton.cdiv(16 + kw - 1, 32)
+    return 2 * (700 * chunks + 50 * (chunks > 1)) / kw * 1.25 <= 135
 
 
 def banded_config(window: Tuple[int, int], head_dim: int = 8, dtype: torch.dtype = torch.bfloat16,
@@ -630,9 +653,11 @@ def _heuristic_for(kernel: str, heads: int, head_dim: int, ks: Tuple[int, int], 
     """:func:`default_config` for ``device`` (tensor cores: a CUDA device of ``BANDED_MIN_CAPABILITY``;
     the capability is asked only when the banded forward would be chosen)."""
     cfg = default_config(kernel, heads, head_dim, ks, st, dtype, tensor_cores=True)
-    if cfg.algo == "banded" and not (device.type == "cuda" and _capability(
-            device.index if device.index is not None else torch.cuda.current_device()) >= BANDED_MIN_CAPABILITY):
-        return heuristic_config(kernel, heads, head_dim)
+    if cfg.algo == "banded":
+        need = BANDED_BWD_MIN_CAPABILITY if kernel == "bwd" else BANDED_MIN_CAPABILITY
+        if not (device.type == "cuda" and _capability(
+                device.index if device.index is not None else torch.cuda.current_device()) >= need):
+            return heuristic_config(kernel, heads, head_dim)
     return cfg
 
 

@@ -136,9 +136,9 @@ def test_banded_empty_windows_and_masked_offsets():
 
 def test_algorithm_selection(monkeypatch):
     """QNA_TRITON_ALGO forces an algorithm; by default GPUs with tensor cores take the banded
-    forward from a 7 x 7 window up and the banded delta and main backward kernel from 11 x 11 (bfloat16;
-    the main backward kernel at stride 1, also float16, up to head dim 16), CPU tensors (the
-    interpreter) the direct ones; a bad value names the variable."""
+    forward from a 7 x 7 window up, the banded delta from 11 x 11 and the main backward kernel from
+    13 x 13 (bfloat16; the main backward kernel at stride 1 on sm_90, also float16, up to head dim 16),
+    CPU tensors (the interpreter) the direct ones; a bad value names the variable."""
     logits, values = torch.empty(1, 8, 8, 2, 4), torch.empty(1, 8, 8, 4, 8)
     get = lambda kernel, k: tuning.get_config(kernel, logits, values, (k, k), (1, 1))  # noqa: E731
     monkeypatch.delenv(tuning.ALGO_ENV, raising=False)
@@ -169,17 +169,23 @@ def test_algorithm_selection(monkeypatch):
     assert tuning._heuristic_for("fwd", 4, 8, (7, 7), cuda, torch.float16).algo == "direct"
     assert tuning._heuristic_for("fwd", 4, 8, (11, 11), cuda, torch.float16).algo == "banded"
     assert tuning._heuristic_for("bwd", 4, 8, (7, 7), cuda).algo == "direct"
-    assert tuning._heuristic_for("bwd", 4, 8, (11, 11), cuda) == banded_config((11, 11), kernel="bwd")
-    assert tuning._heuristic_for("bwd", 4, 8, (11, 11), cuda, st=(2, 2)).algo == "direct"
+    assert tuning._heuristic_for("bwd", 4, 8, (11, 11), cuda).algo == "direct"
+    assert tuning._heuristic_for("bwd", 4, 8, (13, 13), cuda) == banded_config((13, 13), kernel="bwd")
+    assert tuning._heuristic_for("bwd", 4, 8, (21, 21), cuda).algo == "direct"  # a second chunk, mostly padding
+    assert tuning._heuristic_for("bwd", 4, 8, (3, 15), cuda).algo == "banded"  # by width: 1400 / 15 per offset
+    assert tuning._heuristic_for("bwd", 4, 8, (13, 13), cuda, st=(2, 2)).algo == "direct"
     assert tuning._heuristic_for("bwd", 4, 8, (15, 15), cuda, torch.float32).algo == "direct"
     assert tuning._heuristic_for("bwd", 4, 16, (15, 15), cuda).algo == "banded"
     assert tuning._heuristic_for("bwd", 4, 32, (15, 15), cuda).algo == "direct"  # would spill on sm_80
     assert tuning._heuristic_for("bwd", 4, 8, (31, 31), cuda) == banded_config((31, 31), kernel="bwd")
-    assert tuning._heuristic_for("bwd", 4, 8, (11, 11), cuda, torch.float16).algo == "banded"
+    assert tuning._heuristic_for("bwd", 4, 8, (13, 13), cuda, torch.float16).algo == "banded"
     assert tuning._heuristic_for("bwd_delta", 4, 8, (9, 9), cuda).algo == "direct"
     assert tuning._heuristic_for("bwd_delta", 4, 8, (11, 11), cuda) == banded_config((11, 11), kernel="bwd_delta")
     assert tuning._heuristic_for("bwd_delta", 4, 8, (13, 13), cuda, torch.float32).algo == "direct"
     assert tuning._heuristic_for("bwd_delta", 4, 8, (15, 15), cuda, torch.float32).algo == "banded"
+    monkeypatch.setattr(tuning, "_capability", lambda index: (8, 0))  # the main backward kernel from sm_90
+    assert tuning._heuristic_for("bwd", 4, 8, (15, 15), cuda).algo == "direct"
+    assert tuning._heuristic_for("bwd_delta", 4, 8, (15, 15), cuda).algo == "banded"
     monkeypatch.setattr(tuning, "_capability", lambda index: (7, 5))
     assert tuning._heuristic_for("fwd", 4, 8, (7, 7), cuda).algo == "direct"
     assert banded_config((31, 31)).num_warps == 8 and banded_config((15, 15)).num_warps == 4

@@ -213,8 +213,8 @@ def test_interior_and_border_tiles(stride, padding, triton_backend):
 
 
 def test_backward_grid_keeps_occupancy_and_bounds_its_buffer(monkeypatch):
-    """The main backward kernel's persistent grid: the same resident warps per SM for every
-    num_warps, never more programs than tiles, partial-sum rows within their byte budget."""
+    """The backward kernels' persistent grid: the same resident warps per SM for every num_warps, never
+    more programs than the SMs hold at once or than tiles, partial-sum rows within their byte budget."""
     from types import SimpleNamespace
 
     import qna_triton.kernels as kernels
@@ -229,6 +229,27 @@ def test_backward_grid_keeps_occupancy_and_bounds_its_buffer(monkeypatch):
     assert big * 961 * 32 * 4 <= kernels._PARTIAL_ROWS_BYTES < (big + 1) * 961 * 32 * 4
     assert kernels._num_programs(3, cuda, 1, 1, 10) == 3
     assert kernels._num_programs(100, torch.device("cpu")) == 4
+    # no more programs than the SMs hold at once: a second, partial wave would idle the first's SMs
+    assert kernels._num_programs(10**7, cuda, 1, 4, 49 * 32, resident=21) == 132 * 21 // 4
+    assert kernels._num_programs(10**7, cuda, 8, 16, 49 * 32, resident=1) == 132 // 16
+    assert kernels._num_programs(10**7, cuda, 4, 4, 49 * 32, resident=12) == 132 * 8 // 4  # the aim binds
+
+
+def test_resident_programs_by_registers_threads_and_shared_memory():
+    """What one SM holds of a compiled kernel (64 Ki registers allocated per warp in units of 256,
+    2048 threads, 228 KiB of shared memory with 1 KiB reserved per program: an H100)."""
+    from qna_triton.kernels import resident_programs
+
+    h100 = dict(threads_per_sm=2048, shared_per_sm=233472)
+    assert resident_programs(56, 4, 0, **h100) == 9  # 1792 registers per warp: 36 warps
+    assert resident_programs(80, 1, 0, **h100) == 25  # 2560 per warp
+    assert resident_programs(96, 1, 0, **h100) == 21  # 3072 per warp
+    assert resident_programs(97, 1, 0, **h100) == 19  # 3104, allocated as 3328
+    assert resident_programs(238, 8, 0, **h100) == 1  # 7616 -> 7680 per warp: 8 warps
+    assert resident_programs(255, 16, 0, **h100) == 1  # not even one by registers: still 1
+    assert resident_programs(16, 1, 0, **h100) == 32  # the per-SM program limit
+    assert resident_programs(16, 4, 0, **h100) == 16  # the thread limit: 64 warps
+    assert resident_programs(32, 4, 48 * 1024, **h100) == 4  # shared memory: 228 KiB / 49 KiB
 
 
 def test_pixel_alignment_of_strides():

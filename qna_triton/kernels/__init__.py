@@ -4,7 +4,7 @@ all accumulated in float32)."""
 from __future__ import annotations
 
 import contextlib
-from typing import Optional, Tuple
+from typing import Dict, Optional, Sequence, Tuple
 
 import torch
 import triton
@@ -220,17 +220,59 @@ def qna_forward(
 # compare at equal occupancy), and the most bytes its [programs, K, N, h] partial-sum rows may take.
 _BWD_WARPS_PER_SM = 32
 _PARTIAL_ROWS_BYTES = 64 << 20
+# What an SM holds, beyond what torch reports: 64 Ki registers (every NVIDIA GPU since sm_50), allocated
+# per warp in units of 256; at most 32 resident programs; 1 KiB of shared memory reserved per program.
+_REGS_PER_SM, _REG_UNIT, _MAX_PROGRAMS_PER_SM, _SHARED_RESERVED = 65536, 256, 32, 1024
+
+
+def resident_programs(regs: int, num_warps: int, shared_bytes: int, threads_per_sm: int,
+                      shared_per_sm: int) -> int:
+    """Programs of a compiled kernel (``regs`` per thread, ``shared_bytes`` per program) that one SM
+    holds at once: the least of what its registers, threads and shared memory allow (at least 1)."""
+    regs_per_warp = -(-max(1, regs) * 32 // _REG_UNIT) * _REG_UNIT
+    by_regs = (_REGS_PER_SM // regs_per_warp) // num_warps
+    by_threads = threads_per_sm // (32 * num_warps)
+    by_shared = shared_per_sm // (shared_bytes + _SHARED_RESERVED) if shared_bytes else by_threads
+    return max(1, min(by_regs, by_threads, by_shared, _MAX_PROGRAMS_PER_SM))
+
+
+_RESIDENT: Dict[Tuple[str, int], int] = {}
+
+
+def _resident_per_sm(fn, args: Sequence, kwargs: dict, device: torch.device) -> Optional[int]:
+    """:func:`resident_programs` of ``fn`` as compiled for these arguments (compiling it, as the launch
+    that follows would), or None where this Triton does not expose the compiled kernel's resources."""
+    kernel = fn.warmup(*args, grid=(1,), **kwargs)
+    if hasattr(kernel, "result"):  # asynchronous compilation
+        kernel = kernel.result()
+    try:
+        key = (kernel.hash, device.index or 0)
+        if key not in _RESIDENT:
+            kernel._init_handles()  # loads the binary: sets n_regs
+            props = torch.cuda.get_device_properties(device)
+            _RESIDENT[key] = resident_programs(kernel.n_regs, kernel.metadata.num_warps, kernel.metadata.shared,
+                                               props.max_threads_per_multi_processor,
+                                               props.shared_memory_per_multiprocessor)
+        return _RESIDENT[key]
+    except AttributeError:
+        return None
 
 
 def _num_programs(num_tiles: int, device: torch.device, num_warps: int = 4, head_blocks: int = 1,
-                  row_elems: int = 1) -> int:
-    """Programs (along the grid's first axis) of the main backward kernel: enough that about
-    ``_BWD_WARPS_PER_SM`` warps are resident per SM, few enough that the partial-sum buffer for
-    ``dr``/``da`` (``row_elems`` float32 per program) stays under ``_PARTIAL_ROWS_BYTES``."""
+                  row_elems: int = 1, resident: Optional[int] = None) -> int:
+    """Programs (along the grid's first axis; ``head_blocks`` along the second) of the persistent
+    backward kernels: enough that about ``_BWD_WARPS_PER_SM`` warps are resident per SM, but no more
+    than the SM holds at once (``resident`` programs, from the compiled kernel's registers: programs
+    that wait for a second wave would leave the first wave's SMs idle at the end), and few enough
+    that the partial-sum buffer for ``dr``/``da`` (``row_elems`` float32 per program) stays under
+    ``_PARTIAL_ROWS_BYTES``."""
     if device.type != "cuda":
         return max(1, min(num_tiles, 4))
     sms = torch.cuda.get_device_properties(device).multi_processor_count
-    want = max(1, sms * _BWD_WARPS_PER_SM // (num_warps * max(1, head_blocks)))
+    per_sm = max(1, _BWD_WARPS_PER_SM // num_warps)
+    if resident is not None:
+        per_sm = min(per_sm, resident)
+    want = max(1, sms * per_sm // max(1, head_blocks))
     cap = max(1, _PARTIAL_ROWS_BYTES // (4 * max(1, row_elems)))  # one row holds every head block
     return max(1, min(num_tiles, want, cap))
 
@@ -261,6 +303,10 @@ def qna_backward(
     layout = _layout(logits, values)
     common = _common_args(logits, values, B, H, W, Ho, Wo, N, h, d, ks, st, pd, layout)
 
+    cfg = config or get_config("bwd", logits, values, ks, st, pd)
+    banded = cfg.algo == "banded"
+    if banded and tuple(st) != (1, 1):  # (before the delta kernel launches)
+        raise ValueError(f"the banded backward kernel needs stride 1, got stride={tuple(st)}")
     dcfg = delta_config or get_config("bwd_delta", logits, values, ks, st, pd)
     delta = empty_query_minor((B, Ho, Wo, N, h), device=logits.device, dtype=torch.float32)
     if dcfg.algo == "banded":  # the forward's banded window sum, dotted with the output gradient
@@ -273,40 +319,38 @@ def qna_backward(
                 HAS_SCALE=a is not None, **_blocks(dcfg, N, d, layout),
             )
 
-    cfg = config or get_config("bwd", logits, values, ks, st, pd)
     K = ks[0] * ks[1]
-    banded = cfg.algo == "banded"
-    if banded and tuple(st) != (1, 1):
-        raise ValueError(f"the banded backward kernel needs stride 1, got stride={tuple(st)}")
-    if banded:
-        num_tiles = B * triton.cdiv(H, cfg.block_r) * triton.cdiv(W, cfg.block_w)
-        progs = _num_programs(num_tiles, logits.device, cfg.num_warps, h, 2 * K * N * h)  # + scratch rows
-    else:
-        num_tiles = triton.cdiv(B * H * W, cfg.block_p)
-        progs = _num_programs(num_tiles, logits.device, cfg.num_warps, triton.cdiv(h, cfg.block_h), K * N * h)
     if packed_grad:
         dqv = torch.empty((B, H, W, N * h + h * d), device=logits.device, dtype=logits.dtype)
         dl, dv = dqv[..., : N * h], dqv[..., N * h :]
     else:
         dl = torch.empty((B, H, W, h * N), device=logits.device, dtype=logits.dtype)
         dv = torch.empty((B, H, W, h * d), device=values.device, dtype=values.dtype)
-    dr_part = torch.zeros((progs, K, h, N), device=logits.device, dtype=torch.float32)
-    da_part = torch.zeros_like(dr_part) if a is not None else dr_part
+    if banded:
+        fn, head_blocks, row_elems = qna_banded_bwd_kernel, h, 2 * K * N * h  # + the scratch rows
+        num_tiles = B * triton.cdiv(H, cfg.block_r) * triton.cdiv(W, cfg.block_w)
+        kwargs = dict(HAS_SCALE=a is not None, **layout, **banded_bwd_blocks(cfg, N, d, ks, values))
+    else:
+        fn, head_blocks, row_elems = qna_bwd_kernel, triton.cdiv(h, cfg.block_h), K * N * h
+        num_tiles = triton.cdiv(B * H * W, cfg.block_p)
+        kwargs = dict(HAS_SCALE=a is not None, **_blocks(cfg, N, d, layout))
+
+    def args(parts: Tuple[torch.Tensor, ...], progs: int) -> tuple:
+        return (logits, values, r, a if a is not None else r, g, lse, delta, dl, dv, *parts, *common,
+                num_tiles, triton.cdiv(num_tiles, progs), dl.stride(2), dv.stride(2))
+
     with _on_device(logits):
-        if banded:
+        resident = None
+        if logits.is_cuda:  # the compiled kernel's registers bound the programs resident at once
+            resident = _resident_per_sm(fn, args((delta,) * (4 if banded else 2), 1), kwargs, logits.device)
+        progs = _num_programs(num_tiles, logits.device, cfg.num_warps, head_blocks, row_elems, resident)
+        dr_part = torch.zeros((progs, K, h, N), device=logits.device, dtype=torch.float32)
+        da_part = torch.zeros_like(dr_part) if a is not None else dr_part
+        parts = (dr_part, da_part)
+        if banded:  # the scratch rows
             dr_tile = torch.empty_like(dr_part)
-            da_tile = torch.empty_like(dr_part) if a is not None else dr_tile
-            qna_banded_bwd_kernel[(progs, h)](
-                logits, values, r, a if a is not None else r, g, lse, delta, dl, dv, dr_part, da_part,
-                dr_tile, da_tile, *common, num_tiles, triton.cdiv(num_tiles, progs), dl.stride(2), dv.stride(2),
-                HAS_SCALE=a is not None, **layout, **banded_bwd_blocks(cfg, N, d, ks, values),
-            )
-        else:
-            qna_bwd_kernel[(progs, triton.cdiv(h, cfg.block_h))](
-                logits, values, r, a if a is not None else r, g, lse, delta, dl, dv, dr_part, da_part,
-                *common, num_tiles, triton.cdiv(num_tiles, progs), dl.stride(2), dv.stride(2),
-                HAS_SCALE=a is not None, **_blocks(cfg, N, d, layout),
-            )
+            parts += (dr_tile, torch.empty_like(dr_part) if a is not None else dr_tile)
+        fn[(progs, head_blocks)](*args(parts, progs), **kwargs)
     drpb = dr_part.sum(0).transpose(-1, -2).to(rpb.dtype)
     dscale = da_part.sum(0).transpose(-1, -2).to(scale.dtype) if a is not None else None
     if packed_grad:

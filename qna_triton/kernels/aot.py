@@ -283,10 +283,10 @@ def default_plan(archs: Sequence[int]) -> List[dict]:
             for kernel in ("fwd", "bwd_delta"):
                 plan.append(dict(kernel=kernel, algo="banded", dtype=dtype, heads=h, head_dim=d, n_queries=2,
                                  has_scale=True, arch=arch, layout="packed", window=window))
-        # the banded main backward kernel where the heuristic takes it (bf16 and fp16, head dims to 16):
-        # its halo in one 32-column chunk (k = 15) and in two (k = 31)
+        # the banded main backward kernel where the heuristic takes it (sm_90, bf16 and fp16, head dims
+        # to 16): its halo in one 32-column chunk (k = 15) and in two (k = 31)
         for dtype, (h, d), window in (("bf16", (16, 8), 15), ("bf16", (8, 16), 15), ("bf16", (16, 8), 31),
-                                      ("fp16", (8, 16), 31)):
+                                      ("fp16", (8, 16), 31)) if arch >= 90 else ():
             plan.append(dict(kernel="bwd", algo="banded", dtype=dtype, heads=h, head_dim=d, n_queries=2,
                              has_scale=True, arch=arch, layout="packed", window=window))
     return plan

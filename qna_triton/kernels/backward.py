@@ -104,7 +104,8 @@ def _bwd_pairs(R, A, G, LSE, DELTA, l_p, v_p, o, i, valid, nh_mask, nh_r, hd_mas
     return ap * t - p * delta, ap, g, p * t
 
 
-@triton.jit
+# the tile counts change with the batch: not specialised on (one compiled kernel for every batch)
+@triton.jit(do_not_specialize=["NUM_TILES", "TILES_PER_PROGRAM"])
 def qna_bwd_kernel(
     L, V, R, A, G, LSE, DELTA, DL, DV, DR_PART, DA_PART,
     B, H, W, Ho, Wo, NQ: tl.constexpr, HEADS, D: tl.constexpr,

@@ -50,7 +50,8 @@ def _diag(m, offs_k, offs_x, KW, C0, HALO: tl.constexpr):
     return tl.sum(tl.where(ok, vals, 0.0), axis=1)
 
 
-@triton.jit
+# the tile counts change with the batch: not specialised on (one compiled kernel for every batch)
+@triton.jit(do_not_specialize=["NUM_TILES", "TILES_PER_PROGRAM"])
 def qna_banded_bwd_kernel(
     L, V, R, A, G, LSE, DELTA, DL, DV, DR_PART, DA_PART, DR_TILE, DA_TILE,
     B, H, W, Ho, Wo, NQ: tl.constexpr, HEADS, D: tl.constexpr,
