@@ -427,7 +427,8 @@ def test_bench_checks_and_times_on_the_gpu():
 def test_candidates_include_the_banded_algorithm():
     """The tuner chooses the algorithm of each kernel per window: from 3 x 3 up their candidates hold
     banded tiles (the main backward kernel's at stride 1 only), and from 7 x 7 (bfloat16) the forward's
-    default, the reference of the speed-up, is banded (the delta's and the main kernel's from 11 x 11)."""
+    default, the reference of the speed-up, is banded (the delta's from 11 x 11, the main kernel's from
+    13 columns)."""
     plan = plan_mod.quick_plan()
     by_window = {s.kh: s for s, k in plan.entries() if k == "fwd" and s.sh == 1}
     c3, c7 = plan.candidates(by_window[3], "fwd"), plan.candidates(by_window[7], "fwd")
@@ -443,4 +444,6 @@ def test_candidates_include_the_banded_algorithm():
     assert all(any(c.algo == "banded" for c in cs) == (s.sh == s.sw == 1) for s, cs in bwd)
     assert {s.sh for s, _ in bwd} == {1, 2}
     b11 = plan.candidates(replace(by_window[7], kh=11, kw=11, ph=5, pw=5), "bwd")
-    assert b11[0] == tuning.banded_config((11, 11), kernel="bwd")
+    assert b11[0].algo == "direct" and any(c.algo == "banded" for c in b11)
+    b13 = plan.candidates(replace(by_window[7], kh=13, kw=13, ph=6, pw=6), "bwd")
+    assert b13[0] == tuning.banded_config((13, 13), kernel="bwd")
