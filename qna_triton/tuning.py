@@ -623,7 +623,7 @@ def get_config(
     algo = _algo_override() if has_banded_form(kernel, st) else "direct"
     if algo == "banded":
         if device.type == "cuda":
-            cap = _capability(device.index if device.index is not None else torch.cuda.current_device())
+            cap = _device_capability(device)
             if cap < BANDED_MIN_CAPABILITY:
                 raise RuntimeError(f"the banded kernels ({ALGO_ENV} / kernel_algorithm) need bf16/tf32 tensor "
                                    f"cores (sm_80 or later); this GPU is sm_{cap[0]}{cap[1]}")
@@ -655,10 +655,13 @@ def _heuristic_for(kernel: str, heads: int, head_dim: int, ks: Tuple[int, int], 
     cfg = default_config(kernel, heads, head_dim, ks, st, dtype, tensor_cores=True)
     if cfg.algo == "banded":
         need = BANDED_BWD_MIN_CAPABILITY if kernel == "bwd" else BANDED_MIN_CAPABILITY
-        if not (device.type == "cuda" and _capability(
-                device.index if device.index is not None else torch.cuda.current_device()) >= need):
+        if not (device.type == "cuda" and _device_capability(device) >= need):
             return heuristic_config(kernel, heads, head_dim)
     return cfg
+
+
+def _device_capability(device: torch.device) -> Tuple[int, int]:
+    return _capability(device.index if device.index is not None else torch.cuda.current_device())
 
 
 @functools.lru_cache(maxsize=16)
