@@ -260,10 +260,16 @@ def test_banded_delta_equals_the_direct_delta(dtype):
     g = torch.randn(out.shape).to(dtype)
     got = _grads(inputs, geo, lse, g, BANDED)
     ref = _grads(inputs, geo, lse, g, tuning.heuristic_config("bwd_delta", h, d))
+    _assert_grads_close(got, ref, dtype)
+
+
+def _assert_grads_close(got, ref, dtype):
+    """(dlogits, dvalues, drpb, dscale) of a banded kernel against the direct kernels': finite, and
+    16-bit gradients about one rounding of the result apart; float32 ones (drpb, dscale; all for float32
+    inputs): float32 sums (tf32x3), or sums of the ~2^-16-accurate split bfloat16 products."""
     for name, a, r in zip(("dlogits", "dvalues", "drpb", "dscale"), got, ref):
+        assert torch.isfinite(a).all(), name
         err = (a.double() - r.double()).abs().max() / r.double().abs().max()
-        # 16-bit gradients: about one rounding of the result apart; float32 ones (drpb, dscale; all for
-        # float32 inputs): float32 sums (tf32x3), or sums of the ~2^-16-accurate split bfloat16 products
         if a.dtype != torch.float32:
             bound = 2 ** -7 if a.dtype == torch.bfloat16 else 2 ** -10
         else:
@@ -342,14 +348,7 @@ def test_banded_backward_equals_the_direct_backward(dtype, chunk, monkeypatch):
         ref = _grads(inputs, geo, lse, g, None)
     monkeypatch.setattr(kernels, "halo_chunk", lambda halo: chunk)
     got = _grads(inputs, geo, lse, g, tuning.heuristic_config("bwd_delta", h, d), BANDED_BWD)
-    for name, a, r in zip(("dlogits", "dvalues", "drpb", "dscale"), got, ref):
-        assert torch.isfinite(a).all(), name
-        err = (a.double() - r.double()).abs().max() / r.double().abs().max()
-        if a.dtype != torch.float32:
-            bound = 2 ** -7 if a.dtype == torch.bfloat16 else 2 ** -10
-        else:
-            bound = 2e-4 if dtype == torch.bfloat16 else 1e-5
-        assert err <= bound, (name, err.item())
+    _assert_grads_close(got, ref, dtype)
 
 
 def test_banded_backward_needs_stride_1():
