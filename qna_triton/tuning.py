@@ -205,12 +205,21 @@ def default_config(kernel: str, heads: int, head_dim: int, ks: Tuple[int, int], 
     return heuristic_config(kernel, heads, head_dim)
 
 
+def halo_chunk(halo: int) -> int:
+    """Columns per chunk of the banded main backward kernel's halo (``block_w + k_w - 1`` output
+    columns): 32 (16 for a halo of 16). Not 16 to pad less: by the compiler report a 16-column chunk
+    costs ~80 % of a 32-column one (its ``[16, W]`` products leave most of 8 warps idle), so three of
+    them (46 columns at k = 31) cost more than two of 32; two 32-column chunks unrolled together spill."""
+    return 32 if halo > 16 else 16
+
+
 def _banded_bwd_pays(kw: int) -> bool:
-    """Whether the banded main backward kernel issues at least 1.25x fewer instructions per (pixel,
-    offset, head) than the direct one (135 on one warp), by the compiler report (sm_90, bf16, head dim 8):
-    ~700 per 32-column halo chunk and window row (+50 from the second chunk on), times 2 queries, over
-    the row's ``kw`` offsets."""
-    chunks = triton.cdiv(16 + kw - 1, 32)
+    """Whether the banded main backward kernel (its default 16-column tile) issues at least 1.25x fewer
+    instructions per (pixel, offset, head) than the direct one (135 on one warp), by the compiler report
+    (sm_90, bf16, head dim 8): ~700 per halo chunk and window row (+50 from the second chunk on), times
+    2 queries, over the row's ``kw`` offsets."""
+    halo = 16 + kw - 1
+    chunks = triton.cdiv(halo, halo_chunk(halo))
     return 2 * (700 * chunks + 50 * (chunks > 1)) / kw * 1.25 <= 135
 
 

@@ -10,7 +10,7 @@ import torch
 import triton
 
 from ..reference import empty_query_minor, output_size, query_minor
-from ..tuning import KernelConfig, check_banded_tiles, get_config
+from ..tuning import KernelConfig, check_banded_tiles, get_config, halo_chunk
 from .backward import qna_bwd_delta_kernel, qna_bwd_kernel
 from .banded_bwd import qna_banded_bwd_kernel
 from .banded import (RANGE_LIMIT, VDOT_BF16, VDOT_BF16_EMULATED, VDOT_BF16X3, VDOT_BF16X3_EMULATED, VDOT_TF32X3,
@@ -138,14 +138,6 @@ def _vdot_mode(values: torch.Tensor, on_gpu: bool, split: bool, split_fp16: bool
     if split:
         return VDOT_BF16X3 if on_gpu else VDOT_BF16X3_EMULATED
     return VDOT_BF16 if on_gpu else VDOT_BF16_EMULATED
-
-
-def halo_chunk(halo: int) -> int:
-    """Columns per chunk of the banded main backward kernel's halo (``block_w + k_w - 1`` output
-    columns): 32 (16 for a halo of 16). Not 16 to pad less: by the compiler report a 16-column chunk
-    costs ~80 % of a 32-column one (its ``[16, W]`` products leave most of 8 warps idle), so three of
-    them (46 columns at k = 31) cost more than two of 32; two 32-column chunks unrolled together spill."""
-    return 32 if halo > 16 else 16
 
 
 def banded_bwd_blocks(cfg: KernelConfig, N: int, d: int, ks: Pair, values: torch.Tensor,

@@ -147,6 +147,60 @@ def _any_nonfinite2(x):
 
 
 @triton.jit
+def _head_offsets(j, sl_j, sv_j, WIDE: tl.constexpr):
+    """Head ``j``'s offsets into a pixel's logits and values (64-bit for tensors of 2^31+ elements)."""
+    if WIDE:
+        return j.to(tl.int64) * sl_j, j.to(tl.int64) * sv_j
+    else:
+        return j * sl_j, j * sv_j
+
+
+@triton.jit
+def _query_offsets(n, j, NQ, sl_n, jl, L_HN: tl.constexpr, WIDE: tl.constexpr):
+    """Offsets of the logits of queries ``n`` (a runtime scalar or a block) of head ``j`` in a pixel;
+    ``L_HN``: the layer's query-minor layout, one head's queries adjacent."""
+    if L_HN:
+        return j * NQ + n
+    else:
+        if WIDE:
+            return n.to(tl.int64) * sl_n + jl
+        else:
+            return n * sl_n + jl
+
+
+@triton.jit
+def _value_offsets(dd, j, D: tl.constexpr, jv, sv_t, V_HD: tl.constexpr, WIDE: tl.constexpr):
+    """Offsets of head ``j``'s value components ``dd`` in a pixel; ``V_HD``: contiguous ``[h, d]``."""
+    if V_HD:
+        return j * D + dd
+    else:
+        if WIDE:
+            return jv + dd.to(tl.int64) * sv_t
+        else:
+            return jv + dd * sv_t
+
+
+@triton.jit
+def _finite_min(x):
+    """``x`` with -inf made +inf, for a minimum over the finite values."""
+    return tl.where(x == float("-inf"), float("inf"), x)
+
+
+@triton.jit
+def _range_or_zero(mx, mn):
+    """A (max, min) over finite values, (0, 0) where there was none (any shift works there)."""
+    mx = tl.where(mx == float("-inf"), 0.0, mx)
+    return mx, tl.where(mn == float("inf"), mx, mn)
+
+
+@triton.jit
+def _too_wide(lmax, lmin, rmax, rmin, offs_n, NQ, RANGE_LIMIT: tl.constexpr):
+    """1 if some query's logit + bias spread passes ``RANGE_LIMIT`` (one shift would underflow)."""
+    spread = tl.where(offs_n < NQ, (lmax - lmin) + (rmax - rmin), 0.0)
+    return (tl.max(spread, axis=0) > RANGE_LIMIT).to(tl.int32)
+
+
+@triton.jit
 def _out_offsets(pix, j, dd, HEADS, D: tl.constexpr):
     """``[R, DC, W]`` offsets of a value chunk of the output (or its gradient) ``[B, Ho, Wo, h, d]``."""
     return (pix * (HEADS * D) + j * D)[:, None, :] + dd[None, :, None]
@@ -195,19 +249,8 @@ def qna_banded_kernel(
     col_in = (ix >= 0) & (ix < W) & (offs_c < (BLOCK_W - 1) * SW + KW)
     row_out = oy < Ho
 
-    if WIDE:
-        jl = j.to(tl.int64) * sl_j
-        jv = j.to(tl.int64) * sv_j
-    else:
-        jl = j * sl_j
-        jv = j * sv_j
-    if L_HN:
-        n_off = j * NQ + offs_n  # query-minor: one head's queries are adjacent
-    else:
-        if WIDE:
-            n_off = offs_n.to(tl.int64) * sl_n + jl
-        else:
-            n_off = offs_n * sl_n + jl
+    jl, jv = _head_offsets(j, sl_j, sv_j, WIDE)
+    n_off = _query_offsets(offs_n, j, NQ, sl_n, jl, L_HN, WIDE)
     l_img = L + b * sl_b
     v_img = V + b * sv_b
     x_l = ix.to(tl.int64) * sl_x
@@ -224,7 +267,7 @@ def qna_banded_kernel(
         ptr = l_img + (iy.to(tl.int64)[:, None] * sl_y + x_l[None, :])[:, :, None] + n_off[None, None, :]
         lt = tl.load(ptr, mask=m2[:, :, None] & (offs_n < NQ)[None, None, :], other=float("-inf")).to(tl.float32)
         lmax = tl.maximum(lmax, tl.max(tl.max(lt, axis=1), axis=0))
-        lmin = tl.minimum(lmin, tl.min(tl.min(tl.where(lt == float("-inf"), float("inf"), lt), axis=1), axis=0))
+        lmin = tl.minimum(lmin, tl.min(tl.min(_finite_min(lt), axis=1), axis=0))
     rmax = tl.full((BLOCK_N,), float("-inf"), tl.float32)
     rmin = tl.full((BLOCK_N,), float("inf"), tl.float32)
     offs_k = tl.arange(0, BLOCK_K)
@@ -233,17 +276,14 @@ def qna_banded_kernel(
         rt = tl.load(R + kk[:, None] * NH + j * NQ + offs_n[None, :],
                      mask=(kk < KH * KW)[:, None] & (offs_n < NQ)[None, :], other=float("-inf"))
         rmax = tl.maximum(rmax, tl.max(rt, axis=0))
-        rmin = tl.minimum(rmin, tl.min(tl.where(rt == float("-inf"), float("inf"), rt), axis=0))
-    lmax = tl.where(lmax == float("-inf"), 0.0, lmax)  # no finite logit / bias: any shift works
-    lmin = tl.where(lmin == float("inf"), lmax, lmin)
-    rmax = tl.where(rmax == float("-inf"), 0.0, rmax)
-    rmin = tl.where(rmin == float("inf"), rmax, rmin)
-    spread = tl.where(offs_n < NQ, (lmax - lmin) + (rmax - rmin), 0.0)
+        rmin = tl.minimum(rmin, tl.min(_finite_min(rt), axis=0))
+    lmax, lmin = _range_or_zero(lmax, lmin)
+    rmax, rmin = _range_or_zero(rmax, rmin)
 
     pix = (b * Ho + oy.to(tl.int64))[:, None] * Wo + ox[None, :]  # [R, W] output pixel index
     pix_ok = row_out[:, None] & (ox < Wo)[None, :]
     # 1: this tile runs the direct algorithm (too wide a range for one shift, or a non-finite result)
-    redo = (tl.max(spread, axis=0) > RANGE_LIMIT).to(tl.int32)
+    redo = _too_wide(lmax, lmin, rmax, rmin, offs_n, NQ, RANGE_LIMIT)
     if redo == 0:
         # products in the transposed orientation: [R*DC, halo] x [halo, W], the rows of the tile and
         # the head dim as the product's rows
@@ -252,25 +292,13 @@ def qna_banded_kernel(
             dacc = tl.zeros((BLOCK_N, BLOCK_R, BLOCK_W), tl.float32)
         for dc in range(0, D, BLOCK_DC):
             dd = dc + offs_dc
-            if V_HD:
-                d_v = j * D + dd
-            else:
-                if WIDE:
-                    d_v = jv + dd.to(tl.int64) * sv_t
-                else:
-                    d_v = jv + dd * sv_t
+            d_v = _value_offsets(dd, j, D, jv, sv_t, V_HD, WIDE)
             if not DELTA_MODE:
                 out = tl.zeros((BLOCK_R, BLOCK_DC, BLOCK_W), tl.float32)
             for n in range(NQ):
                 shift = _pick(lmax, offs_n, n)
                 r_max = _pick(rmax, offs_n, n)
-                if L_HN:
-                    ln = j * NQ + n
-                else:
-                    if WIDE:
-                        ln = n.to(tl.int64) * sl_n + jl
-                    else:
-                        ln = n * sl_n + jl
+                ln = _query_offsets(n, j, NQ, sl_n, jl, L_HN, WIDE)
                 s = tl.zeros((BLOCK_R, BLOCK_W), tl.float32)
                 y = tl.zeros((BLOCK_R * BLOCK_DC, BLOCK_W), tl.float32)
                 for dy in range(KH):

@@ -28,7 +28,8 @@ import triton
 import triton.language as tl
 
 from .backward import _bwd_pairs
-from .banded import _any_nonfinite2, _band_at, _pick, _sdot, _vdot
+from .banded import (_any_nonfinite2, _band_at, _finite_min, _head_offsets, _pick, _query_offsets, _range_or_zero,
+                     _sdot, _too_wide, _value_offsets, _vdot)
 from .forward import _exp, _head_blocks, _load_v
 
 
@@ -84,12 +85,7 @@ def qna_banded_bwd_kernel(
     offs_n = tl.arange(0, BLOCK_N)
     offs_dc = tl.arange(0, BLOCK_DC)
     offs_kw = tl.arange(0, BLOCK_KW)
-    if WIDE:
-        jl = j.to(tl.int64) * sl_j
-        jv = j.to(tl.int64) * sv_j
-    else:
-        jl = j * sl_j
-        jv = j * sv_j
+    jl, jv = _head_offsets(j, sl_j, sv_j, WIDE)
 
     # the bias range per query (the same for every tile)
     rmax = tl.full((BLOCK_N,), float("-inf"), tl.float32)
@@ -98,9 +94,8 @@ def qna_banded_bwd_kernel(
         rt = tl.load(R + (dy * KW + offs_kw[:, None]) * NH + j * NQ + offs_n[None, :],
                      mask=(offs_kw < KW)[:, None] & (offs_n < NQ)[None, :], other=float("-inf"))
         rmax = tl.maximum(rmax, tl.max(rt, axis=0))
-        rmin = tl.minimum(rmin, tl.min(tl.where(rt == float("-inf"), float("inf"), rt), axis=0))
-    rmax = tl.where(rmax == float("-inf"), 0.0, rmax)
-    rmin = tl.where(rmin == float("inf"), rmax, rmin)
+        rmin = tl.minimum(rmin, tl.min(_finite_min(rt), axis=0))
+    rmax, rmin = _range_or_zero(rmax, rmin)
 
     # this program's rows of the partial sums and of the scratch: [k_h*k_w, h, N], its head's columns
     row0 = pid.to(tl.int64) * KH * KW * NH
@@ -119,21 +114,12 @@ def qna_banded_bwd_kernel(
             pix = (b * H + y.to(tl.int64))[:, None] * W + x[None, :]  # [R, W] flat source pixel
             l_base = b * sl_b + (y.to(tl.int64) * sl_y)[:, None] + (x.to(tl.int64) * sl_x)[None, :]
             v_base = b * sv_b + (y.to(tl.int64) * sv_y)[:, None] + (x.to(tl.int64) * sv_x)[None, :]
-            if L_HN:
-                n_off = j * NQ + offs_n
-            else:
-                if WIDE:
-                    n_off = offs_n.to(tl.int64) * sl_n + jl
-                else:
-                    n_off = offs_n * sl_n + jl
+            n_off = _query_offsets(offs_n, j, NQ, sl_n, jl, L_HN, WIDE)
             lt = tl.load(L + l_base[:, :, None] + n_off[None, None, :],
                          mask=pix_ok[:, :, None] & (offs_n < NQ)[None, None, :], other=float("-inf")).to(tl.float32)
             lmax = tl.max(tl.max(lt, axis=1), axis=0)
-            lmin = tl.min(tl.min(tl.where(lt == float("-inf"), float("inf"), lt), axis=1), axis=0)
-            lmax = tl.where(lmax == float("-inf"), 0.0, lmax)
-            lmin = tl.where(lmin == float("inf"), lmax, lmin)
-            spread = tl.where(offs_n < NQ, (lmax - lmin) + (rmax - rmin), 0.0)
-            redo = (tl.max(spread, axis=0) > RANGE_LIMIT).to(tl.int32)
+            lmax, lmin = _range_or_zero(lmax, tl.min(tl.min(_finite_min(lt), axis=1), axis=0))
+            redo = _too_wide(lmax, lmin, rmax, rmin, offs_n, NQ, RANGE_LIMIT)
 
             # output pixels reading the tile through window row dy: rows y + PH - dy, halo columns xo
             x_halo = cb * BLOCK_W + PW - (KW - 1)  # the output column of halo column 0
@@ -141,13 +127,7 @@ def qna_banded_bwd_kernel(
             if redo == 0:
                 for dc in range(0, D, BLOCK_DC):
                     dd = dc + offs_dc
-                    if V_HD:
-                        d_v = j * D + dd
-                    else:
-                        if WIDE:
-                            d_v = jv + dd.to(tl.int64) * sv_t
-                        else:
-                            d_v = jv + dd * sv_t
+                    d_v = _value_offsets(dd, j, D, jv, sv_t, V_HD, WIDE)
                     vt = tl.load(V + v_base[:, None, :] + d_v[None, :, None],
                                  mask=pix_ok[:, None, :] & (dd < D)[None, :, None], other=0.0).to(tl.float32)
                     dv_t = tl.zeros((BLOCK_R, BLOCK_DC, BLOCK_W), tl.float32)
@@ -155,13 +135,7 @@ def qna_banded_bwd_kernel(
                         shift = _pick(lmax, offs_n, n)
                         r_max = _pick(rmax, offs_n, n)
                         qh = j * NQ + n
-                        if L_HN:
-                            ln = qh
-                        else:
-                            if WIDE:
-                                ln = n.to(tl.int64) * sl_n + jl
-                            else:
-                                ln = n * sl_n + jl
+                        ln = _query_offsets(n, j, NQ, sl_n, jl, L_HN, WIDE)
                         e = _exp(tl.load(L + l_base + ln, mask=pix_ok, other=float("-inf")).to(tl.float32) - shift)
                         ev = tl.reshape(e[:, None, :] * vt, (BLOCK_R * BLOCK_DC, BLOCK_W))
                         z = tl.zeros((BLOCK_R * BLOCK_DC, BLOCK_W), tl.float32)
