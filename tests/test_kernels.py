@@ -2,7 +2,8 @@
 
 On a CPU-only machine they run in the Triton interpreter (conftest sets ``TRITON_INTERPRET=1``);
 on a GPU the same tests run the compiled kernels. ``QNA_TEST_SWEEP`` sets the size of the random
-sweep (default 16; run 500+ on demand).
+sweep (default 16; run 500+ on demand), ``QNA_TEST_BANDED_SWEEP`` that of the banded kernels' one
+(test_banded.py, default 4).
 """
 
 import math
@@ -36,10 +37,13 @@ NAMED = [
 ]
 # Each case runs with the logits in one of the two layouts the kernels compile differently for:
 # [N, h] per pixel (generic strides) and query-minor [h, N] (the QnA layer's layout, compile-time offsets).
-# The named cases run in both; the random ones alternate.
+# The named cases run in both layouts and every dtype; the random ones take turns with both (the dtype
+# changes only the loads' and stores' conversions, which the named cases cover).
 _RANDOM = random_cases(SWEEP_SIZE, seed=99, max_k=9, head_dims=(1, 5, 8, 12, 16, 32))
-SWEEP = ([pytest.param(c, qm, id=f"{c}{'_qm' if qm else ''}") for c in NAMED for qm in (False, True)]
-         + [pytest.param(c, i % 2 == 1, id=f"{c}{'_qm' if i % 2 else ''}") for i, c in enumerate(_RANDOM)])
+SWEEP = ([pytest.param(c, qm, dt, id=f"{c}{'_qm' if qm else ''}-{dt}")
+          for c in NAMED for qm in (False, True) for dt in DTYPES]
+         + [pytest.param(c, i % 2 == 1, DTYPES[i % 3], id=f"{c}{'_qm' if i % 2 else ''}-{DTYPES[i % 3]}")
+            for i, c in enumerate(_RANDOM)])
 
 
 @pytest.fixture
@@ -67,8 +71,7 @@ def _run(case, dtype, backend, monkeypatch, logit_scale=2.0, query_minor=False):
     return out.detach(), grads, g
 
 
-@pytest.mark.parametrize("dtype", DTYPES, ids=str)
-@pytest.mark.parametrize("case, query_minor", SWEEP)
+@pytest.mark.parametrize("case, query_minor, dtype", SWEEP)
 def test_forward_and_gradients_match_oracle(case, query_minor, dtype, monkeypatch, nan_poison):
     assert_op_matches_oracle(case, dtype, monkeypatch, query_minor)
 
@@ -184,6 +187,21 @@ def test_query_minor_logits_fast_path(triton_backend):
     assert is_query_minor(grads[0])
 
 
+def _tile_kinds(H: int, W: int, k: int, s: int, p: int, block_p: int) -> set:
+    """The kinds of the forward's ``block_p``-pixel tiles on this image: "interior" (every window
+    inside the image), "border" and "partial" (the last tile, with pixels beyond the image)."""
+    Ho, Wo = (H + 2 * p - k) // s + 1, (W + 2 * p - k) // s + 1
+    kinds = set()
+    for t in range(0, Ho * Wo, block_p):
+        if t + block_p > Ho * Wo:
+            kinds.add("partial")
+            continue
+        inside = all(0 <= (q // Wo) * s - p and (q // Wo) * s - p + k <= H
+                     and 0 <= (q % Wo) * s - p and (q % Wo) * s - p + k <= W for q in range(t, t + block_p))
+        kinds.add("interior" if inside else "border")
+    return kinds
+
+
 @pytest.mark.parametrize("stride, padding", [(1, 1), (2, 2), (1, 0)])
 def test_interior_and_border_tiles(stride, padding, triton_backend):
     """Small tiles on a larger image, so one launch has tiles whose windows all lie inside the image
@@ -194,12 +212,15 @@ def test_interior_and_border_tiles(stride, padding, triton_backend):
     from qna_triton.tuning import KernelConfig
 
     torch.manual_seed(0)
-    B, H, W, N, h, d, k = 1, 19, 21, 2, 2, 8, 3
+    B, H, W, N, h, d, k = 1, 9, 11, 2, 2, 8, 3
     logits = torch.randn(B, H, W, h, N, device=DEVICE).transpose(-1, -2) * 2
     values = torch.randn(B, H, W, h, d, device=DEVICE)
     rpb, scale = torch.randn(k * k, N, h, device=DEVICE), torch.randn(k * k, N, h, device=DEVICE)
     geo = ((k, k), (stride, stride), (padding, padding))
     small = KernelConfig(block_p=4, block_h=2)
+    # (no padding: every window lies inside the image, so no tile is a border one)
+    assert _tile_kinds(H, W, k, stride, padding, small.block_p) == (
+        {"interior", "border", "partial"} if padding else {"interior", "partial"})
     out, lse = qna_forward(logits, values, rpb, scale, *geo, config=small)
     g = torch.randn_like(out)
     grads = qna_backward(g, logits, values, rpb, scale, lse, *geo, config=small, delta_config=small)
