@@ -8,6 +8,8 @@ tested here.
 
 import json
 import math
+import os
+import random
 
 import pytest
 import torch
@@ -47,6 +49,32 @@ SWEEP = ([pytest.param(c, dt, id=f"{c}-{dt}") for c in SMALL for dt in DTYPES]
             pytest.param(Case(1, 17, 18, 2, 1, 4, 11, 11, 1, 1, 5, 5), torch.float16, id="2x2_tiles_k11-fp16")])
 
 
+def _random_banded_cases(n: int, seed: int) -> list:
+    """``n`` random shapes for the banded kernels: windows up to 19 columns (every third from 17: the
+    main backward kernel's halo, ``16 + k_w - 1`` columns, then takes one or two 32-column chunks), even
+    and non-square,
+    images up to 20 pixels a side (one or two 16-pixel tiles), mostly stride 1 (the only stride of the
+    banded main backward kernel), padding up to the window, 1-3 queries, head dims across value chunks.
+    One image and one or two heads: the interpreter runs a banded program per head."""
+    rng = random.Random(seed)
+    cases = []
+    while len(cases) < n:
+        kh, kw = rng.randint(1, 19), rng.randint(17, 19) if len(cases) % 3 == 0 else rng.randint(1, 19)
+        sh, sw = (1, 1) if rng.random() < 0.7 else (rng.randint(1, 3), rng.randint(1, 3))
+        ph, pw = rng.randint(0, kh // 2 + 1), rng.randint(0, kw // 2 + 1)
+        H, W = rng.randint(1, 20), rng.randint(1, 20)
+        if kh > H + 2 * ph or kw > W + 2 * pw:
+            continue
+        cases.append(Case(1, H, W, rng.randint(1, 3), rng.randint(1, 2), rng.choice((1, 5, 8, 16, 24)),
+                          kh, kw, sh, sw, ph, pw, with_scale=rng.random() < 0.8))
+    return cases
+
+
+# QNA_TEST_BANDED_SWEEP random shapes (default 4; 200+ on demand); dtype and logits layout take turns
+RANDOM_SWEEP = [pytest.param(c, DTYPES[i % 3], i % 2 == 1, id=f"{c}{'_qm' if i % 2 else ''}-{DTYPES[i % 3]}")
+                for i, c in enumerate(_random_banded_cases(int(os.environ.get("QNA_TEST_BANDED_SWEEP", "4")), 2026))]
+
+
 @pytest.fixture
 def banded(monkeypatch):
     monkeypatch.setenv(tuning.ALGO_ENV, "banded")
@@ -56,6 +84,11 @@ def banded(monkeypatch):
 def test_banded_forward_and_gradients_match_oracle(case, dtype, monkeypatch, banded, nan_poison):
     # the layer's query-minor layout where it differs from [N, h]
     assert_op_matches_oracle(case, dtype, monkeypatch, query_minor=case.N > 1 and case.h > 1)
+
+
+@pytest.mark.parametrize("case, dtype, query_minor", RANDOM_SWEEP)
+def test_banded_random_shapes_match_oracle(case, dtype, query_minor, monkeypatch, banded, nan_poison):
+    assert_op_matches_oracle(case, dtype, monkeypatch, query_minor)
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
