@@ -2,7 +2,7 @@
 # Everything a session with a lent GPU (H100/H200, 30 minutes of device time, 10 minutes per command)
 # should run, as parts in order of priority; each part is one device command and writes under $OUT.
 #
-#   bash scripts/gpu_session.sh tests      # the whole test suite on the GPU (compiled kernels), ~5 min
+#   bash scripts/gpu_session.sh tests      # the whole test suite on the GPU (compiled kernels), a process per file
 #   bash scripts/gpu_session.sh autotune   # python -m autotune --quick + its report, ~2 min
 #   bash scripts/gpu_session.sh core1      # benchmarks: ceilings + core op, windows 3..11  (benchmarks/gpu_session.sh)
 #   bash scripts/gpu_session.sh core2      # benchmarks: core op, windows 13..31
@@ -26,7 +26,16 @@ $PY -c "import torch, triton; print(torch.cuda.get_device_name(), 'torch', torch
 
 case "$part" in
   tests)
-    timeout 560 $PY -m pytest -q -ra -p no:cacheprovider tests 2>&1 | tee "$OUT/tests.log" ;;
+    # one pytest process per test file, all at once: the compiles of the kernels' many specialisations
+    # then use the machine's cores (one process would spend most of the 10-minute limit compiling); the
+    # logs are joined into one file (the device returns 8 files at most). TEST_FILES picks a subset.
+    logs=$(mktemp -d)
+    for f in ${TEST_FILES:-tests/test_*.py}; do
+      timeout 560 $PY -m pytest -q -ra -p no:cacheprovider "$f" > "$logs/$(basename "$f" .py).log" 2>&1 &
+    done
+    wait
+    for l in "$logs"/*.log; do echo "=== $(basename "$l" .log)"; cat "$l"; done > "$OUT/tests.log"
+    grep -h -E "^(FAILED|ERROR)|[0-9]+ (passed|failed)" "$logs"/*.log | tee "$OUT/tests_summary.txt" ;;
   autotune)
     timeout 560 $PY -m autotune --quick --no-tqdm --bench-report 2>&1 | tee "$OUT/autotune.log"
     cp qna_triton/configs/*.json qna_triton/configs/*.md "$OUT/" 2>/dev/null
