@@ -135,6 +135,28 @@ def test_banded_non_contiguous_inputs():
     torch.testing.assert_close(out.double(), out_ref, rtol=1e-5, atol=1e-5)
 
 
+@pytest.mark.parametrize("algo", ["direct", "banded"])
+@pytest.mark.parametrize("query_minor", [False, True])
+def test_64bit_offsets_give_the_same_results(query_minor, algo, monkeypatch):
+    """The 64-bit offsets (``WIDE``, taken for tensors beyond 2^31 elements) forced on small tensors, in
+    the generic and the layer's layout, through every kernel: bitwise the 32-bit results."""
+    monkeypatch.setenv(tuning.ALGO_ENV, algo)
+    case = Case(1, 9, 10, 2, 2, 8, 5, 5, 1, 1, 2, 2)
+    logits, values, rpb, scale = make_inputs(case, dtype=torch.bfloat16, device=DEVICE,
+                                             query_minor_logits=query_minor)
+    values = values.transpose(-1, -2).contiguous().transpose(-1, -2)  # not [h, d] per pixel
+
+    def run():
+        out, lse = qna_forward(logits, values, rpb, scale, *case.geometry)
+        g = torch.randn(out.shape, generator=torch.Generator().manual_seed(3)).to(out)
+        return (out, lse, *qna_backward(g, logits, values, rpb, scale, lse, *case.geometry))
+
+    narrow = run()
+    monkeypatch.setattr(kernels, "_wide_offsets", lambda *tensors: True)
+    for a, b in zip(run(), narrow):
+        assert torch.equal(a, b)
+
+
 def test_tiles_too_wide_for_one_shift_take_the_exact_fallback():
     """One launch where some tiles' logits span more than RANGE_LIMIT (those run the direct algorithm)
     and others do not (the banded products): every pixel equals the float64 direct form. With a single

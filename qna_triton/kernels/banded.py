@@ -162,8 +162,8 @@ def _query_offsets(n, j, NQ, sl_n, jl, L_HN: tl.constexpr, WIDE: tl.constexpr):
     if L_HN:
         return j * NQ + n
     else:
-        if WIDE:
-            return n.to(tl.int64) * sl_n + jl
+        if WIDE:  # (tl.cast: a query loop's n is a Python int in the interpreter)
+            return tl.cast(n, tl.int64) * sl_n + jl
         else:
             return n * sl_n + jl
 
