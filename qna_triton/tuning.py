@@ -60,7 +60,7 @@ __all__ = [
     "SCHEMA_VERSION", "DTYPES", "CONFIG_DIR_ENV", "DISABLE_ENV", "SHIPPED_CONFIG_DIR", "sanitize_gpu_name",
     "size_bucket", "config_dirs", "config_file_name", "read_config_file", "write_config_file",
     "validate_config", "lookup_config", "tile_footprint", "clear_cache", "ALGOS", "ALGO_ENV", "banded_config",
-    "kernel_algorithm", "default_config", "check_banded_tiles", "BANDED_KERNELS", "has_banded_form",
+    "kernel_algorithm", "default_config", "check_banded_tiles", "BANDED_KERNELS", "has_banded_form", "halo_chunk",
 ]
 
 KERNELS = ("fwd", "bwd_delta", "bwd")
