@@ -388,8 +388,9 @@ def test_banded_backward_equals_the_direct_backward(dtype, chunk, monkeypatch):
     """The banded main backward kernel gives the direct kernel's gradients to float32 accuracy in every
     dtype (its products are float32-accurate: ``v . Z - U`` and ``a da - sum P D`` cancel as ``a t - D``
     does), with its halo in one chunk or (16-column chunks) two. Head dim 20 spans three 8-wide chunks
-    (one partial); a non-square window with asymmetric padding; three queries; two tiles across, the second partial and in the fallback (logits too wide
-    for one shift), so the scratch rows of drpb / dscale are written by both paths in one launch."""
+    (one partial); a non-square window with asymmetric padding; three queries; two tiles across, the
+    second partial and in the fallback (logits too wide for one shift), so the scratch rows of drpb /
+    dscale are written by both paths in one launch."""
     torch.manual_seed(0)
     B, H, W, N, h, d, kh, kw = 1, 7, 21, 3, 2, 20, 3, 4
     logits = torch.randn(B, H, W, N, h)
