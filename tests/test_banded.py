@@ -52,10 +52,10 @@ SWEEP = ([pytest.param(c, dt, id=f"{c}-{dt}") for c in SMALL for dt in DTYPES]
 def _random_banded_cases(n: int, seed: int) -> list:
     """``n`` random shapes for the banded kernels: windows up to 19 columns (every third from 17: the
     main backward kernel's halo, ``16 + k_w - 1`` columns, then takes one or two 32-column chunks), even
-    and non-square,
-    images up to 20 pixels a side (one or two 16-pixel tiles), mostly stride 1 (the only stride of the
-    banded main backward kernel), padding up to the window, 1-3 queries, head dims across value chunks.
-    One image and one or two heads: the interpreter runs a banded program per head."""
+    and non-square, images up to 20 pixels a side (one or two 16-pixel tiles), mostly stride 1 (the only
+    stride of the banded main backward kernel), padding up to about half the window, 1-3 queries, head
+    dims across value chunks. One image and one or two heads: the interpreter runs a banded program per
+    head."""
     rng = random.Random(seed)
     cases = []
     while len(cases) < n:
