@@ -1,5 +1,6 @@
+"""``python -m autotune`` in a checkout: the autotuner is :mod:`qna_triton.autotune` (installed with the package)."""
 import sys
 
-from .cli import main
+from qna_triton.autotune.cli import main
 
 sys.exit(main())

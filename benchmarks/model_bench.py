@@ -92,7 +92,7 @@ def _build(name: str, smoke: bool) -> Tuple[nn.Module, Optional[str], str]:
     try:
         mod = _import_qna_vit()
     except Exception as e:
-        raise Unsupported(f"examples/qna_vit.py unavailable ({type(e).__name__}: {e})")
+        raise Unsupported(f"qna_vit unavailable ({type(e).__name__}: {e})")
     model = mod.create_model("qna_vit_tiny", num_classes=NUM_CLASSES, **(SMOKE_VIT_OVERRIDES if smoke else {}))
     desc = "qna_vit_tiny" + (" (narrow smoke variant)" if smoke else "")
     if name == "qna_triton":

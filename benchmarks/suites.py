@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import os
-import sys
 from dataclasses import dataclass
 from typing import Dict, List, Sequence, Tuple
 
@@ -15,10 +13,9 @@ __all__ = ["SUITES", "Suite", "WINDOWS", "resolve_suites", "vit_tiny_layers", "S
 
 WINDOWS = (3, 5, 7, 9, 11, 13, 15, 21, 31)
 SMOKE_WINDOWS = (3, 5)
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 # qna_vit_tiny's QnA layers at 224x224 per QNA_SPEC.md section 2: (H, W, features, heads, k, stride) with
-# H, W the layer's input size. Used only when examples/qna_vit.py cannot be imported.
+# H, W the layer's input size. Used only when qna_vit cannot be imported.
 SPEC_VIT_TINY_LAYERS: Tuple[Tuple[int, int, int, int, int, int], ...] = (
     (56, 56, 64, 8, 3, 1),
     (56, 56, 128, 16, 3, 2),
@@ -97,10 +94,7 @@ def layer_shapes(name: str, smoke: bool, windows: Sequence[int] = ()) -> List[Co
 
 
 def _import_qna_vit():
-    path = os.path.join(REPO, "examples")
-    if path not in sys.path:
-        sys.path.insert(0, path)
-    import qna_vit  # noqa: F401  (examples/qna_vit.py, optional)
+    import qna_vit  # noqa: F401  (installed with qna-triton)
 
     return qna_vit
 
@@ -112,7 +106,7 @@ SMOKE_VIT_IMAGE = 32
 def vit_tiny_layers(smoke: bool) -> Tuple[List[Tuple[int, int, int, int, int, int]], str]:
     """qna_vit_tiny's distinct QnA layer shapes ``(H, W, features, heads, k, stride)`` and their source.
 
-    Read off the model in ``examples/qna_vit.py`` (each stage's QnA layers see that stage's input
+    Read off the model in ``qna_vit`` (each stage's QnA layers see that stage's input
     size); the spec's table when the model is not there. Smoke runs take a narrow model at 32x32.
     """
     try:
@@ -131,12 +125,12 @@ def vit_tiny_layers(smoke: bool) -> Tuple[List[Tuple[int, int, int, int, int, in
                         found.append(shape)
         if not found:
             raise RuntimeError("no QnA layer found in the model's stages")
-        return found, f"examples/qna_vit.py create_model('qna_vit_tiny'), input {img}x{img}"
+        return found, f"qna_vit create_model('qna_vit_tiny'), input {img}x{img}"
     except Exception as e:
         if smoke:
             rows = [(8, 8, 16, 8, 3, 1), (8, 8, 32, 16, 3, 2)]
-            return rows, f"smoke fallback shapes (examples/qna_vit.py unavailable: {type(e).__name__})"
-        return list(SPEC_VIT_TINY_LAYERS), f"QNA_SPEC.md section 2 (examples/qna_vit.py unavailable: {e})"
+            return rows, f"smoke fallback shapes (qna_vit unavailable: {type(e).__name__})"
+        return list(SPEC_VIT_TINY_LAYERS), f"QNA_SPEC.md section 2 (qna_vit unavailable: {e})"
 
 
 def vit_tiny_shapes(smoke: bool) -> Tuple[List[CoreShape], str]:

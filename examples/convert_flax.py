@@ -23,10 +23,9 @@ from typing import Any, Dict, Mapping, Optional, Sequence, Tuple
 import numpy as np
 import torch
 
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
-from qna_vit import MODEL_CONFIGS, QnAViT, create_model, load_flax_params  # noqa: E402
-from qna_triton import CheckpointError  # noqa: E402
+from qna_vit import MODEL_CONFIGS, QnAViT, create_model, load_flax_params
+from qna_triton import CheckpointError
 
 __all__ = ["read_flax_checkpoint", "split_train_state", "infer_model_args", "convert", "load_converted", "main"]
 

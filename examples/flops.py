@@ -11,17 +11,15 @@ forward hook, whatever op the library runs inside.
 from __future__ import annotations
 
 import argparse
-import os
 import sys
 from typing import Dict, Optional, Sequence, Tuple
 
 import torch
 from torch.utils.flop_counter import FlopCounterMode
 
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
-from qna_triton import QnA  # noqa: E402
-from qna_vit import MODEL_CONFIGS, create_model  # noqa: E402
+from qna_triton import QnA
+from qna_vit import MODEL_CONFIGS, create_model
 
 __all__ = ["PAPER", "count_flops", "qna_core_macs", "main"]
 

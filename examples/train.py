@@ -49,14 +49,14 @@ from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import DataLoader
 
 from qna_vit import MODEL_CONFIGS, create_model
-from training.checkpoint import (BEST, CHECKPOINT_VERSION, LAST, all_finite, atomic_save, load_checkpoint, plain,
+from qna_vit.training.checkpoint import (BEST, CHECKPOINT_VERSION, LAST, all_finite, atomic_save, load_checkpoint, plain,
                                  resolve_checkpoint_path, rng_state, set_rng_state, truncate_csv)
-from training.data import (DATA_BACKENDS, AugConfig, DataSpec, ResumableSampler, SeededDataset, ShardSampler,
+from qna_vit.training.data import (DATA_BACKENDS, AugConfig, DataSpec, ResumableSampler, SeededDataset, ShardSampler,
                            build_dataset, build_transform, resolve_data_backend)
-from training.distributed import DistInfo, all_reduce_mean, cleanup, init_distributed
-from training.engine import (CosineSchedule, CsvLog, ModelEma, NonFiniteLossError, Progress, TensorBoard,
+from qna_vit.training.distributed import DistInfo, all_reduce_mean, cleanup, init_distributed
+from qna_vit.training.engine import (CosineSchedule, CsvLog, ModelEma, NonFiniteLossError, Progress, TensorBoard,
                              derive_seed, evaluate, param_groups, parse_model_kwargs)
-from training.mixup import Mixup, TimmMixup, cross_entropy
+from qna_vit.training.mixup import Mixup, TimmMixup, cross_entropy
 
 STEP_FIELDS = ("step", "epoch", "loss", "lr", "grad_norm", "images_per_s", "data_wait_s", "elapsed_s")
 SUMMARY_FIELDS = ("epoch", "step", "lr", "train_loss", "val_loss", "top1", "top5", "ema_val_loss", "ema_top1",

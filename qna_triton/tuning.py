@@ -6,9 +6,10 @@ inside a traced graph):
 * CPU tensors (the Triton interpreter) always get :func:`heuristic_config`, silently.
 * ``QNA_TRITON_DISABLE_TUNED=1`` gives the heuristic for every tensor.
 * Otherwise the file ``<sanitised GPU name>.json`` (``torch.cuda.get_device_name``, lower-cased,
-  every run of other characters than letters and digits turned into ``_``) is read from the folder
-  in ``QNA_TRITON_CONFIG_DIR`` (a user folder, searched first) and then from the shipped folder
-  ``qna_triton/configs/``; the first valid file wins. No file: the heuristic, with one warning per
+  every run of other characters than letters and digits turned into ``_``) is read from the user
+  folder (:func:`user_config_dir`: ``QNA_TRITON_CONFIG_DIR``, else ``$XDG_CACHE_HOME/qna_triton/configs``,
+  where the autotuner writes; searched first) and then from the shipped folder ``qna_triton/configs/``
+  inside the package; the first valid file wins. No file: the heuristic, with one warning per
   process and GPU. A corrupted, truncated or wrong-schema file: a warning naming the file and the
   reason, and the next folder (then the heuristic). Invalid entries are dropped with a warning naming
   the file; the valid ones are kept.
@@ -57,7 +58,7 @@ from .reference import output_size
 
 __all__ = [
     "KernelConfig", "heuristic_config", "get_config", "KERNELS", "EntryKey", "ConfigTable", "ConfigFileError",
-    "SCHEMA_VERSION", "DTYPES", "CONFIG_DIR_ENV", "DISABLE_ENV", "SHIPPED_CONFIG_DIR", "sanitize_gpu_name",
+    "SCHEMA_VERSION", "DTYPES", "CONFIG_DIR_ENV", "DISABLE_ENV", "SHIPPED_CONFIG_DIR", "user_config_dir", "sanitize_gpu_name",
     "size_bucket", "config_dirs", "config_file_name", "read_config_file", "write_config_file",
     "validate_config", "lookup_config", "tile_footprint", "clear_cache", "ALGOS", "ALGO_ENV", "banded_config",
     "kernel_algorithm", "default_config", "check_banded_tiles", "BANDED_KERNELS", "has_banded_form", "halo_chunk",
@@ -508,10 +509,21 @@ def _warn_once(tag: str, message: str) -> None:
     warnings.warn(message, RuntimeWarning, stacklevel=2)
 
 
+def user_config_dir() -> Path:
+    """The user's folder of tuned configs, where the autotuner writes and the look-up searches first:
+    ``$QNA_TRITON_CONFIG_DIR`` if set, else ``$XDG_CACHE_HOME/qna_triton/configs`` (``~/.cache/...``
+    when unset). Never inside the installed package, which may be read-only and is replaced on upgrade."""
+    env = os.environ.get(CONFIG_DIR_ENV, "").strip()
+    if env:
+        return Path(os.path.abspath(os.path.expanduser(env)))
+    cache = os.environ.get("XDG_CACHE_HOME", "").strip() or os.path.join(os.path.expanduser("~"), ".cache")
+    return Path(os.path.abspath(cache)) / "qna_triton" / "configs"
+
+
 def config_dirs() -> Tuple[str, ...]:
-    """Folders searched for config files, in order: ``$QNA_TRITON_CONFIG_DIR`` (if set), then the
-    shipped ``qna_triton/configs``."""
-    return _dirs_for(os.environ.get(CONFIG_DIR_ENV, ""))
+    """Folders searched for config files, in order: :func:`user_config_dir`, then the shipped
+    ``qna_triton/configs``."""
+    return _dirs_for(str(user_config_dir()))
 
 
 @functools.lru_cache(maxsize=16)
@@ -542,7 +554,7 @@ def _load_table(gpu_name: str, dirs: Tuple[str, ...]) -> Optional[ConfigTable]:
         except ConfigFileError as e:
             _warn_once(f"bad:{path}", f"qna_triton: ignoring kernel config file {path}: it {e}. "
                                       "Falling back to the next config folder or the heuristic configs; "
-                                      "re-run `python -m autotune` to regenerate it.")
+                                      "re-run `python -m qna_triton.autotune` to regenerate it.")
             continue
         if table.invalid:
             shown = "; ".join(f"{k!r}: {v}" for k, v in list(table.invalid.items())[:3])
@@ -553,7 +565,7 @@ def _load_table(gpu_name: str, dirs: Tuple[str, ...]) -> Optional[ConfigTable]:
     if not found_any:
         _warn_once(f"missing:{gpu_name}", f"qna_triton: no tuned kernel configs for GPU {gpu_name!r} (looked "
                                           f"for {name} in {list(dirs)}); using heuristic configs. Run "
-                                          "`python -m autotune` to tune this GPU (or set "
+                                          "`python -m qna_triton.autotune` to tune this GPU (or set "
                                           f"{DISABLE_ENV}=1 to silence this).")
     return None
 

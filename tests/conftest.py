@@ -6,7 +6,6 @@
 import math
 import os
 import sys
-from pathlib import Path
 
 # Compiled graphs are cached on disk across runs, keyed without the custom ops' fake kernels: a stale
 # entry from an older version of the library could pass or fail a test on its own. Tests compile afresh.
@@ -16,8 +15,6 @@ import torch  # noqa: E402
 
 if not torch.cuda.is_available() and "triton" not in sys.modules:
     os.environ.setdefault("TRITON_INTERPRET", "1")
-
-sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import pytest  # noqa: E402
 

@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+import importlib.util
 import os
 import random
+import sys
+from types import ModuleType
 from dataclasses import dataclass
 from typing import Optional, Tuple
 
@@ -12,6 +15,19 @@ import torch
 from qna_triton.reference import naive_qna_attention, output_size
 
 FIXTURES = os.path.join(os.path.dirname(__file__), "fixtures")
+EXAMPLES = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "examples")
+
+
+def load_example(name: str) -> ModuleType:
+    """The script ``examples/<name>.py`` as a module (registered under ``name``, so a script that imports
+    another, as demo.py imports train, finds it): the scripts are the checkout's tools, not installed."""
+    if name in sys.modules and getattr(sys.modules[name], "__file__", "") == os.path.join(EXAMPLES, name + ".py"):
+        return sys.modules[name]
+    spec = importlib.util.spec_from_file_location(name, os.path.join(EXAMPLES, name + ".py"))
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[name] = module
+    spec.loader.exec_module(module)
+    return module
 
 
 @dataclass(frozen=True)

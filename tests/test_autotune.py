@@ -15,10 +15,10 @@ import torch
 import torch.nn as nn
 import triton
 
-from autotune import cli, plan as plan_mod, report, tuner
-from autotune.bench import Session, _compare
-from autotune.model_shapes import collect_qna_shapes, shapes_of_model
-from autotune.plan import Shape
+from qna_triton.autotune import cli, plan as plan_mod, report, tuner
+from qna_triton.autotune.bench import Session, _compare
+from qna_triton.autotune.model_shapes import collect_qna_shapes, shapes_of_model
+from qna_triton.autotune.plan import Shape
 from qna_triton import QnA, tuning
 from qna_triton.tuning import EntryKey, KernelConfig, heuristic_config
 
@@ -409,7 +409,7 @@ def test_session_checks_and_replays_the_launchers_kernels():
 
 @pytest.mark.gpu
 def test_bench_checks_and_times_on_the_gpu():
-    from autotune.bench import Bench
+    from qna_triton.autotune.bench import Bench
 
     shape = plan_mod.representative_shape(4 ** 6, "bfloat16", 16, 8, 2, 3, 2)
     bench = Bench()

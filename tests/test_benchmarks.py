@@ -6,21 +6,17 @@ import csv
 import importlib.util
 import json
 import os
-import sys
 
 import pytest
 import torch
 
+from benchmarks import SMOKE_LABEL, floors
+from benchmarks.cli import main
+from benchmarks.peers import dense_neighbourhood_attention
+from benchmarks.providers import CORE_PROVIDERS, CoreShape, Options
+from benchmarks.report import COLUMNS, derive, read_rows, summary_markdown
+
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-if REPO not in sys.path:
-    sys.path.insert(0, REPO)
-
-from benchmarks import SMOKE_LABEL, floors  # noqa: E402
-from benchmarks.cli import main  # noqa: E402
-from benchmarks.peers import dense_neighbourhood_attention  # noqa: E402
-from benchmarks.providers import CORE_PROVIDERS, CoreShape, Options  # noqa: E402
-from benchmarks.report import COLUMNS, derive, read_rows, summary_markdown  # noqa: E402
-
 CPU = Options(torch.device("cpu"), compile=False)
 # plots need matplotlib (the `benchmarks` extra); tables fall back to a plain writer without tabulate
 HAVE_MATPLOTLIB = importlib.util.find_spec("matplotlib") is not None

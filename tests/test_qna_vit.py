@@ -13,17 +13,14 @@ import numpy as np
 import pytest
 import torch
 
-from helpers import FIXTURES
+import qna_vit
+from helpers import EXAMPLES, FIXTURES, load_example
+from qna_triton import CheckpointError
+from qna_triton.flax_params import flatten_tree
+from qna_vit import create_model, export_flax_params, load_flax_params
 
-EXAMPLES = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "examples")
-sys.path.insert(0, EXAMPLES)
-
-import convert_flax  # noqa: E402
-import flops  # noqa: E402
-import qna_vit  # noqa: E402
-from qna_triton import CheckpointError  # noqa: E402
-from qna_triton.flax_params import flatten_tree  # noqa: E402
-from qna_vit import create_model, export_flax_params, load_flax_params  # noqa: E402
+convert_flax = load_example("convert_flax")
+flops = load_example("flops")
 
 msgpack = pytest.importorskip("msgpack")
 
@@ -152,7 +149,7 @@ def naive_window_attention(attn, x):
 
 def test_lsa_matches_its_definition():
     torch.manual_seed(0)
-    attn = qna_vit.WindowAttention(24, 3, 4).double()
+    attn = qna_vit.model.WindowAttention(24, 3, 4).double()
     with torch.no_grad():
         attn.relative_position_bias_table.normal_()
     x = torch.randn(5, 16, 24, dtype=torch.float64)
@@ -378,7 +375,7 @@ def test_flops_within_ten_percent_of_the_paper(name):
 
 
 def test_flops_count_the_qna_layer():
-    layer = qna_vit._qna_layer(16, 16, 2, 3, stride=2)
+    layer = qna_vit.model._qna_layer(16, 16, 2, 3, stride=2)
     assert flops.qna_core_macs(layer, (1, 6, 7, 16)) == 3 * 4 * 2 * 2 * 9 * (8 + 1)
     projections = 42 * 16 * (2 * 2 + 16) + 12 * 16 * 16  # logits and values per input pixel, to_out per output
     folding = 2 * 2 * 8 * 16  # the queries folded into W_k

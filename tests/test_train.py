@@ -16,18 +16,18 @@ import numpy as np
 import pytest
 import torch
 
+from helpers import load_example
+from qna_vit.training.checkpoint import atomic_save, load_checkpoint, truncate_csv
+from qna_vit.training.data import (AugConfig, BuiltinEvalTransform, BuiltinTrainTransform, ImageFolderDataset,
+                                   ResumableSampler, SeededDataset, SyntheticShapes, build_dataset, DataSpec)
+from qna_vit.training.engine import CosineSchedule, derive_seed, param_groups
+from qna_vit.training.mixup import Mixup, cross_entropy
+
 ROOT = Path(__file__).resolve().parents[1]
 EXAMPLES = ROOT / "examples"
-sys.path.insert(0, str(EXAMPLES))
-
-import demo  # noqa: E402
-import eval as eval_script  # noqa: E402
-import train as train_script  # noqa: E402
-from training.checkpoint import atomic_save, load_checkpoint, truncate_csv  # noqa: E402
-from training.data import (AugConfig, BuiltinEvalTransform, BuiltinTrainTransform, ImageFolderDataset,  # noqa: E402
-                           ResumableSampler, SeededDataset, SyntheticShapes, build_dataset, DataSpec)
-from training.engine import CosineSchedule, derive_seed, param_groups  # noqa: E402
-from training.mixup import Mixup, cross_entropy  # noqa: E402
+train_script = load_example("train")
+eval_script = load_example("eval")
+demo = load_example("demo")
 
 # 16x16 input: feature maps 4, 2, 1, 1, so the LSA windows are 1 and 1 in stages 2 and 3.
 TINY = ["base_dim=16", "qna_layers=1,1,1,0", "qna_heads=2,4,8,16", "lsa_layers=0,0,1,1", "lsa_heads=1,2,4,8",

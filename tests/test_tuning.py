@@ -26,6 +26,7 @@ def clean(monkeypatch, tmp_path):
     """Each test starts with no caches, no warnings issued, and an empty shipped folder."""
     monkeypatch.delenv(tuning.CONFIG_DIR_ENV, raising=False)
     monkeypatch.delenv(tuning.DISABLE_ENV, raising=False)
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))  # not the real user's tuned configs
     shipped = tmp_path / "shipped"
     shipped.mkdir()
     monkeypatch.setattr(tuning, "SHIPPED_CONFIG_DIR", shipped)
@@ -180,7 +181,7 @@ def test_no_file_falls_back_and_warns_once(tmp_path):
         assert lookup("bwd", heads=4, dirs=d)[1] is None
         assert lookup("bwd_delta", pixels=17, dirs=[str(tmp_path / "other")])[1] is None
     assert len([w for w in rec if "no tuned" in str(w.message)]) == 1
-    assert "python -m autotune" in str(rec[0].message)
+    assert "python -m qna_triton.autotune" in str(rec[0].message)
 
 
 def test_env_config_dir_is_searched_before_the_shipped_folder(tmp_path, monkeypatch):

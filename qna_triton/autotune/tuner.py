@@ -175,7 +175,7 @@ def make_progress(total: int, initial: int = 0, use_tqdm: bool = True):
 def tune_entry(session: SessionLike, shape: Shape, kernel: str, candidates: List[KernelConfig],
                min_gain: float = MIN_GAIN) -> Tuple[Optional[Dict[str, Any]], str]:
     """Checks and times ``candidates`` (the library's default config for the problem,
-    :func:`~autotune.plan.default_config`, is the reference and is always timed).
+    :func:`~qna_triton.autotune.plan.default_config`, is the reference and is always timed).
 
     Returns ``(entry, "")`` or ``(None, reason)`` when not even the heuristic config could be timed.
     """

@@ -9,7 +9,7 @@ checkpoint into a PyTorch one.
 Inputs are ``[B, 3, H, W]`` images (NCHW, like every torchvision/timm model); everything after the
 stem runs channels-last (``[B, H, W, C]``), the layout of the QnA layer.
 
-Usage (``examples/`` on ``sys.path``)::
+Usage (installed with qna-triton, the source in ``examples/qna_vit/``)::
 
     from qna_vit import create_model, load_flax_params
     model = create_model("qna_vit_tiny")                  # 15,715,560 parameters

@@ -5,8 +5,6 @@ on the ``meta`` device, so no memory or compute is spent)."""
 from __future__ import annotations
 
 import importlib
-import os
-import sys
 import types
 from dataclasses import dataclass
 from typing import Callable, List, Optional, Sequence, Tuple
@@ -18,7 +16,6 @@ from qna_triton import QnA
 
 from .plan import Shape
 
-EXAMPLES_DIR = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "examples")
 
 
 @dataclass(frozen=True)
@@ -90,18 +87,16 @@ def shapes_of_model(make_model: Callable[[], nn.Module], batch: int,
 
 
 def model_factory(spec: str) -> Callable[[], nn.Module]:
-    """``spec`` is a model name of ``examples/qna_vit.py`` (``qna_vit_tiny``...) or ``module:function``
+    """``spec`` is a model name of :mod:`qna_vit` (``qna_vit_tiny``...) or ``module:function``
     (importable, returns a model)."""
     if ":" in spec:
         module_name, fn_name = spec.split(":", 1)
         return getattr(importlib.import_module(module_name), fn_name)
-    if EXAMPLES_DIR not in sys.path:
-        sys.path.insert(0, EXAMPLES_DIR)
     try:
         from qna_vit import create_model
     except ImportError as e:
-        raise SystemExit(f"--model {spec}: cannot import examples/qna_vit.py ({e}); "
-                         "pass module:function instead") from e
+        raise SystemExit(f"--model {spec}: cannot import the QnA-ViT models (qna_vit, installed with "
+                         f"qna-triton; {e}); pass module:function instead") from e
     return lambda: create_model(spec)
 
 

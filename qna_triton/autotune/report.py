@@ -106,7 +106,7 @@ def markdown_report(metadata: Mapping[str, Any], entries: Mapping[str, Mapping[s
         "",
         meta + ".",
         "",
-        f"Command: `{metadata.get('command', 'python -m autotune')}`. Times are medians of "
+        f"Command: `{metadata.get('command', 'python -m qna_triton.autotune')}`. Times are medians of "
         f"`triton.testing.do_bench` (warm-up {metadata.get('timing', {}).get('warmup_ms', '?')} ms, "
         f"repetitions {metadata.get('timing', {}).get('rep_ms', '?')} ms, L2 flushed before every call) "
         "on random data, one kernel per timing; config = block_p x block_h (or banded block_r x block_w) / warps / stages; "

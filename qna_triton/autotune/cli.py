@@ -1,15 +1,16 @@
-"""``python -m autotune``: tune the QnA kernels on this GPU and write ``<gpu>.json`` for run-time look-up.
+"""``python -m qna_triton.autotune``: tune the QnA kernels on this GPU and write ``<gpu>.json`` for run-time look-up.
 
 Examples::
 
-    python -m autotune --dry-run                 # the plan and its time estimate (no GPU needed)
-    python -m autotune --quick                   # a small plan, about a minute on an H100
-    python -m autotune                           # the default plan (designed for < 15 min on an H100)
-    python -m autotune --model qna_vit_tiny --batch 128   # exactly the QnA layers of a model
-    python -m autotune --bench-report            # also write benchmarks/results/<gpu>/autotune.md
+    python -m qna_triton.autotune --dry-run                 # the plan and its time estimate (no GPU needed)
+    python -m qna_triton.autotune --quick                   # a small plan, about a minute on an H100
+    python -m qna_triton.autotune                           # the default plan (designed for < 15 min on an H100)
+    python -m qna_triton.autotune --model qna_vit_tiny --batch 128   # exactly the QnA layers of a model
+    python -m qna_triton.autotune --bench-report            # also write benchmarks/results/<gpu>/autotune.md
 
-Results go to ``qna_triton/configs/<gpu>.json`` (or ``--out-dir`` / ``$QNA_TRITON_CONFIG_DIR``), written
-after every entry; re-running the same command continues where an interrupted run stopped.
+Results go to ``<user folder>/<gpu>.json`` (``--out-dir``, else ``$QNA_TRITON_CONFIG_DIR``, else
+``$XDG_CACHE_HOME/qna_triton/configs``; see :func:`qna_triton.tuning.user_config_dir`), written after every
+entry; re-running the same command continues where an interrupted run stopped.
 """
 
 from __future__ import annotations
@@ -23,8 +24,8 @@ from pathlib import Path
 from typing import Dict, List, Optional, Sequence
 
 from qna_triton.tuning import (
-    CONFIG_DIR_ENV, KERNELS, SCHEMA_VERSION, SHIPPED_CONFIG_DIR, ConfigFileError, clear_cache, config_file_name,
-    read_config_file, sanitize_gpu_name,
+    CONFIG_DIR_ENV, KERNELS, SCHEMA_VERSION, ConfigFileError, clear_cache, config_file_name,
+    read_config_file, sanitize_gpu_name, user_config_dir,
 )
 
 from . import plan as plan_mod
@@ -68,11 +69,11 @@ def _head_config(text: str):
 
 
 def build_parser() -> argparse.ArgumentParser:
-    ap = argparse.ArgumentParser(prog="python -m autotune", description=__doc__,
+    ap = argparse.ArgumentParser(prog="python -m qna_triton.autotune", description=__doc__,
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
     what = ap.add_argument_group("what to tune")
     what.add_argument("--quick", action="store_true", help="small plan: one dtype, windows 3/7, one size bucket")
-    what.add_argument("--model", help="tune the QnA layers of a model: a name of examples/qna_vit.py "
+    what.add_argument("--model", help="tune the QnA layers of a model: a name of qna_vit "
                                       "(qna_vit_tiny, ...) or module:function returning an nn.Module")
     what.add_argument("--batch", type=int, default=128, help="batch size for --model (default 128)")
     what.add_argument("--img-size", type=int, nargs="+", metavar="N",
@@ -91,7 +92,8 @@ def build_parser() -> argparse.ArgumentParser:
                                                      f"{plan_mod.QUICK_CANDIDATES})")
     run = ap.add_argument_group("running")
     run.add_argument("--dry-run", action="store_true", help="print the plan and the time estimate; no GPU needed")
-    run.add_argument("--out-dir", help=f"folder of the results (default ${CONFIG_DIR_ENV}, else {SHIPPED_CONFIG_DIR})")
+    run.add_argument("--out-dir", help=f"folder of the results (default: the user folder, ${CONFIG_DIR_ENV} or "
+                     "$XDG_CACHE_HOME/qna_triton/configs; the run-time look-up searches it first)")
     run.add_argument("--gpu-name", help="with --dry-run: the GPU to name the output file after")
     run.add_argument("--fresh", action="store_true", help="ignore earlier results in the output file")
     run.add_argument("--retry-skipped", action="store_true", help="retry entries an earlier run gave up on")
@@ -134,7 +136,7 @@ def make_plan(args: argparse.Namespace) -> Plan:
 
 
 def out_dir(args: argparse.Namespace) -> Path:
-    return Path(args.out_dir or os.environ.get(CONFIG_DIR_ENV, "").strip() or SHIPPED_CONFIG_DIR)
+    return Path(args.out_dir) if args.out_dir else user_config_dir()
 
 
 def describe_plan(plan: Plan, done: Optional[set] = None) -> str:
@@ -184,7 +186,7 @@ def _metadata(info: Dict[str, object], args: argparse.Namespace, argv: Sequence[
         "triton_version": triton.__version__,
         "qna_triton_version": qna_triton.__version__,
         "date": now,
-        "command": "python -m autotune " + " ".join(shlex.quote(a) for a in argv),
+        "command": "python -m qna_triton.autotune " + " ".join(shlex.quote(a) for a in argv),
         "schema": f"schema_version {SCHEMA_VERSION}: see qna_triton/configs/README.md",
         "bucket": "output pixels B*H_out*W_out rounded down to a power of 4",
         "timing": {"warmup_ms": args.warmup_ms, "rep_ms": args.rep_ms, "statistic": "median",
@@ -204,7 +206,7 @@ def run(args: argparse.Namespace, argv: Sequence[str], bench=None, log=print) ->
         import torch
 
         if not torch.cuda.is_available():
-            log("python -m autotune needs a CUDA GPU (use --dry-run to see the plan without one)")
+            log("python -m qna_triton.autotune needs a CUDA GPU (use --dry-run to see the plan without one)")
             return 2
         if os.environ.get("TRITON_INTERPRET") == "1":
             log("TRITON_INTERPRET=1 is set: unset it, the interpreter's timings mean nothing")
