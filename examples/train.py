@@ -1,6 +1,6 @@
 """Train a QnA-ViT on ImageNet (or any ImageFolder tree, or a generated set) with the paper's recipe.
 
-Defaults are the recipe of Arar et al. (CVPR 2022, QNA_SPEC.md section 3): 300 epochs, global batch
+Defaults are the recipe of Arar et al. (CVPR 2022, docs/spec.md section 3): 300 epochs, global batch
 1024, AdamW with lr 5e-4 per 1024 images (scaled linearly with the global batch), weight decay 0.05
 (none on relative-position biases, attention scales, position tables, norms and biases), cosine
 schedule with 5 warm-up epochs (20 for qna_vit_base), RandAugment rand-m9-mstd0.5, random erasing 0.25,

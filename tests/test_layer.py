@@ -44,7 +44,7 @@ def test_golden_fixture(name):
 
 
 def naive_layer(layer: QnA, x: torch.Tensor) -> torch.Tensor:
-    """The layer computed from its definition (steps 1-5 of the spec) with the naive core op."""
+    """The layer computed from its definition (docs/spec.md section 1.3, steps 1-5) with the naive core op."""
     N, h, d = layer.n_queries, layer.heads, layer.head_dim
     q = layer.query.reshape(N, h, d)
     if layer.normalize_q:

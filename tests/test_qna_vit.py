@@ -132,7 +132,7 @@ def test_input_sizes():
 
 
 def naive_window_attention(attn, x):
-    """The spec's LSA mixer written out in float64: per-head packing, logits + table lookup, softmax."""
+    """The LSA mixer (docs/spec.md 2.3) written out in float64: per-head packing, logits + table lookup, softmax."""
     w, h, d = attn.window, attn.heads, attn.head_dim
     qkv = (x @ attn.to_qkv.weight.t()).reshape(x.shape[0], w * w, h, 3 * d)
     q, k, v = qkv[..., :d], qkv[..., d:2 * d], qkv[..., 2 * d:]

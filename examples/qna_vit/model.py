@@ -1,5 +1,5 @@
 """QnA-ViT, the hierarchical model of "Learned Queries for Efficient Local Attention" (Arar, Shamir,
-Bermano, CVPR 2022), built on :class:`qna_triton.QnA` (QNA_SPEC.md section 2).
+Bermano, CVPR 2022), built on :class:`qna_triton.QnA` (docs/spec.md section 2).
 
 The models hold exactly the original Flax parameters (same shapes, same count), so the official
 checkpoints load one-to-one: :func:`load_flax_params` maps the original parameter tree onto a model and
