@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 import torch
 
-from helpers import FIXTURES
+from helpers import BAD_CORE, FIXTURES, small_core_inputs
 from qna_triton import ATTN_SCALE_MODES, CheckpointError, QnA, qna_attention
 from qna_triton.reference import naive_qna_attention
 
@@ -179,33 +179,10 @@ def test_bad_module_input():
         layer(np.zeros((1, 6, 6, 4), np.float32))
 
 
-def _core():
-    return (torch.randn(1, 6, 6, 2, 3), torch.randn(1, 6, 6, 3, 4), torch.randn(9, 2, 3), torch.randn(9, 2, 3))
-
-
-BAD_CORE = [
-    (lambda l, v, r, a: qna_attention(l[0], v, r, a), ValueError, "logits must have shape"),
-    (lambda l, v, r, a: qna_attention(l, v[..., 0], r, a), ValueError, "values must have shape"),
-    (lambda l, v, r, a: qna_attention(l, v.double(), r, a), TypeError, "values dtype"),
-    (lambda l, v, r, a: qna_attention(l.int(), v, r, a), TypeError, "logits must be float"),
-    (lambda l, v, r, a: qna_attention(l, v[:, :5], r, a), ValueError, "values shape"),
-    (lambda l, v, r, a: qna_attention(l, v[:, :, :, :2], r, a), ValueError, "values shape"),
-    (lambda l, v, r, a: qna_attention(l, v, r[:4], a), ValueError, "rpb must have shape"),
-    (lambda l, v, r, a: qna_attention(l, v, r, a[..., :2]), ValueError, "scale must have shape"),
-    (lambda l, v, r, a: qna_attention(l, v, r, a.to("meta")), ValueError, "scale is on meta"),
-    (lambda l, v, r, a: qna_attention(l, v.to("meta"), r, a), ValueError, "values is on meta"),
-    (lambda l, v, r, a: qna_attention(l, v, None, None, kernel_size=9, padding=1), ValueError, "kernel_size 9"),
-    (lambda l, v, r, a: qna_attention(l, v, r, a, stride=0), ValueError, "stride"),
-    (lambda l, v, r, a: qna_attention(l, v, r, a, padding=-2), ValueError, "padding"),
-    (lambda l, v, r, a: qna_attention(l, v, r, a, kernel_size="3"), TypeError, "kernel_size"),
-    (lambda l, v, r, a: qna_attention(l, v, r.numpy(), a), TypeError, "rpb must be a torch.Tensor"),
-]
-
-
 @pytest.mark.parametrize("call,exc,pattern", BAD_CORE, ids=[p for _, _, p in BAD_CORE])
 def test_bad_core_input(call, exc, pattern):
     with pytest.raises(exc, match=pattern):
-        call(*_core())
+        call(*small_core_inputs())
 
 
 def test_bad_backend_name(monkeypatch):
