@@ -188,7 +188,7 @@ def test_bad_core_input(call, exc, pattern):
 def test_bad_backend_name(monkeypatch):
     monkeypatch.setenv("QNA_TRITON_BACKEND", "cuda-please")
     with pytest.raises(ValueError, match="QNA_TRITON_BACKEND"):
-        qna_attention(*_core())
+        qna_attention(*small_core_inputs())
 
 
 def test_forward_writes_only_projections_and_attention_output():
