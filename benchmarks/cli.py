@@ -8,7 +8,6 @@ time with ``--report-from``.
 from __future__ import annotations
 
 import argparse
-import datetime as _dt
 import json
 import os
 import sys
@@ -19,6 +18,8 @@ from dataclasses import replace
 from typing import Callable, Dict, List, Optional, Sequence
 
 import torch
+
+from qna_triton.env import utc_now
 
 from . import SMOKE_LABEL
 from .env import Env, detect_env, sanitise
@@ -89,7 +90,7 @@ class Recorder:
         e = self.env
         row: Dict[str, object] = {c: None for c in COLUMNS}
         row.update(mode=SMOKE_LABEL if e.smoke else "measurement", gpu=e.gpu, torch=e.torch, triton=e.triton,
-                   cuda=e.cuda, date=_dt.datetime.now(_dt.timezone.utc).replace(microsecond=0).isoformat(),
+                   cuda=e.cuda, date=utc_now(),
                    suite=suite, shape=shape, dtype=dtype, provider=provider, **{"pass": pas})
         row["device_mem_mb"] = e.total_memory_bytes / 2**20 if e.total_memory_bytes else None
         row.update(fields or {})

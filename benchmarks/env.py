@@ -2,12 +2,12 @@
 
 from __future__ import annotations
 
-import datetime as _dt
-import platform
 from dataclasses import asdict, dataclass
 from typing import Optional
 
 import torch
+
+from qna_triton.env import capture_environment
 
 __all__ = ["Env", "detect_env", "sanitise"]
 
@@ -38,22 +38,9 @@ class Env:
         return asdict(self)
 
 
-def _triton_version() -> str:
-    try:
-        import triton
-
-        return triton.__version__
-    except Exception as e:  # triton is optional on CPU
-        return f"unavailable ({type(e).__name__})"
-
-
 def detect_env(device: torch.device, smoke: bool) -> Env:
     """Reads the device's name and properties (L2 size decides how many input sets to rotate)."""
-    now = _dt.datetime.now(_dt.timezone.utc).replace(microsecond=0).isoformat()
-    if device.type == "cuda":
-        props = torch.cuda.get_device_properties(device)
-        l2 = getattr(props, "L2_cache_size", None)
-        return Env("cuda", torch.cuda.get_device_name(device), torch.__version__, _triton_version(),
-                   str(torch.version.cuda), now, int(l2) if l2 else None, int(props.total_memory), smoke)
-    proc = platform.processor() or platform.machine()
-    return Env("cpu", f"cpu ({proc})", torch.__version__, _triton_version(), "none", now, None, None, smoke)
+    e = capture_environment(device)
+    cuda = str(e.cuda) if e.device_type == "cuda" else "none"
+    return Env(e.device_type, e.device_name, e.torch, e.triton or "unavailable", cuda, e.date, e.l2_bytes,
+               e.memory_bytes, smoke)

@@ -1,4 +1,4 @@
-"""The two floors of the QnA forward (the project's kernel notes; see ``docs/kernels.md``): bytes that must move and
+"""The two floors of the QnA forward (derived in ``docs/backward.md``, "Floors"): bytes that must move and
 arithmetic that must be done, and the rates they are divided by."""
 
 from __future__ import annotations

@@ -14,7 +14,7 @@ __all__ = ["SUITES", "Suite", "WINDOWS", "resolve_suites", "vit_tiny_layers", "S
 WINDOWS = (3, 5, 7, 9, 11, 13, 15, 21, 31)
 SMOKE_WINDOWS = (3, 5)
 
-# qna_vit_tiny's QnA layers at 224x224 per QNA_SPEC.md section 2: (H, W, features, heads, k, stride) with
+# qna_vit_tiny's QnA layers at 224x224 per docs/spec.md section 2: (H, W, features, heads, k, stride) with
 # H, W the layer's input size. Used only when qna_vit cannot be imported.
 SPEC_VIT_TINY_LAYERS: Tuple[Tuple[int, int, int, int, int, int], ...] = (
     (56, 56, 64, 8, 3, 1),
@@ -107,7 +107,7 @@ def vit_tiny_layers(smoke: bool) -> Tuple[List[Tuple[int, int, int, int, int, in
     """qna_vit_tiny's distinct QnA layer shapes ``(H, W, features, heads, k, stride)`` and their source.
 
     Read off the model in ``qna_vit`` (each stage's QnA layers see that stage's input
-    size); the spec's table when the model is not there. Smoke runs take a narrow model at 32x32.
+    size); docs/spec.md's table when the model is not there. Smoke runs take a narrow model at 32x32.
     """
     try:
         from qna_triton import QnA
@@ -130,7 +130,7 @@ def vit_tiny_layers(smoke: bool) -> Tuple[List[Tuple[int, int, int, int, int, in
         if smoke:
             rows = [(8, 8, 16, 8, 3, 1), (8, 8, 32, 16, 3, 2)]
             return rows, f"smoke fallback shapes (qna_vit unavailable: {type(e).__name__})"
-        return list(SPEC_VIT_TINY_LAYERS), f"QNA_SPEC.md section 2 (qna_vit unavailable: {e})"
+        return list(SPEC_VIT_TINY_LAYERS), f"docs/spec.md section 2 (qna_vit unavailable: {e})"
 
 
 def vit_tiny_shapes(smoke: bool) -> Tuple[List[CoreShape], str]:

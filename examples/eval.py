@@ -172,10 +172,12 @@ def run(argv: Optional[Sequence[str]] = None) -> Dict[str, Any]:
     loader = DataLoader(SeededDataset(dataset, build_transform(aug, False, backend)), batch_size=args.batch_size,
                         shuffle=False, num_workers=args.workers, pin_memory=use_cuda)
 
+    from qna_triton.env import capture_environment
     from qna_triton.ops import resolve_backend
 
+    env = capture_environment(device)
     n_params = sum(p.numel() for p in model.parameters())
-    gpu = f" ({torch.cuda.get_device_name()})" if use_cuda else ""
+    gpu = f" ({env.device_name})" if use_cuda else ""
     step = f", step {ckpt['step']}" if "step" in ckpt else ""
     print(f"checkpoint: {path} ({name}, {n_params / 1e6:.2f}M parameters, {model.num_classes} classes{step}"
           f"{', EMA weights' if args.ema else ''})")
@@ -197,7 +199,8 @@ def run(argv: Optional[Sequence[str]] = None) -> Dict[str, Any]:
           f"{metrics['images']} images")
     result: Dict[str, Any] = {"checkpoint": path, "model": name, "ema": args.ema, "device": str(device) + gpu,
                               "img_size": img_size, "batch_size": args.batch_size,
-                              "precision": args.amp_dtype if amp_dtype else "float32", **metrics}
+                              "precision": args.amp_dtype if amp_dtype else "float32", **metrics,
+                              "environment": env.as_dict()}
     line = f"throughput: {metrics['images_per_s']:.1f} images/s end-to-end"
     if args.bench_steps > 0:
         rate = model_throughput(run_model, x, args.bench_steps, amp_dtype)

@@ -23,7 +23,7 @@ from qna_vit import MODEL_CONFIGS, create_model
 
 __all__ = ["PAPER", "count_flops", "qna_core_macs", "main"]
 
-# (parameters, GFLOPs) as QNA_SPEC.md gives them for 1000 classes and 224x224 inputs.
+# (parameters, GFLOPs) as docs/spec.md section 2.4 gives them for 1000 classes and 224x224 inputs.
 PAPER: Dict[str, Tuple[int, float]] = {
     "qna_vit_tiny": (15_715_560, 2.5),
     "qna_vit_tiny_7x7": (15_753_960, 2.6),

@@ -1,6 +1,6 @@
 """Train a QnA-ViT on ImageNet (or any ImageFolder tree, or a generated set) with the paper's recipe.
 
-Defaults are the recipe of Arar et al. (CVPR 2022, QNA_SPEC.md section 3): 300 epochs, global batch
+Defaults are the recipe of Arar et al. (CVPR 2022, docs/spec.md section 3): 300 epochs, global batch
 1024, AdamW with lr 5e-4 per 1024 images (scaled linearly with the global batch), weight decay 0.05
 (none on relative-position biases, attention scales, position tables, norms and biases), cosine
 schedule with 5 warm-up epochs (20 for qna_vit_base), RandAugment rand-m9-mstd0.5, random erasing 0.25,
@@ -531,26 +531,19 @@ def _train(args: argparse.Namespace, info: DistInfo) -> Dict[str, Any]:
 def _environment(info: DistInfo, amp_dtype: Optional[torch.dtype], args: argparse.Namespace,
                  global_batch: int) -> Dict[str, Any]:
     """What a throughput number needs beside it: hardware, versions, precision, batch."""
-    import platform
-
+    from qna_triton.env import capture_environment
     from qna_triton.ops import resolve_backend
 
-    try:
-        import triton
-
-        triton_version = triton.__version__
-    except ImportError:  # triton is a Linux-only dependency
-        triton_version = None
-
     device = info.device
+    env = capture_environment(device)
     return {
-        "device": torch.cuda.get_device_name(device) if device.type == "cuda" else platform.processor() or "cpu",
-        "device_count": info.world_size, "torch": torch.__version__, "triton": triton_version,
-        "cuda": torch.version.cuda, "qna_backend": resolve_backend(device),
+        "device": env.device_name, "capability": env.capability,
+        "device_count": info.world_size, "torch": env.torch, "triton": env.triton,
+        "cuda": env.cuda, "python": env.python, "qna_backend": resolve_backend(device),
         "precision": str(amp_dtype).replace("torch.", "") if amp_dtype else "float32",
         "channels_last": args.channels_last, "compile": args.compile, "global_batch": global_batch,
         "img_size": args.img_size, "threads": torch.get_num_threads(), "workers": args.workers,
-        "date": time.strftime("%Y-%m-%d %H:%M:%S"),
+        "date": env.date,
     }
 
 

@@ -21,7 +21,7 @@ def qna_attention(
     stride: IntOrPair = 1,
     padding: Optional[IntOrPair] = None,
 ) -> torch.Tensor:
-    """QnA's local attention with learned queries, from precomputed logits (step 4 of the spec).
+    """QnA's local attention with learned queries, from precomputed logits (``docs/spec.md`` 1.3, step 4).
 
     For output pixel ``(Y, X)``, head ``j`` and window offset ``(u, w)`` the source pixel is
     ``(y, x) = (Y*s_h + u - p_h, X*s_w + w - p_w)``; offsets outside the image are masked (they add

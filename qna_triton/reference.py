@@ -1,4 +1,4 @@
-"""Pure-PyTorch references for the QnA core op (step 4 of the spec).
+"""Pure-PyTorch references for the QnA core op (``docs/spec.md`` section 1.3, step 4).
 
 Three forms of the same function, all on tensors in the library's layout:
 
@@ -182,7 +182,7 @@ def direct_qna_attention_backward(
     stride: Pair,
     padding: Pair,
 ) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor, Optional[torch.Tensor]]:
-    """Analytic backward from the saved ``lse`` (``KERNEL_NOTES.md``): ``(dlogits, dvalues, drpb, dscale)``.
+    """Analytic backward from the saved ``lse`` (``docs/backward.md``): ``(dlogits, dvalues, drpb, dscale)``.
 
     With ``P = exp(l[src] + r[o] - lse[i])`` and ``t = g[i] . v[src]`` per head:
     ``D[n,i] = sum_o a P t``, ``dz = P (a t - D)``; ``dl[src] += dz``, ``dv[src] += (sum_n a P) g[i]``,

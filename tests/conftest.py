@@ -40,3 +40,9 @@ def nan_poison(monkeypatch):
         return t
 
     monkeypatch.setattr(torch, "empty", poisoned)
+
+
+@pytest.fixture
+def triton_backend(monkeypatch):
+    """The op runs on the Triton kernels (the interpreter on a CPU)."""
+    monkeypatch.setenv("QNA_TRITON_BACKEND", "triton")

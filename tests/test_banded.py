@@ -15,8 +15,8 @@ import pytest
 import torch
 import triton
 import triton.language as tl
-from helpers import Case, make_inputs
-from test_kernels import DEVICE, DTYPES, assert_layer_matches_reference_path, assert_op_matches_oracle
+from helpers import (DEVICE, DTYPES, Case, assert_layer_matches_reference_path, assert_op_matches_oracle,
+                     make_inputs)
 
 from qna_triton import kernels, tuning
 from qna_triton.kernels import qna_backward, qna_forward
@@ -39,14 +39,16 @@ def _round_kernel(X, Y, N: tl.constexpr):
 # images smaller and larger than one 16 x 16 tile, with and without scale
 # (the two cases with several tiles run in one dtype each: the interpreter's backward is slow there)
 SMALL = [
-    Case(1, 9, 11, 2, 2, 8, 5, 5, 1, 1, 2, 2),
-    Case(1, 12, 13, 1, 3, 5, 4, 6, 2, 3, 3, 0),
-    Case(1, 6, 7, 2, 2, 40, 3, 3, 1, 1, 1, 1, with_scale=False),
-    Case(1, 5, 5, 1, 2, 4, 1, 1, 1, 1, 0, 0),
+    Case(B=1, H=9, W=11, N=2, h=2, d=8, k=5, s=1, p=2),
+    Case(B=1, H=12, W=13, N=1, h=3, d=5, k=(4, 6), s=(2, 3), p=(3, 0)),
+    Case(B=1, H=6, W=7, N=2, h=2, d=40, k=3, s=1, p=1, with_scale=False),
+    Case(B=1, H=5, W=5, N=1, h=2, d=4, k=1, s=1, p=0),
 ]
 SWEEP = ([pytest.param(c, dt, id=f"{c}-{dt}") for c in SMALL for dt in DTYPES]
-         + [pytest.param(Case(1, 17, 20, 3, 2, 16, 7, 7, 1, 1, 3, 3), torch.bfloat16, id="2x2_tiles_k7-bf16"),
-            pytest.param(Case(1, 17, 18, 2, 1, 4, 11, 11, 1, 1, 5, 5), torch.float16, id="2x2_tiles_k11-fp16")])
+         + [pytest.param(Case(B=1, H=17, W=20, N=3, h=2, d=16, k=7, s=1, p=3), torch.bfloat16,
+                         id="2x2_tiles_k7-bf16"),
+            pytest.param(Case(B=1, H=17, W=18, N=2, h=1, d=4, k=11, s=1, p=5), torch.float16,
+                         id="2x2_tiles_k11-fp16")])
 
 
 def _random_banded_cases(n: int, seed: int) -> list:
@@ -65,8 +67,9 @@ def _random_banded_cases(n: int, seed: int) -> list:
         H, W = rng.randint(1, 20), rng.randint(1, 20)
         if kh > H + 2 * ph or kw > W + 2 * pw:
             continue
-        cases.append(Case(1, H, W, rng.randint(1, 3), rng.randint(1, 2), rng.choice((1, 5, 8, 16, 24)),
-                          kh, kw, sh, sw, ph, pw, with_scale=rng.random() < 0.8))
+        cases.append(Case(B=1, H=H, W=W, N=rng.randint(1, 3), h=rng.randint(1, 2),
+                          d=rng.choice((1, 5, 8, 16, 24)), k=(kh, kw), s=(sh, sw), p=(ph, pw),
+                          with_scale=rng.random() < 0.8))
     return cases
 
 
@@ -95,7 +98,7 @@ def test_banded_random_shapes_match_oracle(case, dtype, query_minor, monkeypatch
 def test_banded_lse_and_output_equal_the_direct_form(dtype):
     """float32 and float16 inputs use float32-accurate (tf32x3) products: the saved lse and the output
     agree with the float64 direct form to float32 / float16 rounding."""
-    case = Case(2, 17, 20, 3, 2, 16, 7, 7, 1, 1, 3, 3)
+    case = Case(B=2, H=17, W=20, N=3, h=2, d=16, k=7, s=1, p=3)
     logits, values, rpb, scale = make_inputs(case, dtype=dtype, device=DEVICE)
     out, lse = qna_forward(logits, values, rpb, scale, *case.geometry, config=BANDED)
     out_ref, lse_ref = direct_qna_attention(*(t.double().cpu() for t in (logits, values, rpb, scale)), *case.geometry)
@@ -141,7 +144,7 @@ def test_64bit_offsets_give_the_same_results(query_minor, algo, monkeypatch):
     """The 64-bit offsets (``WIDE``, taken for tensors beyond 2^31 elements) forced on small tensors, in
     the generic and the layer's layout, through every kernel: bitwise the 32-bit results."""
     monkeypatch.setenv(tuning.ALGO_ENV, algo)
-    case = Case(1, 9, 10, 2, 2, 8, 5, 5, 1, 1, 2, 2)
+    case = Case(B=1, H=9, W=10, N=2, h=2, d=8, k=5, s=1, p=2)
     logits, values, rpb, scale = make_inputs(case, dtype=torch.bfloat16, device=DEVICE,
                                              query_minor_logits=query_minor)
     values = values.transpose(-1, -2).contiguous().transpose(-1, -2)  # not [h, d] per pixel

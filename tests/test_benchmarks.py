@@ -33,7 +33,7 @@ def _one_thread():
 
 # ----------------------------------------------------------------------------------- floors
 def test_floors_match_kernel_notes():
-    """KERNEL_NOTES.md: batch 32, 64x64, C=128, h=16 (d=8), N=2, bf16: 704 B/pixel, 92 MB, ~31 us at
+    """docs/backward.md, "Floors": batch 32, 64x64, C=128, h=16 (d=8), N=2, bf16: 704 B/pixel, 92 MB, ~31 us at
     3.0 TB/s, 608·k² FLOP/pixel, k=3 -> 11 us, k=7 -> 58 us, k=15 -> 268 us, k=31 -> 1.14 ms at 67 TFLOP/s."""
     assert floors.forward_bytes_per_pixel(2, 16, 128, 2) == 704
     shape = CoreShape(32, 64, 64, 128, 16, 3, torch.bfloat16)
@@ -45,7 +45,7 @@ def test_floors_match_kernel_notes():
     rate, source = floors.datasheet_fp32_rate("NVIDIA H100 80GB HBM3")
     assert rate == 67e12 and "datasheet" in source
     pixels = 32 * 64 * 64
-    for k, as_written in ((3, "11"), (7, "58"), (15, "268")):  # microseconds, as the notes round them
+    for k, as_written in ((3, "11"), (7, "58"), (15, "268")):  # microseconds, as docs/backward.md rounds them
         t = CoreShape(32, 64, 64, 128, 16, k, torch.bfloat16).flops() / rate
         assert f"{t * 1e6:.0f}" == as_written, k
     assert f"{CoreShape(32, 64, 64, 128, 16, 31, torch.bfloat16).flops() / rate * 1e3:.2f}" == "1.14"

@@ -4,16 +4,15 @@ import pytest
 import torch
 import torch._dynamo
 
-from helpers import Case, make_inputs
+from helpers import DEVICE, Case, make_inputs
 from qna_triton import QnA
 from qna_triton import ops  # noqa: F401  (registers torch.ops.qna)
 
-DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
-
 
 @pytest.mark.parametrize("backend", ["reference", "triton"])
-@pytest.mark.parametrize("case", [Case(2, 5, 6, 2, 3, 4, 3, 3, 1, 1, 1, 1),
-                                  Case(1, 6, 5, 1, 2, 3, 2, 4, 2, 1, 0, 2, with_scale=False)], ids=str)
+@pytest.mark.parametrize("case", [Case(B=2, H=5, W=6, N=2, h=3, d=4, k=3, s=1, p=1),
+                                  Case(B=1, H=6, W=5, N=1, h=2, d=3, k=(2, 4), s=(2, 1), p=(0, 2),
+                                       with_scale=False)], ids=str)
 def test_opcheck(case, backend, monkeypatch):
     monkeypatch.setenv("QNA_TRITON_BACKEND", backend)
     logits, values, rpb, scale = [None if t is None else t.requires_grad_()

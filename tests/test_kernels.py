@@ -12,28 +12,26 @@ import os
 import pytest
 import torch
 
-from helpers import Case, make_inputs, oracle, random_cases
+from helpers import (BAD_CORE, DEVICE, DTYPES, Case, assert_layer_matches_reference_path,
+                     assert_op_matches_oracle, make_inputs, oracle, random_cases, small_core_inputs)
 from qna_triton import qna_attention, tuning
 from qna_triton.reference import naive_qna_attention
 
-DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 SWEEP_SIZE = int(os.environ.get("QNA_TEST_SWEEP", "16"))
-DTYPES = [torch.float32, torch.float16, torch.bfloat16]
-ATOL = {torch.float32: 1e-5, torch.float16: 2e-3, torch.bfloat16: 1.6e-2}
 
 # Shapes the issue names explicitly: head dims 8..128, 1..8 queries, even and large windows, the
 # global window (k equal to the image), stride > 1, padding 0.
 NAMED = [
-    Case(1, 6, 7, 2, 2, 8, 3, 3, 1, 1, 1, 1),
-    Case(1, 5, 5, 2, 1, 12, 3, 3, 1, 1, 1, 1),
-    Case(1, 5, 6, 1, 2, 16, 5, 5, 2, 2, 2, 2),
-    Case(1, 4, 5, 2, 1, 32, 3, 3, 1, 1, 1, 1),
-    Case(1, 4, 4, 2, 2, 64, 2, 2, 1, 1, 0, 0),
-    Case(1, 3, 4, 1, 1, 128, 3, 3, 1, 1, 1, 1),
-    Case(2, 6, 6, 8, 3, 4, 3, 3, 1, 1, 1, 1),
-    Case(1, 7, 7, 2, 4, 4, 7, 7, 1, 1, 0, 0, with_scale=False),
-    Case(1, 8, 6, 3, 2, 4, 4, 6, 2, 3, 3, 0),
-    Case(1, 9, 9, 2, 2, 3, 9, 9, 1, 1, 4, 4),
+    Case(B=1, H=6, W=7, N=2, h=2, d=8, k=3, s=1, p=1),
+    Case(B=1, H=5, W=5, N=2, h=1, d=12, k=3, s=1, p=1),
+    Case(B=1, H=5, W=6, N=1, h=2, d=16, k=5, s=2, p=2),
+    Case(B=1, H=4, W=5, N=2, h=1, d=32, k=3, s=1, p=1),
+    Case(B=1, H=4, W=4, N=2, h=2, d=64, k=2, s=1, p=0),
+    Case(B=1, H=3, W=4, N=1, h=1, d=128, k=3, s=1, p=1),
+    Case(B=2, H=6, W=6, N=8, h=3, d=4, k=3, s=1, p=1),
+    Case(B=1, H=7, W=7, N=2, h=4, d=4, k=7, s=1, p=0, with_scale=False),
+    Case(B=1, H=8, W=6, N=3, h=2, d=4, k=(4, 6), s=(2, 3), p=(3, 0)),
+    Case(B=1, H=9, W=9, N=2, h=2, d=3, k=9, s=1, p=4),
 ]
 # Each case runs with the logits in one of the two layouts the kernels compile differently for:
 # [N, h] per pixel (generic strides) and query-minor [h, N] (the QnA layer's layout, compile-time offsets).
@@ -46,54 +44,14 @@ SWEEP = ([pytest.param(c, qm, dt, id=f"{c}{'_qm' if qm else ''}-{dt}")
             for i, c in enumerate(_RANDOM)])
 
 
-@pytest.fixture
-def triton_backend(monkeypatch):
-    monkeypatch.setenv("QNA_TRITON_BACKEND", "triton")
-
-
-def _check(got, expected, ref_same_precision, dtype, what):
-    """Kernel error at most twice the reference path's error at the same precision, plus a small atol."""
-    scale = expected.abs().max().clamp_min(1.0).item()
-    err = (got.double() - expected).abs().max().item()
-    ref_err = (ref_same_precision.double() - expected).abs().max().item()
-    assert torch.isfinite(got).all(), f"{what}: non-finite values"
-    assert err <= 2 * ref_err + ATOL[dtype] * scale, f"{what}: error {err:.3g} vs reference {ref_err:.3g}"
-
-
-def _run(case, dtype, backend, monkeypatch, logit_scale=2.0, query_minor=False):
-    monkeypatch.setenv("QNA_TRITON_BACKEND", backend)
-    inputs = [t for t in make_inputs(case, dtype=dtype, device=DEVICE, logit_scale=logit_scale,
-                                     query_minor_logits=query_minor)]
-    inputs = [None if t is None else t.detach().requires_grad_() for t in inputs]
-    out = qna_attention(*inputs, *case.geometry)
-    g = torch.randn(out.shape, generator=torch.Generator().manual_seed(1)).to(out)
-    grads = torch.autograd.grad(out, [t for t in inputs if t is not None], g)
-    return out.detach(), grads, g
-
-
 @pytest.mark.parametrize("case, query_minor, dtype", SWEEP)
 def test_forward_and_gradients_match_oracle(case, query_minor, dtype, monkeypatch, nan_poison):
     assert_op_matches_oracle(case, dtype, monkeypatch, query_minor)
 
 
-def assert_op_matches_oracle(case, dtype, monkeypatch, query_minor: bool) -> None:
-    """The op on the Triton backend: output and every gradient against the float64 naive form, within
-    twice the reference path's error at the same precision (:func:`_check`)."""
-    out, grads, g = _run(case, dtype, "triton", monkeypatch, query_minor=query_minor)
-    out_ref, grads_ref, _ = _run(case, dtype, "reference", monkeypatch, query_minor=query_minor)
-    leaves = [t.detach().double().cpu().requires_grad_() if t is not None else None
-              for t in make_inputs(case, dtype=dtype, device=DEVICE)]
-    exact = naive_qna_attention(*leaves, *case.geometry)
-    exact_grads = torch.autograd.grad(exact, [t for t in leaves if t is not None], g.double().cpu())
-    assert out.shape == exact.shape and out.dtype == dtype
-    _check(out.cpu(), exact, out_ref.cpu(), dtype, "out")
-    for name, a, r, e in zip(("dlogits", "dvalues", "drpb", "dscale"), grads, grads_ref, exact_grads):
-        _check(a.cpu(), e, r.cpu(), dtype, name)
-
-
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
 def test_extreme_logits(dtype, monkeypatch, triton_backend):
-    case = Case(2, 7, 6, 2, 2, 4, 3, 3, 1, 1, 1, 1)
+    case = Case(B=2, H=7, W=6, N=2, h=2, d=4, k=3, s=1, p=1)
     logits, values, rpb, scale = make_inputs(case, dtype=dtype, device=DEVICE, logit_scale=1e4)
     ts = [t.clone().requires_grad_() for t in (logits, values, rpb, scale)]
     out = qna_attention(*ts, *case.geometry)
@@ -106,7 +64,7 @@ def test_extreme_logits(dtype, monkeypatch, triton_backend):
 
 
 def test_window_in_padding_only_gives_zero(triton_backend, nan_poison):
-    case = Case(1, 2, 2, 2, 2, 3, 1, 1, 1, 1, 2, 2)
+    case = Case(B=1, H=2, W=2, N=2, h=2, d=3, k=1, s=1, p=2)
     logits, values, rpb, scale = make_inputs(case, dtype=torch.float32, device=DEVICE)
     out = qna_attention(logits, values, rpb, scale, *case.geometry).cpu()
     inside = torch.zeros(6, 6, dtype=torch.bool)
@@ -136,7 +94,7 @@ def test_backward_finite_when_bias_masks_every_offset_of_a_window(monkeypatch):
 def test_backward_is_deterministic(triton_backend, algo):
     """Two runs give bitwise-identical gradients, with the direct kernels and with the banded ones
     (whose main backward kernel keeps per-tile scratch rows of drpb / dscale before adding them)."""
-    case = Case(2, 9, 9, 2, 4, 8, 5, 5, 1, 1, 2, 2)
+    case = Case(B=2, H=9, W=9, N=2, h=4, d=8, k=5, s=1, p=2)
     runs = []
     with tuning.kernel_algorithm(algo):
         for _ in range(2):
@@ -294,7 +252,6 @@ def test_pixel_alignment_of_strides():
 
 def test_bad_input_raises_before_any_kernel(monkeypatch, triton_backend):
     import qna_triton.kernels as kernels
-    from test_layer import BAD_CORE, _core
 
     def no_launch(*args, **kwargs):
         raise AssertionError("a kernel was launched")
@@ -303,7 +260,7 @@ def test_bad_input_raises_before_any_kernel(monkeypatch, triton_backend):
     monkeypatch.setattr(kernels, "qna_backward", no_launch)
     for call, exc, pattern in BAD_CORE:
         with pytest.raises(exc, match=pattern):
-            call(*_core())
+            call(*small_core_inputs())
 
 
 @pytest.mark.parametrize("mode", ["normal", "none"])
@@ -314,23 +271,6 @@ def test_layer_triton_matches_reference_path(mode, monkeypatch, nan_poison):
     torch.manual_seed(0)
     layer = QnA(8, 12, 3, kernel_size=3, stride=2, n_queries=2, attn_scale=mode, use_bias=True).to(DEVICE)
     assert_layer_matches_reference_path(layer, torch.randn(2, 7, 6, 8, device=DEVICE), monkeypatch)
-
-
-def assert_layer_matches_reference_path(layer, x, monkeypatch):
-    """The layer's output and parameter gradients through the kernels equal the reference path's."""
-    with torch.no_grad():
-        layer.rpe_bias.normal_()
-    results = []
-    for backend in ("triton", "reference"):
-        monkeypatch.setenv("QNA_TRITON_BACKEND", backend)
-        layer.zero_grad()
-        y = layer(x)
-        y.square().sum().backward()
-        results.append((y.detach(), {n: p.grad.clone() for n, p in layer.named_parameters()}))
-    (y_t, g_t), (y_r, g_r) = results
-    torch.testing.assert_close(y_t, y_r, rtol=1e-4, atol=1e-5)
-    for name in g_r:
-        torch.testing.assert_close(g_t[name], g_r[name], rtol=1e-4, atol=1e-5, msg=name)
 
 
 @pytest.mark.slow

@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 import torch
 
-from helpers import FIXTURES
+from helpers import BAD_CORE, FIXTURES, small_core_inputs
 from qna_triton import ATTN_SCALE_MODES, CheckpointError, QnA, qna_attention
 from qna_triton.reference import naive_qna_attention
 
@@ -44,7 +44,7 @@ def test_golden_fixture(name):
 
 
 def naive_layer(layer: QnA, x: torch.Tensor) -> torch.Tensor:
-    """The layer computed from its definition (steps 1-5 of the spec) with the naive core op."""
+    """The layer computed from its definition (docs/spec.md section 1.3, steps 1-5) with the naive core op."""
     N, h, d = layer.n_queries, layer.heads, layer.head_dim
     q = layer.query.reshape(N, h, d)
     if layer.normalize_q:
@@ -179,39 +179,16 @@ def test_bad_module_input():
         layer(np.zeros((1, 6, 6, 4), np.float32))
 
 
-def _core():
-    return (torch.randn(1, 6, 6, 2, 3), torch.randn(1, 6, 6, 3, 4), torch.randn(9, 2, 3), torch.randn(9, 2, 3))
-
-
-BAD_CORE = [
-    (lambda l, v, r, a: qna_attention(l[0], v, r, a), ValueError, "logits must have shape"),
-    (lambda l, v, r, a: qna_attention(l, v[..., 0], r, a), ValueError, "values must have shape"),
-    (lambda l, v, r, a: qna_attention(l, v.double(), r, a), TypeError, "values dtype"),
-    (lambda l, v, r, a: qna_attention(l.int(), v, r, a), TypeError, "logits must be float"),
-    (lambda l, v, r, a: qna_attention(l, v[:, :5], r, a), ValueError, "values shape"),
-    (lambda l, v, r, a: qna_attention(l, v[:, :, :, :2], r, a), ValueError, "values shape"),
-    (lambda l, v, r, a: qna_attention(l, v, r[:4], a), ValueError, "rpb must have shape"),
-    (lambda l, v, r, a: qna_attention(l, v, r, a[..., :2]), ValueError, "scale must have shape"),
-    (lambda l, v, r, a: qna_attention(l, v, r, a.to("meta")), ValueError, "scale is on meta"),
-    (lambda l, v, r, a: qna_attention(l, v.to("meta"), r, a), ValueError, "values is on meta"),
-    (lambda l, v, r, a: qna_attention(l, v, None, None, kernel_size=9, padding=1), ValueError, "kernel_size 9"),
-    (lambda l, v, r, a: qna_attention(l, v, r, a, stride=0), ValueError, "stride"),
-    (lambda l, v, r, a: qna_attention(l, v, r, a, padding=-2), ValueError, "padding"),
-    (lambda l, v, r, a: qna_attention(l, v, r, a, kernel_size="3"), TypeError, "kernel_size"),
-    (lambda l, v, r, a: qna_attention(l, v, r.numpy(), a), TypeError, "rpb must be a torch.Tensor"),
-]
-
-
 @pytest.mark.parametrize("call,exc,pattern", BAD_CORE, ids=[p for _, _, p in BAD_CORE])
 def test_bad_core_input(call, exc, pattern):
     with pytest.raises(exc, match=pattern):
-        call(*_core())
+        call(*small_core_inputs())
 
 
 def test_bad_backend_name(monkeypatch):
     monkeypatch.setenv("QNA_TRITON_BACKEND", "cuda-please")
     with pytest.raises(ValueError, match="QNA_TRITON_BACKEND"):
-        qna_attention(*_core())
+        qna_attention(*small_core_inputs())
 
 
 def test_forward_writes_only_projections_and_attention_output():

@@ -70,6 +70,15 @@ def assert_untouched(model, before):
         assert torch.equal(v, before[k]), k
 
 
+def assert_same_model(got, expected, x, tree):
+    """``got`` gives ``expected``'s output on ``x`` bit for bit and exports exactly the parameter ``tree``."""
+    with torch.no_grad():
+        assert torch.equal(got(x), expected(x))
+    back = flatten_tree(export_flax_params(got))
+    for key, value in flatten_tree(tree).items():
+        assert np.array_equal(back[key], value), key
+
+
 # ------------------------------------------------------------------------------------------- architecture
 @pytest.mark.parametrize("name", sorted(PARAMS))
 def test_parameter_counts(name):
@@ -132,7 +141,7 @@ def test_input_sizes():
 
 
 def naive_window_attention(attn, x):
-    """The spec's LSA mixer written out in float64: per-head packing, logits + table lookup, softmax."""
+    """The LSA mixer (docs/spec.md 2.3) written out in float64: per-head packing, logits + table lookup, softmax."""
     w, h, d = attn.window, attn.heads, attn.head_dim
     qkv = (x @ attn.to_qkv.weight.t()).reshape(x.shape[0], w * w, h, 3 * d)
     q, k, v = qkv[..., :d], qkv[..., d:2 * d], qkv[..., 2 * d:]
@@ -216,12 +225,7 @@ def test_export_load_round_trip(options):
     load_flax_params(src, tree, stats or None)
     dst = create_model("qna_vit_tiny", **{**MINI, **options}).eval()
     dst.load_flax_params(export_flax_params(src), qna_vit.export_flax_batch_stats(src) or None)
-    x = torch.randn(2, 3, 64, 64)
-    with torch.no_grad():
-        assert torch.equal(src(x), dst(x))
-    back = flatten_tree(export_flax_params(dst))
-    for key, value in flatten_tree(tree).items():
-        assert np.array_equal(back[key], value), key
+    assert_same_model(dst, src, torch.randn(2, 3, 64, 64), tree)
 
 
 def test_bad_checkpoints_name_the_key_and_leave_the_model_untouched():
@@ -294,12 +298,7 @@ def test_convert_command_round_trip(tmp_path):
     ckpt = torch.load(dst, weights_only=True)
     assert ckpt["model_name"] == "qna_vit_tiny" and isinstance(ckpt["model"], dict)
     converted = convert_flax.load_converted(str(dst)).eval()
-    x = torch.randn(1, 3, 224, 224)
-    with torch.no_grad():
-        assert torch.equal(converted(x), model(x))
-    back = flatten_tree(export_flax_params(converted))
-    for key, value in flatten_tree(tree).items():
-        assert np.array_equal(back[key], value), key
+    assert_same_model(converted, model, torch.randn(1, 3, 224, 224), tree)
 
 
 def test_convert_command_runs_as_a_script_and_reports_errors(tmp_path):

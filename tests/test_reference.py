@@ -43,9 +43,9 @@ def test_analytic_backward_matches_autograd_of_naive(case):
 
 
 GRAD_CASES = [
-    Case(1, 5, 4, 2, 2, 3, 3, 3, 1, 1, 1, 1),
-    Case(2, 5, 6, 1, 3, 2, 2, 3, 2, 1, 2, 0),
-    Case(1, 4, 4, 3, 1, 2, 4, 4, 3, 3, 4, 4, with_scale=False),
+    Case(B=1, H=5, W=4, N=2, h=2, d=3, k=3, s=1, p=1),
+    Case(B=2, H=5, W=6, N=1, h=3, d=2, k=(2, 3), s=(2, 1), p=(2, 0)),
+    Case(B=1, H=4, W=4, N=3, h=1, d=2, k=4, s=3, p=4, with_scale=False),
 ]
 
 
@@ -66,7 +66,7 @@ def test_gradcheck(case, form):
 
 
 def test_extreme_logits_stay_finite_float32():
-    case = Case(2, 9, 8, 2, 3, 4, 3, 3, 1, 1, 1, 1)
+    case = Case(B=2, H=9, W=8, N=2, h=3, d=4, k=3, s=1, p=1)
     logits, values, rpb, scale = make_inputs(case, logit_scale=1e4)
     ref = oracle(logits, values, rpb, scale, case.geometry)
     assert torch.isfinite(ref).all()
@@ -77,7 +77,7 @@ def test_extreme_logits_stay_finite_float32():
 
 
 def test_extreme_logits_gradients_finite():
-    case = Case(1, 6, 6, 2, 2, 4, 3, 3, 1, 1, 1, 1)
+    case = Case(B=1, H=6, W=6, N=2, h=2, d=4, k=3, s=1, p=1)
     logits, values, rpb, scale = make_inputs(case, dtype=torch.float32, logit_scale=1e4)
     ts = [t.requires_grad_() for t in (logits, values, rpb, scale)]
     qna_attention(*ts, *case.geometry).square().sum().backward()
@@ -87,7 +87,7 @@ def test_extreme_logits_gradients_finite():
 
 def test_window_entirely_in_padding_gives_zero():
     # 2x2 image, 1x1 window, padding 2: the border outputs see only padding
-    case = Case(1, 2, 2, 2, 2, 3, 1, 1, 1, 1, 2, 2)
+    case = Case(B=1, H=2, W=2, N=2, h=2, d=3, k=1, s=1, p=2)
     logits, values, rpb, scale = make_inputs(case)
     for out in (
         naive_qna_attention(logits, values, rpb, scale, *case.geometry),
@@ -105,7 +105,7 @@ def test_window_entirely_in_padding_gives_zero():
 
 def test_global_window_equals_softmax_pool():
     # k equal to the image, padding 0: one output pixel, a plain softmax pooling per query
-    case = Case(2, 5, 5, 2, 3, 4, 5, 5, 1, 1, 0, 0, with_scale=False)
+    case = Case(B=2, H=5, W=5, N=2, h=3, d=4, k=5, s=1, p=0, with_scale=False)
     logits, values, rpb, _ = make_inputs(case)
     out = qna_attention(logits, values, rpb, None, *case.geometry)
     z = (logits + rpb.reshape(5, 5, 2, 3)).reshape(2, 25, 2, 3)

@@ -1,5 +1,5 @@
 """QnA-ViT, the hierarchical model of "Learned Queries for Efficient Local Attention" (Arar, Shamir,
-Bermano, CVPR 2022), built on :class:`qna_triton.QnA` (QNA_SPEC.md section 2).
+Bermano, CVPR 2022), built on :class:`qna_triton.QnA` (docs/spec.md section 2).
 
 The models hold exactly the original Flax parameters (same shapes, same count), so the official
 checkpoints load one-to-one: :func:`load_flax_params` maps the original parameter tree onto a model and
@@ -22,7 +22,6 @@ When timm is installed, importing this module registers the four models with tim
 from __future__ import annotations
 
 import dataclasses
-import math
 import re
 from dataclasses import dataclass
 from typing import Any, Callable, Dict, List, Mapping, Optional, Sequence, Set, Tuple, Union
@@ -34,6 +33,7 @@ import torch.nn.functional as F
 
 from qna_triton import CheckpointError, QnA
 from qna_triton.flax_params import check_tree, flatten_tree
+from qna_triton.layer import lecun_normal_ as _lecun_normal_
 
 __all__ = [
     "QnAViT",
@@ -177,23 +177,6 @@ MODEL_CONFIGS: Dict[str, QnAViTConfig] = {
 
 
 # ----------------------------------------------------------------------------------- building blocks
-def _lecun_normal_(t: torch.Tensor, fan_in: int) -> torch.Tensor:
-    """Flax's default kernel init: a unit normal truncated to [-2, 2], rescaled to variance ``1 / fan_in``.
-
-    Sampled by redrawing the out-of-range values (about 5%): exact, and much faster on CPU than
-    ``nn.init.trunc_normal_``'s inverse-CDF transform, which dominated building the large models.
-    """
-    std = math.sqrt(1.0 / fan_in) / 0.87962566103423978  # std of the unit normal truncated to [-2, 2]
-    with torch.no_grad():
-        flat = t.view(-1).normal_()
-        redraw = (flat.abs() > 2.0).nonzero().squeeze(1)
-        while redraw.numel():
-            values = torch.randn(redraw.numel(), dtype=t.dtype, device=t.device)
-            flat[redraw] = values
-            redraw = redraw[values.abs() > 2.0]
-        return t.mul_(std)
-
-
 def _dense(in_features: int, out_features: int, bias: bool) -> nn.Linear:
     layer = torch.nn.utils.skip_init(nn.Linear, in_features, out_features, bias=bias)
     _lecun_normal_(layer.weight, in_features)

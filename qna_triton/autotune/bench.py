@@ -24,6 +24,7 @@ import triton
 import triton.testing
 
 import qna_triton.kernels as _kernels
+from qna_triton.env import capture_environment
 from qna_triton.kernels import qna_backward, qna_forward
 from qna_triton.ops import split_packed
 from qna_triton.tuning import KernelConfig, heuristic_config
@@ -214,13 +215,13 @@ class Bench:
         self.memory_fraction = memory_fraction
 
     def device_info(self) -> Dict[str, object]:
-        props = torch.cuda.get_device_properties(self.device)
+        env = capture_environment(self.device)
         return {
-            "gpu_name": torch.cuda.get_device_name(self.device),
-            "compute_capability": f"{props.major}.{props.minor}",
-            "multiprocessors": props.multi_processor_count,
-            "memory_gib": round(props.total_memory / 2 ** 30, 1),
-            "cuda_version": torch.version.cuda,
+            "gpu_name": env.device_name,
+            "compute_capability": env.capability,
+            "multiprocessors": env.multiprocessors,
+            "memory_gib": round(env.memory_bytes / 2 ** 30, 1),
+            "cuda_version": env.cuda,
         }
 
     def open(self, shape: Shape) -> Session:

@@ -16,13 +16,13 @@ entry; re-running the same command continues where an interrupted run stopped.
 from __future__ import annotations
 
 import argparse
-import datetime
 import os
 import shlex
 import sys
 from pathlib import Path
 from typing import Dict, List, Optional, Sequence
 
+from qna_triton.env import capture_environment
 from qna_triton.tuning import (
     CONFIG_DIR_ENV, KERNELS, SCHEMA_VERSION, ConfigFileError, clear_cache, config_file_name,
     read_config_file, sanitize_gpu_name, user_config_dir,
@@ -173,19 +173,14 @@ def describe_plan(plan: Plan, done: Optional[set] = None) -> str:
 
 
 def _metadata(info: Dict[str, object], args: argparse.Namespace, argv: Sequence[str]) -> Dict[str, object]:
-    import torch
-    import triton
-
-    import qna_triton
-
-    now = datetime.datetime.now(datetime.timezone.utc).replace(microsecond=0).isoformat()
+    env = capture_environment()  # versions and date; the device fields come from the bench (``info``)
     return {
         **info,
         "device_key": sanitize_gpu_name(str(info["gpu_name"])),
-        "torch_version": torch.__version__,
-        "triton_version": triton.__version__,
-        "qna_triton_version": qna_triton.__version__,
-        "date": now,
+        "torch_version": env.torch,
+        "triton_version": env.triton,
+        "qna_triton_version": env.qna_triton,
+        "date": env.date,
         "command": "python -m qna_triton.autotune " + " ".join(shlex.quote(a) for a in argv),
         "schema": f"schema_version {SCHEMA_VERSION}: see qna_triton/configs/README.md",
         "bucket": "output pixels B*H_out*W_out rounded down to a power of 4",

@@ -5,7 +5,6 @@ continues where it stopped).
 
 from __future__ import annotations
 
-import datetime
 import os
 import sys
 import time
@@ -13,6 +12,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Dict, List, Optional, Protocol, Tuple
 
+from qna_triton.env import utc_now
 from qna_triton.tuning import (
     ConfigFileError, KernelConfig, read_config_file, sanitize_gpu_name, write_config_file,
 )
@@ -113,12 +113,8 @@ class ResultStore:
         self.save()
 
     def save(self) -> None:
-        self.metadata["updated"] = _now()
+        self.metadata["updated"] = utc_now()
         write_config_file(self.path, self.metadata, self.entries, self.skipped)
-
-
-def _now() -> str:
-    return datetime.datetime.now(datetime.timezone.utc).replace(microsecond=0).isoformat()
 
 
 # --------------------------------------------------------------------------------- progress

@@ -1,7 +1,7 @@
 """Fused QnA backward, deterministic (no float atomics racing between programs).
 
 With ``P[n,i,o] = exp(l[src(i,o)] + r[o,n] - lse[n,i])`` (recomputed from the saved ``lse``),
-``t[i,o] = g[i] . v[src(i,o)]`` per head and ``D[n,i] = sum_o a[o,n] P t`` (``KERNEL_NOTES.md``):
+``t[i,o] = g[i] . v[src(i,o)]`` per head and ``D[n,i] = sum_o a[o,n] P t`` (``docs/backward.md``):
 
 * :func:`qna_bwd_delta_kernel` (over output pixels) computes ``D``, the per-query output dotted with
   the output gradient, without ever forming the per-query outputs.

@@ -1,7 +1,7 @@
 """QnA forward (and the backward's delta) on tensor cores: the window sum as banded matrix products.
 
 For one head and query ``n``, with a shift ``c`` shared by the whole tile, the forward factorises
-(``../shared`` kernel notes, "Beyond the direct algorithm")::
+(``docs/backward.md``, "The forward and what it saves")::
 
     exp(l[src] + r[o] - lse[i]) = exp(l[src] - c) * exp(r[o] - r_max) * exp(c + r_max - lse[i])
 

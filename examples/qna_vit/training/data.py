@@ -392,17 +392,24 @@ def random_erase(t: torch.Tensor, prob: float, area: Tuple[float, float] = (0.02
     return t
 
 
-class BuiltinTrainTransform:
-    """Random-resized-crop, horizontal flip, colour jitter, normalise, random erasing, with torch ops.
-
-    What timm's training transform does, minus RandAugment (which needs timm). Uses the global torch
-    RNG, which :class:`SeededDataset` seeds per sample.
-    """
+class _BuiltinTransform:
+    """What the built-in transforms share: the config and the per-channel normalisation."""
 
     def __init__(self, cfg: AugConfig) -> None:
         self.cfg = cfg
         self.mean = torch.tensor(cfg.mean).view(3, 1, 1)
         self.std = torch.tensor(cfg.std).view(3, 1, 1)
+
+    def normalize(self, t: torch.Tensor) -> torch.Tensor:
+        return (t - self.mean) / self.std
+
+
+class BuiltinTrainTransform(_BuiltinTransform):
+    """Random-resized-crop, horizontal flip, colour jitter, normalise, random erasing, with torch ops.
+
+    What timm's training transform does, minus RandAugment (which needs timm). Uses the global torch
+    RNG, which :class:`SeededDataset` seeds per sample.
+    """
 
     def __call__(self, img: Any) -> torch.Tensor:
         c = self.cfg
@@ -413,8 +420,7 @@ class BuiltinTrainTransform:
             t = t.flip(-1)
         if c.color_jitter > 0:
             t = color_jitter(t, c.color_jitter)
-        t = (t - self.mean) / self.std
-        return random_erase(t, c.reprob)
+        return random_erase(self.normalize(t), c.reprob)
 
     def __repr__(self) -> str:
         c = self.cfg
@@ -422,13 +428,8 @@ class BuiltinTrainTransform:
                 f"color_jitter={c.color_jitter}, reprob={c.reprob}, interpolation={c.interpolation})")
 
 
-class BuiltinEvalTransform:
+class BuiltinEvalTransform(_BuiltinTransform):
     """Resize the shorter side to ``floor(size / crop_pct)``, centre-crop ``size``, normalise (timm's eval)."""
-
-    def __init__(self, cfg: AugConfig) -> None:
-        self.cfg = cfg
-        self.mean = torch.tensor(cfg.mean).view(3, 1, 1)
-        self.std = torch.tensor(cfg.std).view(3, 1, 1)
 
     def __call__(self, img: Any) -> torch.Tensor:
         c = self.cfg
@@ -439,8 +440,7 @@ class BuiltinEvalTransform:
         if (nh, nw) != (h, w):
             t = _resize(t, (nh, nw), c.interpolation)
         top, left = (nh - c.img_size) // 2, (nw - c.img_size) // 2
-        t = t[:, top:top + c.img_size, left:left + c.img_size]
-        return (t - self.mean) / self.std
+        return self.normalize(t[:, top:top + c.img_size, left:left + c.img_size])
 
     def __repr__(self) -> str:
         return f"BuiltinEvalTransform(size={self.cfg.img_size}, crop_pct={self.cfg.crop_pct})"
