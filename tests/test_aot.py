@@ -36,25 +36,29 @@ def test_every_kernel_compiles_for_sm80_and_sm90(compiled):
 
 
 def test_default_configs_spill_at_most_a_few_registers(compiled):
-    # ptxas sometimes trades 8-32 bytes of (L1-resident) spills for occupancy; a tile that really does
-    # not fit spills hundreds of bytes, which is what this guards against.
+    # ptxas sometimes trades a few (L1-resident) spills for occupancy: 8-32 bytes under Triton 3.6, and
+    # under Triton 3.9 72 bytes stored + 68 loaded for the banded forward at k = 31 on sm_80 (128
+    # registers, two 8-warp programs per SM, where 0 spills take 180). A tile that really does not fit
+    # spills hundreds of bytes, which is what this guards against.
     results, _ = compiled
-    spilling = [r for r in results if r["ok"] and r["spill_stores"] + r["spill_loads"] > 64]
+    spilling = [r for r in results if r["ok"] and r["spill_stores"] + r["spill_loads"] > 160]
     assert not spilling, spilling
     assert all(r["registers"] <= 255 for r in results if r["ok"])
 
 
 def _value_loops(result):
     """The loops that multiply-add the values: they load, and their d-wide FFMAs outnumber their
-    exponentials at least four to one (the logits-only loops are the other way round)."""
-    return [lp for lp in result["loops"] if lp["global_loads"] and lp["ffma"] >= 4 * max(1, lp["exp2"])]
+    exponentials at least two to one (three to one or more under Triton 3.6 and 3.9; the logits-only
+    loops are the other way round)."""
+    return [lp for lp in result["loops"] if lp["global_loads"] and lp["ffma"] >= 2 * max(1, lp["exp2"])]
 
 
 def test_layer_layout_keeps_window_loops_free_of_layout_conversions(compiled):
     """On the QnA layer's packed layout (query-minor logits, [h, d] values) at the benchmark's head
     shape, the forward and delta kernels' window loops hold no shared-memory round trips (no
-    barriers), and the value loads are 128-bit vectors; the generic [N, h] logits layout needs them.
-    This is what `_head_blocks`'s compile-time offsets are for: a change that loses it fails here."""
+    barriers), and the value loads are 128-bit vectors; under Triton 3.6 the generic [N, h] logits
+    layout needs barriers there (Triton 3.9 avoids them for it too). This is what `_head_blocks`'s
+    compile-time offsets are for: a change that loses it fails here."""
     results, _ = compiled
     pick = {(r["kernel"], r["layout"]): r for r in results
             if r["ok"] and r["arch"] == 90 and (r["heads"], r["head_dim"], r["n_queries"]) == (16, 8, 2)
@@ -62,7 +66,7 @@ def test_layer_layout_keeps_window_loops_free_of_layout_conversions(compiled):
     for kernel in ("fwd", "bwd_delta"):
         packed, generic = pick[(kernel, "packed")], pick[(kernel, "generic")]
         assert packed["loop_barriers"] == 0, packed["loops"]
-        assert generic["loop_barriers"] > 0, generic["loops"]
+        assert generic["loop_barriers"] >= packed["loop_barriers"], generic["loops"]
         value_loops = _value_loops(packed)
         assert value_loops and all(lp["global_loads"].get("128", 0) >= 1 for lp in value_loops), value_loops
 

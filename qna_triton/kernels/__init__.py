@@ -98,10 +98,22 @@ def _wide_offsets(logits: torch.Tensor, values: torch.Tensor) -> bool:
     return max(span_l, span_v) >= 2**31
 
 
+# Floating-point contraction (a*b + c as one fused multiply-add, rounded once), chosen here rather than
+# left to Triton's default, which Triton 3.10 flips from on to off: the kernels' numerics, the tests'
+# tolerances and the compiler reports stay what they were measured with, whichever Triton runs them.
+# (The interpreter rounds every product and sum separately either way.)
+FP_FUSION = True
+
+
+def launch_options(cfg: KernelConfig) -> dict:
+    """The compile options of a launch with ``cfg``: warps, pipeline stages and :data:`FP_FUSION`."""
+    return dict(num_warps=cfg.num_warps, num_stages=cfg.num_stages, enable_fp_fusion=FP_FUSION)
+
+
 def _blocks(cfg: KernelConfig, N: int, d: int, layout: dict) -> dict:
     return dict(
         BLOCK_P=cfg.block_p, BLOCK_N=triton.next_power_of_2(N), BLOCK_H=cfg.block_h,
-        BLOCK_D=triton.next_power_of_2(d), **layout, num_warps=cfg.num_warps, num_stages=cfg.num_stages,
+        BLOCK_D=triton.next_power_of_2(d), **layout, **launch_options(cfg),
     )
 
 
@@ -126,7 +138,7 @@ def banded_blocks(cfg: KernelConfig, N: int, d: int, ks: Pair, st: Pair, values:
         BLOCK_W=bw, BLOCK_R=br, HALO=max(16, triton.next_power_of_2((bw - 1) * st[1] + ks[1])), BLOCK_DC=dc,
         BLOCK_N=triton.next_power_of_2(N), BLOCK_D=bd, BLOCK_K=min(256, triton.next_power_of_2(ks[0] * ks[1])),
         FALLBACK_P=min(bw * br, max(16, 1024 // bd)), VDOT=vdot, RANGE_LIMIT=RANGE_LIMIT,
-        num_warps=cfg.num_warps, num_stages=cfg.num_stages,
+        **launch_options(cfg),
     )
 
 
@@ -156,7 +168,7 @@ def banded_bwd_blocks(cfg: KernelConfig, N: int, d: int, ks: Pair, values: torch
         BLOCK_DC=min(bd, max(1, 128 // br)), BLOCK_N=triton.next_power_of_2(N), BLOCK_D=bd,
         BLOCK_KW=triton.next_power_of_2(ks[1]), FALLBACK_P=min(bw * br, max(16, 1024 // bd)),
         VDOT=_vdot_mode(values, on_gpu, split=True, split_fp16=True), RANGE_LIMIT=RANGE_LIMIT,
-        num_warps=cfg.num_warps, num_stages=cfg.num_stages,
+        **launch_options(cfg),
     )
 
 
@@ -328,8 +340,11 @@ def qna_backward(
         kwargs = dict(HAS_SCALE=a is not None, **_blocks(cfg, N, d, layout))
 
     def args(parts: Tuple[torch.Tensor, ...], progs: int) -> tuple:
+        # the banded kernel skips the persistent loop's empty last round by the tile count; the direct
+        # one's pixel mask covers it
+        tiles = (num_tiles,) if banded else ()
         return (logits, values, r, a if a is not None else r, g, lse, delta, dl, dv, *parts, *common,
-                num_tiles, triton.cdiv(num_tiles, progs), dl.stride(2), dv.stride(2))
+                *tiles, triton.cdiv(num_tiles, progs), dl.stride(2), dv.stride(2))
 
     with _on_device(logits):
         resident = None

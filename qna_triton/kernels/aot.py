@@ -127,7 +127,7 @@ def _problem_args(kernel: str, dtype: torch.dtype, n_queries: int, heads: int, h
     else:
         dqv = torch.empty(B, H, W, h * N + h * d, dtype=dtype, **meta)
         args = (L, V, table, table, out, stats, stats, dqv[..., : h * N], dqv[..., h * N:], table, table,
-                *common, 64, 1, dqv.stride(2), dqv.stride(2))
+                *common, 1, dqv.stride(2), dqv.stride(2))
     return args, consts
 
 
@@ -174,14 +174,13 @@ def compile_kernel(
     target = GPUTarget("cuda", arch, 32)
     backend = make_backend(target)
     binder = create_function_from_signature(fn.signature, fn.params, backend)
-    _, spec, _ = binder(*args, **kwargs)
+    _, spec, options = binder(*args, **kwargs)  # options: the launch's (warps, stages, FP fusion)
     names = [p.name for p in fn.params]
     signature = {n: sp[0] for n, sp in zip(names, spec)}
     constexprs = {(i,): sp[1] for i, sp in enumerate(spec) if sp[0] == "constexpr"}
     attrs = {(i,): backend.parse_attr(sp[1]) for i, sp in enumerate(spec) if isinstance(sp[1], str)}
     src = ASTSource(fn=fn, signature=signature, constexprs=constexprs, attrs=attrs)
-    compiled = triton.compile(src, target=target,
-                              options=dict(num_warps=config.num_warps, num_stages=config.num_stages))
+    compiled = triton.compile(src, target=target, options=options)
     regs, st, ld, sass = _ptxas(compiled.asm["ptx"], arch, want_sass=loops)
     return CompileReport(regs, st, ld, compiled.metadata.shared, loop_profile(sass) if loops else ())
 
