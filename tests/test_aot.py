@@ -35,13 +35,23 @@ def test_every_kernel_compiles_for_sm80_and_sm90(compiled):
     assert {r["head_dim"] for r in results} >= {8, 12, 16, 32, 64, 128}
 
 
+def _spill_limit(r) -> int:
+    """Bytes of spills (stored + loaded) a default configuration may have. ptxas sometimes trades a few
+    (L1-resident) spills for occupancy: 8-32 bytes under Triton 3.6. Triton 3.9's compiler gives the
+    banded forward at k = 31 on sm_80 72 stored + 68 loaded (128 registers, two 8-warp programs per SM,
+    where 0 spills take 180): that one entry, under that compiler, may have 160. A tile that really
+    does not fit spills hundreds of bytes, which is what this guards against."""
+    import triton
+
+    newer = tuple(int(v) for v in triton.__version__.split(".")[:2]) >= (3, 9)
+    if newer and r.get("algo") == "banded" and r["kernel"] == "fwd" and r["arch"] == 80 and r.get("window") == 31:
+        return 160
+    return 64
+
+
 def test_default_configs_spill_at_most_a_few_registers(compiled):
-    # ptxas sometimes trades a few (L1-resident) spills for occupancy: 8-32 bytes under Triton 3.6, and
-    # under Triton 3.9 72 bytes stored + 68 loaded for the banded forward at k = 31 on sm_80 (128
-    # registers, two 8-warp programs per SM, where 0 spills take 180). A tile that really does not fit
-    # spills hundreds of bytes, which is what this guards against.
     results, _ = compiled
-    spilling = [r for r in results if r["ok"] and r["spill_stores"] + r["spill_loads"] > 160]
+    spilling = [r for r in results if r["ok"] and r["spill_stores"] + r["spill_loads"] > _spill_limit(r)]
     assert not spilling, spilling
     assert all(r["registers"] <= 255 for r in results if r["ok"])
 
