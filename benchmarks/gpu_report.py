@@ -36,6 +36,7 @@ import json
 import os
 import re
 import shlex
+import shutil
 import signal
 import statistics
 import subprocess
@@ -61,7 +62,7 @@ REHEARSAL_TOTAL_BUDGET = 240.0
 # A quick test file for the rehearsal's suite stage (the full suite takes about 12 minutes on 2 cores).
 REHEARSAL_SUITE = ("tests/test_tuning.py",)
 BUDGET_ENV = "GPU_REPORT_BUDGET"
-RESERVE_S = 8.0  # kept back at the end for the summary
+RESERVE_S = 10.0  # kept back at the end: a child stopped at the deadline gets GRACE_S more, then the summary
 GRACE_S = 5.0  # between SIGINT (pytest and the harness print what they have) and SIGKILL
 MIN_SUITE_S = 15.0
 
@@ -81,10 +82,10 @@ HEADLINE = "bf16, batch 32, 64x64, C = 128, d = 8 (16 heads), N = 2"
 WINDOWS = (3, 7, 15, 31)
 COMPILED_WINDOWS = (7, 15)
 # (providers, windows) per harness run, in order of priority
+# (the compiled peers last: they compile for tens of seconds per shape)
 BENCH_RUNS = (
-    (("copy", "qna_triton", "paper_eager"), WINDOWS),
+    (("copy", "qna_triton", "paper_eager", "naive_window"), WINDOWS),
     (("paper_compiled", "flex_nat"), COMPILED_WINDOWS),
-    (("naive_window",), WINDOWS),
 )
 PEERS = ("paper_eager", "paper_compiled", "flex_nat", "naive_window")
 LAUNCH_SHAPE = dict(B=1, H=8, W=8, N=2, h=4, d=8, k=3)
@@ -410,7 +411,8 @@ class Report:
             p = run_one(pytest + ["--collect-only", "-q", self.test_file], coll, self.env(),
                         min(deadline, time.monotonic() + 60))
             text = _read(coll)
-            ids = [l.strip() for l in text.splitlines() if "::" in l and not l.startswith("$ ")]
+            # node ids, once each (a warnings summary may list some again)
+            ids = list(dict.fromkeys(l.strip() for l in text.splitlines() if re.fullmatch(r"\S+::\S+", l.strip())))
             if p.rc != 0 or not ids:
                 _append(log, f"{self.test_file}: collection", text)
                 self._fail(info, p, text)
@@ -691,8 +693,9 @@ def summary_markdown(state: dict, out: str) -> str:
                  + (f", took {state['seconds']:.0f} s" if state.get("seconds") is not None else "") + ".")
     if env:
         lines.append(f"torch {env.get('torch')}, triton {env.get('triton')}, CUDA {env.get('cuda')}, driver "
-                     f"{env.get('driver', 'n/a')}, python {env.get('python')}.")
+                     f"{env.get('driver') or 'n/a'}, python {env.get('python')}.")
     rerun = "bash scripts/gpu_report.sh" + (" --rehearse" if rehearsal else "")
+    previous = "runs/gpu_report"
     lines += ["", "| stage | status | seconds | budget | result | first error |", "|---|---|---|---|---|---|"]
     todo = []
     for s in STAGES:
@@ -705,8 +708,10 @@ def summary_markdown(state: dict, out: str) -> str:
                      f"{_cell(info.get('result', ''))} | {_cell(err)} |")
     lines.append("")
     if todo:
-        lines.append("Rerun what did not finish (same OUT, results merge): "
-                     + ", ".join(f"`OUT={out} {rerun} --stage {s}`" for s in todo) + ".")
+        lines.append("Rerun what did not finish (results merge into the same report): "
+                     + ", ".join(f"`OUT={out} {rerun} --stage {s}`" for s in todo)
+                     + f". On a machine whose OUT starts empty, bring these files along (e.g. in {previous}/) "
+                       f"and add `--previous {previous}`; `--stage` may be repeated.")
     else:
         lines.append("Every stage ran to the end.")
 
@@ -715,11 +720,13 @@ def summary_markdown(state: dict, out: str) -> str:
     if bench.get("table"):
         lines += ["Peer time / our time for forward+backward (>1: ours is faster), memory = peer extra / ours; "
                   "fwd GB/s over the forward's bytes floor, % of a copy of those bytes.", "",
-                  "| k | ours fwd ms | ours fwd+bwd ms | fwd GB/s | fwd % of copy | x paper eager | "
-                  "x paper compiled | x FlexAttention | x window-materialising | memory x window-materialising |",
-                  "|---|---|---|---|---|---|---|---|---|---|"]
+                  "| k | ours fwd ms | ours fwd+bwd ms | ours fwd+bwd extra MB | fwd GB/s | fwd % of copy | "
+                  "x paper eager | x paper compiled | x FlexAttention | x window-materialising | "
+                  "memory x window-materialising |",
+                  "|---|---|---|---|---|---|---|---|---|---|---|"]
         for e in bench["table"]:
             lines.append(f"| {e['window']} | {_n(e.get('fwd_ms'))} | {_n(e.get('fwd_bwd_ms'))} | "
+                         f"{_n(e.get('fwd_bwd_extra_mb'), '.0f')} | "
                          f"{_n(e.get('fwd_gb_s'), '.0f')} | {_n(e.get('fwd_pct_copy'), '.0f')} | "
                          f"{_n(e.get('x_paper_eager'))} | {_n(e.get('x_paper_compiled'))} | {_n(e.get('x_flex_nat'))} | "
                          f"{_n(e.get('x_naive_window'))} | {_n(e.get('mem_x_naive_window'))} |")
@@ -792,17 +799,12 @@ def child_environment(out_json: str, rehearse: bool) -> int:
     _save(out_json, data)
     fields = ("name", "driver_version", "pstate", "clocks.sm", "clocks.max.sm", "clocks.mem", "clocks.max.mem",
               "power.draw", "power.limit", "temperature.gpu", "memory.total")
-    try:
-        smi = subprocess.run(["nvidia-smi", f"--query-gpu={','.join(fields)}", "--format=csv,noheader"],
-                             capture_output=True, text=True, timeout=10)
-        if smi.returncode == 0 and smi.stdout.strip():
-            values = [v.strip() for v in smi.stdout.strip().splitlines()[0].split(",")]
-            data["nvidia_smi"] = dict(zip(fields, values))
-            data["driver"] = data["nvidia_smi"].get("driver_version")
-        else:
-            data["nvidia_smi"] = {"error": (smi.stderr or smi.stdout).strip()[:200] or f"exit {smi.returncode}"}
-    except (OSError, subprocess.TimeoutExpired) as e:
-        data["nvidia_smi"] = {"error": f"{type(e).__name__}: {e}"[:200]}
+    smi = _nvidia_smi(fields)
+    if "error" in smi:  # an older driver may lack a field: name and driver at least
+        fallback = _nvidia_smi(fields[:2])
+        smi = smi if "error" in fallback else {**fallback, "error": smi["error"]}
+    data["nvidia_smi"] = smi
+    data["driver"] = data["nvidia_smi"].get("driver_version")
     _save(out_json, data)
     print(json.dumps(data, indent=1), flush=True)
     from .hw import measure_copy_bandwidth, measure_matmul_rate
@@ -817,6 +819,19 @@ def child_environment(out_json: str, rehearse: bool) -> int:
     _save(out_json, data)
     print(f"copy {data['copy_gb_s']:.1f} GB/s, bf16 matmul {data['matmul_tflop_s']:.2f} TFLOP/s", flush=True)
     return 0
+
+
+def _nvidia_smi(fields: Sequence[str]) -> dict:
+    """``nvidia-smi``'s values of ``fields`` for the first GPU (read only: nothing is changed), or
+    ``{"error": ...}``."""
+    try:
+        smi = subprocess.run(["nvidia-smi", f"--query-gpu={','.join(fields)}", "--format=csv,noheader"],
+                             capture_output=True, text=True, timeout=10)
+    except (OSError, subprocess.TimeoutExpired) as e:
+        return {"error": f"{type(e).__name__}: {e}"[:200]}
+    if smi.returncode != 0 or not smi.stdout.strip():
+        return {"error": (smi.stderr or smi.stdout).strip()[:200] or f"exit {smi.returncode}"}
+    return dict(zip(fields, (v.strip() for v in smi.stdout.strip().splitlines()[0].split(","))))
 
 
 def child_launch(out_json: str, rehearse: bool) -> int:
@@ -887,6 +902,9 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
     p.add_argument("--stage", action="append", choices=STAGES, default=[],
                    help="run only this stage (repeatable), merging into the report already in OUT")
     p.add_argument("--out", default=None, help="output folder (default $OUT, else runs/gpu_report)")
+    p.add_argument("--previous", default=None, metavar="DIR",
+                   help="with --stage: first copy an earlier report's files from DIR into OUT (a machine whose "
+                        "OUT starts empty: bring DIR along in the working tree)")
     p.add_argument("--budget", type=float, default=None,
                    help=f"seconds for the whole run (default ${BUDGET_ENV}, else {TOTAL_BUDGET:.0f}; "
                         f"rehearsal {REHEARSAL_TOTAL_BUDGET:.0f})")
@@ -931,6 +949,13 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     out = os.path.abspath(args.out or os.environ.get("OUT") or os.path.join(REPO, "runs", "gpu_report"))
     report = Report(out, args.rehearse, sys.executable, budget, _stage_budgets(args),
                     test_file=args.test_file, suite_files=args.suite_files, jobs=args.jobs)
+    if args.previous:
+        if not args.stage:
+            raise SystemExit("--previous goes with --stage (a whole run starts a new report)")
+        if not os.path.isfile(os.path.join(args.previous, STATE)):
+            raise SystemExit(f"--previous {args.previous}: no {STATE} there")
+        if os.path.realpath(args.previous) != os.path.realpath(out):
+            shutil.copytree(args.previous, out, dirs_exist_ok=True)
     report.load(fresh=not args.stage)
     stages = [s for s in STAGES if s in args.stage] if args.stage else list(STAGES)
     report.log(f"GPU report ({'CPU rehearsal' if args.rehearse else 'GPU'}) into {out}: stages "
