@@ -449,8 +449,12 @@ class Report:
         info["result"] = counts_line(counts)
         failed = [(pr, t) for pr, t in results if pr.rc not in (0, 5) or pr.timed_out]
         if any(pr.timed_out for pr, _ in results) or any(pr.rc is None for pr in procs):
-            pr, t = next(((pr, t) for pr, t in results if pr.timed_out), (procs[0], ""))
-            info.update(status="out of time", error=first_error(t) or "a shard ran past the budget")
+            late = [procs.index(pr) for pr, _ in results if pr.timed_out]
+            unstarted = sum(pr.rc is None for pr in procs)
+            info.update(status="out of time", error=(f"shard {', '.join(map(str, late))} stopped at the budget"
+                                                     if late else f"{unstarted} shards not started")
+                        + (f"; first failure: {first_error(failed[0][1])}" if failed and not failed[0][0].timed_out
+                           else ""))
         elif failed:
             info.update(status="failed", error=first_error(failed[0][1]) or f"exit code {failed[0][0].rc}")
         if counts and counts.get("skipped", 0) == sum(counts.values()):
@@ -708,10 +712,10 @@ def summary_markdown(state: dict, out: str) -> str:
                      f"{_cell(info.get('result', ''))} | {_cell(err)} |")
     lines.append("")
     if todo:
-        lines.append("Rerun what did not finish (results merge into the same report): "
-                     + ", ".join(f"`OUT={out} {rerun} --stage {s}`" for s in todo)
-                     + f". On a machine whose OUT starts empty, bring these files along (e.g. in {previous}/) "
-                       f"and add `--previous {previous}`; `--stage` may be repeated.")
+        lines.append("Rerun what did not finish, merging into this report (a stage rerun alone may use the "
+                     f"whole budget): `OUT={out} {rerun} {' '.join(f'--stage {s}' for s in todo)}`. On a machine "
+                     f"whose OUT starts empty, bring these files along (e.g. in {previous}/) and add "
+                     f"`--previous {previous}`.")
     else:
         lines.append("Every stage ran to the end.")
 

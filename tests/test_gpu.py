@@ -151,14 +151,15 @@ def _train_losses(model, x, y, steps: int = 2):
 
 def test_compiled_qna_vit_tiny_training_step_matches_reference_backend(monkeypatch):
     """qna_vit_tiny at 224x224 under ``torch.compile`` (the kernels inside the compiled graph as custom
-    ops) trains like the library's PyTorch path in eager mode: the same losses over two steps."""
+    ops) trains like the library's PyTorch path in eager mode: the same losses over two steps. No
+    drop-path (qna_vit_tiny's default is 0.05): the compiled and the eager run would draw other masks."""
     import copy
 
     import torch._dynamo
     from qna_vit import create_model
 
     torch.manual_seed(0)
-    model = create_model("qna_vit_tiny", num_classes=10).to(DEVICE).train()
+    model = create_model("qna_vit_tiny", num_classes=10, drop_path=0.0).to(DEVICE).train()
     twin = copy.deepcopy(model)
     x = torch.randn(4, 3, 224, 224, device=DEVICE)
     y = torch.randint(0, 10, (4,), device=DEVICE)
