@@ -96,6 +96,9 @@ def now() -> str:
 
 
 # --------------------------------------------------------------------------------- processes
+RUNNING: List["Proc"] = []  # children to stop should the report itself be terminated
+
+
 @dataclass
 class Proc:
     """A child process whose output goes to ``log``; ``rc`` None while running."""
@@ -111,6 +114,7 @@ class Proc:
     killed_at: Optional[float] = None
 
     def start(self) -> None:
+        RUNNING.append(self)
         self.started = time.monotonic()
         with open(self.log, "a") as f:
             f.write(f"$ {shlex.join(self.cmd)}\n")
@@ -132,6 +136,8 @@ class Proc:
                 self._signal(signal.SIGKILL)
             return False
         self.rc, self.seconds = rc, time.monotonic() - self.started
+        if self in RUNNING:
+            RUNNING.remove(self)
         return True
 
     def _signal(self, sig: int) -> None:
@@ -964,6 +970,17 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     stages = [s for s in STAGES if s in args.stage] if args.stage else list(STAGES)
     report.log(f"GPU report ({'CPU rehearsal' if args.rehearse else 'GPU'}) into {out}: stages "
                f"{', '.join(stages)}, budget {budget:.0f} s")
+
+    def terminated(signum, frame):  # e.g. an outer `timeout`: stop the children, keep what was written
+        for p in list(RUNNING):
+            p._signal(signal.SIGKILL)
+        for info in report.state.get("stages", {}).values():
+            if info.get("status") == "running":
+                info.update(status="out of time", error=f"the report was stopped (signal {signum})")
+        report.save()
+        raise SystemExit(128 + signum)
+
+    signal.signal(signal.SIGTERM, terminated)
     rc = report.run(stages)
     print(f"\n{_read(report.path(SUMMARY))}")
     return rc

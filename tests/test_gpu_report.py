@@ -142,3 +142,19 @@ def test_ingest_into_a_scratch_repository(rehearsal, tmp_path):
     n_rows = len((results / "rows.jsonl").read_text().splitlines())
     ingest.ingest(str(returned), str(repo))
     assert len((results / "rows.jsonl").read_text().splitlines()) == n_rows
+
+
+def test_pytest_output_parsing():
+    """Counts from pytest's summary line, or from its verbose lines when it was stopped before it; the
+    first line naming a failure."""
+    from benchmarks.gpu_report import first_error, pytest_counts
+
+    done = "x\n==== 1 failed, 13 passed, 28 deselected, 5 warnings in 9.10s (0:00:09) ====\n"
+    assert pytest_counts(done) == {"failed": 1, "passed": 13, "deselected": 28}
+    assert pytest_counts("==== 2 errors in 0.1s ====") == {"errors": 2}
+    stopped = ("tests/test_gpu.py::test_a[x-1] PASSED [ 10%]\ntests/test_gpu.py::test_b FAILED [ 20%]\n"
+               "tests/test_gpu.py::test_c ")
+    assert pytest_counts(stopped) == {"passed": 1, "failed": 1}
+    text = "$ python -m pytest\nE   AssertionError: boom\nFAILED tests/x.py::t - AssertionError: boom\n"
+    assert first_error(text) == "FAILED tests/x.py::t - AssertionError: boom"
+    assert first_error("ERROR: file or directory not found: tests/nope.py\n").startswith("ERROR: file")
