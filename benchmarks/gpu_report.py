@@ -657,9 +657,9 @@ def environment_line(d: dict) -> str:
     if d.get("capability"):
         parts.append(f"sm_{d['capability'].replace('.', '')}")
     if d.get("copy_gb_s"):
-        parts.append(f"copy {d['copy_gb_s']:.0f} GB/s")
+        parts.append(f"copy {d['copy_gb_s']:.4g} GB/s")
     if d.get("matmul_tflop_s"):
-        parts.append(f"bf16 matmul {d['matmul_tflop_s']:.1f} TFLOP/s")
+        parts.append(f"bf16 matmul {d['matmul_tflop_s']:.3g} TFLOP/s")
     smi = d.get("nvidia_smi") or {}
     if smi.get("clocks.sm"):
         parts.append(f"SM clock {smi['clocks.sm']} (max {smi.get('clocks.max.sm', '?')})")

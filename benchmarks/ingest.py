@@ -102,9 +102,12 @@ def ingest(src: str, repo: str = REPO) -> List[str]:
 
 def _merge_config(path: str, configs: str) -> str:
     """The tuned file merged into the shipped one of the same GPU (entries of this run win)."""
-    from qna_triton.tuning import read_config_file, write_config_file
+    from qna_triton.tuning import ConfigFileError, read_config_file, write_config_file
 
-    new = read_config_file(path)  # refuses a corrupted or wrong-schema file
+    try:
+        new = read_config_file(path)
+    except ConfigFileError as e:
+        raise SystemExit(f"{path} {e}; not ingested") from None
     if new.invalid:
         raise SystemExit(f"{path}: {len(new.invalid)} invalid entries; not ingested")
     dst = os.path.join(configs, os.path.basename(path))
