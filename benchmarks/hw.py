@@ -1,4 +1,5 @@
-"""The two ceilings, measured on the device: copy bandwidth and the float32 CUDA-core FMA rate."""
+"""The ceilings, measured on the device: copy bandwidth, the float32 CUDA-core FMA rate and the bf16
+matrix-product rate."""
 
 from __future__ import annotations
 
@@ -10,7 +11,8 @@ import triton.language as tl
 
 from .timing import TimingConfig, time_fn
 
-__all__ = ["fma_chain", "fma_flops", "measure_fp32_rate", "measure_copy_bandwidth", "FMA_CHAINS"]
+__all__ = ["fma_chain", "fma_flops", "measure_fp32_rate", "measure_copy_bandwidth", "measure_matmul_rate",
+           "FMA_CHAINS"]
 
 FMA_CHAINS = 8  # independent chains per element: enough instruction-level parallelism to fill the pipes
 
@@ -70,3 +72,16 @@ def measure_copy_bandwidth(device: torch.device, cfg: TimingConfig, nbytes: int 
     dst.copy_(src)
     p50, _, _ = time_fn(lambda: dst.copy_(src), device, cfg)
     return 2 * nbytes / (p50 * 1e-3), p50
+
+
+def measure_matmul_rate(device: torch.device, cfg: TimingConfig, n: int = 8192,
+                        dtype: torch.dtype = torch.bfloat16) -> Tuple[float, float]:
+    """``(FLOP/s, p50 ms)`` of an ``n x n`` by ``n x n`` matrix product (``2 n^3`` FLOP) on random data:
+    the tensor-core rate the banded kernels' products are bounded by."""
+    g = torch.Generator(device=device).manual_seed(0)
+    a = torch.randn(n, n, device=device, dtype=torch.float32, generator=g).to(dtype)
+    b = torch.randn(n, n, device=device, dtype=torch.float32, generator=g).to(dtype)
+    out = torch.empty(n, n, device=device, dtype=dtype)
+    torch.mm(a, b, out=out)
+    p50, _, _ = time_fn(lambda: torch.mm(a, b, out=out), device, cfg)
+    return 2 * n ** 3 / (p50 * 1e-3), p50
