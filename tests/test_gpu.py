@@ -24,41 +24,41 @@ pytestmark = pytest.mark.gpu
 DEVICE = "cuda"
 F32, F16, BF16 = torch.float32, torch.float16, torch.bfloat16
 
-# (case, dtype, algorithm): Case(B, H, W, N, h, d, kh, kw, sh, sw, ph, pw, with_scale)
+# (case, dtype, algorithm)
 CASES = [
     # direct kernels
-    (Case(2, 17, 19, 2, 16, 8, 3, 3, 1, 1, 1, 1), BF16, "direct"),  # the benchmark's head layout
-    (Case(2, 17, 19, 2, 16, 8, 3, 3, 1, 1, 1, 1), F16, "direct"),
-    (Case(2, 17, 19, 2, 16, 8, 3, 3, 1, 1, 1, 1), F32, "direct"),
-    (Case(1, 20, 18, 1, 4, 16, 7, 7, 2, 2, 3, 3), F16, "direct"),
-    (Case(1, 16, 16, 4, 2, 32, 4, 4, 1, 1, 2, 1), BF16, "direct"),  # even window, uneven padding
-    (Case(1, 24, 21, 3, 2, 64, 5, 3, 1, 2, 2, 1), F32, "direct"),  # non-square window, mixed stride
-    (Case(1, 33, 35, 2, 4, 8, 15, 15, 1, 1, 7, 7), BF16, "direct"),
-    (Case(1, 40, 37, 2, 2, 8, 31, 31, 1, 1, 15, 15), BF16, "direct"),
-    (Case(1, 12, 14, 2, 8, 8, 3, 3, 2, 2, 1, 1, with_scale=False), F32, "direct"),
-    (Case(2, 9, 11, 1, 1, 12, 2, 6, 1, 1, 0, 3), F16, "direct"),  # head dim not a power of two
-    (Case(1, 30, 30, 2, 4, 16, 7, 7, 1, 1, 3, 3), F32, "direct"),
-    (Case(1, 20, 20, 4, 2, 8, 15, 15, 2, 2, 7, 7), F16, "direct"),
-    (Case(1, 31, 33, 2, 2, 32, 31, 31, 2, 2, 15, 15), F32, "direct"),
+    (Case(B=2, H=17, W=19, N=2, h=16, d=8, k=3, s=1, p=1), BF16, "direct"),  # the benchmark's head layout
+    (Case(B=2, H=17, W=19, N=2, h=16, d=8, k=3, s=1, p=1), F16, "direct"),
+    (Case(B=2, H=17, W=19, N=2, h=16, d=8, k=3, s=1, p=1), F32, "direct"),
+    (Case(B=1, H=20, W=18, N=1, h=4, d=16, k=7, s=2, p=3), F16, "direct"),
+    (Case(B=1, H=16, W=16, N=4, h=2, d=32, k=4, s=1, p=(2, 1)), BF16, "direct"),  # even window, uneven padding
+    (Case(B=1, H=24, W=21, N=3, h=2, d=64, k=(5, 3), s=(1, 2), p=(2, 1)), F32, "direct"),  # non-square window, mixed stride
+    (Case(B=1, H=33, W=35, N=2, h=4, d=8, k=15, s=1, p=7), BF16, "direct"),
+    (Case(B=1, H=40, W=37, N=2, h=2, d=8, k=31, s=1, p=15), BF16, "direct"),
+    (Case(B=1, H=12, W=14, N=2, h=8, d=8, k=3, s=2, p=1, with_scale=False), F32, "direct"),
+    (Case(B=2, H=9, W=11, N=1, h=1, d=12, k=(2, 6), s=1, p=(0, 3)), F16, "direct"),  # head dim not a power of two
+    (Case(B=1, H=30, W=30, N=2, h=4, d=16, k=7, s=1, p=3), F32, "direct"),
+    (Case(B=1, H=20, W=20, N=4, h=2, d=8, k=15, s=2, p=7), F16, "direct"),
+    (Case(B=1, H=31, W=33, N=2, h=2, d=32, k=31, s=2, p=15), F32, "direct"),
     # banded (tensor-core) kernels: forward, delta and, at stride 1, the main backward kernel
-    (Case(2, 17, 19, 2, 16, 8, 3, 3, 1, 1, 1, 1), BF16, "banded"),
-    (Case(1, 33, 35, 2, 4, 8, 7, 7, 1, 1, 3, 3), BF16, "banded"),
-    (Case(1, 33, 35, 2, 4, 8, 7, 7, 1, 1, 3, 3), F16, "banded"),
-    (Case(1, 33, 35, 2, 4, 8, 7, 7, 1, 1, 3, 3), F32, "banded"),
-    (Case(1, 33, 35, 2, 4, 8, 15, 15, 1, 1, 7, 7), BF16, "banded"),
-    (Case(1, 40, 37, 2, 2, 8, 31, 31, 1, 1, 15, 15), BF16, "banded"),
-    (Case(1, 40, 37, 1, 2, 16, 31, 31, 1, 1, 15, 15), F16, "banded"),
-    (Case(1, 20, 18, 3, 2, 16, 7, 7, 2, 2, 3, 3), BF16, "banded"),  # stride 2: the direct main kernel
-    (Case(1, 18, 22, 4, 2, 32, 4, 6, 1, 1, 2, 3), F16, "banded"),  # even, non-square
-    (Case(1, 24, 21, 2, 1, 64, 9, 5, 1, 1, 4, 2), BF16, "banded"),
-    (Case(1, 21, 20, 1, 3, 8, 15, 13, 2, 1, 7, 6), F32, "banded"),
-    (Case(2, 16, 16, 2, 16, 8, 15, 15, 1, 1, 7, 7, with_scale=False), F16, "banded"),
-    (Case(1, 17, 33, 2, 2, 24, 17, 17, 1, 1, 8, 8), BF16, "banded"),  # halo of two 32-column chunks
+    (Case(B=2, H=17, W=19, N=2, h=16, d=8, k=3, s=1, p=1), BF16, "banded"),
+    (Case(B=1, H=33, W=35, N=2, h=4, d=8, k=7, s=1, p=3), BF16, "banded"),
+    (Case(B=1, H=33, W=35, N=2, h=4, d=8, k=7, s=1, p=3), F16, "banded"),
+    (Case(B=1, H=33, W=35, N=2, h=4, d=8, k=7, s=1, p=3), F32, "banded"),
+    (Case(B=1, H=33, W=35, N=2, h=4, d=8, k=15, s=1, p=7), BF16, "banded"),
+    (Case(B=1, H=40, W=37, N=2, h=2, d=8, k=31, s=1, p=15), BF16, "banded"),
+    (Case(B=1, H=40, W=37, N=1, h=2, d=16, k=31, s=1, p=15), F16, "banded"),
+    (Case(B=1, H=20, W=18, N=3, h=2, d=16, k=7, s=2, p=3), BF16, "banded"),  # stride 2: the direct main kernel
+    (Case(B=1, H=18, W=22, N=4, h=2, d=32, k=(4, 6), s=1, p=(2, 3)), F16, "banded"),  # even, non-square
+    (Case(B=1, H=24, W=21, N=2, h=1, d=64, k=(9, 5), s=1, p=(4, 2)), BF16, "banded"),
+    (Case(B=1, H=21, W=20, N=1, h=3, d=8, k=(15, 13), s=(2, 1), p=(7, 6)), F32, "banded"),
+    (Case(B=2, H=16, W=16, N=2, h=16, d=8, k=15, s=1, p=7, with_scale=False), F16, "banded"),
+    (Case(B=1, H=17, W=33, N=2, h=2, d=24, k=17, s=1, p=8), BF16, "banded"),  # halo of two 32-column chunks
     # the library's own choice (tuned entry or heuristic)
-    (Case(2, 32, 32, 2, 16, 8, 7, 7, 1, 1, 3, 3), BF16, "auto"),
-    (Case(2, 32, 32, 2, 16, 8, 15, 15, 1, 1, 7, 7), BF16, "auto"),
-    (Case(1, 36, 36, 2, 4, 8, 31, 31, 1, 1, 15, 15), F32, "auto"),
-    (Case(2, 28, 28, 2, 2, 64, 3, 3, 2, 2, 1, 1), F16, "auto"),
+    (Case(B=2, H=32, W=32, N=2, h=16, d=8, k=7, s=1, p=3), BF16, "auto"),
+    (Case(B=2, H=32, W=32, N=2, h=16, d=8, k=15, s=1, p=7), BF16, "auto"),
+    (Case(B=1, H=36, W=36, N=2, h=4, d=8, k=31, s=1, p=15), F32, "auto"),
+    (Case(B=2, H=28, W=28, N=2, h=2, d=64, k=3, s=2, p=1), F16, "auto"),
 ]
 
 
@@ -78,7 +78,7 @@ def test_forward_and_gradients_match_oracle(case, dtype, algo, monkeypatch, nan_
 def test_backward_is_bitwise_deterministic(algo, k, monkeypatch):
     """Two runs on a problem of many programs (contention on the per-offset sums) give identical bits."""
     monkeypatch.setenv("QNA_TRITON_BACKEND", "triton")
-    case = Case(4, 48, 48, 2, 16, 8, k, k, 1, 1, k // 2, k // 2)
+    case = Case(B=4, H=48, W=48, N=2, h=16, d=8, k=k, s=1, p=k // 2)
     inputs = make_inputs(case, dtype=BF16, device=DEVICE, query_minor_logits=True)
     g = torch.randn((4, 48, 48, 16, 8), device=DEVICE, generator=torch.Generator(DEVICE).manual_seed(3)).to(BF16)
     runs = []
@@ -97,7 +97,7 @@ def test_extreme_logits(algo, dtype, monkeypatch):
     """Logits of magnitude 1e4 (the banded kernels fall back to the exact form): a finite output
     equal to the oracle's and finite gradients."""
     monkeypatch.setenv("QNA_TRITON_BACKEND", "triton")
-    case = Case(2, 20, 19, 2, 2, 8, 7, 7, 1, 1, 3, 3)
+    case = Case(B=2, H=20, W=19, N=2, h=2, d=8, k=7, s=1, p=3)
     logits, values, rpb, scale = make_inputs(case, dtype=dtype, device=DEVICE, logit_scale=1e4)
     ts = [t.clone().requires_grad_() for t in (logits, values, rpb, scale)]
     with kernel_algorithm(algo):
