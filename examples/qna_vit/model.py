@@ -69,6 +69,7 @@ __all__ = [
     "export_flax_params",
     "export_flax_batch_stats",
     "fx_tracer_kwargs",
+    "symbolic_trace",
     "qna_vit_tiny",
     "qna_vit_tiny_7x7",
     "qna_vit_small",
@@ -252,10 +253,23 @@ _FX_LEAF_FUNCTIONS: List[Callable] = []
 
 
 def fx_tracer_kwargs() -> Dict[str, Any]:
-    """``leaf_modules`` and ``autowrap_functions`` for a ``torch.fx.Tracer`` (or torchvision's
-    ``create_feature_extractor(..., tracer_kwargs=...)``) tracing a QnA-ViT without timm: the QnA layer
-    (a custom op with input checks) and the shape-dependent helpers stay single graph nodes."""
+    """``tracer_kwargs`` for torchvision's ``create_feature_extractor`` / ``get_graph_node_names`` tracing
+    a QnA-ViT without timm's lists: the QnA layer (a custom op behind input checks) and the
+    shape-dependent helpers stay single graph nodes."""
     return {"leaf_modules": [QnA], "autowrap_functions": list(_FX_LEAF_FUNCTIONS)}
+
+
+class _Tracer(torch.fx.Tracer):
+    def is_leaf_module(self, m: nn.Module, module_qualified_name: str) -> bool:
+        return isinstance(m, QnA) or super().is_leaf_module(m, module_qualified_name)
+
+
+def symbolic_trace(model: nn.Module) -> torch.fx.GraphModule:
+    """``torch.fx.symbolic_trace`` for a QnA-ViT (or any module holding QnA layers), with the leaves of
+    :func:`fx_tracer_kwargs`."""
+    tracer = _Tracer(autowrap_functions=tuple(_FX_LEAF_FUNCTIONS))
+    graph = tracer.trace(model)
+    return torch.fx.GraphModule(tracer.root, graph, model.__class__.__name__)
 
 
 if _timm_notrace_module is not None:
@@ -594,6 +608,15 @@ def _take_indices(n: int, indices: Optional[Union[int, Sequence[int]]]) -> Tuple
     return take, max(take)
 
 
+def _feature_module(cfg: QnAViTConfig, s: int) -> str:
+    """The module whose output is stage ``s``'s feature, for timm's hook and fx feature wrappers: the
+    stage's last QnA block (the stage's own name would also cover, under fx, its down-sampling block,
+    which the model runs after the stage), or the stage itself where nothing follows it."""
+    if cfg.qna_layers[s]:
+        return f"stages.{s}.qna_blocks.{cfg.qna_layers[s] - 1}"
+    return f"stages.{s}"
+
+
 # ----------------------------------------------------------------------------------- the model
 class QnAViT(nn.Module):
     """QnA-ViT: ``[B, in_chans, H, W]`` images -> ``[B, num_classes]`` logits.
@@ -655,7 +678,7 @@ class QnAViT(nn.Module):
         self.stages = nn.ModuleList(stages)
         self.grad_checkpointing = False
         # Both stems reduce by 4, each stage but the last by 2 more: the pyramid of strides 4, 8, 16, 32.
-        self.feature_info = [dict(num_chs=cfg.stage_dim(s), reduction=4 * 2 ** s, module=f"stages.{s}")
+        self.feature_info = [dict(num_chs=cfg.stage_dim(s), reduction=4 * 2 ** s, module=_feature_module(cfg, s))
                              for s in range(cfg.n_stages)]
         # The qnav* heads' window is the final map of img_size, so it must be a valid input size.
         feat = self._check_stage_sizes(*cfg.img_size)[-1] if cfg.head != "gap" else (1, 1)
@@ -1271,6 +1294,13 @@ def _entrypoint(name: str, pretrained: bool, kwargs: Dict[str, Any]) -> nn.Modul
     # (the stages are not a sequence of children: each is followed by its down-sampling block).
     feature_cfg = dict(feature_cls="getter", out_indices=tuple(range(MODEL_CONFIGS[name].n_stages)),
                        **kwargs.pop("feature_cfg", None) or {})
+    cls = kwargs.get("feature_cls", feature_cfg["feature_cls"])
+    if kwargs.get("features_only") and cls == "fx":
+        cfg = dataclasses.replace(MODEL_CONFIGS[name], **{k: v for k, v in kwargs.items()
+                                                          if k in QnAViTConfig.__dataclass_fields__}).normalized()
+        if any(not cfg.qna_layers[s] for s in range(cfg.n_stages - 1)):
+            raise ValueError("feature_cls='fx' needs a QnA block ending every stage but the last (its "
+                             "feature node); use the default 'getter' or 'hook'")
     return _timm_build(functools.partial(QnAViT, MODEL_CONFIGS[name]), name, pretrained,
                        pretrained_filter_fn=checkpoint_filter_fn, feature_cfg=feature_cfg, **kwargs)
 
