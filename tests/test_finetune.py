@@ -191,6 +191,8 @@ def test_our_checkpoints_resize_and_timm_pretrained_from_a_file(tmp_path):
     assert fine.head.fc.out_features == 3
     key = "stages.1.qna_blocks.0.mixer.Wk"
     assert torch.equal(fine.state_dict()[key], ckpt["model"][key])
+    same = timm.create_model("qna_vit_tiny", checkpoint_path=str(pt), num_classes=10, **SMALL)  # strict, as is
+    assert all(torch.equal(v, ckpt["model"][k]) for k, v in same.state_dict().items())
 
 
 def test_train_finetune_recipe_from_an_initial_checkpoint(tmp_path):
