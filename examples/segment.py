@@ -103,7 +103,10 @@ def generated_batch(batch: int, size: int, generator: torch.Generator) -> Tuple[
             cls = int(torch.randint(1, NUM_CLASSES, (1,), generator=generator))
             cy, cx = (torch.rand(2, generator=generator) * size).tolist()
             r = float(size) * (0.08 + 0.15 * float(torch.rand(1, generator=generator)))
-            mask = ((yy - cy).abs() < r) & ((xx - cx).abs() < r) if cls == 1 else (yy - cy) ** 2 + (xx - cx) ** 2 < r * r
+            if cls == 1:
+                mask = ((yy - cy).abs() < r) & ((xx - cx).abs() < r)
+            else:
+                mask = (yy - cy) ** 2 + (xx - cx) ** 2 < r * r
             colour = torch.rand(3, 1, generator=generator) * 0.7 + 0.3
             images[b][:, mask] = colour
             labels[b][mask] = cls

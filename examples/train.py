@@ -59,7 +59,7 @@ import torch.nn as nn
 from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import DataLoader
 
-from qna_vit import FINETUNE_384, MODEL_CONFIGS, create_model, load_checkpoint as load_weights, load_flax_params
+from qna_vit import FINETUNE_384, MODEL_CONFIGS, create_model, load_flax_params, load_weights
 from qna_vit.training.checkpoint import (BEST, CHECKPOINT_VERSION, LAST, all_finite, atomic_save, load_checkpoint, plain,
                                  resolve_checkpoint_path, rng_state, set_rng_state, truncate_csv)
 from qna_vit.training.data import (DATA_BACKENDS, AugConfig, DataSpec, ResumableSampler, SeededDataset, ShardSampler,
@@ -417,7 +417,8 @@ def _train(args: argparse.Namespace, info: DistInfo) -> Dict[str, Any]:
         f"color jitter {args.color_jitter}")
     say(f"optimizer: AdamW lr {lr:.3g} (global batch {global_batch} = {args.batch_size} x {info.world_size} "
         f"process(es) x {args.grad_accum_steps} accumulation) | weight decay {args.weight_decay} on "
-        f"{_fmt_count(n_decay)} of {_fmt_count(n_params)} parameters | {args.sched}, {warmup_epochs:g} warm-up epochs | "
+        f"{_fmt_count(n_decay)} of {_fmt_count(n_params)} parameters | {args.sched}, {warmup_epochs:g} warm-up "
+        f"epochs | "
         f"{args.epochs} epochs x {steps_per_epoch} steps" + (f", stopping at step {max_steps}"
                                                               if max_steps < total_steps else "")
         + (f" | EMA {args.model_ema_decay}" if ema else "") + (f" | clip {args.clip_grad}" if args.clip_grad else ""))

@@ -17,7 +17,7 @@ import torch
 from helpers import load_example
 from qna_triton import CheckpointError
 from qna_triton.flax_params import flatten_tree
-from qna_vit import FINETUNE_384, create_model, export_flax_params, load_checkpoint, load_flax_params, resize_table
+from qna_vit import FINETUNE_384, create_model, export_flax_params, load_flax_params, load_weights, resize_table
 from test_qna_vit import perturbed_tree, train_state, write_flax_checkpoint
 
 convert_flax = load_example("convert_flax")
@@ -166,7 +166,7 @@ def test_mismatches_that_are_not_tables_name_the_parameter():
 
 
 def test_our_checkpoints_resize_and_timm_pretrained_from_a_file(tmp_path):
-    """A converted checkpoint (convert_flax.py's format) into the 384 geometry: load_checkpoint, and timm's
+    """A converted checkpoint (convert_flax.py's format) into the 384 geometry: load_weights, and timm's
     pretrained=True with pretrained_cfg_overlay=dict(file=...), which resizes through the filter fn."""
     source, tree = _source()
     msgpack_path, pt = tmp_path / "checkpoint_1", tmp_path / "src.pt"
@@ -175,13 +175,13 @@ def test_our_checkpoints_resize_and_timm_pretrained_from_a_file(tmp_path):
                               *SMALL_ARGS]) == 0
     ckpt = torch.load(pt, weights_only=True)
     model = create_model("qna_vit_tiny", **SMALL, num_classes=10, **FINETUNE_384)
-    report = load_checkpoint(model, str(pt))
+    report = load_weights(model, str(pt))
     table = "stages.2.lsa_blocks.0.mixer.relative_position_bias_table"
     assert set(report.resized) == {table, table.replace("stages.2", "stages.3")} and not report.initialised
     np.testing.assert_allclose(model.state_dict()[table].numpy(), resize_table(
         ckpt["model"][table].double().numpy().reshape(27, 27, 4), (47, 47)).reshape(-1, 4), rtol=1e-6, atol=1e-7)
     with pytest.raises(CheckpointError, match="resize=True"):
-        load_checkpoint(create_model("qna_vit_tiny", **SMALL, num_classes=10, **FINETUNE_384), str(pt),
+        load_weights(create_model("qna_vit_tiny", **SMALL, num_classes=10, **FINETUNE_384), str(pt),
                         resize=False)
 
     timm = pytest.importorskip("timm")

@@ -19,8 +19,8 @@ When timm is installed, importing this module registers the four models with tim
 (``timm.create_model("qna_vit_tiny")``, ``features_only=True`` for a 4-level feature pyramid); timm
 is optional, everything else works without it. Any input size runs (``gap`` head): the LSA windows
 pad their maps to a window multiple and mask the padding. ``load_flax_params(..., resize=True)`` and
-:func:`load_checkpoint` load a checkpoint of another geometry (other windows, another resolution) as
-the original's fine-tuning does (docs/spec.md, section Fine-tuning).
+:func:`load_weights` load a checkpoint of another geometry (other windows, another resolution)
+as the original's fine-tuning does (docs/spec.md, section Fine-tuning).
 """
 
 from __future__ import annotations
@@ -63,7 +63,7 @@ __all__ = [
     "LoadReport",
     "create_model",
     "load_flax_params",
-    "load_checkpoint",
+    "load_weights",
     "resize_state_dict",
     "resize_table",
     "export_flax_params",
@@ -648,7 +648,8 @@ class QnAViT(nn.Module):
         if pool in ("qnav1", "qnav2"):
             overrides["head"] = pool
         elif pool == "gap" and overrides.get("head", config.head) != "gap":
-            raise ValueError(f"global_pool={global_pool!r} needs the 'gap' head, got head={overrides['head']!r}")
+            raise ValueError(f"global_pool={global_pool!r} needs the 'gap' head, got head="
+                             f"{overrides.get('head', config.head)!r}")
         cfg = dataclasses.replace(config, **overrides).normalized()
         if device is not None:
             with torch.device(device):
@@ -1206,7 +1207,7 @@ def checkpoint_filter_fn(state_dict: Mapping[str, torch.Tensor], model: nn.Modul
     return resize_state_dict(state_dict, model)[0]
 
 
-def load_checkpoint(model: QnAViT, checkpoint: Union[str, "os.PathLike[str]", Mapping[str, Any]],
+def load_weights(model: QnAViT, checkpoint: Union[str, "os.PathLike[str]", Mapping[str, Any]],
                     resize: bool = True) -> LoadReport:
     """Loads one of our checkpoints (``examples/convert_flax.py``'s or ``examples/train.py``'s file, or a
     bare state dict) into ``model``; with ``resize`` (default) from another geometry, as
@@ -1238,7 +1239,9 @@ def create_model(name: str, num_classes: int = 1000, **overrides: Any) -> QnAViT
     """
     if name not in MODEL_CONFIGS:
         raise ValueError(f"unknown model {name!r}; available: {sorted(MODEL_CONFIGS)}")
-    return QnAViT(MODEL_CONFIGS[name], num_classes=num_classes, **overrides)
+    model = QnAViT(MODEL_CONFIGS[name], num_classes=num_classes, **overrides)
+    model.pretrained_cfg["architecture"] = name
+    return model
 
 
 _PAPER = dict(paper_ids="arXiv:2112.11435", paper_name="Learned Queries for Efficient Local Attention")
@@ -1286,7 +1289,7 @@ def _entrypoint(name: str, pretrained: bool, kwargs: Dict[str, Any]) -> nn.Modul
         given = [k for k in _FEATURE_KWARGS if kwargs.get(k)]
         if given or pretrained:
             raise ValueError(f"{given or ['pretrained']} need timm (pip install timm); without it use "
-                             "forward_intermediates() and load_checkpoint()")
+                             "forward_intermediates() and load_weights()")
         return QnAViT(MODEL_CONFIGS[name], **kwargs)
     # getter: the pyramid from forward_intermediates (NCHW); 'hook' and 'fx' also work, 'list' does not
     # (the stages are not a sequence of children: each is followed by its down-sampling block).
