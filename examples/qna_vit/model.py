@@ -1286,7 +1286,7 @@ def _entrypoint(name: str, pretrained: bool, kwargs: Dict[str, Any]) -> nn.Modul
     if _timm_build is None:
         for key in _TIMM_ONLY_KWARGS:
             kwargs.pop(key, None)
-        given = [k for k in _FEATURE_KWARGS if kwargs.get(k)]
+        given = [k for k in _FEATURE_KWARGS if kwargs.pop(k, None)]
         if given or pretrained:
             raise ValueError(f"{given or ['pretrained']} need timm (pip install timm); without it use "
                              "forward_intermediates() and load_weights()")
