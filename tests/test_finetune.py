@@ -181,8 +181,13 @@ def test_our_checkpoints_resize_and_timm_pretrained_from_a_file(tmp_path):
     np.testing.assert_allclose(model.state_dict()[table].numpy(), resize_table(
         ckpt["model"][table].double().numpy().reshape(27, 27, 4), (47, 47)).reshape(-1, 4), rtol=1e-6, atol=1e-7)
     with pytest.raises(CheckpointError, match="resize=True"):
-        load_weights(create_model("qna_vit_tiny", **SMALL, num_classes=10, **FINETUNE_384), str(pt),
-                        resize=False)
+        load_weights(create_model("qna_vit_tiny", **SMALL, num_classes=10, **FINETUNE_384), str(pt), resize=False)
+    # train.py --initial-checkpoint takes either file: ours, or the original msgpack
+    flax_table = "LSAStage_2/MSA_Block_1/MultiHeadSelfAttention_0/RelativePositionalEmbedding_0/rpe_bias"
+    for path, key in ((pt, table), (msgpack_path, flax_table)):
+        other = create_model("qna_vit_tiny", **SMALL, num_classes=10, **FINETUNE_384)
+        assert key in train_script.load_initial_checkpoint(other, str(path)).resized
+        assert torch.equal(other.state_dict()[table], model.state_dict()[table])
 
     timm = pytest.importorskip("timm")
     fine = timm.create_model("qna_vit_tiny", pretrained=True, pretrained_cfg_overlay=dict(file=str(pt)),
