@@ -107,10 +107,20 @@ def test_pooling_options_and_errors():
 
 # ------------------------------------------------------------------------------------------- forward / backward
 @pytest.mark.parametrize("name", NAMES)
-def test_forward_backward_and_grad_checkpointing(name):
-    """timm's test_model_forward / test_model_backward at a reduced size, and checkpointing's equality."""
+def test_forward_backward(name):
+    """timm's test_model_backward at a reduced size: every parameter gets a gradient."""
     torch.manual_seed(0)
-    model = timm.create_model(name, num_classes=42, **reduced(name))
+    model = timm.create_model(name, num_classes=42, **reduced(name)).train()
+    out = model(torch.randn(2, 3, 48, 32))
+    assert out.shape == (2, 42) and torch.isfinite(out).all()
+    out.mean().backward()
+    assert not [n for n, p in model.named_parameters() if p.grad is None or not torch.isfinite(p.grad).all()]
+
+
+def test_grad_checkpointing_changes_nothing():
+    """timm's test_model_forward checkpointing check, and the same gradients in training."""
+    torch.manual_seed(0)
+    model = timm.create_model("qna_vit_tiny", num_classes=42, **reduced("qna_vit_tiny"))
     x = torch.randn(2, 3, 48, 32)
     model.eval()
     with torch.no_grad():
@@ -123,11 +133,8 @@ def test_forward_backward_and_grad_checkpointing(name):
         model.set_grad_checkpointing(enable)
         model.zero_grad()
         torch.manual_seed(1)  # the same stochastic-depth draws in both passes
-        out = model(x)
-        assert out.shape == (2, 42) and torch.isfinite(out).all()
-        out.mean().backward()
-        grads.append({n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None})
-    assert set(grads[0]) == {n for n, _ in model.named_parameters()}  # every parameter gets a gradient
+        model(x).mean().backward()
+        grads.append({n: p.grad.clone() for n, p in model.named_parameters()})
     for n, g in grads[0].items():
         torch.testing.assert_close(grads[1][n], g, rtol=1e-4, atol=1e-6, msg=n)
 
