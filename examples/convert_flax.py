@@ -10,6 +10,14 @@ was saved). The output is ``torch.save({'model': state_dict, 'model_name': ..., 
 
 The number of classes, the stem and the presence of layer scales are read from the checkpoint; the
 ``qnav1``/``qnav2`` heads have the same parameters, so those need ``--head``.
+
+Into another geometry (fine-tuning): ``--model-kwargs`` changes the architecture's windows or resolution
+and ``--num-classes`` the classifier; the position and attention-scale tables are then resized as the
+original's fine-tuning does (``jax.image.resize(..., 'bicubic')``), a new classifier is initialised, and
+a report lists what was loaded, resized and newly initialised::
+
+    python examples/convert_flax.py --model qna_vit_tiny --num-classes 100 path/to/checkpoint_300 \\
+        qna_vit_tiny_384.pt --model-kwargs img_size=384 lsa_window=12,12,24,12
 """
 
 from __future__ import annotations
@@ -24,7 +32,8 @@ import numpy as np
 import torch
 
 
-from qna_vit import MODEL_CONFIGS, QnAViT, create_model, load_flax_params
+from qna_vit import MODEL_CONFIGS, LoadReport, QnAViT, create_model, load_flax_params
+from qna_vit.training.engine import parse_model_kwargs
 from qna_triton import CheckpointError
 
 __all__ = ["read_flax_checkpoint", "split_train_state", "infer_model_args", "convert", "load_converted", "main"]
@@ -136,20 +145,29 @@ def infer_model_args(params: Mapping[str, Any], head: Optional[str] = None) -> D
     return args
 
 
-def convert(model_name: str, src: str, dst: str, head: Optional[str] = None,
-            img_size: Optional[int] = None) -> QnAViT:
-    """Reads the Flax checkpoint ``src``, loads it into a ``model_name`` QnA-ViT, saves it to ``dst``."""
+def convert(model_name: str, src: str, dst: str, head: Optional[str] = None, img_size: Optional[int] = None,
+            model_kwargs: Optional[Mapping[str, Any]] = None, num_classes: Optional[int] = None,
+            ) -> Tuple[QnAViT, LoadReport]:
+    """Reads the Flax checkpoint ``src``, loads it into a ``model_name`` QnA-ViT, saves it to ``dst``.
+
+    ``model_kwargs`` (architecture overrides: windows, resolution) and ``num_classes`` load it into
+    another geometry, resizing its tables (``load_flax_params(..., resize=True)``); returns the model
+    and the load report."""
     if model_name not in MODEL_CONFIGS:
         raise ValueError(f"unknown model {model_name!r}; available: {sorted(MODEL_CONFIGS)}")
     params, batch_stats = split_train_state(read_flax_checkpoint(src))
     args = infer_model_args(params, head)
     if img_size is not None:
         args["img_size"] = img_size
+    resize = bool(model_kwargs) or (num_classes is not None and num_classes != args["num_classes"])
+    args.update(model_kwargs or {})
+    if num_classes is not None:
+        args["num_classes"] = num_classes
     model = create_model(model_name, **args)
-    load_flax_params(model, params, batch_stats)
+    report = load_flax_params(model, params, batch_stats, resize=resize)
     os.makedirs(os.path.dirname(os.path.abspath(dst)), exist_ok=True)
     torch.save({"model": model.state_dict(), "model_name": model_name, "model_args": args}, dst)
-    return model
+    return model, report
 
 
 def load_converted(path: str, map_location: Any = "cpu") -> QnAViT:
@@ -166,16 +184,22 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     ap.add_argument("--head", choices=("gap", "qnav1", "qnav2"), default=None,
                     help="classification head (needed for the QnA heads, which share their parameters)")
     ap.add_argument("--img-size", type=int, default=None, help="training resolution (qnav heads only; 224)")
+    ap.add_argument("--model-kwargs", nargs="*", default=[], metavar="KEY=VALUE",
+                    help="another geometry to load into, e.g. img_size=384 lsa_window=12,12,24,12 (tables resized)")
+    ap.add_argument("--num-classes", type=int, default=None, help="a new classifier for this many classes")
     ap.add_argument("input", help="Flax msgpack checkpoint file, or a directory of checkpoint_<step> files")
     ap.add_argument("output", help="PyTorch checkpoint to write (.pt)")
     args = ap.parse_args(argv)
     try:
-        model = convert(args.model, args.input, args.output, head=args.head, img_size=args.img_size)
-    except (CheckpointError, FileNotFoundError) as e:
+        model, report = convert(args.model, args.input, args.output, head=args.head, img_size=args.img_size,
+                                model_kwargs=parse_model_kwargs(args.model_kwargs), num_classes=args.num_classes)
+    except (CheckpointError, FileNotFoundError, ValueError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 1
     n = sum(p.numel() for p in model.parameters())
     print(f"{args.model}: {n:,} parameters, {model.num_classes} classes -> {args.output}")
+    if report.resized or report.initialised or report.dropped:
+        print(report)
     return 0
 
 

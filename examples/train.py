@@ -21,6 +21,17 @@ Resume (a killed run continues with exactly the losses it would have had)::
 
     python examples/train.py ... --resume runs/train/<run>      # or runs/train/<run>/last.pth
 
+Fine-tuning at 384 px from a 224 checkpoint (the original's ``configs/imagenet_qna_finetune.py``):
+``--recipe finetune`` sets 384x384 input, 30 epochs, AdamW lr 1e-5 per 1024 images with a constant
+schedule and no warm-up, weight decay 1e-8, and LSA windows 12, 12, 24, 12 (the 384 maps 96, 48, 24, 12
+as 7, 7, 14, 7 tile the 224 ones); augmentation stays the recipe's. ``--initial-checkpoint`` loads an
+original Flax msgpack checkpoint or one of ours (converted, or a ``train.py`` run's ``best.pth``),
+resizing the position and attention-scale tables to the new geometry and starting a new classifier
+when the class count differs; flags given explicitly override the recipe's::
+
+    python examples/train.py --recipe finetune --data-dir /data/imagenet --batch-size 64 --grad-accum-steps 16 \
+        --initial-checkpoint qna_vit_tiny.pt
+
 A generated dataset instead of images (``--synthetic-classes/-train-size/-val-size/-image-size``)::
 
     python examples/train.py --synthetic --epochs 1 --batch-size 128
@@ -48,7 +59,7 @@ import torch.nn as nn
 from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import DataLoader
 
-from qna_vit import MODEL_CONFIGS, create_model
+from qna_vit import FINETUNE_384, MODEL_CONFIGS, create_model, load_flax_params, load_weights
 from qna_vit.training.checkpoint import (BEST, CHECKPOINT_VERSION, LAST, all_finite, atomic_save, load_checkpoint, plain,
                                  resolve_checkpoint_path, rng_state, set_rng_state, truncate_csv)
 from qna_vit.training.data import (DATA_BACKENDS, AugConfig, DataSpec, ResumableSampler, SeededDataset, ShardSampler,
@@ -62,6 +73,14 @@ STEP_FIELDS = ("step", "epoch", "loss", "lr", "grad_norm", "images_per_s", "data
 SUMMARY_FIELDS = ("epoch", "step", "lr", "train_loss", "val_loss", "top1", "top5", "ema_val_loss", "ema_top1",
                   "ema_top5", "images_per_s", "epoch_s")
 DEBUG_EXIT_CODE = 75  # what --debug-exit-after-step exits with (a simulated kill)
+
+# --recipe finetune: the original's fine-tuning config (docs/spec.md, section Fine-tuning); defaults only,
+# so an explicit flag still wins.
+RECIPES: Dict[str, Dict[str, Any]] = {
+    "imagenet": {},
+    "finetune": dict(img_size=FINETUNE_384["img_size"][0], epochs=30, lr_base=1e-5, weight_decay=1e-8,
+                     warmup_epochs=0.0, sched="constant"),
+}
 
 
 # ----------------------------------------------------------------------------------- arguments
@@ -86,6 +105,11 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--interpolation", default="bicubic", choices=("bicubic", "bilinear"))
 
     g = p.add_argument_group("model")
+    g.add_argument("--recipe", default="imagenet", choices=sorted(RECIPES),
+                   help="imagenet: the paper's 300-epoch recipe; finetune: 384 px, 30 epochs, lr 1e-5 constant, "
+                        "weight decay 1e-8, no warm-up, LSA windows 12,12,24,12 (use with --initial-checkpoint)")
+    g.add_argument("--initial-checkpoint", default=None, metavar="PATH",
+                   help="weights to start from (Flax msgpack or ours), tables resized to this model's geometry")
     g.add_argument("--model", default="qna_vit_tiny", choices=sorted(MODEL_CONFIGS))
     g.add_argument("--model-kwargs", nargs="*", default=[], metavar="KEY=VALUE",
                    help="QnAViTConfig overrides, e.g. base_dim=32 qna_layers=1,1,1,0 (a reduced model)")
@@ -110,6 +134,8 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--warmup-epochs", type=float, default=None, help="default 5 (qna_vit_base: 20)")
     g.add_argument("--warmup-lr", type=float, default=1e-6)
     g.add_argument("--min-lr", type=float, default=1e-5)
+    g.add_argument("--sched", default="cosine", choices=("cosine", "constant"),
+                   help="after the warm-up: cosine down to --min-lr, or constant")
     g.add_argument("--clip-grad", type=float, default=None, help="clip the global gradient norm")
 
     g = p.add_argument_group("augmentation and regularisation")
@@ -159,6 +185,8 @@ def build_parser() -> argparse.ArgumentParser:
 def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
     """Parses and checks the command line."""
     p = build_parser()
+    recipe = p.parse_known_args(argv)[0].recipe
+    p.set_defaults(**RECIPES[recipe])
     args = p.parse_args(argv)
     if not args.synthetic and not args.data_dir:
         p.error("give --data-dir (an ImageFolder tree) or --synthetic")
@@ -172,7 +200,31 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
         args.model_kwargs = parse_model_kwargs(args.model_kwargs)
     except ValueError as e:
         p.error(str(e))
+    if args.recipe == "finetune":
+        args.model_kwargs.setdefault("lsa_window", FINETUNE_384["lsa_window"])
+    if args.initial_checkpoint and args.resume:
+        p.error("--initial-checkpoint starts a new run; --resume continues one: give one of them")
+    if args.initial_checkpoint and not os.path.isfile(args.initial_checkpoint):
+        p.error(f"--initial-checkpoint {args.initial_checkpoint}: no such file")
     return args
+
+
+def load_initial_checkpoint(model: nn.Module, path: str) -> Any:
+    """Loads ``path`` (an original Flax msgpack checkpoint, or ours: converted, or a training run's) into
+    ``model``, resizing tables to its geometry; returns the :class:`qna_vit.LoadReport`."""
+    with open(path, "rb") as f:
+        magic = f.read(4)
+    if magic[:2] == b"PK" or magic[:1] == b"\x80":  # torch.save's zip, or a legacy pickle
+        return load_weights(model, path, resize=True)  # the checkpoint's "model" state dict
+    import importlib.util
+
+    # examples/convert_flax.py reads the msgpack format; a checkout script, loaded from beside this one.
+    spec = importlib.util.spec_from_file_location("convert_flax", os.path.join(os.path.dirname(
+        os.path.abspath(__file__)), "convert_flax.py"))
+    convert_flax = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(convert_flax)
+    params, batch_stats = convert_flax.split_train_state(convert_flax.read_flax_checkpoint(path))
+    return load_flax_params(model, params, batch_stats, resize=True)
 
 
 # ----------------------------------------------------------------------------------- the run
@@ -296,7 +348,11 @@ def _train(args: argparse.Namespace, info: DistInfo) -> Dict[str, Any]:
     overrides = dict(arch)
     if args.drop_path is not None:
         overrides["drop_path"] = args.drop_path
-    model = create_model(args.model, num_classes=num_classes, **overrides).to(device)
+    model = create_model(args.model, num_classes=num_classes, **overrides)
+    if args.initial_checkpoint:
+        report = load_initial_checkpoint(model, args.initial_checkpoint)
+        say(f"initial checkpoint {args.initial_checkpoint}: {report}")
+    model = model.to(device)
     if args.channels_last:
         model = model.to(memory_format=torch.channels_last)
     groups = param_groups(model, args.weight_decay)
@@ -307,7 +363,7 @@ def _train(args: argparse.Namespace, info: DistInfo) -> Dict[str, Any]:
     warmup_epochs = args.warmup_epochs if args.warmup_epochs is not None else (
         20.0 if args.model == "qna_vit_base" else 5.0)
     schedule = CosineSchedule(lr, total_steps, warmup_steps=round(warmup_epochs * steps_per_epoch),
-                              warmup_lr=args.warmup_lr, min_lr=args.min_lr)
+                              warmup_lr=args.warmup_lr, min_lr=lr if args.sched == "constant" else args.min_lr)
     ema = ModelEma(model, args.model_ema_decay, args.model_ema_warmup) if args.model_ema else None
     data_order = {"seed": args.seed, "global_batch": global_batch, "num_samples": len(train_base),
                   "steps_per_epoch": steps_per_epoch}
@@ -361,7 +417,8 @@ def _train(args: argparse.Namespace, info: DistInfo) -> Dict[str, Any]:
         f"color jitter {args.color_jitter}")
     say(f"optimizer: AdamW lr {lr:.3g} (global batch {global_batch} = {args.batch_size} x {info.world_size} "
         f"process(es) x {args.grad_accum_steps} accumulation) | weight decay {args.weight_decay} on "
-        f"{_fmt_count(n_decay)} of {_fmt_count(n_params)} parameters | cosine, {warmup_epochs:g} warm-up epochs | "
+        f"{_fmt_count(n_decay)} of {_fmt_count(n_params)} parameters | {args.sched}, {warmup_epochs:g} warm-up "
+        f"epochs | "
         f"{args.epochs} epochs x {steps_per_epoch} steps" + (f", stopping at step {max_steps}"
                                                               if max_steps < total_steps else "")
         + (f" | EMA {args.model_ema_decay}" if ema else "") + (f" | clip {args.clip_grad}" if args.clip_grad else ""))

@@ -27,6 +27,8 @@ def lecun_normal_(t: torch.Tensor, fan_in: int) -> torch.Tensor:
     ``nn.init.trunc_normal_``'s inverse-CDF transform, which dominated building the large models.
     """
     std = math.sqrt(1.0 / fan_in) / 0.87962566103423978  # std of the unit normal truncated to [-2, 2]
+    if t.is_meta:  # a model built on the meta device (timm's structure checks) has no values to draw
+        return t
     with torch.no_grad():
         flat = t.view(-1).normal_()
         redraw = (flat.abs() > 2.0).nonzero().squeeze(1)
