@@ -101,3 +101,9 @@ def oracle(logits, values, rpb, scale: Optional[torch.Tensor], geometry) -> torc
     """The float64 naive reference, whatever the inputs' dtype."""
     f = lambda t: None if t is None else t.detach().double().cpu()  # noqa: E731
     return naive_qna_attention(f(logits), f(values), f(rpb), f(scale), *geometry)
+
+
+# A two-stage QnA-ViT small enough to export and compile ahead of time in seconds on a CPU: a QnA
+# block, a stride-2 down-sampling QnA block, an LSA block; maps 8 then 4 at 32x32 (any multiple of 16).
+DEPLOY_VIT = dict(base_dim=16, qna_layers=(1, 0), lsa_layers=(0, 1), qna_heads=(2, 4), lsa_heads=(1, 2),
+                  lsa_window=(4, 4), kernel_size=(3, 3), num_classes=10)
