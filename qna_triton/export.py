@@ -15,7 +15,7 @@ data-dependent control flow), so the graph translates to ONNX or compiles ahead 
 
 from __future__ import annotations
 
-from typing import Callable, Dict, List, Optional, Tuple
+from typing import Callable, Dict
 
 import torch
 
@@ -24,15 +24,7 @@ from . import ops, reference
 __all__ = ["decompose", "decompositions", "traced"]
 
 
-def _attention(
-    logits: torch.Tensor,
-    values: torch.Tensor,
-    rpb: torch.Tensor,
-    scale: Optional[torch.Tensor],
-    kernel_size: List[int],
-    stride: List[int],
-    padding: List[int],
-) -> Tuple[torch.Tensor, torch.Tensor]:
+def _attention(logits, values, rpb, scale, kernel_size, stride, padding):
     """``qna::attention`` in standard operators: ``(out, lse)`` as the op returns them."""
     out, lse = reference.direct_qna_attention(logits, values, rpb, scale, tuple(kernel_size), tuple(stride),
                                               tuple(padding))
@@ -40,14 +32,7 @@ def _attention(
     return out, lse.transpose(-1, -2).contiguous().transpose(-1, -2)
 
 
-def _attention_packed(
-    qv: torch.Tensor,
-    rpb: torch.Tensor,
-    scale: Optional[torch.Tensor],
-    kernel_size: List[int],
-    stride: List[int],
-    padding: List[int],
-) -> Tuple[torch.Tensor, torch.Tensor]:
+def _attention_packed(qv, rpb, scale, kernel_size, stride, padding):
     """``qna::attention_packed`` in standard operators."""
     return _attention(*ops.split_packed(qv, rpb), rpb, scale, kernel_size, stride, padding)
 
@@ -58,7 +43,7 @@ _DECOMPOSITIONS: Dict[Callable, Callable] = {
 }
 
 
-def decompositions() -> Dict[torch._ops.OpOverload, Callable]:
+def decompositions() -> Dict[Callable, Callable]:
     """The decomposition table of the forward ops (``torch.ops.qna.attention.default`` and
     ``attention_packed.default``), for :meth:`torch.export.ExportedProgram.run_decompositions`;
     merge it into a table of your own (e.g. ``torch.export.default_decompositions()``) to combine them."""
