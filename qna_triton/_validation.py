@@ -77,7 +77,7 @@ def check_core_inputs(
             f"values shape {tuple(values.shape)} does not match logits shape {tuple(logits.shape)}: "
             "expected [B, H, W, heads, head_dim] with B, H, W and heads as in logits"
         )
-    if min(B, H, W, N, h, values.shape[4]) < 1:
+    if any(n < 1 for n in (B, H, W, N, h, values.shape[4])):  # not min(): it would order symbolic sizes
         raise ValueError(f"logits and values must not be empty, got {tuple(logits.shape)}, {tuple(values.shape)}")
     K = kernel_size[0] * kernel_size[1]
     for name, t in (("rpb", rpb), ("scale", scale)):

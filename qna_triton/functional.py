@@ -7,6 +7,7 @@ from typing import Optional
 import torch
 
 from . import ops
+from .export import traced
 from ._validation import IntOrPair, as_pair, check_core_inputs
 
 __all__ = ["qna_attention"]
@@ -53,5 +54,5 @@ def qna_attention(
     check_core_inputs(logits, values, rpb, scale, ks, st, pd)
     if rpb is None:
         rpb = logits.new_zeros((ks[0] * ks[1],) + tuple(logits.shape[3:]))
-    out, _ = ops.attention(logits, values, rpb, scale, list(ks), list(st), list(pd))
+    out, _ = traced(ops.attention)(logits, values, rpb, scale, list(ks), list(st), list(pd))
     return out

@@ -11,6 +11,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from . import ops
+from .export import traced
 from ._validation import IntOrPair, as_pair, check_window
 from .flax_params import check_tree, flatten_tree
 
@@ -198,7 +199,7 @@ class QnA(nn.Module):
         N, h = self.n_queries, self.heads
         weight, bias = self.fused_projection_weight()
         qv = F.linear(x, weight, bias)  # [B, H, W, h*N + C]: logits and values in one pass over x
-        out, _ = ops.attention_packed(
+        out, _ = traced(ops.attention_packed)(
             qv, self.rpe_bias.reshape(-1, N, h), self.scale_tensor(),
             list(self.kernel_size), list(self.stride), list(self.padding),
         )

@@ -154,18 +154,21 @@ def direct_qna_attention(
     vp = _pad_hw(values.to(cdt), ph, pw, 0.0)
     r = rpb.to(cdt)
     offsets = [(u, w) for u in range(kh) for w in range(kw)]
+    # the source logits of every offset, as views (no memory), sliced once: an exported graph
+    # (ONNX, AOTInductor) then holds K slices, not 3K
+    src = [_shifted(lp, u, w, Ho, Wo, sh, sw) for u, w in offsets]
     m = torch.full((B, Ho, Wo, N, h), -math.inf, dtype=cdt, device=logits.device)
-    for o, (u, w) in enumerate(offsets):
-        m = torch.maximum(m, _shifted(lp, u, w, Ho, Wo, sh, sw) + r[o])
+    for o in range(len(offsets)):
+        m = torch.maximum(m, src[o] + r[o])
     m_safe = torch.where(torch.isfinite(m), m, torch.zeros_like(m))
     den = torch.zeros_like(m)
-    for o, (u, w) in enumerate(offsets):
-        den = den + torch.exp(_shifted(lp, u, w, Ho, Wo, sh, sw) + r[o] - m_safe)
+    for o in range(len(offsets)):
+        den = den + torch.exp(src[o] + r[o] - m_safe)
     lse = m_safe + torch.log(den)  # -inf for an empty window
     lse_safe = torch.where(torch.isfinite(lse), lse, torch.zeros_like(lse))
     out = torch.zeros(B, Ho, Wo, h, values.shape[-1], dtype=cdt, device=logits.device)
     for o, (u, w) in enumerate(offsets):
-        p = torch.exp(_shifted(lp, u, w, Ho, Wo, sh, sw) + r[o] - lse_safe)
+        p = torch.exp(src[o] + r[o] - lse_safe)
         wgt = (p if scale is None else p * scale[o].to(cdt)).sum(dim=3)  # [B, Ho, Wo, h]
         out = out + wgt[..., None] * _shifted(vp, u, w, Ho, Wo, sh, sw)
     return out.to(values.dtype), lse

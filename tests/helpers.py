@@ -208,3 +208,9 @@ BAD_CORE = [
     (lambda l, v, r, a: qna_attention(l, v, r, a, kernel_size="3"), TypeError, "kernel_size"),
     (lambda l, v, r, a: qna_attention(l, v, r.numpy(), a), TypeError, "rpb must be a torch.Tensor"),
 ]
+
+
+# A two-stage QnA-ViT small enough to export and compile ahead of time in seconds on a CPU: a QnA
+# block, a stride-2 down-sampling QnA block, an LSA block; maps 8 then 4 at 32x32 (any multiple of 16).
+DEPLOY_VIT = dict(base_dim=16, qna_layers=(1, 0), lsa_layers=(0, 1), qna_heads=(2, 4), lsa_heads=(1, 2),
+                  lsa_window=(4, 4), kernel_size=(3, 3), num_classes=10)

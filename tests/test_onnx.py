@@ -1,0 +1,125 @@
+"""ONNX: ``torch.onnx.export(model, (x,), dynamo=True)`` on QnA layers (all six attention-scale modes,
+strides 1 and 2, dynamic batch and size) and on QnA-ViT, run by onnxruntime against PyTorch; stability
+for logits of any range; the ExportedProgram route through ``qna_triton.export.decompose``."""
+
+import dataclasses
+import pytest
+import torch
+from torch.export import Dim
+
+pytest.importorskip("onnx")
+pytest.importorskip("onnxscript")
+ort = pytest.importorskip("onnxruntime")
+
+from helpers import DEPLOY_VIT, Case, make_inputs, oracle  # noqa: E402
+from qna_triton import ATTN_SCALE_MODES, QnA, qna_attention  # noqa: E402
+from qna_triton.export import decompose  # noqa: E402
+from qna_vit import create_model  # noqa: E402
+
+TOL = dict(rtol=1e-4, atol=1e-4)
+
+
+def run_onnx(program, *inputs):
+    """``program``'s outputs under onnxruntime (CPU), as tensors."""
+    session = ort.InferenceSession(program.model_proto.SerializeToString(), providers=["CPUExecutionProvider"])
+    feed = {i.name: t.numpy() for i, t in zip(session.get_inputs(), inputs)}
+    return [torch.from_numpy(o) for o in session.run(None, feed)]
+
+
+def assert_standard_onnx(program):
+    """Only operators of the default ONNX domain, no local functions: no QnA operator left to register."""
+    model = program.model_proto
+    assert {n.domain for n in model.graph.node} <= {"", "ai.onnx"}, {n.domain for n in model.graph.node}
+    assert not model.functions
+
+
+class Modes(torch.nn.Module):
+    """One QnA layer per attention-scale mode on the same input: windows 1 to 3 wide (square and
+    rectangular), strides 1 and 2 (per axis too), biases on and off."""
+
+    GEOMETRY = [(3, 2, None), ((3, 2), 1, (1, 0)), (3, 1, 0), ((2, 3), (2, 1), (1, 1)), (3, (1, 2), None),
+                ((1, 3), 2, None)]
+
+    def __init__(self):
+        super().__init__()
+        self.layers = torch.nn.ModuleList(
+            QnA(8, 12, 3, kernel_size=k, stride=s, padding=p, attn_scale=mode, use_bias=i % 2 == 1)
+            for i, (mode, (k, s, p)) in enumerate(zip(ATTN_SCALE_MODES, self.GEOMETRY))
+        )
+        with torch.no_grad():
+            for layer in self.layers:  # zero at init; the translation must carry them
+                layer.rpe_bias.normal_(0.0, 0.5)
+                for t in (layer.attn_scale_weights, layer.attn_scale_pos):
+                    if t is not None:
+                        t.normal_(1.0, 0.5)
+
+    def forward(self, x):
+        return tuple(layer(x) for layer in self.layers)
+
+
+@torch.no_grad()
+def test_layer_all_modes_dynamic_batch_and_size():
+    torch.manual_seed(0)
+    model = Modes().eval()
+    shapes = {"x": {0: Dim("batch"), 1: Dim("height", min=3), 2: Dim("width", min=3)}}
+    program = torch.onnx.export(model, (torch.randn(2, 9, 11, 8),), dynamo=True, dynamic_shapes=shapes)
+    assert_standard_onnx(program)
+    for shape in [(1, 7, 8, 8), (3, 12, 5, 8), (2, 16, 16, 8), (1, 3, 4, 8)]:
+        x = torch.randn(shape)
+        got = run_onnx(program, x)
+        for mode, o, e in zip(ATTN_SCALE_MODES, got, model(x)):
+            assert o.shape == e.shape, (mode, shape)
+            torch.testing.assert_close(o, e, **TOL, msg=lambda m: f"{mode} at {shape}: {m}")
+
+
+class Core(torch.nn.Module):
+    """``qna_attention`` (``qna::attention``) with a stride-2 window; padding 2 on a width-2 window
+    leaves the first output column's windows without a pixel inside the image (output 0)."""
+
+    GEOMETRY = ((3, 2), (2, 1), (1, 2))
+
+    def forward(self, logits, values, rpb, scale):
+        ks, st, pd = self.GEOMETRY
+        return qna_attention(logits, values, rpb, scale, kernel_size=ks, stride=st, padding=pd)
+
+
+@pytest.mark.parametrize("logit_scale", [2.0, 1e4], ids=["logits~2", "logits~1e4"])
+@torch.no_grad()
+def test_core_op_stable_for_any_logit_range(logit_scale):
+    case = Case(B=2, H=7, W=6, N=2, h=3, d=4, k=(3, 2), s=(2, 1), p=(1, 2))
+    batch = Dim("batch")
+    program = torch.onnx.export(Core().eval(), make_inputs(case, dtype=torch.float32), dynamo=True,
+                                dynamic_shapes=({0: batch}, {0: batch}, None, None))
+    assert_standard_onnx(program)
+    for B in (1, 3):
+        inputs = make_inputs(dataclasses.replace(case, B=B), dtype=torch.float32, seed=B,
+                             logit_scale=logit_scale)
+        got = run_onnx(program, *inputs)[0]
+        expected = oracle(*inputs, Core.GEOMETRY).float()
+        assert torch.isfinite(got).all()
+        assert got[:, :, 0].abs().max() == 0  # the empty windows
+        torch.testing.assert_close(got, expected, **TOL)
+        torch.testing.assert_close(got, Core()(*inputs), **TOL)
+
+
+@torch.no_grad()
+def test_qna_vit_dynamic_batch():
+    torch.manual_seed(0)
+    model = create_model("qna_vit_tiny", **DEPLOY_VIT).eval()
+    program = torch.onnx.export(model, (torch.randn(2, 3, 32, 32),), dynamo=True,
+                                dynamic_shapes={"x": {0: Dim("batch")}})
+    assert_standard_onnx(program)
+    for B in (1, 3):
+        x = torch.randn(B, 3, 32, 32)
+        torch.testing.assert_close(run_onnx(program, x)[0], model(x), **TOL)
+
+
+@torch.no_grad()
+def test_exported_program_route():
+    torch.manual_seed(0)
+    layer = QnA(8, 8, 2, kernel_size=3, stride=2).eval()
+    exported = torch.export.export(layer, (torch.randn(2, 9, 10, 8),), dynamic_shapes={"x": {0: Dim("batch")}})
+    program = torch.onnx.export(decompose(exported), dynamo=True)
+    assert_standard_onnx(program)
+    x = torch.randn(3, 9, 10, 8)
+    torch.testing.assert_close(run_onnx(program, x)[0], layer(x), **TOL)
