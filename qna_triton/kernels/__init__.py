@@ -340,11 +340,8 @@ def qna_backward(
         kwargs = dict(HAS_SCALE=a is not None, **_blocks(cfg, N, d, layout))
 
     def args(parts: Tuple[torch.Tensor, ...], progs: int) -> tuple:
-        # the banded kernel skips the persistent loop's empty last round by the tile count; the direct
-        # one's pixel mask covers it
-        tiles = (num_tiles,) if banded else ()
         return (logits, values, r, a if a is not None else r, g, lse, delta, dl, dv, *parts, *common,
-                *tiles, triton.cdiv(num_tiles, progs), dl.stride(2), dv.stride(2))
+                num_tiles, triton.cdiv(num_tiles, progs), dl.stride(2), dv.stride(2))
 
     with _on_device(logits):
         resident = None

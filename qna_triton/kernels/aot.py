@@ -34,7 +34,7 @@ import triton
 from triton.backends.compiler import GPUTarget
 from triton.compiler import ASTSource
 
-from ..tuning import BANDED_KERNELS, KernelConfig, banded_config, heuristic_config
+from ..tuning import BANDED_KERNELS, KernelConfig, Target, select_config
 from .backward import qna_bwd_delta_kernel, qna_bwd_kernel
 from .banded import qna_banded_kernel
 from .banded_bwd import qna_banded_bwd_kernel
@@ -127,7 +127,7 @@ def _problem_args(kernel: str, dtype: torch.dtype, n_queries: int, heads: int, h
     else:
         dqv = torch.empty(B, H, W, h * N + h * d, dtype=dtype, **meta)
         args = (L, V, table, table, out, stats, stats, dqv[..., : h * N], dqv[..., h * N:], table, table,
-                *common, 1, dqv.stride(2), dqv.stride(2))
+                *common, 64, 1, dqv.stride(2), dqv.stride(2))
     return args, consts
 
 
@@ -293,10 +293,9 @@ def default_plan(archs: Sequence[int]) -> List[dict]:
 
 def _run(entry: dict) -> dict:
     dtype = {v: k for k, v in _TRITON_DTYPE.items()}[entry["dtype"]]
-    if entry.get("algo") == "banded":
-        cfg = banded_config((entry["window"], entry["window"]), entry["head_dim"], dtype, kernel=entry["kernel"])
-    else:
-        cfg = heuristic_config(entry["kernel"], entry["heads"], entry["head_dim"])
+    k = entry.get("window", 7)
+    cfg = select_config(entry["kernel"], dtype, entry["heads"], entry["head_dim"], entry["n_queries"], (k, k), (1, 1),
+                        1, Target(known_capability=divmod(entry["arch"], 10)), algo=entry.get("algo", "direct"))
     try:
         rep = compile_kernel(entry["kernel"], dtype, cfg, entry["n_queries"], entry["head_dim"],
                              entry["has_scale"], entry["arch"], entry.get("wide", False), heads=entry["heads"],
