@@ -346,15 +346,19 @@ def _spec(v: int) -> str:
     return "1" if v == 1 else ("D" if v % 16 == 0 else "")
 
 
-def specialisation(shape: Shape) -> Tuple[str, ...]:
-    """The integer specialisation classes of a launch on ``shape`` (the QnA layer's fused layout)."""
-    ho, wo = shape.out_hw
-    nh, c = shape.n_queries * shape.heads, shape.heads * shape.head_dim
-    px = nh + c  # logits and values are views of one [B, H, W, N*h + C] projection output
-    ints = (shape.batch, shape.height, shape.width, ho, wo, shape.n_queries, shape.heads, shape.head_dim,
-            px * shape.height * shape.width, px * shape.width, px, shape.heads, 1,
-            shape.kh, shape.kw, shape.sh, shape.sw, shape.ph, shape.pw)
-    return tuple(_spec(v) for v in ints)
+def specialisation(shape: Shape) -> Tuple[object, ...]:
+    """The specialisation classes of a launch on ``shape`` (the QnA layer's fused layout): of each
+    argument the launch description (:class:`qna_triton.kernels.Problem`) hands every kernel."""
+    from qna_triton.kernels import Problem
+    from qna_triton.ops import split_packed
+
+    N, h, d, meta = shape.n_queries, shape.heads, shape.head_dim, torch.device("meta")
+    qv = torch.empty(shape.batch, shape.height, shape.width, N * h + h * d, dtype=getattr(torch, shape.dtype),
+                     device=meta)
+    rpb = torch.empty(shape.kh * shape.kw, N, h, device=meta)
+    logits, values = split_packed(qv, rpb)
+    p = Problem.of(logits, values, rpb, rpb, (shape.kh, shape.kw), (shape.sh, shape.sw), (shape.ph, shape.pw))
+    return tuple(_spec(v) if type(v) is int else v for v in p.args.values())
 
 
 @dataclass
