@@ -9,6 +9,7 @@ import torch
 from . import ops
 from .export import traced
 from ._validation import IntOrPair, as_pair, check_core_inputs
+from .reference import default_padding
 
 __all__ = ["qna_attention"]
 
@@ -50,7 +51,7 @@ def qna_attention(
     """
     ks = as_pair(kernel_size, "kernel_size", 1)
     st = as_pair(stride, "stride", 1)
-    pd = ((ks[0] - 1) // 2, (ks[1] - 1) // 2) if padding is None else as_pair(padding, "padding", 0)
+    pd = default_padding(ks) if padding is None else as_pair(padding, "padding", 0)
     check_core_inputs(logits, values, rpb, scale, ks, st, pd)
     if rpb is None:
         rpb = logits.new_zeros((ks[0] * ks[1],) + tuple(logits.shape[3:]))

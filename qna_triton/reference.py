@@ -36,6 +36,7 @@ __all__ = [
     "direct_qna_attention",
     "direct_qna_attention_backward",
     "output_size",
+    "default_padding",
     "compute_dtype",
 ]
 
@@ -43,6 +44,12 @@ __all__ = [
 def output_size(size: int, k: int, s: int, p: int) -> int:
     """Output length of one spatial axis: ``floor((size + 2p - k) / s) + 1``."""
     return (size + 2 * p - k) // s + 1
+
+
+def default_padding(ks: Pair) -> Pair:
+    """The padding used when none is given: ``(k - 1) // 2`` per axis (an odd window at stride 1 keeps
+    the map's size)."""
+    return (ks[0] - 1) // 2, (ks[1] - 1) // 2
 
 
 def compute_dtype(dtype: torch.dtype) -> torch.dtype:

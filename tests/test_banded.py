@@ -116,7 +116,7 @@ def test_bad_banded_tiles_raise_before_any_launch():
 
 
 def test_forcing_banded_on_a_gpu_without_bf16_tensor_cores_raises(monkeypatch):
-    monkeypatch.setattr(tuning, "_capability", lambda index: (7, 5))
+    monkeypatch.setattr(tuning.selection, "_capability", lambda index: (7, 5))
     logits, values = torch.empty(1, 8, 8, 2, 4, device="meta"), torch.empty(1, 8, 8, 4, 8, device="meta")
     monkeypatch.setattr(torch.Tensor, "device", property(lambda self: torch.device("cuda", 0)))
     with tuning.kernel_algorithm("banded"), pytest.raises(RuntimeError, match="sm_80"):
@@ -220,7 +220,7 @@ def test_algorithm_selection(monkeypatch):
     with pytest.raises(ValueError, match=tuning.ALGO_ENV):
         get("fwd", 3)
     monkeypatch.setenv(tuning.ALGO_ENV, "auto")
-    monkeypatch.setattr(tuning, "_capability", lambda index: (9, 0))
+    monkeypatch.setattr(tuning.selection, "_capability", lambda index: (9, 0))
     cuda = torch.device("cuda", 0)
     assert tuning._heuristic_for("fwd", 4, 8, (7, 7), cuda) == banded_config((7, 7))
     assert tuning._heuristic_for("fwd", 4, 8, (5, 5), cuda).algo == "direct"
@@ -241,10 +241,10 @@ def test_algorithm_selection(monkeypatch):
     assert tuning._heuristic_for("bwd_delta", 4, 8, (11, 11), cuda) == banded_config((11, 11), kernel="bwd_delta")
     assert tuning._heuristic_for("bwd_delta", 4, 8, (13, 13), cuda, torch.float32).algo == "direct"
     assert tuning._heuristic_for("bwd_delta", 4, 8, (15, 15), cuda, torch.float32).algo == "banded"
-    monkeypatch.setattr(tuning, "_capability", lambda index: (8, 0))  # the main backward kernel from sm_90
+    monkeypatch.setattr(tuning.selection, "_capability", lambda index: (8, 0))  # the main backward kernel from sm_90
     assert tuning._heuristic_for("bwd", 4, 8, (15, 15), cuda).algo == "direct"
     assert tuning._heuristic_for("bwd_delta", 4, 8, (15, 15), cuda).algo == "banded"
-    monkeypatch.setattr(tuning, "_capability", lambda index: (7, 5))
+    monkeypatch.setattr(tuning.selection, "_capability", lambda index: (7, 5))
     assert tuning._heuristic_for("fwd", 4, 8, (7, 7), cuda).algo == "direct"
     assert banded_config((31, 31)).num_warps == 8 and banded_config((15, 15)).num_warps == 4
     assert banded_config((15, 15), 64).num_warps == 8 and banded_config((15, 15), 8, torch.float32).num_warps == 8

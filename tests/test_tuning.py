@@ -29,7 +29,7 @@ def clean(monkeypatch, tmp_path):
     monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))  # not the real user's tuned configs
     shipped = tmp_path / "shipped"
     shipped.mkdir()
-    monkeypatch.setattr(tuning, "SHIPPED_CONFIG_DIR", shipped)
+    monkeypatch.setattr(tuning.lookup, "SHIPPED_CONFIG_DIR", shipped)
     tuning.clear_cache()
     yield
     tuning.clear_cache()
@@ -187,12 +187,12 @@ def test_no_file_falls_back_and_warns_once(tmp_path):
 def test_env_config_dir_is_searched_before_the_shipped_folder(tmp_path, monkeypatch):
     user = tmp_path / "user"
     user.mkdir()
-    write(tuning.SHIPPED_CONFIG_DIR, {key(): cfg(16, 16)})
+    write(tuning.lookup.SHIPPED_CONFIG_DIR, {key(): cfg(16, 16)})
     with no_warnings():
         assert lookup()[0] == KernelConfig(16, 16)
     write(user, {key(): cfg(64, 4)})
     monkeypatch.setenv(tuning.CONFIG_DIR_ENV, str(user))
-    assert tuning.config_dirs() == (str(user), str(tuning.SHIPPED_CONFIG_DIR))
+    assert tuning.config_dirs() == (str(user), str(tuning.lookup.SHIPPED_CONFIG_DIR))
     with no_warnings():
         assert lookup()[0] == KernelConfig(64, 4)
     # a user folder without this GPU's file: the shipped one, silently
@@ -233,7 +233,7 @@ def test_corrupted_file_warns_and_falls_back(tmp_path, monkeypatch, content, rea
         assert lookup() == (heuristic_config("fwd", 16, 8), None)
     assert any(str(path) in str(w.message) for w in rec)
     # with a valid shipped file behind it, that one is used
-    write(tuning.SHIPPED_CONFIG_DIR, {key(): cfg(16, 16)})
+    write(tuning.lookup.SHIPPED_CONFIG_DIR, {key(): cfg(16, 16)})
     tuning.clear_cache()
     with pytest.warns(RuntimeWarning, match=re.escape(str(path))):
         assert lookup()[0] == KernelConfig(16, 16)
@@ -262,7 +262,7 @@ def test_lookup_is_cached(tmp_path, monkeypatch):
     write(tmp_path, {key(): cfg(64, 4)})
     reads = []
     real = tuning.read_config_file
-    monkeypatch.setattr(tuning, "read_config_file", lambda p: reads.append(p) or real(p))
+    monkeypatch.setattr(tuning.lookup, "read_config_file", lambda p: reads.append(p) or real(p))
     monkeypatch.setenv(tuning.CONFIG_DIR_ENV, str(tmp_path))
     for _ in range(100):
         assert lookup(pixels=4 ** 8 + 7)[0] == KernelConfig(64, 4)
@@ -292,7 +292,7 @@ def test_get_config_cpu_tensors_use_the_heuristic_silently(tmp_path, monkeypatch
 def test_get_config_cuda_path_uses_output_pixels(tmp_path, monkeypatch):
     write(tmp_path, {key(bucket=4 ** 6): cfg(16, 16), key(bucket=4 ** 8): cfg(64, 4)})
     monkeypatch.setenv(tuning.CONFIG_DIR_ENV, str(tmp_path))
-    monkeypatch.setattr(tuning, "_gpu_name", lambda index: GPU)
+    monkeypatch.setattr(tuning.selection, "_gpu_name", lambda index: GPU)
     values = FakeCudaTensor((42, 56, 56, 16, 8))
     # 42 x 56 x 56 output pixels (padding 1) = 131712: bucket 4^8
     assert tuning.get_config("fwd", FakeCudaTensor((42, 56, 56, 2, 16)), values, (3, 3), (1, 1)) == KernelConfig(64, 4)
@@ -343,8 +343,8 @@ def test_tuned_config_reaches_the_launcher_and_results_do_not_change(tmp_path, m
     # output pixels = 1 x 3 x 4 = 12: bucket 4
     write(tmp_path, {key(kn, "float32", 2, 1, 3, 4, 2, 4): c for kn, c in tuned.items()})
     monkeypatch.setenv(tuning.CONFIG_DIR_ENV, str(tmp_path))
-    monkeypatch.setattr(tuning, "_TUNED_DEVICE_TYPES", ("cuda", "cpu"))
-    monkeypatch.setattr(tuning, "_gpu_name", lambda index: GPU)
+    monkeypatch.setattr(tuning.selection, "_TUNED_DEVICE_TYPES", ("cuda", "cpu"))
+    monkeypatch.setattr(tuning.selection, "_gpu_name", lambda index: GPU)
     spies = {name: Spy(getattr(kernels, name)) for name in ("qna_fwd_kernel", "qna_bwd_delta_kernel", "qna_bwd_kernel")}
     for name, spy in spies.items():
         monkeypatch.setattr(kernels, name, spy)

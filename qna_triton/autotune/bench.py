@@ -6,26 +6,24 @@ matches the heuristic config's within float rounding, else the reason) and ``tim
 (median, 20th and 80th percentile in ms, by ``triton.testing.do_bench`` with warm-up; the L2 cache is
 flushed before every call). The tuner only uses this interface, so tests inject a fake one.
 
-Everything runs through the library's launchers (``qna_forward`` / ``qna_backward`` with explicit
-``config`` / ``delta_config``), so what is checked and timed is what the library runs. ``bwd_delta``
-and ``bwd`` are timed alone: their launch inside ``qna_backward`` is recorded once and repeated (``bwd``
-with its partial-sum buffers zeroed before and reduced after, as the launcher does), so the other
-backward kernel neither dilutes the difference between candidates nor needs its arguments rebuilt here.
+Everything runs through the library's launchers (``qna_forward``, and ``backward_launches``, the
+launches ``qna_backward`` runs, with explicit ``config`` / ``delta_config``), so what is checked and
+timed is what the library runs. ``bwd_delta`` and ``bwd`` are timed alone: the one launch of the
+backward's pair is repeated (``bwd`` with its partial-sum rows zeroed by the launch and reduced after,
+as the launcher does), so the other backward kernel does not dilute the difference between candidates.
 """
 
 from __future__ import annotations
 
-import contextlib
 import gc
-from typing import Callable, Dict, Iterator, List, Optional, Sequence, Tuple
+from typing import Callable, Dict, Optional, Sequence, Tuple
 
 import torch
 import triton
 import triton.testing
 
-import qna_triton.kernels as _kernels
 from qna_triton.env import capture_environment
-from qna_triton.kernels import qna_backward, qna_forward
+from qna_triton.kernels import BackwardLaunches, backward_launches, qna_forward
 from qna_triton.ops import split_packed
 from qna_triton.tuning import KernelConfig, heuristic_config
 
@@ -67,56 +65,6 @@ def _compare(got: Sequence[Optional[torch.Tensor]], ref: Sequence[Optional[torch
             return f"{name}: relative error {err:.3g} > {tol:g}"
     return None
 
-class _Capture:
-    """Stands in for a ``@triton.jit`` kernel in ``qna_triton.kernels`` while one launcher call runs:
-    records each launch (grid and arguments) and runs it, so the very same launch can be repeated."""
-
-    def __init__(self, kernel) -> None:
-        self.kernel = kernel
-        self.calls: List[Tuple[object, tuple, dict]] = []
-
-    def __getitem__(self, grid):
-        def launch(*args, **kwargs):
-            self.calls.append((grid, args, kwargs))
-            return self.kernel[grid](*args, **kwargs)
-
-        return launch
-
-    def replay(self, i: int) -> Callable[[], None]:
-        grid, args, kwargs = self.calls[i]
-        names = list(getattr(self.kernel, "arg_names", []))
-        # the main backward kernel accumulates dr/da partial sums with atomics: a repeated launch
-        # starts from zeroed buffers and ends with their reduction, as the launcher's does
-        parts = [args[names.index(n)] for n in _PARTIAL_SUMS if n in names and names.index(n) < len(args)]
-        parts = [t for t in parts if isinstance(t, torch.Tensor)]
-        parts = list({id(t): t for t in parts}.values())
-        kernel = self.kernel
-
-        def fn() -> None:
-            for t in parts:
-                t.zero_()
-            kernel[grid](*args, **kwargs)
-            for t in parts:
-                t.sum(0)
-
-        return fn
-
-
-_PARTIAL_SUMS = ("DR_PART", "DA_PART")
-
-
-@contextlib.contextmanager
-def _capturing(name: str) -> Iterator[_Capture]:
-    """Routes the launches of ``qna_triton.kernels.<name>`` through a :class:`_Capture`."""
-    real = getattr(_kernels, name)
-    cap = _Capture(real)
-    setattr(_kernels, name, cap)
-    try:
-        yield cap
-    finally:
-        setattr(_kernels, name, real)
-
-
 class Session:
     """Random inputs of one shape on a device, the heuristic configs' results, and the launchers."""
 
@@ -153,30 +101,31 @@ class Session:
         self._last: Optional[Tuple[Tuple[str, KernelConfig], Callable[[], object]]] = None
 
     # ------------------------------------------------------------------------------ launches
+    def _backward_launches(self, cfg: KernelConfig, dcfg: KernelConfig) -> BackwardLaunches:
+        return backward_launches(self.grad_out, self.logits, self.values, self.rpb, self.scale, self.lse,
+                                 *self.geometry, config=cfg, delta_config=dcfg)
+
     def _backward(self, cfg: KernelConfig, dcfg: KernelConfig):
-        return qna_backward(self.grad_out, self.logits, self.values, self.rpb, self.scale, self.lse,
-                            *self.geometry, config=cfg, delta_config=dcfg)
+        return self._backward_launches(cfg, dcfg).run()
 
     def _prepare(self, kernel: str, cfg: KernelConfig) -> Tuple[Callable[[], object], Tuple]:
-        """Runs ``kernel`` with ``cfg`` through the library's launcher; returns a function that repeats
+        """Runs ``kernel`` with ``cfg`` through the library's launchers; returns a function that repeats
         just that kernel's launch (what is timed) and the launcher's results (what is checked)."""
         if kernel == "fwd":
             def fn():
                 return qna_forward(self.logits, self.values, self.rpb, self.scale, *self.geometry, config=cfg)
 
             return fn, fn()
-        if cfg.algo == "banded":  # the delta: the forward's banded kernel, in its delta mode
-            name = "qna_banded_kernel" if kernel == "bwd_delta" else "qna_banded_bwd_kernel"
-        else:
-            name = "qna_bwd_delta_kernel" if kernel == "bwd_delta" else "qna_bwd_kernel"
-        with _capturing(name) as cap:
-            if kernel == "bwd_delta":
-                out = self._backward(self.heuristic["bwd"], cfg)
-            else:
-                out = self._backward(cfg, self.heuristic["bwd_delta"])
-        if len(cap.calls) != 1:
-            raise RuntimeError(f"qna_backward launched {name} {len(cap.calls)} times, expected once")
-        return cap.replay(0), out
+        if kernel == "bwd_delta":
+            launches = self._backward_launches(self.heuristic["bwd"], cfg)
+            return launches.delta, launches.run()
+        launches = self._backward_launches(cfg, self.heuristic["bwd_delta"])
+
+        def main() -> None:
+            launches.main()
+            launches.reduce()
+
+        return main, launches.run()
 
     def check(self, kernel: str, cfg: KernelConfig) -> Optional[str]:
         """None when ``cfg`` gives the heuristic config's results within float rounding."""

@@ -4,7 +4,7 @@ Examples::
 
     python -m qna_triton.autotune --dry-run                 # the plan and its time estimate (no GPU needed)
     python -m qna_triton.autotune --quick                   # a small plan, about a minute on an H100
-    python -m qna_triton.autotune                           # the default plan (designed for < 15 min on an H100)
+    python -m qna_triton.autotune                           # the default plan (about 16 min on an H100 by its estimate)
     python -m qna_triton.autotune --model qna_vit_tiny --batch 128   # exactly the QnA layers of a model
     python -m qna_triton.autotune --bench-report            # also write benchmarks/results/<gpu>/autotune.md
 

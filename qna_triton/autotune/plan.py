@@ -23,11 +23,11 @@ from typing import Dict, Iterable, List, Optional, Sequence, Tuple
 import torch
 import triton
 
+from qna_triton.reference import default_padding, output_size
 from qna_triton.tuning import (
-    DTYPES, KERNELS, EntryKey, KernelConfig, banded_config, has_banded_form, heuristic_config, size_bucket,
-    tile_footprint,
+    DTYPES, KERNELS, MAX_ELEMS_PER_THREAD, EntryKey, KernelConfig, Target, banded_config, has_banded_form,
+    heuristic_config, select_config, size_bucket, tile_footprint,
 )
-from qna_triton.tuning import default_config as tuning_default_config
 
 # ---------------------------------------------------------------------------------------- axes
 WINDOWS = tuple(range(1, 32, 2)) + (2, 4, 8)
@@ -54,10 +54,7 @@ QUICK_BUCKETS = (4 ** 8,)
 BLOCK_P_CHOICES = (4, 8, 16, 32, 64, 128, 256)
 WARPS_CHOICES = (1, 2, 4, 8, 16)
 STAGES_CHOICES = (1, 2, 3)
-# Most fp32 elements per thread of tile_footprint(). ptxas reports for sm_90 (compile_kernel of
-# qna_triton.kernels.aot, bfloat16, head_dim 8/32/64, 1-8 warps): fwd and bwd_delta spilled hundreds of
-# bytes from 40 elements per thread on, bwd from 20 on; below, at most a few dozen bytes.
-MAX_ELEMS_PER_THREAD = {"fwd": 36.0, "bwd_delta": 36.0, "bwd": 16.0}
+# (candidates holding more fp32 elements per thread than qna_triton.tuning.MAX_ELEMS_PER_THREAD spill)
 DEFAULT_CANDIDATES = 7
 QUICK_CANDIDATES = 6
 
@@ -93,8 +90,7 @@ class Shape:
 
     @property
     def out_hw(self) -> Tuple[int, int]:
-        return ((self.height + 2 * self.ph - self.kh) // self.sh + 1,
-                (self.width + 2 * self.pw - self.kw) // self.sw + 1)
+        return (output_size(self.height, self.kh, self.sh, self.ph), output_size(self.width, self.kw, self.sw, self.pw))
 
     @property
     def pixels(self) -> int:
@@ -129,11 +125,6 @@ class Shape:
                 f"s{self.sh}x{self.sw} B{self.batch} {self.height}x{self.width}")
 
 
-def qna_padding(k: int) -> int:
-    """The QnA layer's default padding."""
-    return (k - 1) // 2
-
-
 def representative_shape(bucket: int, dtype: str, heads: int, head_dim: int, n_queries: int,
                          k: int, s: int, source: str = "") -> Shape:
     """A problem with its output pixels in ``bucket`` (near the bucket's geometric middle) on one of
@@ -145,7 +136,7 @@ def representative_shape(bucket: int, dtype: str, heads: int, head_dim: int, n_q
         batch -= 1
     while size_bucket(batch * side * side) < bucket:
         batch += 1
-    p = qna_padding(k)
+    p = default_padding((k, k))[0]
     # input size whose output is side x side
     h = (side - 1) * s + k - 2 * p
     h = max(h, k - 2 * p, 1)
@@ -200,12 +191,17 @@ class Plan:
         return [first] + [c for c in dict.fromkeys(direct + extra) if c != first]
 
 
+# The GPU the default configs are the reference for: one with the tensor cores of every banded kernel
+# (sm_90), before it has a tuned file.
+REFERENCE_TARGET = Target(known_capability=(9, 0))
+
+
 def default_config(kernel: str, shape: Shape) -> KernelConfig:
     """What the library runs for this problem without a tuned file on a GPU with tensor cores
-    (:func:`qna_triton.tuning.default_config`): the reference each tuned entry's speed-up is measured
-    against."""
-    return tuning_default_config(kernel, shape.heads, shape.head_dim, (shape.kh, shape.kw), (shape.sh, shape.sw),
-                                 getattr(torch, shape.dtype), tensor_cores=True)
+    (:func:`qna_triton.tuning.select_config` on ``REFERENCE_TARGET``): the reference each tuned entry's
+    speed-up is measured against."""
+    return select_config(kernel, getattr(torch, shape.dtype), shape.heads, shape.head_dim, shape.n_queries,
+                         (shape.kh, shape.kw), (shape.sh, shape.sw), shape.pixels, REFERENCE_TARGET, algo="auto")
 
 
 def banded_candidates(shape: Shape, kernel: str = "fwd") -> List[KernelConfig]:
@@ -350,15 +346,19 @@ def _spec(v: int) -> str:
     return "1" if v == 1 else ("D" if v % 16 == 0 else "")
 
 
-def specialisation(shape: Shape) -> Tuple[str, ...]:
-    """The integer specialisation classes of a launch on ``shape`` (the QnA layer's fused layout)."""
-    ho, wo = shape.out_hw
-    nh, c = shape.n_queries * shape.heads, shape.heads * shape.head_dim
-    px = nh + c  # logits and values are views of one [B, H, W, N*h + C] projection output
-    ints = (shape.batch, shape.height, shape.width, ho, wo, shape.n_queries, shape.heads, shape.head_dim,
-            px * shape.height * shape.width, px * shape.width, px, shape.heads, 1,
-            shape.kh, shape.kw, shape.sh, shape.sw, shape.ph, shape.pw)
-    return tuple(_spec(v) for v in ints)
+def specialisation(shape: Shape) -> Tuple[object, ...]:
+    """The specialisation classes of a launch on ``shape`` (the QnA layer's fused layout): of each
+    argument the launch description (:class:`qna_triton.kernels.Problem`) hands every kernel."""
+    from qna_triton.kernels import Problem
+    from qna_triton.ops import split_packed
+
+    N, h, d, meta = shape.n_queries, shape.heads, shape.head_dim, torch.device("meta")
+    qv = torch.empty(shape.batch, shape.height, shape.width, N * h + h * d, dtype=getattr(torch, shape.dtype),
+                     device=meta)
+    rpb = torch.empty(shape.kh * shape.kw, N, h, device=meta)
+    logits, values = split_packed(qv, rpb)
+    p = Problem.of(logits, values, rpb, rpb, (shape.kh, shape.kw), (shape.sh, shape.sw), (shape.ph, shape.pw))
+    return tuple(_spec(v) if type(v) is int else v for v in p.args.values())
 
 
 @dataclass

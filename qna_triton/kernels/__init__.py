@@ -1,10 +1,19 @@
 """Launchers of the fused QnA kernels (inputs validated by the caller; float16, bfloat16 and float32,
-all accumulated in float32)."""
+all accumulated in float32).
+
+A :class:`Problem` is built once per call from the logits, the values, the tables and the geometry:
+the sizes, the strides (pixel strides divided by their alignment), the window and the layout
+constants, as the kernels' keyword arguments (every kernel names them alike). Each launch is then a
+:class:`KernelLaunch` (kernel, grid, keyword arguments) made by one builder per kernel
+(:func:`forward_launch`, :func:`delta_launch`, :func:`main_backward_launch`): the launchers run them,
+the autotuner times them one by one, and the ahead-of-time compile check (``aot.py``) compiles them.
+"""
 
 from __future__ import annotations
 
 import contextlib
-from typing import Dict, Optional, Sequence, Tuple
+from dataclasses import dataclass, field
+from typing import Any, Dict, Optional, Tuple
 
 import torch
 import triton
@@ -19,14 +28,8 @@ from .forward import qna_fwd_kernel
 
 Pair = Tuple[int, int]
 
-__all__ = ["qna_forward", "qna_backward"]
-
-
-def _problem(logits: torch.Tensor, values: torch.Tensor, ks: Pair, st: Pair, pd: Pair):
-    B, H, W, N, h = logits.shape
-    d = values.shape[-1]
-    Ho, Wo = output_size(H, ks[0], st[0], pd[0]), output_size(W, ks[1], st[1], pd[1])
-    return B, H, W, N, h, d, Ho, Wo
+__all__ = ["qna_forward", "qna_backward", "Problem", "KernelLaunch", "BackwardLaunches", "forward_launch",
+           "delta_launch", "main_backward_launch", "backward_launches"]
 
 
 def _table(t: Optional[torch.Tensor]) -> Optional[torch.Tensor]:
@@ -74,14 +77,6 @@ def _pixel_strides(t: torch.Tensor, align: Optional[int] = None) -> Tuple[int, .
     return (*(t.stride(i) // a if t.size(i) > 1 else 0 for i in range(3)), t.stride(3), t.stride(4))
 
 
-def _common_args(logits, values, B, H, W, Ho, Wo, N, h, d, ks, st, pd, layout: dict):
-    return (
-        B, H, W, Ho, Wo, N, h, d,
-        *_pixel_strides(logits, layout["L_ALIGN"]), *_pixel_strides(values, layout["V_ALIGN"]),
-        ks[0], ks[1], st[0], st[1], pd[0], pd[1],
-    )
-
-
 def _on_device(t: torch.Tensor):
     """Triton launches on the current CUDA device: make it the tensors' device."""
     return torch.cuda.device(t.device) if t.is_cuda else contextlib.nullcontext()
@@ -110,25 +105,26 @@ def launch_options(cfg: KernelConfig) -> dict:
     return dict(num_warps=cfg.num_warps, num_stages=cfg.num_stages, enable_fp_fusion=FP_FUSION)
 
 
-def _blocks(cfg: KernelConfig, N: int, d: int, layout: dict) -> dict:
+def _blocks(cfg: KernelConfig, N: int, d: int) -> dict:
+    """Compile-time parameters of the direct kernels for ``cfg``."""
     return dict(
         BLOCK_P=cfg.block_p, BLOCK_N=triton.next_power_of_2(N), BLOCK_H=cfg.block_h,
-        BLOCK_D=triton.next_power_of_2(d), **layout, **launch_options(cfg),
+        BLOCK_D=triton.next_power_of_2(d), **launch_options(cfg),
     )
 
 
 def banded_blocks(cfg: KernelConfig, N: int, d: int, ks: Pair, st: Pair, values: torch.Tensor,
                   on_gpu: Optional[bool] = None, delta: bool = False) -> dict:
     """Compile-time parameters of the banded kernel for ``cfg`` (``algo="banded"``), as the forward or
-    (``delta``) the backward's delta kernel; ``on_gpu`` defaults to whether ``values`` is a CUDA tensor
-    (else the interpreter runs it).
+    (``delta``) the backward's delta kernel; ``on_gpu`` defaults to whether ``values`` is not a CPU
+    tensor (CPU tensors run the interpreter; ``meta`` ones are compiled by ``aot.py``).
 
     Operand precision of the value products: the forward of bfloat16 inputs multiplies bfloat16
     operands (its output has the inputs' precision); the delta needs more, since the main backward
     kernel subtracts it from ``a t`` (a bfloat16-rounded ``D`` cost ~2 % of ``drpb`` in the tests),
     so it splits each operand into two bfloat16 parts (three products, ~2^-16); float16 and float32
     inputs take tf32x3 (float32-accurate) in both."""
-    on_gpu = values.is_cuda if on_gpu is None else on_gpu
+    on_gpu = values.device.type != "cpu" if on_gpu is None else on_gpu
     bw, br = cfg.block_w, cfg.block_r
     check_banded_tiles(bw, br)
     bd = triton.next_power_of_2(d)
@@ -158,7 +154,7 @@ def banded_bwd_blocks(cfg: KernelConfig, N: int, d: int, ks: Pair, values: torch
     ``block_r x block_w`` source pixels, a halo of ``block_w + k_w - 1`` output columns in chunks of
     :func:`halo_chunk`, and float32-accurate products (split bfloat16 for bfloat16 and float16 inputs,
     tf32x3 for float32), since ``v . Z - U`` and ``a da - sum P D`` cancel as ``a t - D`` does."""
-    on_gpu = values.is_cuda if on_gpu is None else on_gpu
+    on_gpu = values.device.type != "cpu" if on_gpu is None else on_gpu
     bw, br = cfg.block_w, cfg.block_r
     check_banded_tiles(bw, br)
     bd = triton.next_power_of_2(d)
@@ -172,52 +168,112 @@ def banded_bwd_blocks(cfg: KernelConfig, N: int, d: int, ks: Pair, values: torch
     )
 
 
-def _launch_banded(cfg: KernelConfig, delta: bool, logits, values, r, a, common: tuple, layout: dict,
-                   out_or_g: torch.Tensor, lse: torch.Tensor, delta_out: Optional[torch.Tensor],
-                   ks: Pair, st: Pair) -> None:
-    """One launch of the banded kernel: the forward (writes ``out_or_g`` = out and ``lse``) or, with
-    ``delta``, the backward's delta (reads ``out_or_g`` = the output gradient and ``lse``, writes
-    ``delta_out``)."""
-    B, _, _, Ho, Wo, N, h, d = common[:8]  # the sizes lead _common_args
-    blocks = banded_blocks(cfg, N, d, ks, st, values, delta=delta)  # checks the tiles first
-    grid = (B * triton.cdiv(Ho, cfg.block_r) * triton.cdiv(Wo, cfg.block_w), h)
-    with _on_device(logits):
-        qna_banded_kernel[grid](
-            logits, values, r, a if a is not None else r, out_or_g, lse, out_or_g,
-            delta_out if delta else lse, *common,
-            HAS_SCALE=a is not None, DELTA_MODE=delta, **layout, **blocks,
+
+
+@dataclass(eq=False)
+class Problem:
+    """One QnA problem as the kernels see it: the inputs (``logits [B,H,W,N,h]``, ``values
+    [B,H,W,h,d]``; ``r`` / ``a`` the rpb and scale tables in the kernels' float32 ``[K, h, N]`` order,
+    ``a`` None without a scale), the geometry, and :attr:`args`, the keyword arguments every kernel
+    takes alike (sizes, strides, window, layout constants, ``HAS_SCALE``)."""
+
+    logits: torch.Tensor
+    values: torch.Tensor
+    r: torch.Tensor
+    a: Optional[torch.Tensor]
+    ks: Pair
+    st: Pair
+    pd: Pair
+    args: Dict[str, Any] = field(default_factory=dict)
+
+    @classmethod
+    def of(cls, logits: torch.Tensor, values: torch.Tensor, rpb: torch.Tensor, scale: Optional[torch.Tensor],
+           ks: Pair, st: Pair, pd: Pair, wide: Optional[bool] = None) -> "Problem":
+        """The problem of these inputs (``wide`` forces the 64-bit offset variant, see :func:`_layout`)."""
+        B, H, W, N, h = logits.shape
+        d = values.shape[-1]
+        layout = _layout(logits, values, wide)
+        sl = _pixel_strides(logits, layout["L_ALIGN"])
+        sv = _pixel_strides(values, layout["V_ALIGN"])
+        a = _table(scale)
+        args = dict(
+            B=B, H=H, W=W, Ho=output_size(H, ks[0], st[0], pd[0]), Wo=output_size(W, ks[1], st[1], pd[1]),
+            NQ=N, HEADS=h, D=d,
+            **dict(zip(("sl_b", "sl_y", "sl_x", "sl_n", "sl_j"), sl)),
+            **dict(zip(("sv_b", "sv_y", "sv_x", "sv_j", "sv_t"), sv)),
+            KH=ks[0], KW=ks[1], SH=st[0], SW=st[1], PH=pd[0], PW=pd[1],
+            HAS_SCALE=a is not None, **layout,
         )
+        return cls(logits, values, _table(rpb), a, tuple(ks), tuple(st), tuple(pd), args)
+
+    @property
+    def out_shape(self) -> Tuple[int, int, int, int, int]:
+        """``[B, H_out, W_out, h, d]``."""
+        g = self.args
+        return g["B"], g["Ho"], g["Wo"], g["HEADS"], g["D"]
+
+    @property
+    def stats_shape(self) -> Tuple[int, int, int, int, int]:
+        """``[B, H_out, W_out, N, h]``: ``lse`` and the backward's ``D``."""
+        g = self.args
+        return g["B"], g["Ho"], g["Wo"], g["NQ"], g["HEADS"]
+
+    def inputs(self) -> Dict[str, torch.Tensor]:
+        """The kernels' input pointers (``A`` stands in by ``R`` without a scale: never read then)."""
+        return dict(L=self.logits, V=self.values, R=self.r, A=self.a if self.a is not None else self.r)
 
 
-def qna_forward(
-    logits: torch.Tensor,
-    values: torch.Tensor,
-    rpb: torch.Tensor,
-    scale: Optional[torch.Tensor],
-    ks: Pair,
-    st: Pair,
-    pd: Pair,
-    config: Optional[KernelConfig] = None,
-) -> Tuple[torch.Tensor, torch.Tensor]:
-    """Fused forward: ``(out [B,Ho,Wo,h,d] in the values' dtype, lse [B,Ho,Wo,N,h] float32)``; ``lse``
-    is stored query-minor (:func:`query_minor`)."""
-    B, H, W, N, h, d, Ho, Wo = _problem(logits, values, ks, st, pd)
-    cfg = config or get_config("fwd", logits, values, ks, st, pd)
-    layout = _layout(logits, values)
-    out = torch.empty((B, Ho, Wo, h, d), device=values.device, dtype=values.dtype)
-    lse = empty_query_minor((B, Ho, Wo, N, h), device=logits.device, dtype=torch.float32)
-    r, a = _table(rpb), _table(scale)
-    common = _common_args(logits, values, B, H, W, Ho, Wo, N, h, d, ks, st, pd, layout)
+@dataclass(eq=False)
+class KernelLaunch:
+    """One kernel launch: the kernel, its grid and its keyword arguments (tensors, sizes, compile-time
+    constants, launch options). ``zeroed``: buffers the kernel adds into, zeroed before every launch."""
+
+    fn: Any
+    grid: Tuple[int, ...]
+    kwargs: Dict[str, Any]
+    zeroed: Tuple[torch.Tensor, ...] = ()
+
+    def __call__(self) -> None:
+        for t in self.zeroed:
+            t.zero_()
+        with _on_device(self.kwargs["L"]):
+            self.fn[self.grid](**self.kwargs)
+
+
+def forward_launch(p: Problem, cfg: KernelConfig) -> Tuple[KernelLaunch, torch.Tensor, torch.Tensor]:
+    """The forward's launch and its outputs: ``(launch, out [B,Ho,Wo,h,d] in the values' dtype, lse
+    [B,Ho,Wo,N,h] float32, query-minor)``."""
+    out = torch.empty(p.out_shape, device=p.values.device, dtype=p.values.dtype)
+    lse = empty_query_minor(p.stats_shape, device=p.logits.device, dtype=torch.float32)
     if cfg.algo == "banded":
-        _launch_banded(cfg, False, logits, values, r, a, common, layout, out, lse, None, ks, st)
-        return out, lse
-    grid = (triton.cdiv(B * Ho * Wo, cfg.block_p), triton.cdiv(h, cfg.block_h))
-    with _on_device(logits):
-        qna_fwd_kernel[grid](
-            logits, values, r, a if a is not None else r, out, lse, *common,
-            HAS_SCALE=a is not None, **_blocks(cfg, N, d, layout),
-        )
-    return out, lse
+        return _banded_launch(p, cfg, False, out, lse, None), out, lse
+    grid = (triton.cdiv(p.args["B"] * p.args["Ho"] * p.args["Wo"], cfg.block_p), triton.cdiv(p.args["HEADS"], cfg.block_h))
+    kwargs = dict(p.inputs(), O=out, LSE=lse, **p.args, **_blocks(cfg, p.args["NQ"], p.args["D"]))
+    return KernelLaunch(qna_fwd_kernel, grid, kwargs), out, lse
+
+
+def delta_launch(p: Problem, cfg: KernelConfig, g: torch.Tensor, lse: torch.Tensor) -> Tuple[KernelLaunch, torch.Tensor]:
+    """The backward's delta ``D = g . o_n`` per (pixel, query, head): ``(launch, D)``, ``D`` float32
+    query-minor like ``lse``."""
+    delta = empty_query_minor(p.stats_shape, device=p.logits.device, dtype=torch.float32)
+    if cfg.algo == "banded":  # the forward's banded window sum, dotted with the output gradient
+        return _banded_launch(p, cfg, True, g, lse, delta), delta
+    grid = (triton.cdiv(p.args["B"] * p.args["Ho"] * p.args["Wo"], cfg.block_p), triton.cdiv(p.args["HEADS"], cfg.block_h))
+    kwargs = dict(p.inputs(), G=g, LSE=lse, DELTA=delta, **p.args, **_blocks(cfg, p.args["NQ"], p.args["D"]))
+    return KernelLaunch(qna_bwd_delta_kernel, grid, kwargs), delta
+
+
+def _banded_launch(p: Problem, cfg: KernelConfig, delta_mode: bool, out_or_g: torch.Tensor, lse: torch.Tensor,
+                   delta: Optional[torch.Tensor]) -> KernelLaunch:
+    """The banded kernel as the forward (writes ``out_or_g`` = out and ``lse``) or, with ``delta_mode``,
+    as the backward's delta (reads ``out_or_g`` = the output gradient and ``lse``, writes ``delta``);
+    the pointers one mode does not use stand in by ones it does."""
+    g = p.args
+    blocks = banded_blocks(cfg, g["NQ"], g["D"], p.ks, p.st, p.values, delta=delta_mode)  # checks the tiles first
+    grid = (g["B"] * triton.cdiv(g["Ho"], cfg.block_r) * triton.cdiv(g["Wo"], cfg.block_w), g["HEADS"])
+    kwargs = dict(p.inputs(), O=out_or_g, LSE=lse, G=out_or_g, DELTA=delta if delta_mode else lse, **g,
+                  DELTA_MODE=delta_mode, **blocks)
+    return KernelLaunch(qna_banded_kernel, grid, kwargs)
 
 
 # Main backward kernel: resident warps aimed at per SM (whatever num_warps a config has, so tuned configs
@@ -243,10 +299,10 @@ def resident_programs(regs: int, num_warps: int, shared_bytes: int, threads_per_
 _RESIDENT: Dict[Tuple[str, int], int] = {}
 
 
-def _resident_per_sm(fn, args: Sequence, kwargs: dict, device: torch.device) -> Optional[int]:
+def _resident_per_sm(fn, kwargs: dict, device: torch.device) -> Optional[int]:
     """:func:`resident_programs` of ``fn`` as compiled for these arguments (compiling it, as the launch
     that follows would), or None where this Triton does not expose the compiled kernel's resources."""
-    kernel = fn.warmup(*args, grid=(1,), **kwargs)
+    kernel = fn.warmup(grid=(1,), **kwargs)
     if hasattr(kernel, "result"):  # asynchronous compilation
         kernel = kernel.result()
     try:
@@ -281,6 +337,128 @@ def _num_programs(num_tiles: int, device: torch.device, num_warps: int = 4, head
     return max(1, min(num_tiles, want, cap))
 
 
+
+
+@dataclass(eq=False)
+class BackwardLaunches:
+    """The backward of one problem: the delta launch, the main launch, and what they write
+    (``dl``/``dv``, views of ``dqv`` when packed; the ``dr``/``da`` partial-sum rows)."""
+
+    p: Problem
+    delta: KernelLaunch
+    main: KernelLaunch
+    dl: torch.Tensor
+    dv: torch.Tensor
+    dqv: Optional[torch.Tensor]
+    dr_part: torch.Tensor
+    da_part: Optional[torch.Tensor]
+    rpb_dtype: torch.dtype
+    scale_dtype: Optional[torch.dtype]
+
+    def reduce(self) -> Tuple[torch.Tensor, Optional[torch.Tensor]]:
+        """``(drpb, dscale or None)`` in the tables' ``[K, N, h]`` layout: the partial rows summed in
+        a fixed order."""
+        drpb = self.dr_part.sum(0).transpose(-1, -2).to(self.rpb_dtype)
+        dscale = self.da_part.sum(0).transpose(-1, -2).to(self.scale_dtype) if self.da_part is not None else None
+        return drpb, dscale
+
+    def run(self) -> Tuple[torch.Tensor, ...]:
+        """Both launches, then the results of :func:`qna_backward`."""
+        self.delta()
+        self.main()
+        drpb, dscale = self.reduce()
+        if self.dqv is not None:
+            return self.dqv, drpb, dscale
+        B, H, W, N, h = self.p.logits.shape
+        return (self.dl.view(B, H, W, h, N).transpose(-1, -2), self.dv.view(B, H, W, h, self.p.args["D"]),
+                drpb, dscale)
+
+
+def main_backward_launch(p: Problem, cfg: KernelConfig, g: torch.Tensor, lse: torch.Tensor, delta: torch.Tensor,
+                         dl: torch.Tensor, dv: torch.Tensor) -> Tuple[KernelLaunch, torch.Tensor, Optional[torch.Tensor]]:
+    """The main backward kernel's launch (direct, or banded at stride 1) writing ``dl`` ``[B,H,W,h*N]``
+    and ``dv`` ``[B,H,W,h*d]`` (pixel-strided views), and its ``dr`` / ``da`` partial-sum rows
+    ``[programs, K, h, N]`` (``da`` None without a scale): ``(launch, dr_part, da_part)``."""
+    banded = cfg.algo == "banded"
+    if banded and p.st != (1, 1):
+        raise ValueError(f"the banded backward kernel needs stride 1, got stride={p.st}")
+    G = p.args
+    B, H, W, N, h, K = G["B"], G["H"], G["W"], G["NQ"], G["HEADS"], p.ks[0] * p.ks[1]
+    if banded:
+        fn, head_blocks, row_elems = qna_banded_bwd_kernel, h, 2 * K * N * h  # + the scratch rows
+        num_tiles = B * triton.cdiv(H, cfg.block_r) * triton.cdiv(W, cfg.block_w)
+        blocks = banded_bwd_blocks(cfg, N, G["D"], p.ks, p.values)
+    else:
+        fn, head_blocks, row_elems = qna_bwd_kernel, triton.cdiv(h, cfg.block_h), K * N * h
+        num_tiles = triton.cdiv(B * H * W, cfg.block_p)
+        blocks = _blocks(cfg, N, G["D"])
+    kwargs = dict(p.inputs(), G=g, LSE=lse, DELTA=delta, DL=dl, DV=dv, **G, NUM_TILES=num_tiles,
+                  DL_PIX_STRIDE=dl.stride(2), DV_PIX_STRIDE=dv.stride(2), **blocks)
+
+    def parts(rows: Dict[str, torch.Tensor], progs: int) -> dict:
+        return dict(kwargs, **rows, TILES_PER_PROGRAM=triton.cdiv(num_tiles, progs))
+
+    names = ("DR_PART", "DA_PART", "DR_TILE", "DA_TILE")[: 4 if banded else 2]
+    resident = None
+    if p.logits.is_cuda:  # the compiled kernel's registers bound the programs resident at once
+        with _on_device(p.logits):
+            resident = _resident_per_sm(fn, parts(dict.fromkeys(names, delta), 1), p.logits.device)
+    progs = _num_programs(num_tiles, p.logits.device, cfg.num_warps, head_blocks, row_elems, resident)
+    dr_part = torch.empty((progs, K, h, N), device=p.logits.device, dtype=torch.float32)  # zeroed by the launch
+    da_part = torch.empty_like(dr_part) if p.a is not None else None
+    rows = dict(DR_PART=dr_part, DA_PART=da_part if da_part is not None else dr_part)
+    if banded:  # the scratch rows
+        dr_tile = torch.empty_like(dr_part)
+        rows.update(DR_TILE=dr_tile, DA_TILE=torch.empty_like(dr_part) if p.a is not None else dr_tile)
+    zeroed = (dr_part,) if da_part is None else (dr_part, da_part)
+    return KernelLaunch(fn, (progs, head_blocks), parts(rows, progs), zeroed), dr_part, da_part
+
+
+def backward_launches(
+    grad_out: torch.Tensor, logits: torch.Tensor, values: torch.Tensor, rpb: torch.Tensor,
+    scale: Optional[torch.Tensor], lse: torch.Tensor, ks: Pair, st: Pair, pd: Pair,
+    config: Optional[KernelConfig] = None, delta_config: Optional[KernelConfig] = None,
+    packed_grad: bool = False,
+) -> BackwardLaunches:
+    """The launches of :func:`qna_backward` (nothing launched yet; every check done)."""
+    p = Problem.of(logits, values, rpb, scale, ks, st, pd)
+    g = grad_out.contiguous()
+    lse = query_minor(lse)
+    cfg = config or get_config("bwd", logits, values, ks, st, pd)
+    dcfg = delta_config or get_config("bwd_delta", logits, values, ks, st, pd)
+    delta, delta_out = delta_launch(p, dcfg, g, lse)
+    B, H, W, N, h = logits.shape
+    d = values.shape[-1]
+    dqv = None
+    if packed_grad:
+        dqv = torch.empty((B, H, W, N * h + h * d), device=logits.device, dtype=logits.dtype)
+        dl, dv = dqv[..., : N * h], dqv[..., N * h :]
+    else:
+        dl = torch.empty((B, H, W, h * N), device=logits.device, dtype=logits.dtype)
+        dv = torch.empty((B, H, W, h * d), device=values.device, dtype=values.dtype)
+    main, dr_part, da_part = main_backward_launch(p, cfg, g, lse, delta_out, dl, dv)
+    return BackwardLaunches(p, delta, main, dl, dv, dqv, dr_part, da_part, rpb.dtype,
+                            scale.dtype if scale is not None else None)
+
+
+def qna_forward(
+    logits: torch.Tensor,
+    values: torch.Tensor,
+    rpb: torch.Tensor,
+    scale: Optional[torch.Tensor],
+    ks: Pair,
+    st: Pair,
+    pd: Pair,
+    config: Optional[KernelConfig] = None,
+) -> Tuple[torch.Tensor, torch.Tensor]:
+    """Fused forward: ``(out [B,Ho,Wo,h,d] in the values' dtype, lse [B,Ho,Wo,N,h] float32)``; ``lse``
+    is stored query-minor (:func:`query_minor`)."""
+    cfg = config or get_config("fwd", logits, values, ks, st, pd)
+    launch, out, lse = forward_launch(Problem.of(logits, values, rpb, scale, ks, st, pd), cfg)
+    launch()
+    return out, lse
+
+
 def qna_backward(
     grad_out: torch.Tensor,
     logits: torch.Tensor,
@@ -300,66 +478,5 @@ def qna_backward(
     gradients side by side (the gradient of a fused logits-and-values projection, written once; the
     logits part query-minor, as in the QnA layer's packed projection). ``dlogits`` is a query-minor
     ``[B, H, W, N, h]`` view."""
-    B, H, W, N, h, d, Ho, Wo = _problem(logits, values, ks, st, pd)
-    g = grad_out.contiguous()
-    lse = query_minor(lse)
-    r, a = _table(rpb), _table(scale)
-    layout = _layout(logits, values)
-    common = _common_args(logits, values, B, H, W, Ho, Wo, N, h, d, ks, st, pd, layout)
-
-    cfg = config or get_config("bwd", logits, values, ks, st, pd)
-    banded = cfg.algo == "banded"
-    if banded and tuple(st) != (1, 1):  # (before the delta kernel launches)
-        raise ValueError(f"the banded backward kernel needs stride 1, got stride={tuple(st)}")
-    dcfg = delta_config or get_config("bwd_delta", logits, values, ks, st, pd)
-    delta = empty_query_minor((B, Ho, Wo, N, h), device=logits.device, dtype=torch.float32)
-    if dcfg.algo == "banded":  # the forward's banded window sum, dotted with the output gradient
-        _launch_banded(dcfg, True, logits, values, r, a, common, layout, g, lse, delta, ks, st)
-    else:
-        grid = (triton.cdiv(B * Ho * Wo, dcfg.block_p), triton.cdiv(h, dcfg.block_h))
-        with _on_device(logits):
-            qna_bwd_delta_kernel[grid](
-                logits, values, r, a if a is not None else r, g, lse, delta, *common,
-                HAS_SCALE=a is not None, **_blocks(dcfg, N, d, layout),
-            )
-
-    K = ks[0] * ks[1]
-    if packed_grad:
-        dqv = torch.empty((B, H, W, N * h + h * d), device=logits.device, dtype=logits.dtype)
-        dl, dv = dqv[..., : N * h], dqv[..., N * h :]
-    else:
-        dl = torch.empty((B, H, W, h * N), device=logits.device, dtype=logits.dtype)
-        dv = torch.empty((B, H, W, h * d), device=values.device, dtype=values.dtype)
-    if banded:
-        fn, head_blocks, row_elems = qna_banded_bwd_kernel, h, 2 * K * N * h  # + the scratch rows
-        num_tiles = B * triton.cdiv(H, cfg.block_r) * triton.cdiv(W, cfg.block_w)
-        kwargs = dict(HAS_SCALE=a is not None, **layout, **banded_bwd_blocks(cfg, N, d, ks, values))
-    else:
-        fn, head_blocks, row_elems = qna_bwd_kernel, triton.cdiv(h, cfg.block_h), K * N * h
-        num_tiles = triton.cdiv(B * H * W, cfg.block_p)
-        kwargs = dict(HAS_SCALE=a is not None, **_blocks(cfg, N, d, layout))
-
-    def args(parts: Tuple[torch.Tensor, ...], progs: int) -> tuple:
-        # the banded kernel skips the persistent loop's empty last round by the tile count; the direct
-        # one's pixel mask covers it
-        tiles = (num_tiles,) if banded else ()
-        return (logits, values, r, a if a is not None else r, g, lse, delta, dl, dv, *parts, *common,
-                *tiles, triton.cdiv(num_tiles, progs), dl.stride(2), dv.stride(2))
-
-    with _on_device(logits):
-        resident = None
-        if logits.is_cuda:  # the compiled kernel's registers bound the programs resident at once
-            resident = _resident_per_sm(fn, args((delta,) * (4 if banded else 2), 1), kwargs, logits.device)
-        progs = _num_programs(num_tiles, logits.device, cfg.num_warps, head_blocks, row_elems, resident)
-        dr_part = torch.zeros((progs, K, h, N), device=logits.device, dtype=torch.float32)
-        da_part = torch.zeros_like(dr_part) if a is not None else dr_part
-        parts = (dr_part, da_part)
-        if banded:  # the scratch rows
-            dr_tile = torch.empty_like(dr_part)
-            parts += (dr_tile, torch.empty_like(dr_part) if a is not None else dr_tile)
-        fn[(progs, head_blocks)](*args(parts, progs), **kwargs)
-    drpb = dr_part.sum(0).transpose(-1, -2).to(rpb.dtype)
-    dscale = da_part.sum(0).transpose(-1, -2).to(scale.dtype) if a is not None else None
-    if packed_grad:
-        return dqv, drpb, dscale
-    return dl.view(B, H, W, h, N).transpose(-1, -2), dv.view(B, H, W, h, d), drpb, dscale
+    return backward_launches(grad_out, logits, values, rpb, scale, lse, ks, st, pd, config, delta_config,
+                             packed_grad).run()

@@ -34,17 +34,9 @@ import triton
 from triton.backends.compiler import GPUTarget
 from triton.compiler import ASTSource
 
-from ..tuning import BANDED_KERNELS, KernelConfig, banded_config, heuristic_config
-from .backward import qna_bwd_delta_kernel, qna_bwd_kernel
-from .banded import qna_banded_kernel
-from .banded_bwd import qna_banded_bwd_kernel
-from .forward import qna_fwd_kernel
-
-KERNEL_FNS = {"fwd": qna_fwd_kernel, "bwd_delta": qna_bwd_delta_kernel, "bwd": qna_bwd_kernel}
+from ..reference import default_padding, empty_query_minor
+from ..tuning import BANDED_KERNELS, KERNELS, KernelConfig, Target, select_config
 _TRITON_DTYPE = {torch.float32: "fp32", torch.float16: "fp16", torch.bfloat16: "bf16"}
-# pointers holding the inputs' dtype; every other pointer is a float32 table or buffer
-_INPUT_DTYPE_PTRS = {"L", "V", "O", "G", "DL", "DV"}
-_POINTERS = _INPUT_DTYPE_PTRS | {"R", "A", "LSE", "DELTA", "DR_PART", "DA_PART"}
 
 
 @dataclass(frozen=True)
@@ -84,18 +76,22 @@ class CompileReport:
 LAYOUTS = ("packed", "generic")
 
 
-def _problem_args(kernel: str, dtype: torch.dtype, n_queries: int, heads: int, head_dim: int, layout: str,
-                  window: int, wide: bool, banded: bool = False):
-    """``(launch arguments, layout constants)`` of a representative problem, as ``meta`` tensors
-    (nothing is allocated).
+def representative_launch(kernel: str, dtype: torch.dtype, config: KernelConfig, n_queries: int, heads: int,
+                          head_dim: int, has_scale: bool = True, layout: str = "packed", window: int = 7,
+                          wide: bool = False):
+    """The launch (:class:`~qna_triton.kernels.KernelLaunch`, built by the launchers' own builders) of
+    ``kernel`` with ``config`` on a representative problem, on ``meta`` tensors (nothing is allocated):
+    a 2 x 16 x 16 map, a square ``window`` at stride 1 with the default padding.
 
     ``packed``: logits and values are column blocks of one projection output, the logits
     query-minor (the QnA layer's path); ``generic``: separate contiguous ``[N, h]`` logits and values.
-    ``wide``: head-major logits with a head stride beyond 2^31 elements (the 64-bit offset variant)."""
+    ``wide``: head-major logits with a head stride beyond 2^31 elements (the 64-bit offset variant).
+    The backward's gradients are the two column ranges of one packed ``dqv``, as in the layer."""
     from ..ops import split_packed
-    from ..reference import empty_query_minor
-    from . import _common_args, _layout
+    from . import Problem, delta_launch, forward_launch, main_backward_launch
 
+    if layout not in LAYOUTS:
+        raise ValueError(f"layout must be one of {LAYOUTS}, got {layout!r}")
     B, H, W, N, h, d = 2, 16, 16, n_queries, heads, head_dim
     meta = dict(device="meta")
     if wide:
@@ -108,27 +104,18 @@ def _problem_args(kernel: str, dtype: torch.dtype, n_queries: int, heads: int, h
     else:
         L = torch.empty(B, H, W, N, h, dtype=dtype, **meta)
         V = torch.empty(B, H, W, h, d, dtype=dtype, **meta)
-    k = window
-    table = torch.empty(k * k, h, N, **meta)
-    stats = empty_query_minor((B, H, W, N, h), **meta)
-    out = torch.empty(B, H, W, h, d, dtype=dtype, **meta)
-    consts = _layout(L, V, wide=True if wide else None)
-    common = _common_args(L, V, B, H, W, H, W, N, h, d, (k, k), (1, 1), (k // 2, k // 2), consts)
-    if banded and kernel == "bwd":  # the main backward kernel's banded form (+ its scratch rows)
-        dqv = torch.empty(B, H, W, h * N + h * d, dtype=dtype, **meta)
-        args = (L, V, table, table, out, stats, stats, dqv[..., : h * N], dqv[..., h * N:], table, table, table,
-                table, *common, 4, 1, dqv.stride(2), dqv.stride(2))
-    elif banded:  # O, LSE, G, DELTA: the forward's or the delta's (one kernel)
-        args = (L, V, table, table, out, stats, out, stats, *common)
-    elif kernel == "fwd":
-        args = (L, V, table, table, out, stats, *common)
-    elif kernel == "bwd_delta":
-        args = (L, V, table, table, out, stats, stats, *common)
-    else:
-        dqv = torch.empty(B, H, W, h * N + h * d, dtype=dtype, **meta)
-        args = (L, V, table, table, out, stats, stats, dqv[..., : h * N], dqv[..., h * N:], table, table,
-                *common, 1, dqv.stride(2), dqv.stride(2))
-    return args, consts
+    ks = (window, window)
+    rpb = torch.empty(window * window, N, h, **meta)
+    p = Problem.of(L, V, rpb, rpb if has_scale else None, ks, (1, 1), default_padding(ks),
+                   wide=True if wide else None)
+    if kernel == "fwd":
+        return forward_launch(p, config)[0]
+    g = torch.empty(p.out_shape, dtype=dtype, **meta)
+    lse = empty_query_minor(p.stats_shape, dtype=torch.float32, **meta)
+    if kernel == "bwd_delta":
+        return delta_launch(p, config, g, lse)[0]
+    dqv = torch.empty(B, H, W, h * N + h * d, dtype=dtype, **meta)
+    return main_backward_launch(p, config, g, lse, lse, dqv[..., : h * N], dqv[..., h * N:])[0]
 
 
 def compile_kernel(
@@ -150,31 +137,18 @@ def compile_kernel(
     from triton.compiler import make_backend
     from triton.runtime.jit import create_function_from_signature
 
-    from . import _blocks, banded_blocks, banded_bwd_blocks
-
-    if layout not in LAYOUTS:
-        raise ValueError(f"layout must be one of {LAYOUTS}, got {layout!r}")
-    banded = config.algo == "banded"
-    if banded and kernel not in BANDED_KERNELS:
+    if kernel not in KERNELS:
+        raise ValueError(f"kernel must be one of {KERNELS}, got {kernel!r}")
+    if config.algo == "banded" and kernel not in BANDED_KERNELS:
         raise ValueError(f"{kernel} has no banded form")
-    fn = (qna_banded_bwd_kernel if kernel == "bwd" else qna_banded_kernel) if banded else KERNEL_FNS[kernel]
     heads = heads if heads is not None else config.block_h
-    args, consts = _problem_args(kernel, dtype, n_queries, heads, head_dim, layout, window, wide, banded)
-    if banded and kernel == "bwd":
-        blocks = banded_bwd_blocks(config, n_queries, head_dim, (window, window),
-                                   torch.empty(1, dtype=dtype, device="meta"), on_gpu=True)
-        kwargs = dict(blocks, **consts, HAS_SCALE=has_scale)
-    elif banded:
-        blocks = banded_blocks(config, n_queries, head_dim, (window, window), (1, 1),
-                               torch.empty(1, dtype=dtype, device="meta"), on_gpu=True,
-                               delta=kernel == "bwd_delta")
-        kwargs = dict(blocks, **consts, HAS_SCALE=has_scale, DELTA_MODE=kernel == "bwd_delta")
-    else:
-        kwargs = dict(_blocks(config, n_queries, head_dim, consts), HAS_SCALE=has_scale)
+    launch = representative_launch(kernel, dtype, config, n_queries, heads, head_dim, has_scale, layout, window,
+                                   wide)
+    fn = launch.fn
     target = GPUTarget("cuda", arch, 32)
     backend = make_backend(target)
     binder = create_function_from_signature(fn.signature, fn.params, backend)
-    _, spec, options = binder(*args, **kwargs)  # options: the launch's (warps, stages, FP fusion)
+    _, spec, options = binder(**launch.kwargs)  # options: the launch's (warps, stages, FP fusion)
     names = [p.name for p in fn.params]
     signature = {n: sp[0] for n, sp in zip(names, spec)}
     constexprs = {(i,): sp[1] for i, sp in enumerate(spec) if sp[0] == "constexpr"}
@@ -264,10 +238,10 @@ def default_plan(archs: Sequence[int]) -> List[dict]:
     plan = []
     for arch in archs:
         for h, d in HEAD_SHAPES:
-            for kernel in KERNEL_FNS:
+            for kernel in KERNELS:
                 plan.append(dict(kernel=kernel, dtype="bf16", heads=h, head_dim=d, n_queries=2,
                                  has_scale=True, arch=arch, layout="packed"))
-        for kernel in KERNEL_FNS:
+        for kernel in KERNELS:
             for n, scale in ((1, False), (8, True)):
                 plan.append(dict(kernel=kernel, dtype="fp16", heads=4, head_dim=8, n_queries=n,
                                  has_scale=scale, arch=arch, layout="packed"))
@@ -293,10 +267,9 @@ def default_plan(archs: Sequence[int]) -> List[dict]:
 
 def _run(entry: dict) -> dict:
     dtype = {v: k for k, v in _TRITON_DTYPE.items()}[entry["dtype"]]
-    if entry.get("algo") == "banded":
-        cfg = banded_config((entry["window"], entry["window"]), entry["head_dim"], dtype, kernel=entry["kernel"])
-    else:
-        cfg = heuristic_config(entry["kernel"], entry["heads"], entry["head_dim"])
+    k = entry.get("window", 7)
+    cfg = select_config(entry["kernel"], dtype, entry["heads"], entry["head_dim"], entry["n_queries"], (k, k), (1, 1),
+                        1, Target(known_capability=divmod(entry["arch"], 10)), algo=entry.get("algo", "direct"))
     try:
         rep = compile_kernel(entry["kernel"], dtype, cfg, entry["n_queries"], entry["head_dim"],
                              entry["has_scale"], entry["arch"], entry.get("wide", False), heads=entry["heads"],

@@ -104,15 +104,15 @@ def _bwd_pairs(R, A, G, LSE, DELTA, l_p, v_p, o, i, valid, nh_mask, nh_r, hd_mas
     return ap * t - p * delta, ap, g, p * t
 
 
-# the tile count changes with the batch: not specialised on (one compiled kernel for every batch)
-@triton.jit(do_not_specialize=["TILES_PER_PROGRAM"])
+# the tile counts change with the batch: not specialised on (one compiled kernel for every batch)
+@triton.jit(do_not_specialize=["NUM_TILES", "TILES_PER_PROGRAM"])
 def qna_bwd_kernel(
     L, V, R, A, G, LSE, DELTA, DL, DV, DR_PART, DA_PART,
     B, H, W, Ho, Wo, NQ: tl.constexpr, HEADS, D: tl.constexpr,
     sl_b, sl_y, sl_x, sl_n, sl_j,
     sv_b, sv_y, sv_x, sv_j, sv_t,
     KH, KW, SH, SW, PH, PW,
-    TILES_PER_PROGRAM, DL_PIX_STRIDE, DV_PIX_STRIDE,
+    NUM_TILES, TILES_PER_PROGRAM, DL_PIX_STRIDE, DV_PIX_STRIDE,
     HAS_SCALE: tl.constexpr, WIDE: tl.constexpr, L_HN: tl.constexpr, V_HD: tl.constexpr,
     L_ALIGN: tl.constexpr, V_ALIGN: tl.constexpr,
     BLOCK_P: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_D: tl.constexpr,
@@ -132,10 +132,12 @@ def qna_bwd_kernel(
 
     for it in range(TILES_PER_PROGRAM):
         tile = pid + it * num_progs
-        # a tile past the last (the persistent loop's last round) starts at or beyond B*H*W pixels, so
-        # this one block comparison masks it whole (no scalar condition mixed into the block mask)
         offs_p = tile.to(tl.int64) * BLOCK_P + tl.arange(0, BLOCK_P)
-        mask_p = offs_p < B * H * W
+        # the tile index as a block, so the mask is two int1 blocks and-ed (a scalar comparison mixed into
+        # a block mask is an int32 mask in the interpreter, which Triton 3.9 rejects); the comparison
+        # with NUM_TILES is implied by the pixel one, but the compiler allocates 16 fewer registers with it
+        tile_p = tile + tl.zeros((BLOCK_P,), tl.int32)
+        mask_p = (offs_p < B * H * W) & (tile_p < NUM_TILES)
         x = offs_p % W
         tmp = offs_p // W
         y = tmp % H

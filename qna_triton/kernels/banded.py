@@ -212,6 +212,48 @@ def _out_mask(pix_ok, dd, D: tl.constexpr):
 
 
 @triton.jit
+def _weighted_values(e, vt, VDOT: tl.constexpr, ROWS: tl.constexpr, HALO: tl.constexpr):
+    """The value product's operand ``E v`` (``[R, halo]`` exponentials times ``[R, DC, halo]`` values)
+    as ``[R*DC, halo]``, in the precision of ``VDOT``: bfloat16 products as packed multiplies without
+    conversions; in the interpreter the same roundings in float32 (``E`` rounded here, ``E v`` in
+    :func:`_vdot`); float32 otherwise."""
+    if VDOT == 0:
+        return tl.reshape(e.to(tl.bfloat16)[:, None, :] * vt, (ROWS, HALO))
+    elif VDOT == 2:
+        return tl.reshape(_round_bf16(e)[:, None, :] * vt.to(tl.float32), (ROWS, HALO))
+    else:
+        return tl.reshape(e[:, None, :] * vt.to(tl.float32), (ROWS, HALO))
+
+
+@triton.jit
+def _direct_delta_pixels(L, V, R, A, G, LSE, DELTA, b, y0, x0, offs_p, mask_p, H, W, KH, KW, nh_mask, nh_l, nh_r,
+                         hd_mask, hd_v, hd_o, NH, HEADS, D: tl.constexpr, sl_b, sl_y, sl_x, sv_b, sv_y, sv_x,
+                         HAS_SCALE: tl.constexpr, P: tl.constexpr, BLOCK_N: tl.constexpr):
+    """The backward's ``D`` of ``P`` output pixels (one head) by the direct algorithm: the banded
+    kernel's exact fallback in its delta mode."""
+    pnh = mask_p[:, None, None] & nh_mask[None, :, :]
+    g = tl.load(G + offs_p[:, None, None] * (HEADS * D) + hd_o[None, :, :],
+                mask=mask_p[:, None, None] & hd_mask[None, :, :], other=0.0).to(tl.float32)
+    lse = tl.load(LSE + offs_p[:, None, None] * NH + nh_r[None, :, :], mask=pnh, other=0.0)
+    lse = tl.where(lse == float("-inf"), 0.0, lse)
+    delta = _delta_window(L, V, R, A, g, lse, b, y0, x0, mask_p, H, W, KH, KW, nh_mask, nh_l, nh_r, hd_mask, hd_v,
+                          NH, sl_b, sl_y, sl_x, sv_b, sv_y, sv_x, HAS_SCALE, True, P, BLOCK_N, 1)
+    tl.store(DELTA + offs_p[:, None, None] * NH + nh_r[None, :, :], delta, mask=pnh)
+
+
+@triton.jit
+def _direct_forward_pixels(L, V, R, A, O, LSE, b, y0, x0, offs_p, mask_p, H, W, KH, KW, nh_mask, nh_l, nh_r,
+                           hd_mask, hd_v, hd_o, NH, HEADS, D: tl.constexpr, sl_b, sl_y, sl_x, sv_b, sv_y, sv_x,
+                           HAS_SCALE: tl.constexpr, P: tl.constexpr, BLOCK_N: tl.constexpr,
+                           BLOCK_D: tl.constexpr):
+    """The output and ``lse`` of ``P`` output pixels (one head) by the direct algorithm: the banded
+    kernel's exact fallback as the forward."""
+    acc, lse = _fwd_window(L, V, R, A, b, y0, x0, mask_p, H, W, KH, KW, nh_mask, nh_l, nh_r, hd_mask, hd_v, NH,
+                           sl_b, sl_y, sl_x, sv_b, sv_y, sv_x, HAS_SCALE, True, P, BLOCK_N, 1, BLOCK_D)
+    _store_out_lse(O, LSE, acc, lse, offs_p, mask_p, hd_o, hd_mask, nh_r, nh_mask, HEADS * D, NH)
+
+
+@triton.jit
 def qna_banded_kernel(
     L, V, R, A, O, LSE, G, DELTA,
     B, H, W, Ho, Wo, NQ: tl.constexpr, HEADS, D: tl.constexpr,
@@ -313,14 +355,7 @@ def qna_banded_kernel(
                     v_ptr = (v_img + (iy.to(tl.int64) * sv_y)[:, None, None] + d_v[None, :, None]
                              + x_v[None, None, :])
                     vt = tl.load(v_ptr, mask=m2[:, None, :] & (dd < D)[None, :, None], other=0.0)
-                    if VDOT == 0:  # bfloat16 products: packed multiplies, no conversions
-                        x = tl.reshape(e.to(tl.bfloat16)[:, None, :] * vt, (BLOCK_R * BLOCK_DC, HALO))
-                    elif VDOT == 2:  # the same roundings in float32 (the interpreter): E, then E * v in _vdot
-                        eb = _round_bf16(e)
-                        x = tl.reshape(eb[:, None, :] * vt.to(tl.float32), (BLOCK_R * BLOCK_DC, HALO))
-                    else:
-                        x = tl.reshape(e[:, None, :] * vt.to(tl.float32), (BLOCK_R * BLOCK_DC, HALO))
-                    y = _vdot(x, t, y, VDOT)
+                    y = _vdot(_weighted_values(e, vt, VDOT, BLOCK_R * BLOCK_DC, HALO), t, y, VDOT)
                 yt = tl.reshape(y, (BLOCK_R, BLOCK_DC, BLOCK_W))
                 if DELTA_MODE:
                     # D = g . sum_o a P v, with P = E T' exp(c + r_max - lse): the saved lse, so that D is
@@ -367,18 +402,11 @@ def qna_banded_kernel(
             mask_p = (py < Ho) & (px < Wo)
             offs_p = (b * Ho + py) * Wo + px
             if DELTA_MODE:
-                pnh = mask_p[:, None, None] & nh_mask[None, :, :]
-                g = tl.load(G + offs_p[:, None, None] * (HEADS * D) + hd_o[None, :, :],
-                            mask=mask_p[:, None, None] & hd_mask[None, :, :], other=0.0).to(tl.float32)
-                lse = tl.load(LSE + offs_p[:, None, None] * NH + nh_r[None, :, :], mask=pnh, other=0.0)
-                lse = tl.where(lse == float("-inf"), 0.0, lse)
-                delta = _delta_window(L, V, R, A, g, lse, b, py * SH - PH, px * SW - PW, mask_p, H, W, KH, KW,
-                                      nh_mask, nh_l, nh_r, hd_mask, hd_v, NH, sl_b, sl_y, sl_x, sv_b, sv_y, sv_x,
-                                      HAS_SCALE, True, FALLBACK_P, BLOCK_N, 1)
-                tl.store(DELTA + offs_p[:, None, None] * NH + nh_r[None, :, :], delta, mask=pnh)
+                _direct_delta_pixels(L, V, R, A, G, LSE, DELTA, b, py * SH - PH, px * SW - PW, offs_p, mask_p,
+                                     H, W, KH, KW, nh_mask, nh_l, nh_r, hd_mask, hd_v, hd_o, NH, HEADS, D,
+                                     sl_b, sl_y, sl_x, sv_b, sv_y, sv_x, HAS_SCALE, FALLBACK_P, BLOCK_N)
             else:
-                acc, lse = _fwd_window(L, V, R, A, b, py * SH - PH, px * SW - PW, mask_p, H, W, KH, KW,
-                                       nh_mask, nh_l, nh_r, hd_mask, hd_v, NH,
-                                       sl_b, sl_y, sl_x, sv_b, sv_y, sv_x, HAS_SCALE, True,
-                                       FALLBACK_P, BLOCK_N, 1, BLOCK_D)
-                _store_out_lse(O, LSE, acc, lse, offs_p, mask_p, hd_o, hd_mask, nh_r, nh_mask, HEADS * D, NH)
+                _direct_forward_pixels(L, V, R, A, O, LSE, b, py * SH - PH, px * SW - PW, offs_p, mask_p,
+                                       H, W, KH, KW, nh_mask, nh_l, nh_r, hd_mask, hd_v, hd_o, NH, HEADS, D,
+                                       sl_b, sl_y, sl_x, sv_b, sv_y, sv_x, HAS_SCALE, FALLBACK_P, BLOCK_N,
+                                       BLOCK_D)

@@ -51,6 +51,117 @@ def _diag(m, offs_k, offs_x, KW, C0, HALO: tl.constexpr):
     return tl.sum(tl.where(ok, vals, 0.0), axis=1)
 
 
+@triton.jit
+def _window_row(R, A, G, LSE, DELTA, DR_TILE, DA_TILE, b, y, dy, x_halo, dc, dd, n, j, qh, shift, r_max, e, ev, z, u,
+                row, Ho, Wo, NH, HEADS, D: tl.constexpr, KW, PH, offs_c, offs_x, offs_kw, HALO_CHUNKS: tl.constexpr,
+                HAS_SCALE: tl.constexpr, VDOT: tl.constexpr, RANGE_LIMIT: tl.constexpr, BLOCK_R: tl.constexpr,
+                BLOCK_DC: tl.constexpr, BLOCK_W: tl.constexpr, BLOCK_KW: tl.constexpr, HALO: tl.constexpr):
+    """Window row ``dy`` of one query ``n`` and head-dim chunk ``dd`` of a tile of source pixels (rows
+    ``y``): the output pixels reading the tile through it (rows ``y + PH - dy``, the halo's columns
+    from ``x_halo``) add to ``z = sum g F T`` and, in the first chunk, to ``u = sum (F D) T'``; the
+    row's ``dr`` / ``da`` go to the scratch rows. Returns ``(z, u)``."""
+    yo = y + PH - dy
+    row_ok = (yo >= 0) & (yo < Ho)
+    orow = (b * Ho + yo.to(tl.int64)) * Wo
+    da_acc = tl.zeros((BLOCK_KW,), tl.float32)
+    pd_acc = tl.zeros((BLOCK_KW,), tl.float32)
+    # the halo in chunks of HALO columns: their products and diagonal sums are
+    # independent, so a chunk's operands are all that is held at a time
+    for ci in range(HALO_CHUNKS):
+        c = ci * HALO + offs_c
+        xo = x_halo + c
+        ok = row_ok[:, None] & ((xo >= 0) & (xo < Wo) & (c < BLOCK_W + KW - 1))[None, :]
+        opix = orow[:, None] + xo[None, :]  # [R, HALO]
+        lse = tl.load(LSE + opix * NH + qh, mask=ok, other=float("-inf"))
+        # exact for any pair with a finite weight (the tile's spread bounds the
+        # exponent there); the clamp only keeps F finite where every pair's weight is 0
+        f = tl.where(lse == float("-inf"), 0.0,
+                     _exp(tl.minimum(shift + r_max - lse, RANGE_LIMIT)))
+        gt = tl.load(G + (opix * (HEADS * D) + j * D)[:, None, :] + dd[None, :, None],
+                     mask=ok[:, None, :] & (dd < D)[None, :, None], other=0.0).to(tl.float32)
+        gf = tl.reshape(gt * f[:, None, :], (BLOCK_R * BLOCK_DC, HALO))
+        tp, t = _band(R, A, dy, r_max, qh, c, offs_x, KW, NH, HAS_SCALE)
+        z = _vdot(gf, t, z, VDOT)
+        m = _vdot(tl.trans(gf), ev, tl.zeros((HALO, BLOCK_W), tl.float32), VDOT)
+        da_acc += _diag(m, offs_kw, offs_x, KW, ci * HALO, HALO)
+        if dc == 0:
+            hf = f * tl.load(DELTA + opix * NH + qh, mask=ok, other=0.0)
+            u = _sdot(hf, tp, u, VDOT)
+            mh = _sdot(tl.trans(hf), e, tl.zeros((HALO, BLOCK_W), tl.float32), VDOT)
+            pd_acc += _diag(mh, offs_kw, offs_x, KW, ci * HALO, HALO)
+    tpo = _exp(tl.load(R + (dy * KW + offs_kw) * NH + qh, mask=offs_kw < KW,
+                       other=float("-inf")) - r_max)
+    if HAS_SCALE:
+        ao = tl.load(A + (dy * KW + offs_kw) * NH + qh, mask=offs_kw < KW, other=0.0)
+    else:
+        ao = tl.full((BLOCK_KW,), 1.0, tl.float32)
+    da_row = da_acc * tpo
+    dr_row = ao * da_row - tpo * pd_acc
+    # the scratch rows: written by the first head-dim chunk, added to by the others
+    # (always with this [k_w] mapping, so each element by the same threads)
+    srow = row + (dy * KW + offs_kw) * NH + n
+    if dc > 0:
+        dr_row += tl.load(DR_TILE + srow, mask=offs_kw < KW, other=0.0)
+        da_row += tl.load(DA_TILE + srow, mask=offs_kw < KW, other=0.0)
+    tl.store(DR_TILE + srow, dr_row, mask=offs_kw < KW)
+    if HAS_SCALE:
+        tl.store(DA_TILE + srow, da_row, mask=offs_kw < KW)
+    return z, u
+
+
+@triton.jit
+def _direct_tile_gradients(L, V, R, A, G, LSE, DELTA, DL, DV, DR_TILE, DA_TILE, b, rb, cb, j, row, row0, row_n,
+                           row_mask, H, W, Ho, Wo, NQ: tl.constexpr, HEADS, D: tl.constexpr, NH, KH, KW, PH, PW,
+                           sl_b, sl_y, sl_x, sl_n, sl_j, sv_b, sv_y, sv_x, sv_j, sv_t, DL_PIX_STRIDE, DV_PIX_STRIDE,
+                           HAS_SCALE: tl.constexpr, WIDE: tl.constexpr, L_HN: tl.constexpr, V_HD: tl.constexpr,
+                           BLOCK_W: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_N: tl.constexpr,
+                           BLOCK_D: tl.constexpr, BLOCK_KW: tl.constexpr, FALLBACK_P: tl.constexpr):
+    """The exact fallback of a tile of source pixels (head ``j``; row block ``rb``, column block
+    ``cb`` of image ``b``): the direct algorithm (backward.py's pairs) over sub-tiles of pixels writes
+    their ``dl`` / ``dv``, and its ``dr`` / ``da`` replace whatever the products wrote to the scratch."""
+    tl.debug_barrier()
+    for dy in range(KH):
+        tl.store(DR_TILE + row + dy * KW * NH + row_n, tl.zeros((BLOCK_N, BLOCK_KW), tl.float32),
+                 mask=row_mask)
+        tl.store(DA_TILE + row + dy * KW * NH + row_n, tl.zeros((BLOCK_N, BLOCK_KW), tl.float32),
+                 mask=row_mask)
+    tl.debug_barrier()
+    nh_mask, nh_l, nh_r, hd_mask, hd_v, hd_g = _head_blocks(
+        j, NQ, HEADS, D, sl_n, sl_j, sv_j, sv_t, BLOCK_N, 1, BLOCK_D, WIDE, L_HN, V_HD)
+    for q0 in range(0, BLOCK_W * BLOCK_R, FALLBACK_P):
+        q = q0 + tl.arange(0, FALLBACK_P)
+        py = (rb * BLOCK_R + q // BLOCK_W).to(tl.int64)
+        px = (cb * BLOCK_W + q % BLOCK_W).to(tl.int64)
+        mask_p = (py < H) & (px < W)
+        offs_p = (b * H + py) * W + px
+        l_p = tl.load(L + (b * sl_b + py * sl_y + px * sl_x)[:, None, None] + nh_l[None, :, :],
+                      mask=mask_p[:, None, None] & nh_mask[None, :, :], other=0.0).to(tl.float32)
+        v_p = _load_v(V, b, py, px, mask_p, hd_v, hd_mask, sv_b, sv_y, sv_x)
+        dl = tl.zeros((FALLBACK_P, BLOCK_N, 1), tl.float32)
+        dv = tl.zeros((FALLBACK_P, 1, BLOCK_D), tl.float32)
+        for u in range(KH):
+            Y = py + PH - u  # stride 1: the output row reading row py through offset row u
+            vy = mask_p & (Y >= 0) & (Y < Ho)
+            for w in range(KW):
+                X = px + PW - w
+                valid = vy & (X >= 0) & (X < Wo)
+                o = u * KW + w
+                dz, ap, g, pt = _bwd_pairs(R, A, G, LSE, DELTA, l_p, v_p, o, (b * Ho + Y) * Wo + X, valid,
+                                           nh_mask, nh_r, hd_mask, hd_g, NH, HEADS, D, HAS_SCALE)
+                dl += dz
+                dv += tl.sum(ap, axis=1)[:, :, None] * g
+                srow = row0 + o * NH + nh_r  # (nh_r holds j * NQ)
+                tl.store(DR_TILE + srow, tl.load(DR_TILE + srow, mask=nh_mask) + tl.sum(dz, axis=0),
+                         mask=nh_mask)
+                if HAS_SCALE:
+                    tl.store(DA_TILE + srow, tl.load(DA_TILE + srow, mask=nh_mask) + tl.sum(pt, axis=0),
+                             mask=nh_mask)
+        tl.store(DL + offs_p[:, None, None] * DL_PIX_STRIDE + nh_r[None, :, :], dl.to(DL.dtype.element_ty),
+                 mask=mask_p[:, None, None] & nh_mask[None, :, :])
+        tl.store(DV + offs_p[:, None, None] * DV_PIX_STRIDE + hd_g[None, :, :], dv.to(DV.dtype.element_ty),
+                 mask=mask_p[:, None, None] & hd_mask[None, :, :])
+
+
 # the tile counts change with the batch: not specialised on (one compiled kernel for every batch)
 @triton.jit(do_not_specialize=["NUM_TILES", "TILES_PER_PROGRAM"])
 def qna_banded_bwd_kernel(
@@ -141,52 +252,10 @@ def qna_banded_bwd_kernel(
                         z = tl.zeros((BLOCK_R * BLOCK_DC, BLOCK_W), tl.float32)
                         u = tl.zeros((BLOCK_R, BLOCK_W), tl.float32)
                         for dy in range(KH):
-                            yo = y + PH - dy
-                            row_ok = (yo >= 0) & (yo < Ho)
-                            orow = (b * Ho + yo.to(tl.int64)) * Wo
-                            da_acc = tl.zeros((BLOCK_KW,), tl.float32)
-                            pd_acc = tl.zeros((BLOCK_KW,), tl.float32)
-                            # the halo in chunks of HALO columns: their products and diagonal sums are
-                            # independent, so a chunk's operands are all that is held at a time
-                            for ci in range(HALO_CHUNKS):
-                                c = ci * HALO + offs_c
-                                xo = x_halo + c
-                                ok = row_ok[:, None] & ((xo >= 0) & (xo < Wo) & (c < BLOCK_W + KW - 1))[None, :]
-                                opix = orow[:, None] + xo[None, :]  # [R, HALO]
-                                lse = tl.load(LSE + opix * NH + qh, mask=ok, other=float("-inf"))
-                                # exact for any pair with a finite weight (the tile's spread bounds the
-                                # exponent there); the clamp only keeps F finite where every pair's weight is 0
-                                f = tl.where(lse == float("-inf"), 0.0,
-                                             _exp(tl.minimum(shift + r_max - lse, RANGE_LIMIT)))
-                                gt = tl.load(G + (opix * (HEADS * D) + j * D)[:, None, :] + dd[None, :, None],
-                                             mask=ok[:, None, :] & (dd < D)[None, :, None], other=0.0).to(tl.float32)
-                                gf = tl.reshape(gt * f[:, None, :], (BLOCK_R * BLOCK_DC, HALO))
-                                tp, t = _band(R, A, dy, r_max, qh, c, offs_x, KW, NH, HAS_SCALE)
-                                z = _vdot(gf, t, z, VDOT)
-                                m = _vdot(tl.trans(gf), ev, tl.zeros((HALO, BLOCK_W), tl.float32), VDOT)
-                                da_acc += _diag(m, offs_kw, offs_x, KW, ci * HALO, HALO)
-                                if dc == 0:
-                                    hf = f * tl.load(DELTA + opix * NH + qh, mask=ok, other=0.0)
-                                    u = _sdot(hf, tp, u, VDOT)
-                                    mh = _sdot(tl.trans(hf), e, tl.zeros((HALO, BLOCK_W), tl.float32), VDOT)
-                                    pd_acc += _diag(mh, offs_kw, offs_x, KW, ci * HALO, HALO)
-                            tpo = _exp(tl.load(R + (dy * KW + offs_kw) * NH + qh, mask=offs_kw < KW,
-                                               other=float("-inf")) - r_max)
-                            if HAS_SCALE:
-                                ao = tl.load(A + (dy * KW + offs_kw) * NH + qh, mask=offs_kw < KW, other=0.0)
-                            else:
-                                ao = tl.full((BLOCK_KW,), 1.0, tl.float32)
-                            da_row = da_acc * tpo
-                            dr_row = ao * da_row - tpo * pd_acc
-                            # the scratch rows: written by the first head-dim chunk, added to by the others
-                            # (always with this [k_w] mapping, so each element by the same threads)
-                            srow = row + (dy * KW + offs_kw) * NH + n
-                            if dc > 0:
-                                dr_row += tl.load(DR_TILE + srow, mask=offs_kw < KW, other=0.0)
-                                da_row += tl.load(DA_TILE + srow, mask=offs_kw < KW, other=0.0)
-                            tl.store(DR_TILE + srow, dr_row, mask=offs_kw < KW)
-                            if HAS_SCALE:
-                                tl.store(DA_TILE + srow, da_row, mask=offs_kw < KW)
+                            z, u = _window_row(R, A, G, LSE, DELTA, DR_TILE, DA_TILE, b, y, dy, x_halo, dc, dd, n, j,
+                                               qh, shift, r_max, e, ev, z, u, row, Ho, Wo, NH, HEADS, D, KW, PH,
+                                               offs_c, offs_x, offs_kw, HALO_CHUNKS, HAS_SCALE, VDOT, RANGE_LIMIT,
+                                               BLOCK_R, BLOCK_DC, BLOCK_W, BLOCK_KW, HALO)
                         z3 = tl.reshape(z, (BLOCK_R, BLOCK_DC, BLOCK_W))
                         dv_t += e[:, None, :] * z3
                         dl_n = e * tl.sum(vt * z3, axis=1)
@@ -202,47 +271,11 @@ def qna_banded_bwd_kernel(
             if redo > 0:
                 # the direct algorithm for this tile (backward.py's pairs), over sub-tiles of pixels; its
                 # dr / da replace whatever the products wrote to the scratch
-                tl.debug_barrier()
-                for dy in range(KH):
-                    tl.store(DR_TILE + row + dy * KW * NH + row_n, tl.zeros((BLOCK_N, BLOCK_KW), tl.float32),
-                             mask=row_mask)
-                    tl.store(DA_TILE + row + dy * KW * NH + row_n, tl.zeros((BLOCK_N, BLOCK_KW), tl.float32),
-                             mask=row_mask)
-                tl.debug_barrier()
-                nh_mask, nh_l, nh_r, hd_mask, hd_v, hd_g = _head_blocks(
-                    j, NQ, HEADS, D, sl_n, sl_j, sv_j, sv_t, BLOCK_N, 1, BLOCK_D, WIDE, L_HN, V_HD)
-                for q0 in range(0, BLOCK_W * BLOCK_R, FALLBACK_P):
-                    q = q0 + tl.arange(0, FALLBACK_P)
-                    py = (rb * BLOCK_R + q // BLOCK_W).to(tl.int64)
-                    px = (cb * BLOCK_W + q % BLOCK_W).to(tl.int64)
-                    mask_p = (py < H) & (px < W)
-                    offs_p = (b * H + py) * W + px
-                    l_p = tl.load(L + (b * sl_b + py * sl_y + px * sl_x)[:, None, None] + nh_l[None, :, :],
-                                  mask=mask_p[:, None, None] & nh_mask[None, :, :], other=0.0).to(tl.float32)
-                    v_p = _load_v(V, b, py, px, mask_p, hd_v, hd_mask, sv_b, sv_y, sv_x)
-                    dl = tl.zeros((FALLBACK_P, BLOCK_N, 1), tl.float32)
-                    dv = tl.zeros((FALLBACK_P, 1, BLOCK_D), tl.float32)
-                    for u in range(KH):
-                        Y = py + PH - u  # stride 1: the output row reading row py through offset row u
-                        vy = mask_p & (Y >= 0) & (Y < Ho)
-                        for w in range(KW):
-                            X = px + PW - w
-                            valid = vy & (X >= 0) & (X < Wo)
-                            o = u * KW + w
-                            dz, ap, g, pt = _bwd_pairs(R, A, G, LSE, DELTA, l_p, v_p, o, (b * Ho + Y) * Wo + X, valid,
-                                                       nh_mask, nh_r, hd_mask, hd_g, NH, HEADS, D, HAS_SCALE)
-                            dl += dz
-                            dv += tl.sum(ap, axis=1)[:, :, None] * g
-                            srow = row0 + o * NH + nh_r  # (nh_r holds j * NQ)
-                            tl.store(DR_TILE + srow, tl.load(DR_TILE + srow, mask=nh_mask) + tl.sum(dz, axis=0),
-                                     mask=nh_mask)
-                            if HAS_SCALE:
-                                tl.store(DA_TILE + srow, tl.load(DA_TILE + srow, mask=nh_mask) + tl.sum(pt, axis=0),
-                                         mask=nh_mask)
-                    tl.store(DL + offs_p[:, None, None] * DL_PIX_STRIDE + nh_r[None, :, :], dl.to(DL.dtype.element_ty),
-                             mask=mask_p[:, None, None] & nh_mask[None, :, :])
-                    tl.store(DV + offs_p[:, None, None] * DV_PIX_STRIDE + hd_g[None, :, :], dv.to(DV.dtype.element_ty),
-                             mask=mask_p[:, None, None] & hd_mask[None, :, :])
+                _direct_tile_gradients(L, V, R, A, G, LSE, DELTA, DL, DV, DR_TILE, DA_TILE, b, rb, cb, j, row, row0,
+                                       row_n, row_mask, H, W, Ho, Wo, NQ, HEADS, D, NH, KH, KW, PH, PW,
+                                       sl_b, sl_y, sl_x, sl_n, sl_j, sv_b, sv_y, sv_x, sv_j, sv_t,
+                                       DL_PIX_STRIDE, DV_PIX_STRIDE, HAS_SCALE, WIDE, L_HN, V_HD,
+                                       BLOCK_W, BLOCK_R, BLOCK_N, BLOCK_D, BLOCK_KW, FALLBACK_P)
             # the tile is good: add its scratch rows to the program's partial sums (the barrier orders the
             # scratch written above, with other thread mappings, before it is read here)
             tl.debug_barrier()
