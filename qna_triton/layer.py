@@ -14,6 +14,7 @@ from . import ops
 from .export import traced
 from ._validation import IntOrPair, as_pair, check_window
 from .flax_params import check_tree, flatten_tree
+from .reference import default_padding
 
 __all__ = ["QnA", "ATTN_SCALE_MODES"]
 
@@ -94,7 +95,7 @@ class QnA(nn.Module):
         self.kernel_size = as_pair(kernel_size, "kernel_size", 1)
         self.stride = as_pair(stride, "stride", 1)
         self.padding = (
-            tuple((k - 1) // 2 for k in self.kernel_size) if padding is None else as_pair(padding, "padding", 0)
+            default_padding(self.kernel_size) if padding is None else as_pair(padding, "padding", 0)
         )
         self.attn_scale = attn_scale
         self.normalize_q = bool(normalize_q)

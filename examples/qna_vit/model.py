@@ -41,6 +41,7 @@ import torch.nn.functional as F
 from qna_triton import CheckpointError, QnA
 from qna_triton.flax_params import check_tree, flatten_tree
 from qna_triton.layer import lecun_normal_ as _lecun_normal_
+from qna_triton.reference import default_padding, output_size
 
 try:  # timm is optional: its registry, builder and fx leaf lists are used when it imports
     from timm.layers import register_notrace_function as _timm_notrace_function
@@ -676,8 +677,9 @@ class QnAViT(nn.Module):
         h, w = self.stem.output_size(height, width)
         sizes = [(h, w)]
         for s in range(self.config.n_stages - 1):
-            k = self.config.kernel_size[s]
-            h, w = (h + 2 * ((k - 1) // 2) - k) // 2 + 1, (w + 2 * ((k - 1) // 2) - k) // 2 + 1
+            k = self.config.kernel_size[s]  # the stride-2 QnA block between stages, default padding
+            (ph, pw) = default_padding((k, k))
+            h, w = output_size(h, k, 2, ph), output_size(w, k, 2, pw)
             sizes.append((h, w))
         sizes.append(sizes[-1])
         return sizes
