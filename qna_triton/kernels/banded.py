@@ -254,6 +254,39 @@ def _direct_forward_pixels(L, V, R, A, O, LSE, b, y0, x0, offs_p, mask_p, H, W, 
 
 
 @triton.jit
+def _delta_of_query(yt, dacc, redo, c, n, G, LSE, pix, pix_ok, j, dd, offs_n, NQ, NH, HEADS, D: tl.constexpr):
+    """The delta's epilogue for query ``n`` and one head-dim chunk: ``D += g . Y exp(c - lse)``, into
+    row ``n`` of ``dacc``; ``redo`` set if the part is not finite. ``c`` is the tile's shift plus the
+    bias maximum.
+
+    The saved lse, so that D is consistent with the P the main backward kernel recomputes (finite lse:
+    the exponent is at most the tile's spread; an empty window has D = 0). The gradient tile is loaded
+    here, after the window loop: held through it, it would cost 16-32 registers a thread there (spills
+    at head dims of 16 and more).
+    """
+    lse = tl.load(LSE + pix * NH + j * NQ + n, mask=pix_ok, other=float("-inf"))
+    fac = tl.where(lse == float("-inf"), 0.0, _exp(c - lse))
+    gt = tl.load(G + _out_offsets(pix, j, dd, HEADS, D), mask=_out_mask(pix_ok, dd, D), other=0.0).to(tl.float32)
+    part = tl.sum(yt * gt, axis=1) * fac
+    redo = tl.maximum(redo, _any_nonfinite2(part))
+    dacc += tl.where((offs_n == n)[:, None, None], part[None, :, :], 0.0)
+    return dacc, redo
+
+
+@triton.jit
+def _output_of_query(yt, s, out, c, n, LSE, pix, pix_ok, j, first_chunk, NQ, NH):
+    """The forward's epilogue for query ``n`` and one head-dim chunk: ``out += Y / S`` (an empty
+    window, ``S = 0``, gives 0) and, on the first chunk, the lse ``c + log S`` stored. ``c`` is the
+    tile's shift plus the bias maximum."""
+    inv = tl.where(s > 0, 1.0 / s, 0.0)
+    out += yt * inv[:, None, :]
+    if first_chunk:
+        lse = tl.where(s > 0, c + tl.log(s), float("-inf"))
+        tl.store(LSE + pix * NH + j * NQ + n, lse, mask=pix_ok)
+    return out
+
+
+@triton.jit
 def qna_banded_kernel(
     L, V, R, A, O, LSE, G, DELTA,
     B, H, W, Ho, Wo, NQ: tl.constexpr, HEADS, D: tl.constexpr,
@@ -358,24 +391,10 @@ def qna_banded_kernel(
                     y = _vdot(_weighted_values(e, vt, VDOT, BLOCK_R * BLOCK_DC, HALO), t, y, VDOT)
                 yt = tl.reshape(y, (BLOCK_R, BLOCK_DC, BLOCK_W))
                 if DELTA_MODE:
-                    # D = g . sum_o a P v, with P = E T' exp(c + r_max - lse): the saved lse, so that D is
-                    # consistent with the P the main backward kernel recomputes (finite lse: the exponent
-                    # is at most the tile's spread; an empty window has D = 0)
-                    lse = tl.load(LSE + pix * NH + j * NQ + n, mask=pix_ok, other=float("-inf"))
-                    fac = tl.where(lse == float("-inf"), 0.0, _exp(shift + r_max - lse))
-                    # loaded per query, after the window loop: held through it, the gradient tile would
-                    # cost 16-32 registers a thread there (spills at head dims of 16 and more)
-                    gt = tl.load(G + _out_offsets(pix, j, dd, HEADS, D), mask=_out_mask(pix_ok, dd, D),
-                                 other=0.0).to(tl.float32)
-                    part = tl.sum(yt * gt, axis=1) * fac
-                    redo = tl.maximum(redo, _any_nonfinite2(part))
-                    dacc += tl.where((offs_n == n)[:, None, None], part[None, :, :], 0.0)
+                    dacc, redo = _delta_of_query(yt, dacc, redo, shift + r_max, n, G, LSE, pix, pix_ok, j, dd,
+                                                 offs_n, NQ, NH, HEADS, D)
                 else:
-                    inv = tl.where(s > 0, 1.0 / s, 0.0)  # an empty window (s = 0) gives 0
-                    out += yt * inv[:, None, :]
-                    if dc == 0:
-                        lse = tl.where(s > 0, shift + r_max + tl.log(s), float("-inf"))
-                        tl.store(LSE + pix * NH + j * NQ + n, lse, mask=pix_ok)
+                    out = _output_of_query(yt, s, out, shift + r_max, n, LSE, pix, pix_ok, j, dc == 0, NQ, NH)
             if not DELTA_MODE:
                 # a NaN or infinity anywhere in the products spreads along the tile's rows (0 * NaN off
                 # the band): such a tile is redone by the direct algorithm, which confines it to its
