@@ -13,13 +13,12 @@ from typing import Optional, Tuple, Union
 import torch
 
 from qna_triton import qna_attention
-from qna_triton.reference import naive_qna_attention, output_size
+from qna_triton.reference import RESULT_TOLERANCE, naive_qna_attention, output_size
 
 FIXTURES = os.path.join(os.path.dirname(__file__), "fixtures")
 EXAMPLES = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "examples")
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 DTYPES = [torch.float32, torch.float16, torch.bfloat16]
-ATOL = {torch.float32: 1e-5, torch.float16: 2e-3, torch.bfloat16: 1.6e-2}
 
 
 def load_example(name: str) -> ModuleType:
@@ -138,7 +137,8 @@ def check_error(got, expected, ref_same_precision, dtype, what):
     err = (got.double() - expected).abs().max().item()
     ref_err = (ref_same_precision.double() - expected).abs().max().item()
     assert torch.isfinite(got).all(), f"{what}: non-finite values"
-    assert err <= 2 * ref_err + ATOL[dtype] * scale, f"{what}: error {err:.3g} vs reference {ref_err:.3g}"
+    assert err <= 2 * ref_err + RESULT_TOLERANCE[dtype] * scale, \
+        f"{what}: error {err:.3g} vs reference {ref_err:.3g}"
 
 
 def run_op(case, dtype, backend, monkeypatch, logit_scale=2.0, query_minor=False):

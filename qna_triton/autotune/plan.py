@@ -358,7 +358,10 @@ def specialisation(shape: Shape) -> Tuple[object, ...]:
     rpb = torch.empty(shape.kh * shape.kw, N, h, device=meta)
     logits, values = split_packed(qv, rpb)
     p = Problem.of(logits, values, rpb, rpb, (shape.kh, shape.kw), (shape.sh, shape.sw), (shape.ph, shape.pw))
-    return tuple(_spec(v) if type(v) is int else v for v in p.args.values())
+    def spec(v):
+        return tuple(spec(e) for e in v) if isinstance(v, tuple) else (_spec(v) if type(v) is int else v)
+
+    return tuple(spec(v) for v in p.args.values())
 
 
 @dataclass

@@ -175,7 +175,11 @@ class Problem:
     """One QnA problem as the kernels see it: the inputs (``logits [B,H,W,N,h]``, ``values
     [B,H,W,h,d]``; ``r`` / ``a`` the rpb and scale tables in the kernels' float32 ``[K, h, N]`` order,
     ``a`` None without a scale), the geometry, and :attr:`args`, the keyword arguments every kernel
-    takes alike (sizes, strides, window, layout constants, ``HAS_SCALE``)."""
+    takes alike, grouped as Triton allows: ``SIZES = (B, H, W, H_out, W_out, h)``, the compile-time
+    ``NQ`` and ``D``, ``L_STRIDES`` / ``V_STRIDES`` (:func:`_pixel_strides`), ``WINDOW = (k_h, k_w,
+    s_h, s_w, p_h, p_w)``, and the layout constants (:func:`_layout`) with ``HAS_SCALE``. Triton
+    specialises each element of a tuple as it would a lone integer (1 a constant, multiples of 16
+    marked), so grouping leaves the compiled code as it was (``docs/kernels.md``)."""
 
     logits: torch.Tensor
     values: torch.Tensor
@@ -196,27 +200,30 @@ class Problem:
         sl = _pixel_strides(logits, layout["L_ALIGN"])
         sv = _pixel_strides(values, layout["V_ALIGN"])
         a = _table(scale)
+        Ho, Wo = output_size(H, ks[0], st[0], pd[0]), output_size(W, ks[1], st[1], pd[1])
         args = dict(
-            B=B, H=H, W=W, Ho=output_size(H, ks[0], st[0], pd[0]), Wo=output_size(W, ks[1], st[1], pd[1]),
-            NQ=N, HEADS=h, D=d,
-            **dict(zip(("sl_b", "sl_y", "sl_x", "sl_n", "sl_j"), sl)),
-            **dict(zip(("sv_b", "sv_y", "sv_x", "sv_j", "sv_t"), sv)),
-            KH=ks[0], KW=ks[1], SH=st[0], SW=st[1], PH=pd[0], PW=pd[1],
+            SIZES=(B, H, W, Ho, Wo, h), NQ=N, D=d, L_STRIDES=sl, V_STRIDES=sv, WINDOW=(*ks, *st, *pd),
             HAS_SCALE=a is not None, **layout,
         )
         return cls(logits, values, _table(rpb), a, tuple(ks), tuple(st), tuple(pd), args)
 
     @property
+    def sizes(self) -> Dict[str, int]:
+        """``B``, ``H``, ``W``, ``Ho``, ``Wo`` (the output map), ``N``, ``h``, ``d`` by name."""
+        B, H, W, Ho, Wo, h = self.args["SIZES"]
+        return dict(B=B, H=H, W=W, Ho=Ho, Wo=Wo, N=self.args["NQ"], h=h, d=self.args["D"])
+
+    @property
     def out_shape(self) -> Tuple[int, int, int, int, int]:
         """``[B, H_out, W_out, h, d]``."""
-        g = self.args
-        return g["B"], g["Ho"], g["Wo"], g["HEADS"], g["D"]
+        z = self.sizes
+        return z["B"], z["Ho"], z["Wo"], z["h"], z["d"]
 
     @property
     def stats_shape(self) -> Tuple[int, int, int, int, int]:
         """``[B, H_out, W_out, N, h]``: ``lse`` and the backward's ``D``."""
-        g = self.args
-        return g["B"], g["Ho"], g["Wo"], g["NQ"], g["HEADS"]
+        z = self.sizes
+        return z["B"], z["Ho"], z["Wo"], z["N"], z["h"]
 
     def inputs(self) -> Dict[str, torch.Tensor]:
         """The kernels' input pointers (``A`` stands in by ``R`` without a scale: never read then)."""
@@ -247,8 +254,9 @@ def forward_launch(p: Problem, cfg: KernelConfig) -> Tuple[KernelLaunch, torch.T
     lse = empty_query_minor(p.stats_shape, device=p.logits.device, dtype=torch.float32)
     if cfg.algo == "banded":
         return _banded_launch(p, cfg, False, out, lse, None), out, lse
-    grid = (triton.cdiv(p.args["B"] * p.args["Ho"] * p.args["Wo"], cfg.block_p), triton.cdiv(p.args["HEADS"], cfg.block_h))
-    kwargs = dict(p.inputs(), O=out, LSE=lse, **p.args, **_blocks(cfg, p.args["NQ"], p.args["D"]))
+    z = p.sizes
+    grid = (triton.cdiv(z["B"] * z["Ho"] * z["Wo"], cfg.block_p), triton.cdiv(z["h"], cfg.block_h))
+    kwargs = dict(p.inputs(), O=out, LSE=lse, **p.args, **_blocks(cfg, z["N"], z["d"]))
     return KernelLaunch(qna_fwd_kernel, grid, kwargs), out, lse
 
 
@@ -258,8 +266,9 @@ def delta_launch(p: Problem, cfg: KernelConfig, g: torch.Tensor, lse: torch.Tens
     delta = empty_query_minor(p.stats_shape, device=p.logits.device, dtype=torch.float32)
     if cfg.algo == "banded":  # the forward's banded window sum, dotted with the output gradient
         return _banded_launch(p, cfg, True, g, lse, delta), delta
-    grid = (triton.cdiv(p.args["B"] * p.args["Ho"] * p.args["Wo"], cfg.block_p), triton.cdiv(p.args["HEADS"], cfg.block_h))
-    kwargs = dict(p.inputs(), G=g, LSE=lse, DELTA=delta, **p.args, **_blocks(cfg, p.args["NQ"], p.args["D"]))
+    z = p.sizes
+    grid = (triton.cdiv(z["B"] * z["Ho"] * z["Wo"], cfg.block_p), triton.cdiv(z["h"], cfg.block_h))
+    kwargs = dict(p.inputs(), G=g, LSE=lse, DELTA=delta, **p.args, **_blocks(cfg, z["N"], z["d"]))
     return KernelLaunch(qna_bwd_delta_kernel, grid, kwargs), delta
 
 
@@ -268,10 +277,10 @@ def _banded_launch(p: Problem, cfg: KernelConfig, delta_mode: bool, out_or_g: to
     """The banded kernel as the forward (writes ``out_or_g`` = out and ``lse``) or, with ``delta_mode``,
     as the backward's delta (reads ``out_or_g`` = the output gradient and ``lse``, writes ``delta``);
     the pointers one mode does not use stand in by ones it does."""
-    g = p.args
-    blocks = banded_blocks(cfg, g["NQ"], g["D"], p.ks, p.st, p.values, delta=delta_mode)  # checks the tiles first
-    grid = (g["B"] * triton.cdiv(g["Ho"], cfg.block_r) * triton.cdiv(g["Wo"], cfg.block_w), g["HEADS"])
-    kwargs = dict(p.inputs(), O=out_or_g, LSE=lse, G=out_or_g, DELTA=delta if delta_mode else lse, **g,
+    z = p.sizes
+    blocks = banded_blocks(cfg, z["N"], z["d"], p.ks, p.st, p.values, delta=delta_mode)  # checks the tiles first
+    grid = (z["B"] * triton.cdiv(z["Ho"], cfg.block_r) * triton.cdiv(z["Wo"], cfg.block_w), z["h"])
+    kwargs = dict(p.inputs(), O=out_or_g, LSE=lse, G=out_or_g, DELTA=delta if delta_mode else lse, **p.args,
                   DELTA_MODE=delta_mode, **blocks)
     return KernelLaunch(qna_banded_kernel, grid, kwargs)
 
@@ -370,7 +379,7 @@ class BackwardLaunches:
         if self.dqv is not None:
             return self.dqv, drpb, dscale
         B, H, W, N, h = self.p.logits.shape
-        return (self.dl.view(B, H, W, h, N).transpose(-1, -2), self.dv.view(B, H, W, h, self.p.args["D"]),
+        return (self.dl.view(B, H, W, h, N).transpose(-1, -2), self.dv.view(B, H, W, h, self.p.sizes["d"]),
                 drpb, dscale)
 
 
@@ -382,17 +391,17 @@ def main_backward_launch(p: Problem, cfg: KernelConfig, g: torch.Tensor, lse: to
     banded = cfg.algo == "banded"
     if banded and p.st != (1, 1):
         raise ValueError(f"the banded backward kernel needs stride 1, got stride={p.st}")
-    G = p.args
-    B, H, W, N, h, K = G["B"], G["H"], G["W"], G["NQ"], G["HEADS"], p.ks[0] * p.ks[1]
+    z = p.sizes
+    B, H, W, N, h, d, K = z["B"], z["H"], z["W"], z["N"], z["h"], z["d"], p.ks[0] * p.ks[1]
     if banded:
         fn, head_blocks, row_elems = qna_banded_bwd_kernel, h, 2 * K * N * h  # + the scratch rows
         num_tiles = B * triton.cdiv(H, cfg.block_r) * triton.cdiv(W, cfg.block_w)
-        blocks = banded_bwd_blocks(cfg, N, G["D"], p.ks, p.values)
+        blocks = banded_bwd_blocks(cfg, N, d, p.ks, p.values)
     else:
         fn, head_blocks, row_elems = qna_bwd_kernel, triton.cdiv(h, cfg.block_h), K * N * h
         num_tiles = triton.cdiv(B * H * W, cfg.block_p)
-        blocks = _blocks(cfg, N, G["D"])
-    kwargs = dict(p.inputs(), G=g, LSE=lse, DELTA=delta, DL=dl, DV=dv, **G, NUM_TILES=num_tiles,
+        blocks = _blocks(cfg, N, d)
+    kwargs = dict(p.inputs(), G=g, LSE=lse, DELTA=delta, DL=dl, DV=dv, **p.args, NUM_TILES=num_tiles,
                   DL_PIX_STRIDE=dl.stride(2), DV_PIX_STRIDE=dv.stride(2), **blocks)
 
     def parts(rows: Dict[str, torch.Tensor], progs: int) -> dict:

@@ -134,6 +134,7 @@ def compile_kernel(
 ) -> CompileReport:
     """Compiles ``kernel`` for ``sm_<arch>`` as a launch on a representative problem would (see the
     module docstring) and returns its resources; ``loops`` adds the loop profile. Raises on errors."""
+    from triton._utils import find_paths_if, get_iterable_path
     from triton.compiler import make_backend
     from triton.runtime.jit import create_function_from_signature
 
@@ -149,10 +150,14 @@ def compile_kernel(
     backend = make_backend(target)
     binder = create_function_from_signature(fn.signature, fn.params, backend)
     _, spec, options = binder(**launch.kwargs)  # options: the launch's (warps, stages, FP fusion)
-    names = [p.name for p in fn.params]
-    signature = {n: sp[0] for n, sp in zip(names, spec)}
-    constexprs = {(i,): sp[1] for i, sp in enumerate(spec) if sp[0] == "constexpr"}
-    attrs = {(i,): backend.parse_attr(sp[1]) for i, sp in enumerate(spec) if isinstance(sp[1], str)}
+    # as a launch packs them: an argument's (type, attribute), nested for a tuple argument, each of
+    # its elements addressed by its path
+    types, values = [sp[0] for sp in spec], [sp[1] for sp in spec]
+    signature = {p.name: t for p, t in zip(fn.params, types)}
+    constexprs = {path: get_iterable_path(values, path)
+                  for path in find_paths_if(types, lambda _, t: t == "constexpr")}
+    attrs = {path: backend.parse_attr(get_iterable_path(values, path))
+             for path in find_paths_if(values, lambda _, v: isinstance(v, str)) if path not in constexprs}
     src = ASTSource(fn=fn, signature=signature, constexprs=constexprs, attrs=attrs)
     compiled = triton.compile(src, target=target, options=options)
     regs, st, ld, sass = _ptxas(compiled.asm["ptx"], arch, want_sass=loops)

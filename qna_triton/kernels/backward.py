@@ -19,8 +19,8 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
-from .forward import (_col_valid, _exp, _head_blocks, _interior, _load_v, _output_tile, _row_valid,
-                      _weights_and_values)
+from .forward import (_col_valid, _element_strides, _exp, _head_blocks, _interior, _load_v, _output_tile,
+                      _row_valid, _weights_and_values)
 
 
 @triton.jit
@@ -45,18 +45,15 @@ def _delta_window(L, V, R, A, g, lse, b, y0, x0, mask_p, H, W, KH, KW, nh_mask, 
 @triton.jit
 def qna_bwd_delta_kernel(
     L, V, R, A, G, LSE, DELTA,
-    B, H, W, Ho, Wo, NQ: tl.constexpr, HEADS, D: tl.constexpr,
-    sl_b, sl_y, sl_x, sl_n, sl_j,
-    sv_b, sv_y, sv_x, sv_j, sv_t,
-    KH, KW, SH, SW, PH, PW,
+    SIZES, NQ: tl.constexpr, D: tl.constexpr, L_STRIDES, V_STRIDES, WINDOW,
     HAS_SCALE: tl.constexpr, WIDE: tl.constexpr, L_HN: tl.constexpr, V_HD: tl.constexpr,
     L_ALIGN: tl.constexpr, V_ALIGN: tl.constexpr,
     BLOCK_P: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_D: tl.constexpr,
 ):
-    # pixel strides arrive divided by their alignment (_pixel_align): multiplying by the constant
-    # tells the compiler every pixel's logits and values are that many elements aligned
-    sl_b, sl_y, sl_x = sl_b * L_ALIGN, sl_y * L_ALIGN, sl_x * L_ALIGN
-    sv_b, sv_y, sv_x = sv_b * V_ALIGN, sv_y * V_ALIGN, sv_x * V_ALIGN
+    B, H, W, Ho, Wo, HEADS = SIZES
+    KH, KW, SH, SW, PH, PW = WINDOW
+    sl_b, sl_y, sl_x, sl_n, sl_j = _element_strides(L_STRIDES, L_ALIGN)
+    sv_b, sv_y, sv_x, sv_j, sv_t = _element_strides(V_STRIDES, V_ALIGN)
     offs_p, mask_p, b, y0, x0, nh_mask, nh_l, nh_r, hd_mask, hd_v, hd_o = _output_tile(
         B, Ho, Wo, NQ, HEADS, D, sl_n, sl_j, sv_j, sv_t, SH, SW, PH, PW,
         WIDE, L_HN, V_HD, BLOCK_P, BLOCK_N, BLOCK_H, BLOCK_D)
@@ -108,19 +105,16 @@ def _bwd_pairs(R, A, G, LSE, DELTA, l_p, v_p, o, i, valid, nh_mask, nh_r, hd_mas
 @triton.jit(do_not_specialize=["NUM_TILES", "TILES_PER_PROGRAM"])
 def qna_bwd_kernel(
     L, V, R, A, G, LSE, DELTA, DL, DV, DR_PART, DA_PART,
-    B, H, W, Ho, Wo, NQ: tl.constexpr, HEADS, D: tl.constexpr,
-    sl_b, sl_y, sl_x, sl_n, sl_j,
-    sv_b, sv_y, sv_x, sv_j, sv_t,
-    KH, KW, SH, SW, PH, PW,
+    SIZES, NQ: tl.constexpr, D: tl.constexpr, L_STRIDES, V_STRIDES, WINDOW,
     NUM_TILES, TILES_PER_PROGRAM, DL_PIX_STRIDE, DV_PIX_STRIDE,
     HAS_SCALE: tl.constexpr, WIDE: tl.constexpr, L_HN: tl.constexpr, V_HD: tl.constexpr,
     L_ALIGN: tl.constexpr, V_ALIGN: tl.constexpr,
     BLOCK_P: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_D: tl.constexpr,
 ):
-    # pixel strides arrive divided by their alignment (_pixel_align): multiplying by the constant
-    # tells the compiler every pixel's logits and values are that many elements aligned
-    sl_b, sl_y, sl_x = sl_b * L_ALIGN, sl_y * L_ALIGN, sl_x * L_ALIGN
-    sv_b, sv_y, sv_x = sv_b * V_ALIGN, sv_y * V_ALIGN, sv_x * V_ALIGN
+    B, H, W, Ho, Wo, HEADS = SIZES
+    KH, KW, SH, SW, PH, PW = WINDOW
+    sl_b, sl_y, sl_x, sl_n, sl_j = _element_strides(L_STRIDES, L_ALIGN)
+    sv_b, sv_y, sv_x, sv_j, sv_t = _element_strides(V_STRIDES, V_ALIGN)
     pid = tl.program_id(0)
     pid_h = tl.program_id(1)
     num_progs = tl.num_programs(0)

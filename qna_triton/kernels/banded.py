@@ -42,7 +42,7 @@ import triton
 import triton.language as tl
 
 from .backward import _delta_window
-from .forward import _exp, _fwd_window, _head_blocks, _store_out_lse
+from .forward import _element_strides, _exp, _fwd_window, _head_blocks, _store_out_lse
 
 # Largest spread (logits + bias, natural log units) one shift may cover: every term of the products then
 # stays above exp(-60) ~ 1e-26 of the shift, a normal number in float32, tf32 and bfloat16, so nothing
@@ -132,6 +132,17 @@ def _band_at(R, A, dy, dx, rmax, qh, KW, NH, HAS_SCALE: tl.constexpr):
         return tp, tp * tl.load(A + idx, mask=on, other=0.0)
     else:
         return tp, tp
+
+
+@triton.jit
+def _sub_tile(q0, b, rb, cb, rows, cols, BLOCK_R: tl.constexpr, BLOCK_W: tl.constexpr, SUB: tl.constexpr):
+    """Pixels ``q0 .. q0 + SUB`` (row-major) of the ``BLOCK_R x BLOCK_W`` tile ``(rb, cb)`` of image
+    ``b`` in a ``rows x cols`` map, as the exact fallbacks walk a tile: ``(row, column, mask, flat
+    index)``, 64-bit."""
+    q = q0 + tl.arange(0, SUB)
+    py = (rb * BLOCK_R + q // BLOCK_W).to(tl.int64)
+    px = (cb * BLOCK_W + q % BLOCK_W).to(tl.int64)
+    return py, px, (py < rows) & (px < cols), (b * rows + py) * cols + px
 
 
 @triton.jit
@@ -289,10 +300,7 @@ def _output_of_query(yt, s, out, c, n, LSE, pix, pix_ok, j, first_chunk, NQ, NH)
 @triton.jit
 def qna_banded_kernel(
     L, V, R, A, O, LSE, G, DELTA,
-    B, H, W, Ho, Wo, NQ: tl.constexpr, HEADS, D: tl.constexpr,
-    sl_b, sl_y, sl_x, sl_n, sl_j,
-    sv_b, sv_y, sv_x, sv_j, sv_t,
-    KH, KW, SH, SW, PH, PW,
+    SIZES, NQ: tl.constexpr, D: tl.constexpr, L_STRIDES, V_STRIDES, WINDOW,
     HAS_SCALE: tl.constexpr, WIDE: tl.constexpr, L_HN: tl.constexpr, V_HD: tl.constexpr,
     L_ALIGN: tl.constexpr, V_ALIGN: tl.constexpr,
     BLOCK_W: tl.constexpr, BLOCK_R: tl.constexpr, HALO: tl.constexpr, BLOCK_DC: tl.constexpr,
@@ -302,8 +310,10 @@ def qna_banded_kernel(
     """The forward (``O``, ``LSE`` written; ``G``, ``DELTA`` unused) or, with ``DELTA_MODE``, the
     backward's ``D = g . sum_o a P v`` per (pixel, query, head) (``G`` and the saved ``LSE`` read,
     ``DELTA`` written; ``O`` unused): the same window sum, dotted with the output gradient."""
-    sl_b, sl_y, sl_x = sl_b * L_ALIGN, sl_y * L_ALIGN, sl_x * L_ALIGN
-    sv_b, sv_y, sv_x = sv_b * V_ALIGN, sv_y * V_ALIGN, sv_x * V_ALIGN
+    B, H, W, Ho, Wo, HEADS = SIZES
+    KH, KW, SH, SW, PH, PW = WINDOW
+    sl_b, sl_y, sl_x, sl_n, sl_j = _element_strides(L_STRIDES, L_ALIGN)
+    sv_b, sv_y, sv_x, sv_j, sv_t = _element_strides(V_STRIDES, V_ALIGN)
     NH = NQ * HEADS
     # program -> (image, block of output rows, block of output columns); axis 1 is the head
     pid = tl.program_id(0)
@@ -415,11 +425,7 @@ def qna_banded_kernel(
         nh_mask, nh_l, nh_r, hd_mask, hd_v, hd_o = _head_blocks(
             j, NQ, HEADS, D, sl_n, sl_j, sv_j, sv_t, BLOCK_N, 1, BLOCK_D, WIDE, L_HN, V_HD)
         for q0 in range(0, BLOCK_W * BLOCK_R, FALLBACK_P):
-            q = q0 + tl.arange(0, FALLBACK_P)
-            py = (rb * BLOCK_R + q // BLOCK_W).to(tl.int64)
-            px = (cb * BLOCK_W + q % BLOCK_W).to(tl.int64)
-            mask_p = (py < Ho) & (px < Wo)
-            offs_p = (b * Ho + py) * Wo + px
+            py, px, mask_p, offs_p = _sub_tile(q0, b, rb, cb, Ho, Wo, BLOCK_R, BLOCK_W, FALLBACK_P)
             if DELTA_MODE:
                 _direct_delta_pixels(L, V, R, A, G, LSE, DELTA, b, py * SH - PH, px * SW - PW, offs_p, mask_p,
                                      H, W, KH, KW, nh_mask, nh_l, nh_r, hd_mask, hd_v, hd_o, NH, HEADS, D,

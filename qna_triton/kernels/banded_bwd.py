@@ -29,8 +29,8 @@ import triton.language as tl
 
 from .backward import _bwd_pairs
 from .banded import (_any_nonfinite2, _band_at, _finite_min, _head_offsets, _pick, _query_offsets, _range_or_zero,
-                     _sdot, _too_wide, _value_offsets, _vdot)
-from .forward import _exp, _head_blocks, _load_v
+                     _sdot, _sub_tile, _too_wide, _value_offsets, _vdot)
+from .forward import _element_strides, _exp, _head_blocks, _load_v
 
 
 @triton.jit
@@ -129,11 +129,7 @@ def _direct_tile_gradients(L, V, R, A, G, LSE, DELTA, DL, DV, DR_TILE, DA_TILE, 
     nh_mask, nh_l, nh_r, hd_mask, hd_v, hd_g = _head_blocks(
         j, NQ, HEADS, D, sl_n, sl_j, sv_j, sv_t, BLOCK_N, 1, BLOCK_D, WIDE, L_HN, V_HD)
     for q0 in range(0, BLOCK_W * BLOCK_R, FALLBACK_P):
-        q = q0 + tl.arange(0, FALLBACK_P)
-        py = (rb * BLOCK_R + q // BLOCK_W).to(tl.int64)
-        px = (cb * BLOCK_W + q % BLOCK_W).to(tl.int64)
-        mask_p = (py < H) & (px < W)
-        offs_p = (b * H + py) * W + px
+        py, px, mask_p, offs_p = _sub_tile(q0, b, rb, cb, H, W, BLOCK_R, BLOCK_W, FALLBACK_P)
         l_p = tl.load(L + (b * sl_b + py * sl_y + px * sl_x)[:, None, None] + nh_l[None, :, :],
                       mask=mask_p[:, None, None] & nh_mask[None, :, :], other=0.0).to(tl.float32)
         v_p = _load_v(V, b, py, px, mask_p, hd_v, hd_mask, sv_b, sv_y, sv_x)
@@ -166,10 +162,7 @@ def _direct_tile_gradients(L, V, R, A, G, LSE, DELTA, DL, DV, DR_TILE, DA_TILE, 
 @triton.jit(do_not_specialize=["NUM_TILES", "TILES_PER_PROGRAM"])
 def qna_banded_bwd_kernel(
     L, V, R, A, G, LSE, DELTA, DL, DV, DR_PART, DA_PART, DR_TILE, DA_TILE,
-    B, H, W, Ho, Wo, NQ: tl.constexpr, HEADS, D: tl.constexpr,
-    sl_b, sl_y, sl_x, sl_n, sl_j,
-    sv_b, sv_y, sv_x, sv_j, sv_t,
-    KH, KW, SH, SW, PH, PW,
+    SIZES, NQ: tl.constexpr, D: tl.constexpr, L_STRIDES, V_STRIDES, WINDOW,
     NUM_TILES, TILES_PER_PROGRAM, DL_PIX_STRIDE, DV_PIX_STRIDE,
     HAS_SCALE: tl.constexpr, WIDE: tl.constexpr, L_HN: tl.constexpr, V_HD: tl.constexpr,
     L_ALIGN: tl.constexpr, V_ALIGN: tl.constexpr,
@@ -181,8 +174,10 @@ def qna_banded_bwd_kernel(
     """``dl``, ``dv`` of the tile's source pixels (``DL``, ``DV``) and this program's row of the
     ``[programs, k_h*k_w, h, N]`` partial sums of ``dr`` / ``da`` (``DR_PART``, ``DA_PART``; the
     ``*_TILE`` buffers of the same shape are the scratch rows)."""
-    sl_b, sl_y, sl_x = sl_b * L_ALIGN, sl_y * L_ALIGN, sl_x * L_ALIGN
-    sv_b, sv_y, sv_x = sv_b * V_ALIGN, sv_y * V_ALIGN, sv_x * V_ALIGN
+    B, H, W, Ho, Wo, HEADS = SIZES
+    KH, KW, SH, SW, PH, PW = WINDOW
+    sl_b, sl_y, sl_x, sl_n, sl_j = _element_strides(L_STRIDES, L_ALIGN)
+    sv_b, sv_y, sv_x, sv_j, sv_t = _element_strides(V_STRIDES, V_ALIGN)
     NH = NQ * HEADS
     pid = tl.program_id(0)
     num_progs = tl.num_programs(0)

@@ -25,6 +25,15 @@ def _exp(x):
 
 
 @triton.jit
+def _element_strides(strides, ALIGN: tl.constexpr):
+    """A tensor's ``(batch, row, column, inner, inner)`` strides as the launch describes them (the
+    three pixel strides divided by their alignment ``ALIGN``, ``_pixel_align`` in the launcher), in
+    elements: multiplying by the constant tells the compiler every pixel starts ``ALIGN`` elements
+    aligned, which Triton's own specialisation (multiples of 16) cannot say."""
+    return strides[0] * ALIGN, strides[1] * ALIGN, strides[2] * ALIGN, strides[3], strides[4]
+
+
+@triton.jit
 def _src_coords(offs_p, Ho, Wo, SH, SW, PH, PW):
     """Flat output-pixel index -> (batch, top-left source row, top-left source column)."""
     X = offs_p % Wo
@@ -188,18 +197,15 @@ def _store_out_lse(O, LSE, acc, lse, offs_p, mask_p, hd_o, hd_mask, nh_r, nh_mas
 @triton.jit
 def qna_fwd_kernel(
     L, V, R, A, O, LSE,
-    B, H, W, Ho, Wo, NQ: tl.constexpr, HEADS, D: tl.constexpr,
-    sl_b, sl_y, sl_x, sl_n, sl_j,
-    sv_b, sv_y, sv_x, sv_j, sv_t,
-    KH, KW, SH, SW, PH, PW,
+    SIZES, NQ: tl.constexpr, D: tl.constexpr, L_STRIDES, V_STRIDES, WINDOW,
     HAS_SCALE: tl.constexpr, WIDE: tl.constexpr, L_HN: tl.constexpr, V_HD: tl.constexpr,
     L_ALIGN: tl.constexpr, V_ALIGN: tl.constexpr,
     BLOCK_P: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_D: tl.constexpr,
 ):
-    # pixel strides arrive divided by their alignment (_pixel_align): multiplying by the constant
-    # tells the compiler every pixel's logits and values are that many elements aligned
-    sl_b, sl_y, sl_x = sl_b * L_ALIGN, sl_y * L_ALIGN, sl_x * L_ALIGN
-    sv_b, sv_y, sv_x = sv_b * V_ALIGN, sv_y * V_ALIGN, sv_x * V_ALIGN
+    B, H, W, Ho, Wo, HEADS = SIZES
+    KH, KW, SH, SW, PH, PW = WINDOW
+    sl_b, sl_y, sl_x, sl_n, sl_j = _element_strides(L_STRIDES, L_ALIGN)
+    sv_b, sv_y, sv_x, sv_j, sv_t = _element_strides(V_STRIDES, V_ALIGN)
     offs_p, mask_p, b, y0, x0, nh_mask, nh_l, nh_r, hd_mask, hd_v, hd_o = _output_tile(
         B, Ho, Wo, NQ, HEADS, D, sl_n, sl_j, sv_j, sv_t, SH, SW, PH, PW,
         WIDE, L_HN, V_HD, BLOCK_P, BLOCK_N, BLOCK_H, BLOCK_D)
