@@ -298,6 +298,30 @@ def _output_of_query(yt, s, out, c, n, LSE, pix, pix_ok, j, first_chunk, NQ, NH)
 
 
 @triton.jit
+def _store_out_chunk(O, out, redo, pix, pix_ok, j, dd, HEADS, D: tl.constexpr, ROWS: tl.constexpr,
+                     COLS: tl.constexpr):
+    """The forward's store of one head-dim chunk ``out [R, DC, W]`` of the tile; returns ``redo``, set
+    if the chunk is not finite.
+
+    A NaN or infinity anywhere in the products spreads along the tile's rows (0 * NaN off the band):
+    such a tile is redone by the direct algorithm, which confines it to its windows. Checking the output
+    suffices: whatever makes S non-finite (E or T') enters the value product too, and 0 * NaN is NaN (a
+    check of S as well costs ~4 % more instructions in the window loop, by the compiler report). The
+    offsets are computed here, after the loops: computed before, they would hold registers through them.
+    """
+    redo = tl.maximum(redo, _any_nonfinite2(tl.reshape(out, (ROWS, COLS))))
+    tl.store(O + _out_offsets(pix, j, dd, HEADS, D), out.to(O.dtype.element_ty), mask=_out_mask(pix_ok, dd, D))
+    return redo
+
+
+@triton.jit
+def _store_delta(DELTA, dacc, pix, pix_ok, j, offs_n, NQ, NH):
+    """The delta's store: ``dacc [N, R, W]`` of head ``j``, query-minor like ``lse``."""
+    d_ptr = DELTA + pix[None, :, :] * NH + j * NQ + offs_n[:, None, None]
+    tl.store(d_ptr, dacc, mask=pix_ok[None, :, :] & (offs_n < NQ)[:, None, None])
+
+
+@triton.jit
 def qna_banded_kernel(
     L, V, R, A, O, LSE, G, DELTA,
     SIZES, NQ: tl.constexpr, D: tl.constexpr, L_STRIDES, V_STRIDES, WINDOW,
@@ -406,18 +430,9 @@ def qna_banded_kernel(
                 else:
                     out = _output_of_query(yt, s, out, shift + r_max, n, LSE, pix, pix_ok, j, dc == 0, NQ, NH)
             if not DELTA_MODE:
-                # a NaN or infinity anywhere in the products spreads along the tile's rows (0 * NaN off
-                # the band): such a tile is redone by the direct algorithm, which confines it to its
-                # windows. Checking the output suffices: whatever makes S non-finite (E or T') enters
-                # the value product too, and 0 * NaN is NaN. (A check of S as well costs ~4 % more
-                # instructions in the window loop, by the compiler report.)
-                redo = tl.maximum(redo, _any_nonfinite2(tl.reshape(out, (BLOCK_R * BLOCK_DC, BLOCK_W))))
-                # (offsets computed here, not before the loops: they would hold registers through them)
-                tl.store(O + _out_offsets(pix, j, dd, HEADS, D), out.to(O.dtype.element_ty),
-                         mask=_out_mask(pix_ok, dd, D))
+                redo = _store_out_chunk(O, out, redo, pix, pix_ok, j, dd, HEADS, D, BLOCK_R * BLOCK_DC, BLOCK_W)
         if DELTA_MODE:
-            d_ptr = DELTA + pix[None, :, :] * NH + j * NQ + offs_n[:, None, None]
-            tl.store(d_ptr, dacc, mask=pix_ok[None, :, :] & (offs_n < NQ)[:, None, None])
+            _store_delta(DELTA, dacc, pix, pix_ok, j, offs_n, NQ, NH)
 
     if redo > 0:
         # the direct algorithm, exact for any logits, over sub-tiles of pixels (overwrites what the
