@@ -92,6 +92,8 @@ LAUNCH_SHAPE = dict(B=1, H=8, W=8, N=2, h=4, d=8, k=3)
 
 
 def now() -> str:
+    """``qna_triton.env.utc_now``'s format, without importing it: this process runs the stages and never
+    imports torch (a broken torch install fails a stage, not the report)."""
     return _dt.datetime.now(_dt.timezone.utc).replace(microsecond=0).isoformat()
 
 
@@ -790,22 +792,21 @@ def _within_limits(rel_paths: Sequence[str]) -> bool:
 # --------------------------------------------------------------------------------- children
 def child_environment(out_json: str, rehearse: bool) -> int:
     """Versions, device properties, ``nvidia-smi`` and the two ceilings, into ``out_json``."""
-    import platform
-
     import torch
 
-    from .env import detect_env, sanitise
+    from qna_triton.env import capture_environment
+
+    from .env import sanitise
     from .timing import TimingConfig
 
     cuda = torch.cuda.is_available()
     device = torch.device("cuda" if cuda else "cpu")
-    env = detect_env(device, smoke=not cuda)
-    data = {"gpu": env.gpu, "device_key": sanitise(env.gpu), "torch": env.torch, "triton": env.triton,
-            "cuda": env.cuda, "python": platform.python_version(), "cuda_available": cuda,
-            "date": env.date, "l2_bytes": env.l2_bytes, "memory_bytes": env.total_memory_bytes}
+    env = capture_environment(device)
+    data = {"gpu": env.device_name, "device_key": sanitise(env.device_name), "torch": env.torch,
+            "triton": env.triton, "cuda": env.cuda, "python": env.python, "cuda_available": cuda,
+            "date": env.date, "l2_bytes": env.l2_bytes, "memory_bytes": env.memory_bytes}
     if cuda:
-        props = torch.cuda.get_device_properties(device)
-        data.update(capability=f"{props.major}.{props.minor}", multiprocessors=props.multi_processor_count)
+        data.update(capability=env.capability, multiprocessors=env.multiprocessors)
     _save(out_json, data)
     fields = ("name", "driver_version", "pstate", "clocks.sm", "clocks.max.sm", "clocks.mem", "clocks.max.mem",
               "power.draw", "power.limit", "temperature.gpu", "memory.total")

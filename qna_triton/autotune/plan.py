@@ -341,8 +341,13 @@ def _candidate_configs(kernel: str, heads: int, head_dim: int, n_queries: int,
 
 
 # ------------------------------------------------------------------------------ time estimate
-def _spec(v: int) -> str:
-    # how Triton specialises an integer argument: its own kernel for 1, another for multiples of 16
+def _spec(v: object) -> object:
+    # how Triton specialises an integer argument: its own kernel for 1, another for multiples of 16;
+    # a tuple element by element; anything else (tensors, constants) as it is
+    if isinstance(v, tuple):
+        return tuple(_spec(e) for e in v)
+    if type(v) is not int:
+        return v
     return "1" if v == 1 else ("D" if v % 16 == 0 else "")
 
 
@@ -358,10 +363,7 @@ def specialisation(shape: Shape) -> Tuple[object, ...]:
     rpb = torch.empty(shape.kh * shape.kw, N, h, device=meta)
     logits, values = split_packed(qv, rpb)
     p = Problem.of(logits, values, rpb, rpb, (shape.kh, shape.kw), (shape.sh, shape.sw), (shape.ph, shape.pw))
-    def spec(v):
-        return tuple(spec(e) for e in v) if isinstance(v, tuple) else (_spec(v) if type(v) is int else v)
-
-    return tuple(spec(v) for v in p.args.values())
+    return tuple(_spec(v) for v in p.args.values())
 
 
 @dataclass
