@@ -15,8 +15,9 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from qna_triton import QnA
-from qna_triton.ops import split_packed
-from qna_triton.reference import output_size, paper_qna_attention
+from qna_triton.layout import split_packed
+from qna_triton.layout import output_size
+from qna_triton.reference import paper_qna_attention
 
 from .runner import Deadline, Unsupported, failure_status
 from .suites import SMOKE_VIT_IMAGE, SMOKE_VIT_OVERRIDES, _import_qna_vit

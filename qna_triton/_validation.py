@@ -7,7 +7,7 @@ from typing import Optional, Sequence, Tuple, Union
 
 import torch
 
-from .reference import output_size
+from .layout import output_size
 
 IntOrPair = Union[int, Sequence[int]]
 FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)

@@ -20,6 +20,7 @@ from typing import Callable, Dict
 import torch
 
 from . import ops, reference
+from .layout import split_packed
 
 __all__ = ["decompose", "decompositions", "traced"]
 
@@ -34,7 +35,7 @@ def _attention(logits, values, rpb, scale, kernel_size, stride, padding):
 
 def _attention_packed(qv, rpb, scale, kernel_size, stride, padding):
     """``qna::attention_packed`` in standard operators."""
-    return _attention(*ops.split_packed(qv, rpb), rpb, scale, kernel_size, stride, padding)
+    return _attention(*split_packed(qv, rpb), rpb, scale, kernel_size, stride, padding)
 
 
 _DECOMPOSITIONS: Dict[Callable, Callable] = {

@@ -9,7 +9,7 @@ import torch
 from . import ops
 from .export import traced
 from ._validation import IntOrPair, as_pair, check_core_inputs
-from .reference import default_padding
+from .layout import default_padding
 
 __all__ = ["qna_attention"]
 

@@ -14,7 +14,7 @@ from . import ops
 from .export import traced
 from ._validation import IntOrPair, as_pair, check_window
 from .flax_params import check_tree, flatten_tree
-from .reference import default_padding
+from .layout import default_padding
 
 __all__ = ["QnA", "ATTN_SCALE_MODES"]
 
@@ -169,7 +169,7 @@ class QnA(nn.Module):
 
         The queries are folded into ``W_k`` (``C_in x h*N``), so keys are never formed. The logits
         rows are query-minor (row ``j*N + n``: query ``n`` of head ``j``), the layout
-        :func:`qna_triton.ops.split_packed` reads and the kernels load fastest.
+        :func:`qna_triton.layout.split_packed` reads and the kernels load fastest.
         """
         N, h, d = self.n_queries, self.heads, self.head_dim
         q = self.query.reshape(N, h, d)

@@ -23,6 +23,7 @@ from typing import List, Optional, Tuple
 import torch
 
 from . import reference
+from .layout import compute_dtype, empty_query_minor, is_query_minor, output_size, query_minor, split_packed
 
 BACKENDS = ("auto", "triton", "reference")
 
@@ -51,7 +52,7 @@ def _forward_impl(logits, values, rpb, scale, kernel_size, stride, padding):
 
         return qna_forward(logits, values, rpb, scale, ks, st, pd)
     out, lse = reference.paper_qna_attention(logits, values, rpb, scale, ks, st, pd)
-    return out.contiguous(), reference.query_minor(lse)
+    return out.contiguous(), query_minor(lse)
 
 
 def _backward_impl(grad_out, logits, values, rpb, scale, lse, kernel_size, stride, padding, packed):
@@ -79,18 +80,7 @@ def _backward_impl(grad_out, logits, values, rpb, scale, lse, kernel_size, strid
 def _like_logits(dl: torch.Tensor, logits: torch.Tensor) -> torch.Tensor:
     """The layout of ``dlogits``, one rule for the real op and its fake: query-minor for a
     query-minor ``logits``, contiguous otherwise."""
-    return reference.query_minor(dl) if reference.is_query_minor(logits) else dl.contiguous()
-
-
-def split_packed(qv: torch.Tensor, rpb: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
-    """Views of a packed ``[B, H, W, h*N + h*d]`` tensor as logits ``[B,H,W,N,h]`` and values ``[B,H,W,h,d]``.
-
-    The logits channels are query-minor (channel ``j*N + n`` is query ``n`` of head ``j``), the
-    order the kernels read fastest (:func:`reference.query_minor`)."""
-    _, N, h = rpb.shape
-    nh = N * h
-    return (qv[..., :nh].unflatten(-1, (h, N)).transpose(-1, -2),
-            qv[..., nh:].unflatten(-1, (h, (qv.shape[-1] - nh) // h)))
+    return query_minor(dl) if is_query_minor(logits) else dl.contiguous()
 
 
 # ---------------------------------------------------------------- logits and values as two tensors
@@ -113,11 +103,11 @@ def attention(
 def _attention_fake(logits, values, rpb, scale, kernel_size, stride, padding):
     resolve_backend(logits.device, logits.dtype)  # a bad QNA_TRITON_BACKEND fails at trace time too
     B, H, W, N, h = logits.shape
-    Ho = reference.output_size(H, kernel_size[0], stride[0], padding[0])
-    Wo = reference.output_size(W, kernel_size[1], stride[1], padding[1])
+    Ho = output_size(H, kernel_size[0], stride[0], padding[0])
+    Wo = output_size(W, kernel_size[1], stride[1], padding[1])
     out = values.new_empty((B, Ho, Wo, h, values.shape[-1]))
-    lse = reference.empty_query_minor((B, Ho, Wo, N, h), device=logits.device,
-                                      dtype=reference.compute_dtype(logits.dtype))
+    lse = empty_query_minor((B, Ho, Wo, N, h), device=logits.device,
+                            dtype=compute_dtype(logits.dtype))
     return out, lse
 
 

@@ -28,13 +28,13 @@ from typing import Optional, Tuple
 import torch
 import torch.nn.functional as F
 
+from .layout import Pair, compute_dtype, default_padding, output_size
+
 # How far a result stored in each dtype may lie from the exact one, relative to its largest magnitude,
 # and still be right: two units in the last place of the 16-bit formats (their own rounding), and for
 # float32 the reordering of a window's sums. The tests hold the kernels to it (beside twice the error of
 # the reference path at the same precision), the autotuner every candidate config's 16-bit results.
 RESULT_TOLERANCE = {torch.float32: 1e-5, torch.float16: 2e-3, torch.bfloat16: 1.6e-2}
-
-Pair = Tuple[int, int]
 
 __all__ = [
     "RESULT_TOLERANCE",
@@ -42,54 +42,7 @@ __all__ = [
     "paper_qna_attention",
     "direct_qna_attention",
     "direct_qna_attention_backward",
-    "output_size",
-    "default_padding",
-    "compute_dtype",
 ]
-
-
-def output_size(size: int, k: int, s: int, p: int) -> int:
-    """Output length of one spatial axis: ``floor((size + 2p - k) / s) + 1``."""
-    return (size + 2 * p - k) // s + 1
-
-
-def default_padding(ks: Pair) -> Pair:
-    """The padding used when none is given: ``(k - 1) // 2`` per axis (an odd window at stride 1 keeps
-    the map's size)."""
-    return (ks[0] - 1) // 2, (ks[1] - 1) // 2
-
-
-def compute_dtype(dtype: torch.dtype) -> torch.dtype:
-    """Accumulation dtype of the references, and the dtype of their ``lse``: float64 stays float64."""
-    return torch.float64 if dtype == torch.float64 else torch.float32
-
-
-def empty_query_minor(shape, **kwargs) -> torch.Tensor:
-    """An uninitialised ``[..., N, h]`` tensor stored query-minor: each pixel holds ``h`` rows of
-    ``N`` queries (the order the kernels keep their statistics and the logits gradient in)."""
-    *lead, N, h = shape
-    return torch.empty((*lead, h, N), **kwargs).transpose(-1, -2)
-
-
-def query_minor(t: torch.Tensor) -> torch.Tensor:
-    """``t`` (``[..., N, h]``) with exactly the strides of :func:`empty_query_minor`; a copy only
-    when it has other strides."""
-    *lead, N, h = t.shape
-    want, step = [1, N], h * N  # the last two dims of a contiguous [..., h, N], transposed
-    for size in reversed(lead):
-        want.insert(0, step)
-        step *= size
-    if t.stride() == tuple(want):
-        return t
-    return empty_query_minor(t.shape, dtype=t.dtype, device=t.device).copy_(t)
-
-
-def is_query_minor(t: torch.Tensor) -> bool:
-    """Whether each pixel's ``[N, h]`` block of ``t`` is stored as ``h`` rows of ``N`` (the layout of
-    the QnA layer's packed logits, which the kernels read fastest). False when ``N`` or ``h`` is 1,
-    where both orders coincide."""
-    N, h = t.shape[-2], t.shape[-1]
-    return N > 1 and h > 1 and t.stride(-2) == 1 and t.stride(-1) == N
 
 
 def naive_qna_attention(

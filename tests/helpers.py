@@ -13,7 +13,8 @@ from typing import Optional, Tuple, Union
 import torch
 
 from qna_triton import qna_attention
-from qna_triton.reference import RESULT_TOLERANCE, naive_qna_attention, output_size
+from qna_triton.layout import output_size
+from qna_triton.reference import RESULT_TOLERANCE, naive_qna_attention
 
 FIXTURES = os.path.join(os.path.dirname(__file__), "fixtures")
 EXAMPLES = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "examples")

@@ -124,7 +124,7 @@ def test_non_contiguous_inputs(triton_backend):
 def test_query_minor_logits_fast_path(triton_backend):
     """Logits stored [h, N] per pixel inside a wider projection (the layer's layout, compiled with
     compile-time offsets) give the oracle's output and gradients, and dlogits keeps that layout."""
-    from qna_triton.reference import is_query_minor
+    from qna_triton.layout import is_query_minor
 
     torch.manual_seed(0)
     B, H, W, N, h, d, k = 2, 6, 5, 3, 4, 8, 3
@@ -196,7 +196,7 @@ def test_backward_grid_keeps_occupancy_and_bounds_its_buffer(monkeypatch):
     more programs than the SMs hold at once or than tiles, partial-sum rows within their byte budget."""
     from types import SimpleNamespace
 
-    import qna_triton.kernels as kernels
+    import qna_triton.kernels.launch as kernels
 
     monkeypatch.setattr(torch.cuda, "get_device_properties", lambda d: SimpleNamespace(multi_processor_count=132))
     cuda = torch.device("cuda")
@@ -234,7 +234,7 @@ def test_resident_programs_by_registers_threads_and_shared_memory():
 def test_pixel_alignment_of_strides():
     """The kernels get pixel strides divided by their alignment and multiply it back as a constant:
     the largest power of two (up to 16 bytes of elements) dividing every pixel stride of size > 1."""
-    from qna_triton.kernels import _pixel_align, _pixel_strides
+    from qna_triton.kernels.launch import _pixel_align, _pixel_strides
 
     def packed(width, dtype=torch.bfloat16, B=2):
         return torch.empty(B, 3, 5, width, dtype=dtype)[..., :8].unflatten(-1, (2, 4))

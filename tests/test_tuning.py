@@ -11,7 +11,7 @@ import warnings
 import pytest
 import torch
 
-import qna_triton.kernels as kernels
+import qna_triton.kernels.launch as kernels
 from qna_triton import tuning
 from qna_triton.kernels import qna_backward, qna_forward
 from qna_triton.tuning import EntryKey, KernelConfig, heuristic_config, lookup_config

@@ -41,7 +41,7 @@ import torch.nn.functional as F
 from qna_triton import CheckpointError, QnA
 from qna_triton.flax_params import check_tree, flatten_tree
 from qna_triton.layer import lecun_normal_ as _lecun_normal_
-from qna_triton.reference import default_padding, output_size
+from qna_triton.layout import default_padding, output_size
 
 try:  # timm is optional: its registry, builder and fx leaf lists are used when it imports
     from timm.layers import register_notrace_function as _timm_notrace_function

@@ -24,7 +24,7 @@ import triton.testing
 
 from qna_triton.env import capture_environment
 from qna_triton.kernels import BackwardLaunches, backward_launches, qna_forward
-from qna_triton.ops import split_packed
+from qna_triton.layout import split_packed
 from qna_triton.reference import RESULT_TOLERANCE
 from qna_triton.tuning import KernelConfig, heuristic_config
 

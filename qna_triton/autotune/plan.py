@@ -23,7 +23,7 @@ from typing import Dict, Iterable, List, Optional, Sequence, Tuple
 import torch
 import triton
 
-from qna_triton.reference import default_padding, output_size
+from qna_triton.layout import default_padding, output_size
 from qna_triton.tuning import (
     DTYPES, KERNELS, MAX_ELEMS_PER_THREAD, EntryKey, KernelConfig, Target, banded_config, has_banded_form,
     heuristic_config, select_config, size_bucket, tile_footprint,
@@ -355,7 +355,7 @@ def specialisation(shape: Shape) -> Tuple[object, ...]:
     """The specialisation classes of a launch on ``shape`` (the QnA layer's fused layout): of each
     argument the launch description (:class:`qna_triton.kernels.Problem`) hands every kernel."""
     from qna_triton.kernels import Problem
-    from qna_triton.ops import split_packed
+    from qna_triton.layout import split_packed
 
     N, h, d, meta = shape.n_queries, shape.heads, shape.head_dim, torch.device("meta")
     qv = torch.empty(shape.batch, shape.height, shape.width, N * h + h * d, dtype=getattr(torch, shape.dtype),

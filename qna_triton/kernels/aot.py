@@ -34,7 +34,7 @@ import triton
 from triton.backends.compiler import GPUTarget
 from triton.compiler import ASTSource
 
-from ..reference import default_padding, empty_query_minor
+from ..layout import default_padding, empty_query_minor, split_packed
 from ..tuning import BANDED_KERNELS, KERNELS, KernelConfig, Target, select_config
 _TRITON_DTYPE = {torch.float32: "fp32", torch.float16: "fp16", torch.bfloat16: "bf16"}
 
@@ -87,8 +87,7 @@ def representative_launch(kernel: str, dtype: torch.dtype, config: KernelConfig,
     query-minor (the QnA layer's path); ``generic``: separate contiguous ``[N, h]`` logits and values.
     ``wide``: head-major logits with a head stride beyond 2^31 elements (the 64-bit offset variant).
     The backward's gradients are the two column ranges of one packed ``dqv``, as in the layer."""
-    from ..ops import split_packed
-    from . import Problem, delta_launch, forward_launch, main_backward_launch
+    from .launch import Problem, delta_launch, forward_launch, main_backward_launch
 
     if layout not in LAYOUTS:
         raise ValueError(f"layout must be one of {LAYOUTS}, got {layout!r}")

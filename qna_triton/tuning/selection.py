@@ -24,7 +24,7 @@ from typing import Iterator, Optional, Tuple
 
 import torch
 
-from ..reference import default_padding, output_size
+from ..layout import default_padding, output_size
 from .config import ALGOS, KernelConfig, has_banded_form
 from .heuristics import BANDED_MIN_CAPABILITY, banded_config, banded_pays, default_config, heuristic_config
 from .lookup import tuned_config

@@ -1,0 +1,490 @@
+"""Launchers of the fused QnA kernels (inputs validated by the caller; float16, bfloat16 and float32,
+all accumulated in float32).
+
+A :class:`Problem` is built once per call from the logits, the values, the tables and the geometry:
+the sizes, the strides (pixel strides divided by their alignment), the window and the layout
+constants, as the kernels' keyword arguments (every kernel names them alike). Each launch is then a
+:class:`KernelLaunch` (kernel, grid, keyword arguments) made by one builder per kernel
+(:func:`forward_launch`, :func:`delta_launch`, :func:`main_backward_launch`): the launchers run them,
+the autotuner times them one by one, and the ahead-of-time compile check (``aot.py``) compiles them.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from dataclasses import dataclass, field
+from typing import Any, Dict, Optional, Tuple
+
+import torch
+import triton
+
+from ..layout import Pair, empty_query_minor, output_size, query_minor
+from ..tuning import KernelConfig, check_banded_tiles, get_config, halo_chunk
+from .backward import qna_bwd_delta_kernel, qna_bwd_kernel
+from .banded_bwd import qna_banded_bwd_kernel
+from .banded import (RANGE_LIMIT, VDOT_BF16, VDOT_BF16_EMULATED, VDOT_BF16X3, VDOT_BF16X3_EMULATED, VDOT_TF32X3,
+                     qna_banded_kernel)
+from .forward import qna_fwd_kernel
+
+
+__all__ = ["qna_forward", "qna_backward", "Problem", "KernelLaunch", "BackwardLaunches", "forward_launch",
+           "delta_launch", "main_backward_launch", "backward_launches"]
+
+
+def _table(t: Optional[torch.Tensor]) -> Optional[torch.Tensor]:
+    """rpb / scale ``[K, N, h]`` as float32 in the kernels' query-minor order ``[K, h, N]`` (tiny)."""
+    return None if t is None else t.detach().to(torch.float32).transpose(-1, -2).contiguous()
+
+
+def _layout(logits: torch.Tensor, values: torch.Tensor, wide: Optional[bool] = None) -> dict:
+    """The kernels' layout constants for these inputs, computed once per launcher call:
+
+    * ``L_HN`` / ``V_HD``: each pixel's logits are an ``[h, N]`` and its values an ``[h, d]``
+      contiguous block, so the kernels use compile-time offsets for them (vectorised loads, no layout
+      conversions);
+    * ``L_ALIGN`` / ``V_ALIGN``: :func:`_pixel_align` of each (the pixel strides are passed divided by it);
+    * ``WIDE``: 64-bit query/head/dim offsets (:func:`_wide_offsets`, unless ``wide`` is given)."""
+    _, _, _, N, h = logits.shape
+    d = values.shape[-1]
+    return dict(
+        L_HN=(logits.stride(3) == 1 or N == 1) and (logits.stride(4) == N or h == 1),
+        V_HD=(values.stride(4) == 1 or d == 1) and (values.stride(3) == d or h == 1),
+        L_ALIGN=_pixel_align(logits), V_ALIGN=_pixel_align(values),
+        WIDE=_wide_offsets(logits, values) if wide is None else wide,
+    )
+
+
+def _pixel_align(t: torch.Tensor) -> int:
+    """The largest ``a`` (up to 16 bytes' worth of elements) dividing every batch/row/column stride of
+    ``t``. The kernels receive those strides divided by ``a`` and multiply by the constant ``a``, so the
+    compiler knows each pixel starts ``a`` elements aligned (Triton's launch specialisation only knows
+    multiples of 16): a packed projection of ``h*N + h*d = 136`` columns still gets 128-bit loads."""
+    if any(t.size(i) > 1 and abs(t.stride(i)) >= 2**31 for i in range(3)):
+        # the kernels multiply the divided stride back in the argument's own integer type: a quotient
+        # that fits 32 bits would wrap there, so such strides go undivided (64-bit arguments)
+        return 1
+    a = max(1, 16 // t.element_size())
+    while a > 1 and any(t.size(i) > 1 and t.stride(i) % a for i in range(3)):
+        a //= 2
+    return a
+
+
+def _pixel_strides(t: torch.Tensor, align: Optional[int] = None) -> Tuple[int, ...]:
+    """Batch/row/column strides divided by ``align`` (default :func:`_pixel_align`; 0 for a dimension
+    of size 1), then the two inner strides as they are."""
+    a = _pixel_align(t) if align is None else align
+    return (*(t.stride(i) // a if t.size(i) > 1 else 0 for i in range(3)), t.stride(3), t.stride(4))
+
+
+def _on_device(t: torch.Tensor):
+    """Triton launches on the current CUDA device: make it the tensors' device."""
+    return torch.cuda.device(t.device) if t.is_cuda else contextlib.nullcontext()
+
+
+def _wide_offsets(logits: torch.Tensor, values: torch.Tensor) -> bool:
+    """Whether a query/head/dim offset times its stride can pass 2^31 (e.g. a head-major input over
+    2^31 elements): then those offsets are computed in 64 bits, at some cost in registers. Bounded
+    with twice the sizes, since the padded lanes of a block compute (masked) addresses too."""
+    _, _, _, N, h = logits.shape
+    d = values.shape[-1]
+    span_l = 2 * N * abs(logits.stride(3)) + 2 * h * abs(logits.stride(4))
+    span_v = 2 * h * abs(values.stride(3)) + 2 * d * abs(values.stride(4))
+    return max(span_l, span_v) >= 2**31
+
+
+# Floating-point contraction (a*b + c as one fused multiply-add, rounded once), chosen here rather than
+# left to Triton's default, which Triton 3.10 flips from on to off: the kernels' numerics, the tests'
+# tolerances and the compiler reports stay what they were measured with, whichever Triton runs them.
+# (The interpreter rounds every product and sum separately either way.)
+FP_FUSION = True
+
+
+def launch_options(cfg: KernelConfig) -> dict:
+    """The compile options of a launch with ``cfg``: warps, pipeline stages and :data:`FP_FUSION`."""
+    return dict(num_warps=cfg.num_warps, num_stages=cfg.num_stages, enable_fp_fusion=FP_FUSION)
+
+
+def _blocks(cfg: KernelConfig, N: int, d: int) -> dict:
+    """Compile-time parameters of the direct kernels for ``cfg``."""
+    return dict(
+        BLOCK_P=cfg.block_p, BLOCK_N=triton.next_power_of_2(N), BLOCK_H=cfg.block_h,
+        BLOCK_D=triton.next_power_of_2(d), **launch_options(cfg),
+    )
+
+
+def banded_blocks(cfg: KernelConfig, N: int, d: int, ks: Pair, st: Pair, values: torch.Tensor,
+                  on_gpu: Optional[bool] = None, delta: bool = False) -> dict:
+    """Compile-time parameters of the banded kernel for ``cfg`` (``algo="banded"``), as the forward or
+    (``delta``) the backward's delta kernel; ``on_gpu`` defaults to whether ``values`` is not a CPU
+    tensor (CPU tensors run the interpreter; ``meta`` ones are compiled by ``aot.py``).
+
+    Operand precision of the value products: the forward of bfloat16 inputs multiplies bfloat16
+    operands (its output has the inputs' precision); the delta needs more, since the main backward
+    kernel subtracts it from ``a t`` (a bfloat16-rounded ``D`` cost ~2 % of ``drpb`` in the tests),
+    so it splits each operand into two bfloat16 parts (three products, ~2^-16); float16 and float32
+    inputs take tf32x3 (float32-accurate) in both."""
+    on_gpu = values.device.type != "cpu" if on_gpu is None else on_gpu
+    bw, br = cfg.block_w, cfg.block_r
+    check_banded_tiles(bw, br)
+    bd = triton.next_power_of_2(d)
+    dc = min(bd, max(1, 256 // br))  # the value product's columns: block_r x dc <= 256
+    vdot = _vdot_mode(values, on_gpu, split=delta)
+    return dict(
+        BLOCK_W=bw, BLOCK_R=br, HALO=max(16, triton.next_power_of_2((bw - 1) * st[1] + ks[1])), BLOCK_DC=dc,
+        BLOCK_N=triton.next_power_of_2(N), BLOCK_D=bd, BLOCK_K=min(256, triton.next_power_of_2(ks[0] * ks[1])),
+        FALLBACK_P=min(bw * br, max(16, 1024 // bd)), VDOT=vdot, RANGE_LIMIT=RANGE_LIMIT,
+        **launch_options(cfg),
+    )
+
+
+def _vdot_mode(values: torch.Tensor, on_gpu: bool, split: bool, split_fp16: bool = False) -> int:
+    """The banded products' precision; ``split_fp16`` lets float16 inputs take the split bfloat16
+    products too (~2^-16, well below float16's 2^-11), where tf32x3's float32 operands would spill."""
+    if values.dtype != torch.bfloat16 and not (split_fp16 and values.dtype == torch.float16):
+        return VDOT_TF32X3
+    if split:
+        return VDOT_BF16X3 if on_gpu else VDOT_BF16X3_EMULATED
+    return VDOT_BF16 if on_gpu else VDOT_BF16_EMULATED
+
+
+def banded_bwd_blocks(cfg: KernelConfig, N: int, d: int, ks: Pair, values: torch.Tensor,
+                      on_gpu: Optional[bool] = None) -> dict:
+    """Compile-time parameters of the banded main backward kernel for ``cfg`` (stride 1): tiles of
+    ``block_r x block_w`` source pixels, a halo of ``block_w + k_w - 1`` output columns in chunks of
+    :func:`halo_chunk`, and float32-accurate products (split bfloat16 for bfloat16 and float16 inputs,
+    tf32x3 for float32), since ``v . Z - U`` and ``a da - sum P D`` cancel as ``a t - D`` does."""
+    on_gpu = values.device.type != "cpu" if on_gpu is None else on_gpu
+    bw, br = cfg.block_w, cfg.block_r
+    check_banded_tiles(bw, br)
+    bd = triton.next_power_of_2(d)
+    chunk = halo_chunk(bw + ks[1] - 1)
+    return dict(
+        BLOCK_W=bw, BLOCK_R=br, HALO=chunk, HALO_CHUNKS=triton.cdiv(bw + ks[1] - 1, chunk),
+        BLOCK_DC=min(bd, max(1, 128 // br)), BLOCK_N=triton.next_power_of_2(N), BLOCK_D=bd,
+        BLOCK_KW=triton.next_power_of_2(ks[1]), FALLBACK_P=min(bw * br, max(16, 1024 // bd)),
+        VDOT=_vdot_mode(values, on_gpu, split=True, split_fp16=True), RANGE_LIMIT=RANGE_LIMIT,
+        **launch_options(cfg),
+    )
+
+
+
+
+@dataclass(eq=False)
+class Problem:
+    """One QnA problem as the kernels see it: the inputs (``logits [B,H,W,N,h]``, ``values
+    [B,H,W,h,d]``; ``r`` / ``a`` the rpb and scale tables in the kernels' float32 ``[K, h, N]`` order,
+    ``a`` None without a scale), the geometry, and :attr:`args`, the keyword arguments every kernel
+    takes alike, grouped as Triton allows: ``SIZES = (B, H, W, H_out, W_out, h)``, the compile-time
+    ``NQ`` and ``D``, ``L_STRIDES`` / ``V_STRIDES`` (:func:`_pixel_strides`), ``WINDOW = (k_h, k_w,
+    s_h, s_w, p_h, p_w)``, and the layout constants (:func:`_layout`) with ``HAS_SCALE``. Triton
+    specialises each element of a tuple as it would a lone integer (1 a constant, multiples of 16
+    marked), so grouping leaves the compiled code as it was (``docs/kernels.md``)."""
+
+    logits: torch.Tensor
+    values: torch.Tensor
+    r: torch.Tensor
+    a: Optional[torch.Tensor]
+    ks: Pair
+    st: Pair
+    pd: Pair
+    args: Dict[str, Any] = field(default_factory=dict)
+
+    @classmethod
+    def of(cls, logits: torch.Tensor, values: torch.Tensor, rpb: torch.Tensor, scale: Optional[torch.Tensor],
+           ks: Pair, st: Pair, pd: Pair, wide: Optional[bool] = None) -> "Problem":
+        """The problem of these inputs (``wide`` forces the 64-bit offset variant, see :func:`_layout`)."""
+        B, H, W, N, h = logits.shape
+        d = values.shape[-1]
+        layout = _layout(logits, values, wide)
+        sl = _pixel_strides(logits, layout["L_ALIGN"])
+        sv = _pixel_strides(values, layout["V_ALIGN"])
+        a = _table(scale)
+        Ho, Wo = output_size(H, ks[0], st[0], pd[0]), output_size(W, ks[1], st[1], pd[1])
+        args = dict(
+            SIZES=(B, H, W, Ho, Wo, h), NQ=N, D=d, L_STRIDES=sl, V_STRIDES=sv, WINDOW=(*ks, *st, *pd),
+            HAS_SCALE=a is not None, **layout,
+        )
+        return cls(logits, values, _table(rpb), a, tuple(ks), tuple(st), tuple(pd), args)
+
+    @property
+    def sizes(self) -> Dict[str, int]:
+        """``B``, ``H``, ``W``, ``Ho``, ``Wo`` (the output map), ``N``, ``h``, ``d`` by name."""
+        B, H, W, Ho, Wo, h = self.args["SIZES"]
+        return dict(B=B, H=H, W=W, Ho=Ho, Wo=Wo, N=self.args["NQ"], h=h, d=self.args["D"])
+
+    @property
+    def out_shape(self) -> Tuple[int, int, int, int, int]:
+        """``[B, H_out, W_out, h, d]``."""
+        z = self.sizes
+        return z["B"], z["Ho"], z["Wo"], z["h"], z["d"]
+
+    @property
+    def stats_shape(self) -> Tuple[int, int, int, int, int]:
+        """``[B, H_out, W_out, N, h]``: ``lse`` and the backward's ``D``."""
+        z = self.sizes
+        return z["B"], z["Ho"], z["Wo"], z["N"], z["h"]
+
+    def inputs(self) -> Dict[str, torch.Tensor]:
+        """The kernels' input pointers (``A`` stands in by ``R`` without a scale: never read then)."""
+        return dict(L=self.logits, V=self.values, R=self.r, A=self.a if self.a is not None else self.r)
+
+
+@dataclass(eq=False)
+class KernelLaunch:
+    """One kernel launch: the kernel, its grid and its keyword arguments (tensors, sizes, compile-time
+    constants, launch options). ``zeroed``: buffers the kernel adds into, zeroed before every launch."""
+
+    fn: Any
+    grid: Tuple[int, ...]
+    kwargs: Dict[str, Any]
+    zeroed: Tuple[torch.Tensor, ...] = ()
+
+    def __call__(self) -> None:
+        for t in self.zeroed:
+            t.zero_()
+        with _on_device(self.kwargs["L"]):
+            self.fn[self.grid](**self.kwargs)
+
+
+def forward_launch(p: Problem, cfg: KernelConfig) -> Tuple[KernelLaunch, torch.Tensor, torch.Tensor]:
+    """The forward's launch and its outputs: ``(launch, out [B,Ho,Wo,h,d] in the values' dtype, lse
+    [B,Ho,Wo,N,h] float32, query-minor)``."""
+    out = torch.empty(p.out_shape, device=p.values.device, dtype=p.values.dtype)
+    lse = empty_query_minor(p.stats_shape, device=p.logits.device, dtype=torch.float32)
+    if cfg.algo == "banded":
+        return _banded_launch(p, cfg, False, out, lse, None), out, lse
+    z = p.sizes
+    grid = (triton.cdiv(z["B"] * z["Ho"] * z["Wo"], cfg.block_p), triton.cdiv(z["h"], cfg.block_h))
+    kwargs = dict(p.inputs(), O=out, LSE=lse, **p.args, **_blocks(cfg, z["N"], z["d"]))
+    return KernelLaunch(qna_fwd_kernel, grid, kwargs), out, lse
+
+
+def delta_launch(p: Problem, cfg: KernelConfig, g: torch.Tensor, lse: torch.Tensor) -> Tuple[KernelLaunch, torch.Tensor]:
+    """The backward's delta ``D = g . o_n`` per (pixel, query, head): ``(launch, D)``, ``D`` float32
+    query-minor like ``lse``."""
+    delta = empty_query_minor(p.stats_shape, device=p.logits.device, dtype=torch.float32)
+    if cfg.algo == "banded":  # the forward's banded window sum, dotted with the output gradient
+        return _banded_launch(p, cfg, True, g, lse, delta), delta
+    z = p.sizes
+    grid = (triton.cdiv(z["B"] * z["Ho"] * z["Wo"], cfg.block_p), triton.cdiv(z["h"], cfg.block_h))
+    kwargs = dict(p.inputs(), G=g, LSE=lse, DELTA=delta, **p.args, **_blocks(cfg, z["N"], z["d"]))
+    return KernelLaunch(qna_bwd_delta_kernel, grid, kwargs), delta
+
+
+def _banded_launch(p: Problem, cfg: KernelConfig, delta_mode: bool, out_or_g: torch.Tensor, lse: torch.Tensor,
+                   delta: Optional[torch.Tensor]) -> KernelLaunch:
+    """The banded kernel as the forward (writes ``out_or_g`` = out and ``lse``) or, with ``delta_mode``,
+    as the backward's delta (reads ``out_or_g`` = the output gradient and ``lse``, writes ``delta``);
+    the pointers one mode does not use stand in by ones it does."""
+    z = p.sizes
+    blocks = banded_blocks(cfg, z["N"], z["d"], p.ks, p.st, p.values, delta=delta_mode)  # checks the tiles first
+    grid = (z["B"] * triton.cdiv(z["Ho"], cfg.block_r) * triton.cdiv(z["Wo"], cfg.block_w), z["h"])
+    kwargs = dict(p.inputs(), O=out_or_g, LSE=lse, G=out_or_g, DELTA=delta if delta_mode else lse, **p.args,
+                  DELTA_MODE=delta_mode, **blocks)
+    return KernelLaunch(qna_banded_kernel, grid, kwargs)
+
+
+# Main backward kernel: resident warps aimed at per SM (whatever num_warps a config has, so tuned configs
+# compare at equal occupancy), and the most bytes its [programs, K, N, h] partial-sum rows may take.
+_BWD_WARPS_PER_SM = 32
+_PARTIAL_ROWS_BYTES = 64 << 20
+# What an SM holds, beyond what torch reports: 64 Ki registers (every NVIDIA GPU since sm_50), allocated
+# per warp in units of 256; at most 32 resident programs; 1 KiB of shared memory reserved per program.
+_REGS_PER_SM, _REG_UNIT, _MAX_PROGRAMS_PER_SM, _SHARED_RESERVED = 65536, 256, 32, 1024
+
+
+def resident_programs(regs: int, num_warps: int, shared_bytes: int, threads_per_sm: int,
+                      shared_per_sm: int) -> int:
+    """Programs of a compiled kernel (``regs`` per thread, ``shared_bytes`` per program) that one SM
+    holds at once: the least of what its registers, threads and shared memory allow (at least 1)."""
+    regs_per_warp = -(-max(1, regs) * 32 // _REG_UNIT) * _REG_UNIT
+    by_regs = (_REGS_PER_SM // regs_per_warp) // num_warps
+    by_threads = threads_per_sm // (32 * num_warps)
+    by_shared = shared_per_sm // (shared_bytes + _SHARED_RESERVED) if shared_bytes else by_threads
+    return max(1, min(by_regs, by_threads, by_shared, _MAX_PROGRAMS_PER_SM))
+
+
+_RESIDENT: Dict[Tuple[str, int], int] = {}
+
+
+def _resident_per_sm(fn, kwargs: dict, device: torch.device) -> Optional[int]:
+    """:func:`resident_programs` of ``fn`` as compiled for these arguments (compiling it, as the launch
+    that follows would), or None where this Triton does not expose the compiled kernel's resources."""
+    kernel = fn.warmup(grid=(1,), **kwargs)
+    if hasattr(kernel, "result"):  # asynchronous compilation
+        kernel = kernel.result()
+    try:
+        key = (kernel.hash, device.index or 0)
+        if key not in _RESIDENT:
+            kernel._init_handles()  # loads the binary: sets n_regs
+            props = torch.cuda.get_device_properties(device)
+            _RESIDENT[key] = resident_programs(kernel.n_regs, kernel.metadata.num_warps, kernel.metadata.shared,
+                                               props.max_threads_per_multi_processor,
+                                               props.shared_memory_per_multiprocessor)
+        return _RESIDENT[key]
+    except AttributeError:
+        return None
+
+
+def _num_programs(num_tiles: int, device: torch.device, num_warps: int = 4, head_blocks: int = 1,
+                  row_elems: int = 1, resident: Optional[int] = None) -> int:
+    """Programs (along the grid's first axis; ``head_blocks`` along the second) of the persistent
+    backward kernels: enough that about ``_BWD_WARPS_PER_SM`` warps are resident per SM, but no more
+    than the SM holds at once (``resident`` programs, from the compiled kernel's registers: programs
+    that wait for a second wave would leave the first wave's SMs idle at the end), and few enough
+    that the partial-sum buffer for ``dr``/``da`` (``row_elems`` float32 per program) stays under
+    ``_PARTIAL_ROWS_BYTES``."""
+    if device.type != "cuda":
+        return max(1, min(num_tiles, 4))
+    sms = torch.cuda.get_device_properties(device).multi_processor_count
+    per_sm = max(1, _BWD_WARPS_PER_SM // num_warps)
+    if resident is not None:
+        per_sm = min(per_sm, resident)
+    want = max(1, sms * per_sm // max(1, head_blocks))
+    cap = max(1, _PARTIAL_ROWS_BYTES // (4 * max(1, row_elems)))  # one row holds every head block
+    return max(1, min(num_tiles, want, cap))
+
+
+
+
+@dataclass(eq=False)
+class BackwardLaunches:
+    """The backward of one problem: the delta launch, the main launch, and what they write
+    (``dl``/``dv``, views of ``dqv`` when packed; the ``dr``/``da`` partial-sum rows)."""
+
+    p: Problem
+    delta: KernelLaunch
+    main: KernelLaunch
+    dl: torch.Tensor
+    dv: torch.Tensor
+    dqv: Optional[torch.Tensor]
+    dr_part: torch.Tensor
+    da_part: Optional[torch.Tensor]
+    rpb_dtype: torch.dtype
+    scale_dtype: Optional[torch.dtype]
+
+    def reduce(self) -> Tuple[torch.Tensor, Optional[torch.Tensor]]:
+        """``(drpb, dscale or None)`` in the tables' ``[K, N, h]`` layout: the partial rows summed in
+        a fixed order."""
+        drpb = self.dr_part.sum(0).transpose(-1, -2).to(self.rpb_dtype)
+        dscale = self.da_part.sum(0).transpose(-1, -2).to(self.scale_dtype) if self.da_part is not None else None
+        return drpb, dscale
+
+    def run(self) -> Tuple[torch.Tensor, ...]:
+        """Both launches, then the results of :func:`qna_backward`."""
+        self.delta()
+        self.main()
+        drpb, dscale = self.reduce()
+        if self.dqv is not None:
+            return self.dqv, drpb, dscale
+        B, H, W, N, h = self.p.logits.shape
+        return (self.dl.view(B, H, W, h, N).transpose(-1, -2), self.dv.view(B, H, W, h, self.p.sizes["d"]),
+                drpb, dscale)
+
+
+def main_backward_launch(p: Problem, cfg: KernelConfig, g: torch.Tensor, lse: torch.Tensor, delta: torch.Tensor,
+                         dl: torch.Tensor, dv: torch.Tensor) -> Tuple[KernelLaunch, torch.Tensor, Optional[torch.Tensor]]:
+    """The main backward kernel's launch (direct, or banded at stride 1) writing ``dl`` ``[B,H,W,h*N]``
+    and ``dv`` ``[B,H,W,h*d]`` (pixel-strided views), and its ``dr`` / ``da`` partial-sum rows
+    ``[programs, K, h, N]`` (``da`` None without a scale): ``(launch, dr_part, da_part)``."""
+    banded = cfg.algo == "banded"
+    if banded and p.st != (1, 1):
+        raise ValueError(f"the banded backward kernel needs stride 1, got stride={p.st}")
+    z = p.sizes
+    B, H, W, N, h, d, K = z["B"], z["H"], z["W"], z["N"], z["h"], z["d"], p.ks[0] * p.ks[1]
+    if banded:
+        fn, head_blocks, row_elems = qna_banded_bwd_kernel, h, 2 * K * N * h  # + the scratch rows
+        num_tiles = B * triton.cdiv(H, cfg.block_r) * triton.cdiv(W, cfg.block_w)
+        blocks = banded_bwd_blocks(cfg, N, d, p.ks, p.values)
+    else:
+        fn, head_blocks, row_elems = qna_bwd_kernel, triton.cdiv(h, cfg.block_h), K * N * h
+        num_tiles = triton.cdiv(B * H * W, cfg.block_p)
+        blocks = _blocks(cfg, N, d)
+    kwargs = dict(p.inputs(), G=g, LSE=lse, DELTA=delta, DL=dl, DV=dv, **p.args, NUM_TILES=num_tiles,
+                  DL_PIX_STRIDE=dl.stride(2), DV_PIX_STRIDE=dv.stride(2), **blocks)
+
+    def parts(rows: Dict[str, torch.Tensor], progs: int) -> dict:
+        return dict(kwargs, **rows, TILES_PER_PROGRAM=triton.cdiv(num_tiles, progs))
+
+    names = ("DR_PART", "DA_PART", "DR_TILE", "DA_TILE")[: 4 if banded else 2]
+    resident = None
+    if p.logits.is_cuda:  # the compiled kernel's registers bound the programs resident at once
+        with _on_device(p.logits):
+            resident = _resident_per_sm(fn, parts(dict.fromkeys(names, delta), 1), p.logits.device)
+    progs = _num_programs(num_tiles, p.logits.device, cfg.num_warps, head_blocks, row_elems, resident)
+    dr_part = torch.empty((progs, K, h, N), device=p.logits.device, dtype=torch.float32)  # zeroed by the launch
+    da_part = torch.empty_like(dr_part) if p.a is not None else None
+    rows = dict(DR_PART=dr_part, DA_PART=da_part if da_part is not None else dr_part)
+    if banded:  # the scratch rows
+        dr_tile = torch.empty_like(dr_part)
+        rows.update(DR_TILE=dr_tile, DA_TILE=torch.empty_like(dr_part) if p.a is not None else dr_tile)
+    zeroed = (dr_part,) if da_part is None else (dr_part, da_part)
+    return KernelLaunch(fn, (progs, head_blocks), parts(rows, progs), zeroed), dr_part, da_part
+
+
+def backward_launches(
+    grad_out: torch.Tensor, logits: torch.Tensor, values: torch.Tensor, rpb: torch.Tensor,
+    scale: Optional[torch.Tensor], lse: torch.Tensor, ks: Pair, st: Pair, pd: Pair,
+    config: Optional[KernelConfig] = None, delta_config: Optional[KernelConfig] = None,
+    packed_grad: bool = False,
+) -> BackwardLaunches:
+    """The launches of :func:`qna_backward` (nothing launched yet; every check done)."""
+    p = Problem.of(logits, values, rpb, scale, ks, st, pd)
+    g = grad_out.contiguous()
+    lse = query_minor(lse)
+    cfg = config or get_config("bwd", logits, values, ks, st, pd)
+    dcfg = delta_config or get_config("bwd_delta", logits, values, ks, st, pd)
+    delta, delta_out = delta_launch(p, dcfg, g, lse)
+    B, H, W, N, h = logits.shape
+    d = values.shape[-1]
+    dqv = None
+    if packed_grad:
+        dqv = torch.empty((B, H, W, N * h + h * d), device=logits.device, dtype=logits.dtype)
+        dl, dv = dqv[..., : N * h], dqv[..., N * h :]
+    else:
+        dl = torch.empty((B, H, W, h * N), device=logits.device, dtype=logits.dtype)
+        dv = torch.empty((B, H, W, h * d), device=values.device, dtype=values.dtype)
+    main, dr_part, da_part = main_backward_launch(p, cfg, g, lse, delta_out, dl, dv)
+    return BackwardLaunches(p, delta, main, dl, dv, dqv, dr_part, da_part, rpb.dtype,
+                            scale.dtype if scale is not None else None)
+
+
+def qna_forward(
+    logits: torch.Tensor,
+    values: torch.Tensor,
+    rpb: torch.Tensor,
+    scale: Optional[torch.Tensor],
+    ks: Pair,
+    st: Pair,
+    pd: Pair,
+    config: Optional[KernelConfig] = None,
+) -> Tuple[torch.Tensor, torch.Tensor]:
+    """Fused forward: ``(out [B,Ho,Wo,h,d] in the values' dtype, lse [B,Ho,Wo,N,h] float32)``; ``lse``
+    is stored query-minor (:func:`query_minor`)."""
+    cfg = config or get_config("fwd", logits, values, ks, st, pd)
+    launch, out, lse = forward_launch(Problem.of(logits, values, rpb, scale, ks, st, pd), cfg)
+    launch()
+    return out, lse
+
+
+def qna_backward(
+    grad_out: torch.Tensor,
+    logits: torch.Tensor,
+    values: torch.Tensor,
+    rpb: torch.Tensor,
+    scale: Optional[torch.Tensor],
+    lse: torch.Tensor,
+    ks: Pair,
+    st: Pair,
+    pd: Pair,
+    config: Optional[KernelConfig] = None,
+    delta_config: Optional[KernelConfig] = None,
+    packed_grad: bool = False,
+) -> Tuple[torch.Tensor, ...]:
+    """Fused backward, deterministic: ``(dlogits, dvalues, drpb, dscale or None)``, or with
+    ``packed_grad`` ``(dqv, drpb, dscale or None)`` where ``dqv [B, H, W, h*N + h*d]`` holds both
+    gradients side by side (the gradient of a fused logits-and-values projection, written once; the
+    logits part query-minor, as in the QnA layer's packed projection). ``dlogits`` is a query-minor
+    ``[B, H, W, N, h]`` view."""
+    return backward_launches(grad_out, logits, values, rpb, scale, lse, ks, st, pd, config, delta_config,
+                             packed_grad).run()
