@@ -665,6 +665,10 @@ def environment_line(d: dict) -> str:
     smi = d.get("nvidia_smi") or {}
     if smi.get("clocks.sm"):
         parts.append(f"SM clock {smi['clocks.sm']} (max {smi.get('clocks.max.sm', '?')})")
+    rocm = d.get("rocm_smi")
+    if rocm is not None and "nvidia_smi" in d and "error" in smi:
+        parts.append(f"rocm-smi: {rocm['error']}" if "error" in rocm else
+                     "rocm-smi: " + ", ".join(f"{k} {v}" for k, v in rocm.items() if "clock" in k.lower() or "sclk" in k.lower()))
     return ", ".join(parts)
 
 
@@ -816,6 +820,9 @@ def child_environment(out_json: str, rehearse: bool) -> int:
         smi = smi if "error" in fallback else {**fallback, "error": smi["error"]}
     data["nvidia_smi"] = smi
     data["driver"] = data["nvidia_smi"].get("driver_version")
+    if "error" in smi or getattr(torch.version, "hip", None):  # an AMD machine: ROCm's own tool
+        data["rocm_smi"] = _rocm_smi()
+        data["driver"] = data["driver"] or data["rocm_smi"].get("driver_version")
     _save(out_json, data)
     print(json.dumps(data, indent=1), flush=True)
     from .hw import measure_copy_bandwidth, measure_matmul_rate
@@ -843,6 +850,25 @@ def _nvidia_smi(fields: Sequence[str]) -> dict:
     if smi.returncode != 0 or not smi.stdout.strip():
         return {"error": (smi.stderr or smi.stdout).strip()[:200] or f"exit {smi.returncode}"}
     return dict(zip(fields, (v.strip() for v in smi.stdout.strip().splitlines()[0].split(","))))
+
+
+def _rocm_smi() -> dict:
+    """``rocm-smi``'s product name, driver version and clocks of the first GPU as JSON (read only), or
+    ``{"error": ...}`` saying why not (on a machine without it: that it is absent)."""
+    try:
+        smi = subprocess.run(["rocm-smi", "--showproductname", "--showdriverversion", "--showclocks", "--json"],
+                             capture_output=True, text=True, timeout=10)
+    except FileNotFoundError:
+        return {"error": "rocm-smi is absent"}
+    except (OSError, subprocess.TimeoutExpired) as e:
+        return {"error": f"{type(e).__name__}: {e}"[:200]}
+    try:
+        report = json.loads(smi.stdout)
+    except ValueError:
+        return {"error": (smi.stderr or smi.stdout).strip()[:200] or f"exit {smi.returncode}"}
+    first = next((v for k, v in report.items() if k.startswith("card")), {})
+    driver = report.get("system", {}).get("Driver version")
+    return {**({"driver_version": driver} if driver else {}), **{k: str(v) for k, v in first.items()}}
 
 
 def child_launch(out_json: str, rehearse: bool) -> int:

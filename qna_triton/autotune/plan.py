@@ -191,17 +191,26 @@ class Plan:
         return [first] + [c for c in dict.fromkeys(direct + extra) if c != first]
 
 
-# The GPU the default configs are the reference for: one with the tensor cores of every banded kernel
-# (sm_90), before it has a tuned file.
+# The target the default configs are the reference for where no GPU is at hand (a dry run): one with the
+# tensor cores of every banded kernel (sm_90). On a GPU the reference is that GPU's own default.
 REFERENCE_TARGET = Target(known_capability=(9, 0))
 
 
-def default_config(kernel: str, shape: Shape) -> KernelConfig:
-    """What the library runs for this problem without a tuned file on a GPU with tensor cores
-    (:func:`qna_triton.tuning.select_config` on ``REFERENCE_TARGET``): the reference each tuned entry's
-    speed-up is measured against."""
+def reference_target() -> Target:
+    """The target whose default configs the tuner measures against: the current GPU (its entry in the
+    target table decides which banded kernels its default takes), else :data:`REFERENCE_TARGET`."""
+    if torch.cuda.is_available():
+        return Target(cuda_index=torch.cuda.current_device())
+    return REFERENCE_TARGET
+
+
+def default_config(kernel: str, shape: Shape, target: Optional[Target] = None) -> KernelConfig:
+    """What the library runs for this problem without a tuned file on ``target`` (default
+    :func:`reference_target`), by :func:`qna_triton.tuning.select_config`: the reference each tuned
+    entry's speed-up is measured against."""
     return select_config(kernel, getattr(torch, shape.dtype), shape.heads, shape.head_dim, shape.n_queries,
-                         (shape.kh, shape.kw), (shape.sh, shape.sw), shape.pixels, REFERENCE_TARGET, algo="auto")
+                         (shape.kh, shape.kw), (shape.sh, shape.sw), shape.pixels, target or reference_target(),
+                         algo="auto")
 
 
 def banded_candidates(shape: Shape, kernel: str = "fwd") -> List[KernelConfig]:

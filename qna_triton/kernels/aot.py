@@ -27,16 +27,17 @@ import subprocess
 import tempfile
 from concurrent.futures import ProcessPoolExecutor
 from dataclasses import asdict, dataclass
-from typing import Dict, List, Optional, Sequence, Tuple
+from typing import Dict, List, Optional, Sequence, Tuple, Union
 
 import torch
 import triton
-from triton.backends.compiler import GPUTarget
 from triton.compiler import ASTSource
 
 from ..layout import default_padding, empty_query_minor, split_packed
 from ..tuning import BANDED_KERNELS, KERNELS, KernelConfig, Target, select_config
+from ..tuning.targets import TARGETS, GPUArch, installed_triton, target_named
 _TRITON_DTYPE = {torch.float32: "fp32", torch.float16: "fp16", torch.bfloat16: "bf16"}
+_TORCH_NAME = {"fp32": "float32", "fp16": "float16", "bf16": "bfloat16"}
 
 
 @dataclass(frozen=True)
@@ -124,15 +125,18 @@ def compile_kernel(
     n_queries: int,
     head_dim: int,
     has_scale: bool = True,
-    arch: int = 90,
+    arch: Union[int, str] = 90,
     wide: bool = False,
     heads: Optional[int] = None,
     layout: str = "packed",
     window: int = 7,
     loops: bool = False,
 ) -> CompileReport:
-    """Compiles ``kernel`` for ``sm_<arch>`` as a launch on a representative problem would (see the
-    module docstring) and returns its resources; ``loops`` adds the loop profile. Raises on errors."""
+    """Compiles ``kernel`` for the target ``arch`` (:func:`~qna_triton.tuning.targets.target_named`:
+    ``90``, ``"sm_120"``, ``"gfx942"``) as a launch on a representative problem would (see the module
+    docstring) and returns its resources; ``loops`` adds the loop profile (NVIDIA: ``nvdisasm``; AMD
+    targets have no disassembler in Triton's wheel, so none). Raises on errors, and on a kernel whose
+    shared memory exceeds what the target gives one program."""
     from triton._utils import find_paths_if, get_iterable_path
     from triton.compiler import make_backend
     from triton.runtime.jit import create_function_from_signature
@@ -145,7 +149,8 @@ def compile_kernel(
     launch = representative_launch(kernel, dtype, config, n_queries, heads, head_dim, has_scale, layout, window,
                                    wide)
     fn = launch.fn
-    target = GPUTarget("cuda", arch, 32)
+    gpu = target_named(arch)
+    target = gpu.gpu_target()
     backend = make_backend(target)
     binder = create_function_from_signature(fn.signature, fn.params, backend)
     _, spec, options = binder(**launch.kwargs)  # options: the launch's (warps, stages, FP fusion)
@@ -159,8 +164,24 @@ def compile_kernel(
              for path in find_paths_if(values, lambda _, v: isinstance(v, str)) if path not in constexprs}
     src = ASTSource(fn=fn, signature=signature, constexprs=constexprs, attrs=attrs)
     compiled = triton.compile(src, target=target, options=options)
-    regs, st, ld, sass = _ptxas(compiled.asm["ptx"], arch, want_sass=loops)
-    return CompileReport(regs, st, ld, compiled.metadata.shared, loop_profile(sass) if loops else ())
+    shared = compiled.metadata.shared
+    if shared > gpu.shared_per_block:
+        raise ValueError(f"{shared} bytes of shared memory: {gpu.name} gives one program {gpu.shared_per_block}")
+    if gpu.vendor == "amd":
+        regs, scratch = _amdgcn_usage(compiled.asm["amdgcn"])
+        return CompileReport(regs, scratch, 0, shared, ())
+    regs, st, ld, sass = _ptxas(compiled.asm["ptx"], int(gpu.arch), want_sass=loops)
+    return CompileReport(regs, st, ld, shared, loop_profile(sass) if loops else ())
+
+
+def _amdgcn_usage(asm: str) -> Tuple[int, int]:
+    """``(VGPRs including AGPRs, scratch bytes per lane)`` from the AMD backend's assembly comments: the
+    scratch is where the compiler spills, so it stands for the spill bytes of an NVIDIA report."""
+    regs = re.search(r";\s*TotalNumVgprs:\s*(\d+)", asm) or re.search(r";\s*NumVgprs:\s*(\d+)", asm)
+    scratch = re.search(r";\s*ScratchSize:\s*(\d+)", asm)
+    if regs is None or scratch is None:
+        raise RuntimeError("the AMD assembly lacks its register / scratch comments (TotalNumVgprs, ScratchSize)")
+    return int(regs.group(1)), int(scratch.group(1))
 
 
 def _ptxas(ptx: str, arch: int, want_sass: bool = False):
@@ -235,12 +256,15 @@ def loop_profile(sass: str) -> Tuple[LoopProfile, ...]:
 HEAD_SHAPES = ((16, 8), (8, 12), (8, 16), (4, 32), (2, 64), (1, 128))
 
 
-def default_plan(archs: Sequence[int]) -> List[dict]:
-    """The heuristic configuration of every kernel for the head shapes we support, per architecture,
-    on the QnA layer's packed layout; plus the query-count / scale / float16 variants, the generic
-    ``[N, h]`` logits layout, and the 64-bit-offset variant."""
+def default_plan(archs: Sequence[Union[int, str]]) -> List[dict]:
+    """Per target (:data:`~qna_triton.tuning.targets.TARGETS`), the configuration the heuristic
+    chooses for every kernel at the head shapes we support, on the QnA layer's packed layout; plus the
+    query-count / scale / float16 variants, the generic ``[N, h]`` logits layout, the 64-bit-offset
+    variant, and the banded kernels the target's table entry lets the heuristic take (under the
+    installed Triton) at their default tiles."""
     plan = []
-    for arch in archs:
+    for gpu in (target_named(a) for a in archs):
+        arch = gpu.name
         for h, d in HEAD_SHAPES:
             for kernel in KERNELS:
                 plan.append(dict(kernel=kernel, dtype="bf16", heads=h, head_dim=d, n_queries=2,
@@ -258,12 +282,13 @@ def default_plan(archs: Sequence[int]) -> List[dict]:
         for dtype, (h, d), window in (("bf16", (16, 8), 15), ("bf16", (16, 8), 31), ("bf16", (4, 32), 15),
                                       ("bf16", (1, 128), 15), ("fp16", (16, 8), 15), ("fp32", (16, 8), 7)):
             for kernel in ("fwd", "bwd_delta"):
-                plan.append(dict(kernel=kernel, algo="banded", dtype=dtype, heads=h, head_dim=d, n_queries=2,
-                                 has_scale=True, arch=arch, layout="packed", window=window))
-        # the banded main backward kernel where the heuristic takes it (sm_90, bf16 and fp16, head dims
-        # to 16): its halo in one 32-column chunk (k = 15) and in two (k = 31)
+                if gpu.banded_allowed(kernel, dtype=getattr(torch, _TORCH_NAME[dtype])):
+                    plan.append(dict(kernel=kernel, algo="banded", dtype=dtype, heads=h, head_dim=d, n_queries=2,
+                                     has_scale=True, arch=arch, layout="packed", window=window))
+        # the banded main backward kernel where the heuristic takes it (bf16 and fp16, head dims to 16):
+        # its halo in one 32-column chunk (k = 15) and in two (k = 31)
         for dtype, (h, d), window in (("bf16", (16, 8), 15), ("bf16", (8, 16), 15), ("bf16", (16, 8), 31),
-                                      ("fp16", (8, 16), 31)) if arch >= 90 else ():
+                                      ("fp16", (8, 16), 31)) if gpu.banded_allowed("bwd", dtype=torch.bfloat16) else ():
             plan.append(dict(kernel="bwd", algo="banded", dtype=dtype, heads=h, head_dim=d, n_queries=2,
                              has_scale=True, arch=arch, layout="packed", window=window))
     return plan
@@ -273,7 +298,7 @@ def _run(entry: dict) -> dict:
     dtype = {v: k for k, v in _TRITON_DTYPE.items()}[entry["dtype"]]
     k = entry.get("window", 7)
     cfg = select_config(entry["kernel"], dtype, entry["heads"], entry["head_dim"], entry["n_queries"], (k, k), (1, 1),
-                        1, Target(known_capability=divmod(entry["arch"], 10)), algo=entry.get("algo", "direct"))
+                        1, Target(known_arch=entry["arch"]), algo=entry.get("algo", "direct"))
     try:
         rep = compile_kernel(entry["kernel"], dtype, cfg, entry["n_queries"], entry["head_dim"],
                              entry["has_scale"], entry["arch"], entry.get("wide", False), heads=entry["heads"],
@@ -289,15 +314,18 @@ def _loads(loads: Dict[str, int]) -> str:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--arch", type=int, action="append",
-                    help="compute capability x10, repeatable (80: A100, 90: H100/H200); default 80 and 90")
+    ap.add_argument("--arch", action="append", choices=[*TARGETS, *(str(t.arch) for t in TARGETS.values()
+                                                                   if t.vendor == "nvidia")],
+                    metavar="T", help="a target, repeatable: " + ", ".join(
+                        f"{t.name} ({t.gpus})" for t in TARGETS.values())
+                    + "; 90 means sm_90. Default: every target")
     ap.add_argument("--json", help="also write the results to this JSON file")
     ap.add_argument("--loops", action="store_true", help="also print the profile of every window loop")
     ap.add_argument("--jobs", type=int, default=os.cpu_count() or 1)
     args = ap.parse_args()
     if os.environ.get("TRITON_INTERPRET") == "1":
         raise SystemExit("unset TRITON_INTERPRET: ahead-of-time compilation needs the real compiler")
-    plan = default_plan(args.arch or [80, 90])
+    plan = default_plan(args.arch or list(TARGETS))
     with ProcessPoolExecutor(max(1, args.jobs)) as pool:
         results = list(pool.map(_run, plan))
     print("| arch | kernel | dtype | layout | heads x head dim | queries | tile | warps | registers "
@@ -310,7 +338,7 @@ def main() -> None:
         layout = r["layout"] + (", 64-bit" if r.get("wide") else "")
         tile = (f"banded k={r['window']}: {c['block_r']} x {c['block_w']} px" if r.get("algo") == "banded"
                 else f"{c['block_p']} x {c['block_h']}")
-        print(f"| sm_{r['arch']} | {r['kernel']} | {r['dtype']} | {layout} | {r['heads']} x {r['head_dim']} | "
+        print(f"| {r['arch']} | {r['kernel']} | {r['dtype']} | {layout} | {r['heads']} x {r['head_dim']} | "
               f"{r['n_queries']} | {tile} | {c['num_warps']} | {usage} |")
     if args.loops:
         print("\n| arch | kernel | layout | heads x head dim | queries | loop | instructions | ex2 | FFMA "
@@ -318,7 +346,7 @@ def main() -> None:
         print("|---|---|---|---|---|---|---|---|---|---|---|---|---|---|")
         for r in results:
             for i, lp in enumerate(r.get("loops", ())):
-                print(f"| sm_{r['arch']} | {r['kernel']}{' (banded)' if r.get('algo') == 'banded' else ''} | {r['layout']} | {r['heads']} x {r['head_dim']} | "
+                print(f"| {r['arch']} | {r['kernel']}{' (banded)' if r.get('algo') == 'banded' else ''} | {r['layout']} | {r['heads']} x {r['head_dim']} | "
                       f"{r['n_queries']} | {i} | {lp['instructions']} | {lp['exp2']} | {lp['ffma']} | "
                       f"{_loads(lp['global_loads'])} | {lp['shared_ops']} | {lp['barriers']} | {lp['shuffles']} "
                       f"| {lp['mma']} |")

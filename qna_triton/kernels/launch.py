@@ -12,6 +12,7 @@ the autotuner times them one by one, and the ahead-of-time compile check (``aot.
 from __future__ import annotations
 
 import contextlib
+import warnings
 from dataclasses import dataclass, field
 from typing import Any, Dict, Optional, Tuple
 
@@ -19,7 +20,9 @@ import torch
 import triton
 
 from ..layout import Pair, empty_query_minor, output_size, query_minor
-from ..tuning import KernelConfig, check_banded_tiles, get_config, halo_chunk
+from ..tuning import KernelConfig, check_banded_tiles, get_config, halo_chunk, heuristic_config
+from ..tuning.selection import target_of
+from ..tuning.targets import is_rocm
 from .backward import qna_bwd_delta_kernel, qna_bwd_kernel
 from .banded_bwd import qna_banded_bwd_kernel
 from .banded import (RANGE_LIMIT, VDOT_BF16, VDOT_BF16_EMULATED, VDOT_BF16X3, VDOT_BF16X3_EMULATED, VDOT_TF32X3,
@@ -259,10 +262,12 @@ def forward_launch(p: Problem, cfg: KernelConfig) -> Tuple[KernelLaunch, torch.T
     return KernelLaunch(qna_fwd_kernel, grid, kwargs), out, lse
 
 
-def delta_launch(p: Problem, cfg: KernelConfig, g: torch.Tensor, lse: torch.Tensor) -> Tuple[KernelLaunch, torch.Tensor]:
+def delta_launch(p: Problem, cfg: KernelConfig, g: torch.Tensor, lse: torch.Tensor,
+                 delta: Optional[torch.Tensor] = None) -> Tuple[KernelLaunch, torch.Tensor]:
     """The backward's delta ``D = g . o_n`` per (pixel, query, head): ``(launch, D)``, ``D`` float32
-    query-minor like ``lse``."""
-    delta = empty_query_minor(p.stats_shape, device=p.logits.device, dtype=torch.float32)
+    query-minor like ``lse`` (written into ``delta`` when given)."""
+    if delta is None:
+        delta = empty_query_minor(p.stats_shape, device=p.logits.device, dtype=torch.float32)
     if cfg.algo == "banded":  # the forward's banded window sum, dotted with the output gradient
         return _banded_launch(p, cfg, True, g, lse, delta), delta
     z = p.sizes
@@ -309,8 +314,17 @@ _RESIDENT: Dict[Tuple[str, int], int] = {}
 
 def _resident_per_sm(fn, kwargs: dict, device: torch.device) -> Optional[int]:
     """:func:`resident_programs` of ``fn`` as compiled for these arguments (compiling it, as the launch
-    that follows would), or None where this Triton does not expose the compiled kernel's resources."""
-    kernel = fn.warmup(grid=(1,), **kwargs)
+    that follows would), or None where this Triton does not expose the compiled kernel's resources, on
+    AMD GPUs (the register model above is NVIDIA's: the grid then aims at ``_BWD_WARPS_PER_SM`` alone),
+    and where the kernel does not compile (the launch then reports it, see :func:`_launched`)."""
+    if is_rocm():
+        return None
+    try:
+        kernel = fn.warmup(grid=(1,), **kwargs)
+    except _compile_errors() as exc:
+        if isinstance(exc, torch.OutOfMemoryError):
+            raise
+        return None
     if hasattr(kernel, "result"):  # asynchronous compilation
         kernel = kernel.result()
     try:
@@ -362,6 +376,11 @@ class BackwardLaunches:
     da_part: Optional[torch.Tensor]
     rpb_dtype: torch.dtype
     scale_dtype: Optional[torch.dtype]
+    delta_cfg: Optional[KernelConfig] = None
+    main_cfg: Optional[KernelConfig] = None
+    g: Optional[torch.Tensor] = None  # the output gradient, lse and D: what a direct fallback relaunches with
+    lse: Optional[torch.Tensor] = None
+    delta_out: Optional[torch.Tensor] = None
 
     def reduce(self) -> Tuple[torch.Tensor, Optional[torch.Tensor]]:
         """``(drpb, dscale or None)`` in the tables' ``[K, N, h]`` layout: the partial rows summed in
@@ -371,9 +390,23 @@ class BackwardLaunches:
         return drpb, dscale
 
     def run(self) -> Tuple[torch.Tensor, ...]:
-        """Both launches, then the results of :func:`qna_backward`."""
-        self.delta()
-        self.main()
+        """Both launches, then the results of :func:`qna_backward` (a banded launch that does not
+        compile is replaced by the direct kernel's, see :func:`_launched`)."""
+        p, z = self.p, self.p.sizes
+        if self.delta_cfg is None or not _launched("bwd_delta", self.delta, p, self.delta_cfg):
+            if self.delta_cfg is None:
+                self.delta()
+            else:
+                self.delta = delta_launch(p, heuristic_config("bwd_delta", z["h"], z["d"]), self.g, self.lse,
+                                          self.delta_out)[0]
+                self.delta()
+        if self.main_cfg is None or not _launched("bwd", self.main, p, self.main_cfg):
+            if self.main_cfg is None:
+                self.main()
+            else:
+                self.main, self.dr_part, self.da_part = main_backward_launch(
+                    p, heuristic_config("bwd", z["h"], z["d"]), self.g, self.lse, self.delta_out, self.dl, self.dv)
+                self.main()
         drpb, dscale = self.reduce()
         if self.dqv is not None:
             return self.dqv, drpb, dscale
@@ -432,8 +465,8 @@ def backward_launches(
     p = Problem.of(logits, values, rpb, scale, ks, st, pd)
     g = grad_out.contiguous()
     lse = query_minor(lse)
-    cfg = config or get_config("bwd", logits, values, ks, st, pd)
-    dcfg = delta_config or get_config("bwd_delta", logits, values, ks, st, pd)
+    cfg = _direct_if_uncompilable("bwd", p, config or get_config("bwd", logits, values, ks, st, pd))
+    dcfg = _direct_if_uncompilable("bwd_delta", p, delta_config or get_config("bwd_delta", logits, values, ks, st, pd))
     delta, delta_out = delta_launch(p, dcfg, g, lse)
     B, H, W, N, h = logits.shape
     d = values.shape[-1]
@@ -446,7 +479,61 @@ def backward_launches(
         dv = torch.empty((B, H, W, h * d), device=values.device, dtype=values.dtype)
     main, dr_part, da_part = main_backward_launch(p, cfg, g, lse, delta_out, dl, dv)
     return BackwardLaunches(p, delta, main, dl, dv, dqv, dr_part, da_part, rpb.dtype,
-                            scale.dtype if scale is not None else None)
+                            scale.dtype if scale is not None else None, dcfg, cfg, g, lse, delta_out)
+
+
+# ------------------------------------------------------------- a banded variant that does not compile
+# The target table keeps the heuristic off the banded variants a target's compiler is known to reject,
+# but a tuned file, a forced algorithm or a compiler release not checked yet can still choose one: then
+# the problem runs the direct algorithm (same results up to rounding), with one warning per (kernel,
+# target, Triton release), and the variant is not compiled again in this process.
+_UNCOMPILABLE: Dict[tuple, str] = {}
+_WARNED: set = set()
+
+
+def _compile_errors() -> Tuple[type, ...]:
+    """What a failed compile raises: Triton's compilation and resource errors, and the RuntimeError
+    of a failed MLIR pass pipeline (a device out of memory is not one)."""
+    from triton.compiler.errors import CompilationError
+    from triton.runtime.errors import OutOfResources
+
+    return CompilationError, OutOfResources, RuntimeError
+
+
+def _variant_key(kernel: str, p: Problem, cfg: KernelConfig) -> tuple:
+    """What decides a compiled variant: the kernel, its config, the dtypes and every compile-time
+    argument but the sizes and strides (the device too: each GPU compiles its own)."""
+    args = {k: v for k, v in p.args.items() if k not in ("SIZES", "L_STRIDES", "V_STRIDES")}
+    return (kernel, cfg, p.logits.dtype, p.values.dtype, p.logits.device, p.args["SIZES"][-1],
+            tuple(sorted(args.items())))
+
+
+def _direct_if_uncompilable(kernel: str, p: Problem, cfg: KernelConfig) -> KernelConfig:
+    """``cfg``, or the direct heuristic config when ``cfg`` is a banded variant that failed to compile."""
+    if cfg.algo == "banded" and _variant_key(kernel, p, cfg) in _UNCOMPILABLE:
+        return heuristic_config(kernel, p.sizes["h"], p.sizes["d"])
+    return cfg
+
+
+def _launched(kernel: str, launch: KernelLaunch, p: Problem, cfg: KernelConfig) -> bool:
+    """Runs ``launch``; False (and warns once) where it is a banded variant this target's compiler
+    rejects, so that the caller runs the direct algorithm instead. Other errors propagate."""
+    try:
+        launch()
+        return True
+    except _compile_errors() as exc:
+        if cfg.algo != "banded" or isinstance(exc, torch.OutOfMemoryError):
+            raise
+        _UNCOMPILABLE[_variant_key(kernel, p, cfg)] = f"{type(exc).__name__}: {exc}"
+        target = target_of(p.logits.device).describe()
+        tag = (kernel, target, triton.__version__)
+        if tag not in _WARNED:
+            _WARNED.add(tag)
+            first = (str(exc).strip().splitlines() or [""])[0][:200]
+            warnings.warn(f"qna_triton: the banded {kernel} kernel does not compile for {target} under Triton "
+                          f"{triton.__version__} ({type(exc).__name__}: {first}); this problem runs the direct "
+                          f"algorithm instead", RuntimeWarning, stacklevel=3)
+        return False
 
 
 def qna_forward(
@@ -461,9 +548,12 @@ def qna_forward(
 ) -> Tuple[torch.Tensor, torch.Tensor]:
     """Fused forward: ``(out [B,Ho,Wo,h,d] in the values' dtype, lse [B,Ho,Wo,N,h] float32)``; ``lse``
     is stored query-minor (:func:`query_minor`)."""
-    cfg = config or get_config("fwd", logits, values, ks, st, pd)
-    launch, out, lse = forward_launch(Problem.of(logits, values, rpb, scale, ks, st, pd), cfg)
-    launch()
+    p = Problem.of(logits, values, rpb, scale, ks, st, pd)
+    cfg = _direct_if_uncompilable("fwd", p, config or get_config("fwd", logits, values, ks, st, pd))
+    launch, out, lse = forward_launch(p, cfg)
+    if not _launched("fwd", launch, p, cfg):
+        launch, out, lse = forward_launch(p, heuristic_config("fwd", p.sizes["h"], p.sizes["d"]))
+        launch()
     return out, lse
 
 

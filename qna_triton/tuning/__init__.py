@@ -18,7 +18,7 @@ operations and a dictionary hit.
 
 from __future__ import annotations
 
-from . import config, heuristics, lookup, selection
+from . import config, heuristics, lookup, selection, targets
 from .config import (ALGOS, BANDED_KERNELS, DTYPES, KERNELS, SCHEMA_VERSION, ConfigFileError, ConfigTable,
                      EntryKey, KernelConfig, check_banded_tiles, config_file_name, has_banded_form,
                      read_config_file, sanitize_gpu_name, size_bucket, tile_footprint, validate_config,
@@ -27,6 +27,7 @@ from .heuristics import (BANDED_MIN_AREA, MAX_ELEMS_PER_THREAD, banded_config, d
                          heuristic_config)
 from .lookup import (CONFIG_DIR_ENV, DISABLE_ENV, SHIPPED_CONFIG_DIR, _adapt, _lookup_cached, config_dirs,
                      lookup_config, tuned_config, user_config_dir)
+from .targets import TARGETS, GPUArch, device_target, target_for_capability, target_named
 from .selection import ALGO_ENV, Target, _algo_override, _heuristic_for, get_config, kernel_algorithm, select_config
 
 __all__ = [
@@ -36,7 +37,8 @@ __all__ = [
     "config_file_name", "read_config_file", "write_config_file", "validate_config", "lookup_config",
     "tuned_config", "tile_footprint", "clear_cache", "ALGOS", "ALGO_ENV", "banded_config", "kernel_algorithm",
     "default_config", "check_banded_tiles", "BANDED_KERNELS", "has_banded_form", "halo_chunk",
-    "BANDED_MIN_AREA", "MAX_ELEMS_PER_THREAD",
+    "BANDED_MIN_AREA", "MAX_ELEMS_PER_THREAD", "TARGETS", "GPUArch", "target_named", "target_for_capability",
+    "device_target",
 ]
 
 

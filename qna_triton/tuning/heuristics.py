@@ -15,6 +15,7 @@ import torch
 import triton
 
 from .config import BANDED_KERNELS, KERNELS, KernelConfig, has_banded_form
+from .targets import GPUArch
 
 # ------------------------------------------------------------------ direct kernels (CUDA cores)
 # float32 elements of the largest per-program tile (pixels x heads x head-dim) at 4 warps: keeps every
@@ -37,7 +38,7 @@ MAX_ELEMS_PER_THREAD = {"fwd": 36.0, "bwd_delta": 36.0, "bwd": 16.0}
 
 # ---------------------------------------------------------------- banded kernels (tensor cores)
 # The banded kernels from these window areas up (where the direct algorithm is bound by CUDA-core
-# arithmetic, docs/kernels.md), on GPUs with tensor cores for bf16/tf32 (BANDED_MIN_CAPABILITY).
+# arithmetic, docs/kernels.md), on the targets whose table entry names them (targets.py).
 # Forward: 7 x 7 for bfloat16; 11 x 11 for float16/float32, whose float32 operands cost more per product.
 # Delta: its products are split into three (float32-accurate sums, see kernels.banded_blocks), so it
 # costs about twice the forward per window row and only pays from 11 x 11 (bfloat16) / 15 x 15.
@@ -50,11 +51,9 @@ BANDED_MIN_AREA = {
     "bwd": {torch.bfloat16: 1, torch.float16: 1},  # by window width instead: banded_bwd_pays
 }
 BANDED_BWD_MAX_HEAD_DIM = 16
+# Forcing the banded kernels needs bf16/tf32 tensor cores; which targets the heuristic takes each banded
+# kernel on (and from which Triton release) is the target table's (targets.GPUArch.banded).
 BANDED_MIN_CAPABILITY = (8, 0)
-# The banded main backward kernel's default tile spills 140-210 bytes on sm_80 (its split products'
-# operands all live in registers with mma.sync; sm_90's warpgroup products read them from shared
-# memory: at most 24 bytes), so the heuristic takes it from sm_90 on; the autotuner times it on sm_80.
-BANDED_BWD_MIN_CAPABILITY = (9, 0)
 # The banded main backward kernel's instructions (sm_90, bf16, head dim 8, 16-column tile): per halo
 # chunk and window row, per query, and the extra cost from a second chunk on; it must issue at least
 # BANDED_BWD_MIN_GAIN times fewer per (pixel, offset, head) than DIRECT_BWD_INSTRUCTIONS to be chosen.
@@ -113,11 +112,6 @@ def banded_config(window: Tuple[int, int], head_dim: int = 8, dtype: torch.dtype
                         block_w=16, block_r=16)
 
 
-def banded_min_capability(kernel: str) -> Tuple[int, int]:
-    """The compute capability from which the heuristic takes ``kernel``'s banded form."""
-    return BANDED_BWD_MIN_CAPABILITY if kernel == "bwd" else BANDED_MIN_CAPABILITY
-
-
 def banded_pays(kernel: str, head_dim: int, ks: Tuple[int, int], st: Tuple[int, int],
                 dtype: torch.dtype) -> bool:
     """Whether ``kernel``'s banded form is the default on a GPU with the tensor cores for it: from
@@ -128,11 +122,12 @@ def banded_pays(kernel: str, head_dim: int, ks: Tuple[int, int], st: Tuple[int, 
 
 
 def default_config(kernel: str, heads: int, head_dim: int, ks: Tuple[int, int], st: Tuple[int, int],
-                   dtype: torch.dtype, capability: Optional[Tuple[int, int]]) -> KernelConfig:
-    """The config used without a tuned entry: :func:`banded_config` where :func:`banded_pays` on a GPU
-    of :func:`banded_min_capability` (``capability`` None: no tensor cores, e.g. the interpreter), else
+                   dtype: torch.dtype, target: Optional[GPUArch]) -> KernelConfig:
+    """The config used without a tuned entry: :func:`banded_config` where :func:`banded_pays` on a
+    ``target`` whose table entry allows ``kernel``'s banded form under the installed Triton
+    (:meth:`GPUArch.banded_allowed`; ``target`` None: a GPU outside the table or the interpreter), else
     :func:`heuristic_config`."""
-    if (capability is not None and tuple(capability) >= banded_min_capability(kernel)
+    if (target is not None and target.banded_allowed(kernel, dtype=dtype)
             and banded_pays(kernel, head_dim, ks, st, dtype)):
         return banded_config(ks, head_dim, dtype, st, kernel)
     return heuristic_config(kernel, heads, head_dim)

@@ -10,8 +10,8 @@ decision:
    too), ``direct`` turns a banded choice below into the direct :func:`~.heuristics.heuristic_config`;
 2. the tuned entry for the GPU (:func:`~.lookup.tuned_config`), on devices whose kernels are
    compiled (CPU tensors run the interpreter, where speed is meaningless, so they never look);
-3. else :func:`~.heuristics.default_config` (the banded form where it pays and the GPU has the
-   tensor cores for it).
+3. else :func:`~.heuristics.default_config` (the banded form where it pays and the GPU's entry in
+   the target table, :mod:`.targets`, allows it).
 """
 
 from __future__ import annotations
@@ -28,6 +28,7 @@ from ..layout import default_padding, output_size
 from .config import ALGOS, KernelConfig, has_banded_form
 from .heuristics import BANDED_MIN_CAPABILITY, banded_config, banded_pays, default_config, heuristic_config
 from .lookup import tuned_config
+from .targets import GPUArch, device_target, is_rocm, target_for_capability, target_named
 
 ALGO_ENV = "QNA_TRITON_ALGO"
 # Devices whose kernels are compiled: tuned tables apply.
@@ -69,20 +70,44 @@ def _algo_override() -> str:
 class Target:
     """The device a kernel runs on, as far as the choice depends on it, read when first needed: the
     device whose GPU name finds its tuned file (``tuned_index``; None: no tuned file applies), and the
-    CUDA device whose compute capability says which tensor cores it has (``cuda_index``, or a
-    ``known_capability``; neither: none, e.g. the interpreter)."""
+    GPU whose architecture (:mod:`.targets`) says which banded kernels the heuristic may take
+    (``cuda_index``, or a ``known_arch`` such as ``"gfx942"``, or a ``known_capability``; none of them:
+    none, e.g. the interpreter)."""
 
     tuned_index: Optional[int] = None
     cuda_index: Optional[int] = None
     known_capability: Optional[Tuple[int, int]] = None
+    known_arch: Optional[str] = None
 
     def gpu_name(self) -> Optional[str]:
         return None if self.tuned_index is None else _gpu_name(self.tuned_index)
 
     def capability(self) -> Optional[Tuple[int, int]]:
+        """The CUDA compute capability (None for an AMD target: a ROCm build's is not one)."""
+        if self.known_arch is not None:
+            return target_named(self.known_arch).capability
         if self.known_capability is not None:
             return tuple(self.known_capability)
-        return None if self.cuda_index is None else _capability(self.cuda_index)
+        if self.cuda_index is None or is_rocm():
+            return None
+        return _capability(self.cuda_index)
+
+    def arch(self) -> Optional[GPUArch]:
+        """The table's entry for this device (None: outside the table, or no GPU)."""
+        if self.known_arch is not None:
+            return target_named(self.known_arch)
+        if self.known_capability is None and self.cuda_index is not None and is_rocm():
+            return device_target(self.cuda_index)
+        cap = self.capability()
+        return None if cap is None else target_for_capability(cap)
+
+    def describe(self) -> str:
+        """The target's name for messages: ``sm_90``, ``gfx942``, ``sm_75``, or ``cpu``."""
+        arch = self.arch()
+        if arch is not None and (arch.vendor == "amd" or arch.capability == self.capability()):
+            return arch.name
+        cap = self.capability()
+        return f"sm_{cap[0]}{cap[1]}" if cap is not None else ("rocm" if self.cuda_index is not None else "cpu")
 
 
 def select_config(kernel: str, dtype: torch.dtype, heads: int, head_dim: int, n_queries: int,
@@ -105,9 +130,9 @@ def select_config(kernel: str, dtype: torch.dtype, heads: int, head_dim: int, n_
         cfg, _ = tuned_config(kernel, target.gpu_name(), _TORCH_DTYPE_NAMES.get(dtype, ""), heads, head_dim,
                               n_queries, ks, st, pixels)
     if cfg is None:
-        # the capability (a CUDA query) is asked only where the banded form would pay
-        cap = target.capability() if banded_pays(kernel, head_dim, ks, st, dtype) else None
-        cfg = default_config(kernel, heads, head_dim, ks, st, dtype, cap)
+        # the architecture (a CUDA query) is asked only where the banded form would pay
+        arch = target.arch() if banded_pays(kernel, head_dim, ks, st, dtype) else None
+        cfg = default_config(kernel, heads, head_dim, ks, st, dtype, arch)
     if algo == "direct" and cfg.algo == "banded":
         return heuristic_config(kernel, heads, head_dim)
     return cfg
@@ -149,4 +174,4 @@ def _capability(index: int) -> Tuple[int, int]:
     return tuple(torch.cuda.get_device_capability(index))
 
 
-CACHES = (_gpu_name, _capability)
+CACHES = (_gpu_name, _capability, device_target)
