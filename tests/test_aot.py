@@ -42,7 +42,7 @@ def test_every_kernel_compiles_for_every_target(compiled):
         banded = {k for a, k, algo in kinds if a == name and algo == "banded"}
         assert banded == {k for k in ("fwd", "bwd_delta", "bwd") if target.banded_allowed(k)}, name
     for r in results:
-        assert r["shared"] <= TARGETS[r["arch"]].shared_per_block, r
+        assert r["shared_bytes"] <= TARGETS[r["arch"]].shared_per_block, r
 
 
 # Bytes of spills (stored + loaded; AMD: scratch bytes per lane) a default configuration may have. ptxas

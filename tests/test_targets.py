@@ -53,10 +53,10 @@ def test_heuristic_takes_banded_kernels_only_where_the_table_allows(monkeypatch)
         assert _choice(name, "bwd", 15) == banded_config((15, 15), kernel="bwd")
     for name in ("gfx942", "gfx950"):  # the AMD backend rejects banded variants: direct only
         assert all(_choice(name, k, 15).algo == "direct" for k in ("fwd", "bwd_delta", "bwd"))
-    # sm_100's banded delta: not under Triton 3.7, whose compiler rejects it
+    # sm_100's banded delta: not before Triton 3.9, whose predecessors' compilers reject it
     sm100 = TARGETS["sm_100"]
-    assert not sm100.banded_allowed("bwd_delta", (3, 7)) and not sm100.banded_allowed("bwd_delta", (3, 8))
-    assert sm100.banded_allowed("bwd_delta", (3, 6)) and sm100.banded_allowed("bwd_delta", (3, 9))
+    assert not sm100.banded_allowed("bwd_delta", (3, 6)) and not sm100.banded_allowed("bwd_delta", (3, 7))
+    assert sm100.banded_allowed("bwd_delta", (3, 9)) and sm100.banded_allowed("fwd", (3, 6))
     monkeypatch.setattr(targets_mod, "installed_triton", lambda: (3, 7))
     assert _choice("sm_100", "bwd_delta", 15).algo == "direct"
     assert _choice("sm_100", "fwd", 15).algo == "banded"

@@ -248,7 +248,7 @@ def loop_profile(sass: str) -> Tuple[LoopProfile, ...]:
             barriers=sum(op.startswith("BAR") for op in ops),
             shuffles=sum(op.startswith("SHFL") for op in ops),
             ffma=sum(op.startswith("FFMA") for op in ops),
-            mma=sum(op.startswith(("HMMA", "HGMMA")) for op in ops),
+            mma=sum(op.startswith(("HMMA", "HGMMA", "UTCHMMA", "UTCQMMA")) for op in ops),  # sm_80, 90, 100
         ))
     return tuple(result)
 

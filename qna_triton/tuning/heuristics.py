@@ -1,8 +1,9 @@
 """The default configurations (no tuned entry), and the thresholds they rest on.
 
 Every threshold below comes from the compiler report of ``python -m qna_triton.kernels.aot --loops``
-(registers, spills and machine instructions per window offset of each kernel, compiled for sm_80 and
-sm_90 without a GPU; its plan, ``kernels.aot.default_plan``, compiles the configurations named here),
+(registers, spills and machine instructions per window offset of each kernel, compiled for the targets
+of ``targets.py`` without a GPU; its plan, ``kernels.aot.default_plan``, compiles the configurations
+named here),
 not from timings: each is named and explained once, here, with the report's numbers it was read from.
 """
 

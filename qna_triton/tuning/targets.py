@@ -42,8 +42,6 @@ class GPUArch:
     matrix_unit: str  # the instructions tl.dot becomes: mma.sync, wgmma, tcgen05, mfma
     gpus: str  # examples, for the docs
     banded: Mapping[str, Tuple[int, int]] = field(default_factory=dict)
-    # Triton releases whose compiler rejects a banded kernel for this target (not chosen under them)
-    rejected_by: Mapping[str, Tuple[Tuple[int, int], ...]] = field(default_factory=dict)
     # whether the banded kernels' float32-operand products (tf32x3: float16 and float32 inputs of the
     # forward and the delta) are taken by default; sm_86/sm_89's ptxas spills 200-300 bytes on them
     tf32x3_banded: bool = True
@@ -70,7 +68,7 @@ class GPUArch:
         (default: the installed Triton), for inputs of ``dtype`` (None: for some dtype)."""
         oldest = self.banded.get(kernel)
         version = triton_version or installed_triton()
-        if oldest is None or version < oldest or version in self.rejected_by.get(kernel, ()):
+        if oldest is None or version < oldest:
             return False
         return self.tf32x3_banded or dtype is None or not uses_tf32x3(kernel, dtype)
 
@@ -83,10 +81,10 @@ TARGETS: Mapping[str, GPUArch] = {t.name: t for t in (
     GPUArch("sm_89", "nvidia", 89, 32, 99 * _KB, 65536, 1536, "mma.sync", "RTX 4090, L40S, L4, RTX 6000 Ada",
             _NO_BANDED_BWD, tf32x3_banded=False),
     GPUArch("sm_90", "nvidia", 90, 32, 227 * _KB, 65536, 2048, "wgmma", "H100, H200, GH200", _ALL_BANDED),
-    # Triton 3.7 fails to build the banded delta kernel for sm_100 ("PassManager::run failed"); 3.6 and 3.9
-    # build it; 3.8 is unchecked, so it is not chosen there either.
-    GPUArch("sm_100", "nvidia", 100, 32, 227 * _KB, 65536, 2048, "tcgen05", "B200, GB200", _ALL_BANDED,
-            rejected_by={"bwd_delta": ((3, 7), (3, 8))}),
+    # Triton 3.6 and 3.7 fail to build the banded delta kernel in bf16 for sm_100 ("PassManager::run
+    # failed" in the tensor-memory layout pass); 3.9 builds it, 3.8 is unchecked.
+    GPUArch("sm_100", "nvidia", 100, 32, 227 * _KB, 65536, 2048, "tcgen05", "B200, GB200",
+            {"fwd": OLDEST_TRITON, "bwd_delta": (3, 9), "bwd": OLDEST_TRITON}),
     GPUArch("sm_120", "nvidia", 120, 32, 99 * _KB, 65536, 1536, "mma.sync", "RTX 5090, RTX PRO 6000",
             _NO_BANDED_BWD),
     # AMD: the banded kernels do not all build through Triton's AMD backend yet (the main backward kernel
