@@ -146,9 +146,22 @@ def test_a_banded_variant_that_does_not_compile_runs_the_direct_kernels(monkeypa
     assert torch.equal(out2, out)
 
 
-def test_other_errors_and_direct_kernels_still_raise(monkeypatch, fresh_fallback_state):
-    """Only a banded variant falls back; a direct kernel that does not compile has nothing to fall back
-    to, and its error propagates."""
+def test_explicit_configs_and_direct_kernels_still_raise(monkeypatch, fresh_fallback_state):
+    """Only a chosen banded variant falls back. One given explicitly (the autotuner's candidates) raises,
+    so that the tuner records it as failed instead of timing the direct kernels under its name; a direct
+    kernel that does not compile has nothing to fall back to, and its error propagates."""
+    rejected = _Rejected()
+    monkeypatch.setattr(launch, "qna_banded_kernel", rejected)
+    case = Case(B=1, H=6, W=7, N=2, h=2, d=4, k=3, s=1, p=1)
+    logits, values, rpb, scale = make_inputs(case, dtype=torch.float32, device=DEVICE)
+    with pytest.raises(RuntimeError, match="PassManager"):
+        qna_forward(logits, values, rpb, scale, *case.geometry, config=banded_config((3, 3), 4, torch.float32))
+    out, lse = qna_forward(logits, values, rpb, scale, *case.geometry)
+    g = torch.randn(out.shape, generator=torch.Generator().manual_seed(1))
+    with pytest.raises(RuntimeError, match="PassManager"):
+        qna_backward(g, logits, values, rpb, scale, lse, *case.geometry,
+                     delta_config=banded_config((3, 3), 4, torch.float32, kernel="bwd_delta"))
+    assert rejected.calls == 2
     monkeypatch.setenv(tuning.ALGO_ENV, "direct")
     monkeypatch.setattr(launch, "qna_fwd_kernel", _Rejected())
     case = Case(B=1, H=5, W=5, N=1, h=1, d=4, k=3, s=1, p=1)

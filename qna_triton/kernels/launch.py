@@ -376,7 +376,7 @@ class BackwardLaunches:
     da_part: Optional[torch.Tensor]
     rpb_dtype: torch.dtype
     scale_dtype: Optional[torch.dtype]
-    delta_cfg: Optional[KernelConfig] = None
+    delta_cfg: Optional[KernelConfig] = None  # the chosen configs, None where given explicitly (no fallback)
     main_cfg: Optional[KernelConfig] = None
     g: Optional[torch.Tensor] = None  # the output gradient, lse and D: what a direct fallback relaunches with
     lse: Optional[torch.Tensor] = None
@@ -465,8 +465,9 @@ def backward_launches(
     p = Problem.of(logits, values, rpb, scale, ks, st, pd)
     g = grad_out.contiguous()
     lse = query_minor(lse)
-    cfg = _direct_if_uncompilable("bwd", p, config or get_config("bwd", logits, values, ks, st, pd))
-    dcfg = _direct_if_uncompilable("bwd_delta", p, delta_config or get_config("bwd_delta", logits, values, ks, st, pd))
+    # explicit configs (the autotuner's candidates) run as given, or raise: only chosen ones fall back
+    cfg = config or _direct_if_uncompilable("bwd", p, get_config("bwd", logits, values, ks, st, pd))
+    dcfg = delta_config or _direct_if_uncompilable("bwd_delta", p, get_config("bwd_delta", logits, values, ks, st, pd))
     delta, delta_out = delta_launch(p, dcfg, g, lse)
     B, H, W, N, h = logits.shape
     d = values.shape[-1]
@@ -479,7 +480,8 @@ def backward_launches(
         dv = torch.empty((B, H, W, h * d), device=values.device, dtype=values.dtype)
     main, dr_part, da_part = main_backward_launch(p, cfg, g, lse, delta_out, dl, dv)
     return BackwardLaunches(p, delta, main, dl, dv, dqv, dr_part, da_part, rpb.dtype,
-                            scale.dtype if scale is not None else None, dcfg, cfg, g, lse, delta_out)
+                            scale.dtype if scale is not None else None, None if delta_config else dcfg,
+                            None if config else cfg, g, lse, delta_out)
 
 
 # ------------------------------------------------------------- a banded variant that does not compile
@@ -549,7 +551,11 @@ def qna_forward(
     """Fused forward: ``(out [B,Ho,Wo,h,d] in the values' dtype, lse [B,Ho,Wo,N,h] float32)``; ``lse``
     is stored query-minor (:func:`query_minor`)."""
     p = Problem.of(logits, values, rpb, scale, ks, st, pd)
-    cfg = _direct_if_uncompilable("fwd", p, config or get_config("fwd", logits, values, ks, st, pd))
+    if config is not None:  # an explicit config (the autotuner's candidates) runs as given, or raises
+        launch, out, lse = forward_launch(p, config)
+        launch()
+        return out, lse
+    cfg = _direct_if_uncompilable("fwd", p, get_config("fwd", logits, values, ks, st, pd))
     launch, out, lse = forward_launch(p, cfg)
     if not _launched("fwd", launch, p, cfg):
         launch, out, lse = forward_launch(p, heuristic_config("fwd", p.sizes["h"], p.sizes["d"]))
