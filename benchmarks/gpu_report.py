@@ -94,11 +94,11 @@ LAUNCH_SHAPE = dict(B=1, H=8, W=8, N=2, h=4, d=8, k=3)
 def now() -> str:
     """``qna_triton.env.utc_now``'s format, without importing it: this process runs the stages and never
     imports torch (a broken torch install fails a stage, not the report)."""
-    return _dt.datetime.now(_dt.timezone.utc).replace(microsecond=0).isoformat()
+    return _dt.datetime.now(_dt.UTC).replace(microsecond=0).isoformat()
 
 
 # --------------------------------------------------------------------------------- processes
-RUNNING: List["Proc"] = []  # children to stop should the report itself be terminated
+RUNNING: List[Proc] = []  # children to stop should the report itself be terminated
 
 
 @dataclass
@@ -340,7 +340,7 @@ class Report:
     def run(self, stages: Sequence[str]) -> int:
         lone = len(stages) == 1
         self.save()
-        for i, name in enumerate(stages):
+        for _i, name in enumerate(stages):
             remaining = self.deadline - time.monotonic()
             budget = self.stage_budgets.get(name)
             if budget is None or lone:

@@ -31,10 +31,9 @@ from typing import Any, Dict, Mapping, Optional, Sequence, Tuple
 import numpy as np
 import torch
 
-
+from qna_triton import CheckpointError
 from qna_vit import MODEL_CONFIGS, LoadReport, QnAViT, create_model, load_flax_params
 from qna_vit.training.engine import parse_model_kwargs
-from qna_triton import CheckpointError
 
 __all__ = ["read_flax_checkpoint", "split_train_state", "infer_model_args", "convert", "load_converted", "main"]
 

@@ -19,7 +19,6 @@ import time
 from typing import Any, Dict, List, Optional, Sequence
 
 import torch
-
 import train as train_script
 
 # A reduced QnA-ViT for CPUs: every kind of block of the real model (QnA, strided QnA, windowed

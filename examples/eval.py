@@ -28,8 +28,16 @@ from torch.utils.data import DataLoader
 
 from qna_vit import MODEL_CONFIGS, QnAViTConfig, create_model
 from qna_vit.training.checkpoint import load_checkpoint, resolve_checkpoint_path
-from qna_vit.training.data import (DATA_BACKENDS, AugConfig, DataSpec, SeededDataset, build_dataset, build_transform,
-                           image_folder, resolve_data_backend)
+from qna_vit.training.data import (
+    DATA_BACKENDS,
+    AugConfig,
+    DataSpec,
+    SeededDataset,
+    build_dataset,
+    build_transform,
+    image_folder,
+    resolve_data_backend,
+)
 from qna_vit.training.distributed import DistInfo
 from qna_vit.training.engine import evaluate, parse_model_kwargs
 

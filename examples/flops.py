@@ -17,7 +17,6 @@ from typing import Dict, Optional, Sequence, Tuple
 import torch
 from torch.utils.flop_counter import FlopCounterMode
 
-
 from qna_triton import QnA
 from qna_vit import MODEL_CONFIGS, create_model
 

@@ -60,13 +60,43 @@ from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import DataLoader
 
 from qna_vit import FINETUNE_384, MODEL_CONFIGS, create_model, load_flax_params, load_weights
-from qna_vit.training.checkpoint import (BEST, CHECKPOINT_VERSION, LAST, all_finite, atomic_save, load_checkpoint, plain,
-                                 resolve_checkpoint_path, rng_state, set_rng_state, truncate_csv)
-from qna_vit.training.data import (DATA_BACKENDS, AugConfig, DataSpec, ResumableSampler, SeededDataset, ShardSampler,
-                           build_dataset, build_transform, resolve_data_backend)
+from qna_vit.training.checkpoint import (
+    BEST,
+    CHECKPOINT_VERSION,
+    LAST,
+    all_finite,
+    atomic_save,
+    load_checkpoint,
+    plain,
+    resolve_checkpoint_path,
+    rng_state,
+    set_rng_state,
+    truncate_csv,
+)
+from qna_vit.training.data import (
+    DATA_BACKENDS,
+    AugConfig,
+    DataSpec,
+    ResumableSampler,
+    SeededDataset,
+    ShardSampler,
+    build_dataset,
+    build_transform,
+    resolve_data_backend,
+)
 from qna_vit.training.distributed import DistInfo, all_reduce_mean, cleanup, init_distributed
-from qna_vit.training.engine import (CosineSchedule, CsvLog, ModelEma, NonFiniteLossError, Progress, TensorBoard,
-                             derive_seed, evaluate, param_groups, parse_model_kwargs)
+from qna_vit.training.engine import (
+    CosineSchedule,
+    CsvLog,
+    ModelEma,
+    NonFiniteLossError,
+    Progress,
+    TensorBoard,
+    derive_seed,
+    evaluate,
+    param_groups,
+    parse_model_kwargs,
+)
 from qna_vit.training.mixup import Mixup, TimmMixup, cross_entropy
 
 STEP_FIELDS = ("step", "epoch", "loss", "lr", "grad_norm", "images_per_s", "data_wait_s", "elapsed_s")
@@ -694,7 +724,7 @@ def main(argv: Optional[Sequence[str]] = None) -> Dict[str, Any]:
     except NonFiniteLossError as e:
         if int(os.environ.get("RANK", "0")) == 0:
             print(f"error: {e}", file=sys.stderr, flush=True)
-        raise SystemExit(3)
+        raise SystemExit(3) from e
 
 
 if __name__ == "__main__":

@@ -11,8 +11,8 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from . import ops
-from .export import traced
 from ._validation import IntOrPair, as_pair, check_window
+from .export import traced
 from .flax_params import check_tree, flatten_tree
 from .layout import default_padding
 

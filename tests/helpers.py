@@ -6,8 +6,8 @@ import importlib.util
 import os
 import random
 import sys
-from types import ModuleType
 from dataclasses import dataclass
+from types import ModuleType
 from typing import Optional, Tuple, Union
 
 import torch

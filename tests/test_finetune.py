@@ -13,12 +13,12 @@ import math
 import numpy as np
 import pytest
 import torch
-
 from helpers import load_example
+from test_qna_vit import perturbed_tree, train_state, write_flax_checkpoint
+
 from qna_triton import CheckpointError
 from qna_triton.flax_params import flatten_tree
 from qna_vit import FINETUNE_384, create_model, export_flax_params, load_flax_params, load_weights, resize_table
-from test_qna_vit import perturbed_tree, train_state, write_flax_checkpoint
 
 convert_flax = load_example("convert_flax")
 train_script = load_example("train")

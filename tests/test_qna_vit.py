@@ -12,9 +12,9 @@ import sys
 import numpy as np
 import pytest
 import torch
+from helpers import EXAMPLES, FIXTURES, load_example
 
 import qna_vit
-from helpers import EXAMPLES, FIXTURES, load_example
 from qna_triton import CheckpointError
 from qna_triton.flax_params import flatten_tree
 from qna_vit import create_model, export_flax_params, load_flax_params
@@ -36,7 +36,7 @@ MINI = dict(base_dim=16, qna_layers=(1, 1, 1, 0), lsa_layers=(0, 0, 1, 1), qna_h
             lsa_heads=(1, 2, 4, 8), lsa_window=(7, 7, 2, 2), num_classes=10)
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def pristine(name):
     """One model per name for the read-only tests (building the large ones takes seconds on CPU)."""
     torch.manual_seed(0)

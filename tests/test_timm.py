@@ -14,9 +14,9 @@ import sys
 
 import pytest
 import torch
+from helpers import load_example
 
 import qna_vit
-from helpers import load_example
 from qna_vit import MODEL_CONFIGS, create_model
 
 timm = pytest.importorskip("timm")

@@ -15,11 +15,20 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-
 from helpers import load_example
+
 from qna_vit.training.checkpoint import atomic_save, load_checkpoint, truncate_csv
-from qna_vit.training.data import (AugConfig, BuiltinEvalTransform, BuiltinTrainTransform, ImageFolderDataset,
-                                   ResumableSampler, SeededDataset, SyntheticShapes, build_dataset, DataSpec)
+from qna_vit.training.data import (
+    AugConfig,
+    BuiltinEvalTransform,
+    BuiltinTrainTransform,
+    DataSpec,
+    ImageFolderDataset,
+    ResumableSampler,
+    SeededDataset,
+    SyntheticShapes,
+    build_dataset,
+)
 from qna_vit.training.engine import CosineSchedule, derive_seed, param_groups
 from qna_vit.training.mixup import Mixup, cross_entropy
 

@@ -134,7 +134,7 @@ class QnAViTConfig:
     def stage_dim(self, s: int) -> int:
         return self.base_dim * 2 ** s
 
-    def normalized(self) -> "QnAViTConfig":
+    def normalized(self) -> QnAViTConfig:
         """The config with ints broadcast to per-stage tuples, after checking every field."""
         n = len(self.qna_layers) if _is_seq(self.qna_layers) else 0
         if n < 1:
@@ -868,7 +868,7 @@ class QnAViT(nn.Module):
 
     @torch.no_grad()
     def load_flax_params(self, params: Mapping[str, Any], batch_stats: Optional[Mapping[str, Any]] = None,
-                         resize: bool = False) -> "LoadReport":
+                         resize: bool = False) -> LoadReport:
         """Same as :func:`load_flax_params`."""
         return load_flax_params(self, params, batch_stats, resize=resize)
 
@@ -1191,7 +1191,7 @@ def checkpoint_filter_fn(state_dict: Mapping[str, torch.Tensor], model: nn.Modul
     return resize_state_dict(state_dict, model)[0]
 
 
-def load_weights(model: QnAViT, checkpoint: Union[str, "os.PathLike[str]", Mapping[str, Any]],
+def load_weights(model: QnAViT, checkpoint: Union[str, os.PathLike[str], Mapping[str, Any]],
                     resize: bool = True) -> LoadReport:
     """Loads one of our checkpoints (``examples/convert_flax.py``'s or ``examples/train.py``'s file, or a
     bare state dict) into ``model``; with ``resize`` (default) from another geometry, as

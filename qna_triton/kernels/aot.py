@@ -36,6 +36,7 @@ from triton.compiler import ASTSource
 
 from ..layout import default_padding, empty_query_minor, split_packed
 from ..tuning import BANDED_KERNELS, KERNELS, KernelConfig, Target, select_config
+
 _TRITON_DTYPE = {torch.float32: "fp32", torch.float16: "fp16", torch.bfloat16: "bf16"}
 
 
