@@ -19,8 +19,8 @@ def child_environment(out_json: str, rehearse: bool) -> int:
 
     from qna_triton.env import capture_environment
 
-    from .env import sanitise
-    from .timing import TimingConfig
+    from ..env import sanitise
+    from ..timing import TimingConfig
 
     cuda = torch.cuda.is_available()
     device = torch.device("cuda" if cuda else "cpu")
@@ -41,7 +41,7 @@ def child_environment(out_json: str, rehearse: bool) -> int:
     data["driver"] = data["nvidia_smi"].get("driver_version")
     _save(out_json, data)
     print(json.dumps(data, indent=1), flush=True)
-    from .hw import measure_copy_bandwidth, measure_matmul_rate
+    from ..hw import measure_copy_bandwidth, measure_matmul_rate
 
     cfg = TimingConfig()
     bw, ms = measure_copy_bandwidth(device, cfg, nbytes=(1 << 30) if cuda else (32 << 20))

@@ -384,7 +384,7 @@ class Report:
 
 def bench_data(rows_path: str) -> dict:
     """Key numbers of the headline rows: per window our times and the peers' ratios (peer / ours)."""
-    from .report import derive, read_rows
+    from ..report import derive, read_rows
 
     if not os.path.isfile(rows_path) or not os.path.getsize(rows_path):
         return {}
