@@ -1,6 +1,7 @@
 # Two commands on a fresh Linux machine with only Python: `make test` and `make demo`.
 #
 # Two release stacks, each in its own virtual environment (README, "Supported versions"):
+#   make lint          ruff's lint rules and format check (pyproject.toml), the first step of `make test`
 #   make test          the newest releases, pinned as the registry served them on 2026-12-02
 #                      (torch pins its Triton; numpy and the test tools resolve to their newest)
 #   make test-oldest   the oldest combination pyproject.toml declares (the GPU machines' releases)
@@ -17,7 +18,7 @@ TRITON_SPEC ?=
 OLDEST_SPECS ?= torch==2.11.0 torchvision==0.26.0 triton==3.6.0 "numpy<2.4"
 PYTEST ?= -m pytest -q -ra tests
 
-.PHONY: test test-oldest demo install install-oldest clean
+.PHONY: test test-oldest lint demo install install-oldest clean
 
 # One pip call per stack, so the resolver sees every pin together; reinstalls when the pins change.
 $(VENV)/.installed: pyproject.toml Makefile
@@ -34,7 +35,12 @@ install: $(VENV)/.installed
 
 install-oldest: $(OLDEST_VENV)/.installed
 
-test: $(VENV)/.installed
+# ruff (pyproject.toml, [tool.ruff]): the lint rules, then the formatter's check; `make test` runs both first.
+lint: $(VENV)/.installed
+	$(VENV)/bin/python -m ruff check .
+	$(VENV)/bin/python -m ruff format --check .
+
+test: lint
 	$(VENV)/bin/python $(PYTEST)
 
 test-oldest: $(OLDEST_VENV)/.installed

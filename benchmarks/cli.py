@@ -41,8 +41,8 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
     p.add_argument("--suite", action="append", default=[],
                    help=f"suite to run (repeatable; default all): {', '.join(SUITES)}; groups: window, layer")
     p.add_argument("--providers", nargs="+", default=None,
-                   help="only these providers (core: %s; layer: %s; model: %s)"
-                        % (", ".join(CORE_PROVIDERS), ", ".join(LAYER_PROVIDERS), ", ".join(MODEL_PROVIDERS)))
+                   help=f"only these providers (core: {', '.join(CORE_PROVIDERS)}; layer: {', '.join(LAYER_PROVIDERS)}; "
+                        f"model: {', '.join(MODEL_PROVIDERS)})")
     p.add_argument("--windows", type=int, nargs="+", default=None, help="window sizes of the sweeps")
     p.add_argument("--smoke", action="store_true",
                    help=f"CPU run of the whole harness on tiny shapes ({SMOKE_LABEL}); needs --out or a temp dir")

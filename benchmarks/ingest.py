@@ -24,7 +24,8 @@ import shutil
 import sys
 from typing import List, Optional, Sequence
 
-from .gpu_report import AUTOTUNE_DIR, HEADLINE, ROWS, STAGES, STATE, SUMMARY, _n, counts_line
+from .gpu_report.settings import AUTOTUNE_DIR, HEADLINE, ROWS, STAGES, STATE, SUMMARY
+from .gpu_report.summary import _n, counts_line
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 START, END = "<!-- gpu-results:start -->", "<!-- gpu-results:end -->"

@@ -15,8 +15,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from qna_triton import QnA
-from qna_triton.layout import split_packed
-from qna_triton.layout import output_size
+from qna_triton.layout import output_size, split_packed
 from qna_triton.reference import paper_qna_attention
 
 from .runner import Deadline, Unsupported, failure_status
@@ -84,7 +83,7 @@ def _build(name: str, smoke: bool) -> Tuple[nn.Module, Optional[str], str]:
         try:
             import timm
         except ImportError as e:
-            raise Unsupported(f"timm not installed ({e})")
+            raise Unsupported(f"timm not installed ({e})") from e
         kwargs = dict(img_size=SMOKE_VIT_IMAGE, window_size=2, embed_dim=24, depths=(1, 1, 1, 1),
                       num_heads=(1, 2, 3, 3)) if smoke else {}
         model = timm.create_model("swin_tiny_patch4_window7_224", pretrained=False, num_classes=NUM_CLASSES,
@@ -93,7 +92,7 @@ def _build(name: str, smoke: bool) -> Tuple[nn.Module, Optional[str], str]:
     try:
         mod = _import_qna_vit()
     except Exception as e:
-        raise Unsupported(f"qna_vit unavailable ({type(e).__name__}: {e})")
+        raise Unsupported(f"qna_vit unavailable ({type(e).__name__}: {e})") from e
     model = mod.create_model("qna_vit_tiny", num_classes=NUM_CLASSES, **(SMOKE_VIT_OVERRIDES if smoke else {}))
     desc = "qna_vit_tiny" + (" (narrow smoke variant)" if smoke else "")
     if name == "qna_triton":

@@ -15,8 +15,8 @@ import torch
 import torch.nn.functional as F
 
 from qna_triton import qna_attention
-from qna_triton.ops import resolve_backend
 from qna_triton.layout import output_size
+from qna_triton.ops import resolve_backend
 from qna_triton.reference import naive_qna_attention, paper_qna_attention
 from qna_triton.tuning import kernel_algorithm
 

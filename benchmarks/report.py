@@ -43,7 +43,7 @@ TARGETS = OrderedDict([
 def read_rows(paths: Iterable[str]) -> List[dict]:
     """Rows of ``rows.jsonl`` files (or folders holding one); a later row replaces an earlier one with
     the same (gpu, suite, shape, dtype, provider, pass)."""
-    merged: "OrderedDict[tuple, dict]" = OrderedDict()
+    merged: OrderedDict[tuple, dict] = OrderedDict()
     for path in paths:
         if os.path.isdir(path):
             path = os.path.join(path, "rows.jsonl")
@@ -165,7 +165,7 @@ def results_markdown(rows: Sequence[dict], meta: dict) -> str:
     parts = ["# QnA benchmark results\n\n", _header(meta)]
     cols = ["shape", "dtype", "provider", "pass", "status", "p50_ms", "p20_ms", "p80_ms", "gb_s", "pct_copy",
             "x_floor", "images_s", "peak_mb", "extra_mb", "note"]
-    suites: "OrderedDict[str, List[dict]]" = OrderedDict()
+    suites: OrderedDict[str, List[dict]] = OrderedDict()
     for r in rows:
         suites.setdefault(r["suite"], []).append(r)
     for suite, rs in suites.items():

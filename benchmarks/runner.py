@@ -60,7 +60,7 @@ class Workload:
     mark_step: bool = False
     compiled: bool = False
     rotate: bool = True
-    fallback: Optional[Callable[[], "Workload"]] = None
+    fallback: Optional[Callable[[], Workload]] = None
     notes: List[str] = field(default_factory=list)
     context: Optional[Callable[[], ContextManager]] = None  # entered around all of its runs
 

@@ -18,7 +18,7 @@ __all__ = ["Environment", "capture_environment", "triton_version", "utc_now"]
 
 def utc_now() -> str:
     """The current time in UTC, ISO 8601 to the second (``2026-11-24T18:00:00+00:00``)."""
-    return datetime.datetime.now(datetime.timezone.utc).replace(microsecond=0).isoformat()
+    return datetime.datetime.now(datetime.UTC).replace(microsecond=0).isoformat()
 
 
 def triton_version() -> Optional[str]:

@@ -7,8 +7,8 @@ from typing import Optional
 import torch
 
 from . import ops
-from .export import traced
 from ._validation import IntOrPair, as_pair, check_core_inputs
+from .export import traced
 from .layout import default_padding
 
 __all__ = ["qna_attention"]

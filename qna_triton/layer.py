@@ -5,15 +5,14 @@ from __future__ import annotations
 import math
 from typing import Any, Dict, Mapping, Optional
 
-import numpy as np
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
 from . import ops
-from .export import traced
 from ._validation import IntOrPair, as_pair, check_window
-from .flax_params import check_tree, flatten_tree
+from .export import traced
+from .flax_params import load_qna_params, qna_param_shapes
 from .layout import default_padding
 
 __all__ = ["QnA", "ATTN_SCALE_MODES"]
@@ -208,39 +207,11 @@ class QnA(nn.Module):
 
     # ------------------------------------------------------------------ original checkpoints
     def flax_param_shapes(self) -> Dict[str, tuple]:
-        """The original layer's parameter names (``/``-joined) and shapes for this configuration."""
-        N, h, d, K = self.n_queries, self.heads, self.head_dim, self.kernel_size[0] * self.kernel_size[1]
-        C, Cin, Co = self.features, self.in_features, self.out_features
-        shapes: Dict[str, tuple] = {
-            "query": (N, C), "Wk": (Cin, C), "rpe_bias": (K, N * h),
-            "to_v/kernel": (Cin, C), "to_out/kernel": (C, Co),
-        }
-        if self.use_bias:
-            shapes.update({"Wk_b": (h, d), "to_v/bias": (C,), "to_out/bias": (Co,)})
-        if self.attn_scale_weights is not None:
-            shapes["attn_scale_weights"] = tuple(self.attn_scale_weights.shape)
-        if self.attn_scale_pos is not None:
-            shapes["attn_scale_pos"] = tuple(self.attn_scale_pos.shape)
-        return shapes
+        """The original layer's parameter names (``/``-joined) and shapes for this configuration
+        (:func:`qna_triton.flax_params.qna_param_shapes`)."""
+        return qna_param_shapes(self)
 
-    @torch.no_grad()
     def load_flax_params(self, tree: Mapping[str, Any]) -> None:
-        """Loads the original layer's parameter sub-tree (nested dicts of arrays, Flax names).
-
-        Every key and shape is checked before anything is copied: a missing, unexpected or mis-shaped
-        entry raises :class:`qna_triton.CheckpointError` naming the key, and leaves the layer untouched.
-        """
-        flat = flatten_tree(tree)
-        check_tree(flat, self.flax_param_shapes())
-        targets = {
-            "query": (self.query, False), "Wk": (self.Wk, False), "rpe_bias": (self.rpe_bias, False),
-            "to_v/kernel": (self.to_v.weight, True), "to_out/kernel": (self.to_out.weight, True),
-            "Wk_b": (self.Wk_b, False), "to_v/bias": (self.to_v.bias, False),
-            "to_out/bias": (self.to_out.bias, False),
-            "attn_scale_weights": (self.attn_scale_weights, False),
-            "attn_scale_pos": (self.attn_scale_pos, False),
-        }
-        for key, array in flat.items():
-            param, transpose = targets[key]
-            value = torch.from_numpy(np.ascontiguousarray(array))
-            param.copy_(value.t() if transpose else value)
+        """Loads the original layer's parameter sub-tree (nested dicts of arrays, Flax names); every key and
+        shape is checked first (:func:`qna_triton.flax_params.load_qna_params`)."""
+        load_qna_params(self, tree)

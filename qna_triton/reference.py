@@ -28,7 +28,7 @@ from typing import Optional, Tuple
 import torch
 import torch.nn.functional as F
 
-from .layout import Pair, compute_dtype, default_padding, output_size
+from .layout import Pair, compute_dtype, output_size
 
 # How far a result stored in each dtype may lie from the exact one, relative to its largest magnitude,
 # and still be right: two units in the last place of the 16-bit formats (their own rounding), and for

@@ -8,7 +8,7 @@
 #   bash scripts/gpu_report.sh --ingest /returned/dir    # commit-ready results from what came back
 #
 # $OUT/summary.md says what ran, what failed and which --stage to rerun; --help lists every option.
-# The driver is benchmarks/gpu_report.py (the ingest benchmarks/ingest.py). It runs from a copy of the
+# The driver is the package benchmarks/gpu_report/ (the ingest benchmarks/ingest.py). It runs from a copy of the
 # working tree: the repository root and examples/ (the qna_vit package) go on PYTHONPATH, nothing needs
 # to be installed. $PYTHON chooses the interpreter (default python3).
 set -uo pipefail

@@ -1,12 +1,9 @@
-"""Shared test helpers: example loading, random problems, the float64 oracle, kernel-vs-oracle checks."""
+"""Shared test helpers: random problems, the float64 oracle, kernel-vs-oracle checks."""
 
 from __future__ import annotations
 
-import importlib.util
 import os
 import random
-import sys
-from types import ModuleType
 from dataclasses import dataclass
 from typing import Optional, Tuple, Union
 
@@ -20,18 +17,6 @@ FIXTURES = os.path.join(os.path.dirname(__file__), "fixtures")
 EXAMPLES = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "examples")
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 DTYPES = [torch.float32, torch.float16, torch.bfloat16]
-
-
-def load_example(name: str) -> ModuleType:
-    """The script ``examples/<name>.py`` as a module (registered under ``name``, so a script that imports
-    another, as demo.py imports train, finds it): the scripts are the checkout's tools, not installed."""
-    if name in sys.modules and getattr(sys.modules[name], "__file__", "") == os.path.join(EXAMPLES, name + ".py"):
-        return sys.modules[name]
-    spec = importlib.util.spec_from_file_location(name, os.path.join(EXAMPLES, name + ".py"))
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[name] = module
-    spec.loader.exec_module(module)
-    return module
 
 
 Pair = Tuple[int, int]

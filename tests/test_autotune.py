@@ -15,11 +15,12 @@ import torch
 import torch.nn as nn
 import triton
 
-from qna_triton.autotune import cli, plan as plan_mod, report, tuner
+from qna_triton import QnA, tuning
+from qna_triton.autotune import cli, report, tuner
+from qna_triton.autotune import plan as plan_mod
 from qna_triton.autotune.bench import Session, _compare
 from qna_triton.autotune.model_shapes import collect_qna_shapes, shapes_of_model
 from qna_triton.autotune.plan import Shape
-from qna_triton import QnA, tuning
 from qna_triton.tuning import EntryKey, KernelConfig, heuristic_config
 
 pytestmark = pytest.mark.filterwarnings("ignore::DeprecationWarning")

@@ -15,12 +15,10 @@ import pytest
 import torch
 import triton
 import triton.language as tl
-from helpers import (DEVICE, DTYPES, Case, assert_layer_matches_reference_path, assert_op_matches_oracle,
-                     make_inputs)
+from helpers import DEVICE, DTYPES, Case, assert_layer_matches_reference_path, assert_op_matches_oracle, make_inputs
 
 from qna_triton import tuning
-from qna_triton.kernels import launch
-from qna_triton.kernels import qna_backward, qna_forward
+from qna_triton.kernels import launch, qna_backward, qna_forward
 from qna_triton.kernels.banded import RANGE_LIMIT, _round_bf16
 from qna_triton.reference import direct_qna_attention
 from qna_triton.tuning import KernelConfig, banded_config
@@ -406,7 +404,7 @@ def test_banded_backward_equals_the_direct_backward(dtype, chunk, monkeypatch):
         out, lse = qna_forward(*inputs, *geo)
         g = torch.randn(out.shape).to(dtype)
         ref = _grads(inputs, geo, lse, g, None)
-    monkeypatch.setattr(kernels, "halo_chunk", lambda halo: chunk)
+    monkeypatch.setattr(launch, "halo_chunk", lambda halo: chunk)
     got = _grads(inputs, geo, lse, g, tuning.heuristic_config("bwd_delta", h, d), BANDED_BWD)
     _assert_grads_close(got, ref, dtype)
 

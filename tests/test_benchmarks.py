@@ -107,8 +107,8 @@ def test_peers_reject_stride():
 
 
 def test_paper_forward_matches_layer():
-    from qna_triton import QnA
     from benchmarks.model_bench import paper_forward
+    from qna_triton import QnA
 
     torch.manual_seed(0)
     layer = QnA(16, 32, 4, kernel_size=3, stride=2).double()

@@ -3,10 +3,12 @@
 import pytest
 import torch
 import torch._dynamo
-
 from helpers import DEVICE, Case, make_inputs
-from qna_triton import QnA
-from qna_triton import ops  # noqa: F401  (registers torch.ops.qna)
+
+from qna_triton import (
+    QnA,
+    ops,  # noqa: F401  (registers torch.ops.qna)
+)
 
 
 @pytest.mark.parametrize("backend", ["reference", "triton"])

@@ -9,9 +9,9 @@ import textwrap
 
 import pytest
 import torch
+from helpers import DEPLOY_VIT, Case, make_inputs
 from torch.export import Dim
 
-from helpers import DEPLOY_VIT, make_inputs, Case
 from qna_triton import QnA, qna_attention
 from qna_triton.export import decompose, decompositions
 from qna_vit import create_model

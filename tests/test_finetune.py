@@ -13,15 +13,14 @@ import math
 import numpy as np
 import pytest
 import torch
+from test_qna_vit import perturbed_tree, train_state, write_flax_checkpoint
 
-from helpers import load_example
 from qna_triton import CheckpointError
 from qna_triton.flax_params import flatten_tree
 from qna_vit import FINETUNE_384, create_model, export_flax_params, load_flax_params, load_weights, resize_table
-from test_qna_vit import perturbed_tree, train_state, write_flax_checkpoint
-
-convert_flax = load_example("convert_flax")
-train_script = load_example("train")
+from qna_vit.flax import convert
+from qna_vit.training import train_cli as train_script
+from qna_vit.training.engine import parse_model_kwargs
 
 # Width 16, one block of each kind per stage, LSA in stages 2-3 with the paper's windows (7, 7, 14, 7).
 SMALL = dict(base_dim=16, qna_layers=(1, 1, 1, 0), qna_heads=(2, 4, 8, 16), lsa_layers=(0, 0, 1, 1),
@@ -171,8 +170,7 @@ def test_our_checkpoints_resize_and_timm_pretrained_from_a_file(tmp_path):
     source, tree = _source()
     msgpack_path, pt = tmp_path / "checkpoint_1", tmp_path / "src.pt"
     write_flax_checkpoint(msgpack_path, train_state(tree, nested=False))
-    assert convert_flax.main(["--model", "qna_vit_tiny", str(msgpack_path), str(pt), "--model-kwargs",
-                              *SMALL_ARGS]) == 0
+    convert("qna_vit_tiny", str(msgpack_path), str(pt), model_kwargs=parse_model_kwargs(SMALL_ARGS))
     ckpt = torch.load(pt, weights_only=True)
     model = create_model("qna_vit_tiny", **SMALL, num_classes=10, **FINETUNE_384)
     report = load_weights(model, str(pt))

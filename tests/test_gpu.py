@@ -13,9 +13,9 @@ import math
 
 import pytest
 import torch
-
 from helpers import Case, make_inputs, oracle
 from test_kernels import assert_op_matches_oracle
+
 from qna_triton import QnA, qna_attention
 from qna_triton.tuning import kernel_algorithm
 
@@ -156,6 +156,7 @@ def test_compiled_qna_vit_tiny_training_step_matches_reference_backend(monkeypat
     import copy
 
     import torch._dynamo
+
     from qna_vit import create_model
 
     torch.manual_seed(0)

@@ -163,17 +163,17 @@ def test_pytest_output_parsing():
 def test_rocm_smi_is_recorded_or_said_absent(tmp_path, monkeypatch):
     """Where nvidia-smi is missing (an AMD machine), the environment stage records rocm-smi's product,
     driver and clocks, or that rocm-smi is absent; nothing is changed on the device."""
-    from benchmarks import gpu_report
+    from benchmarks.gpu_report import children, summary
 
     monkeypatch.setenv("PATH", str(tmp_path))
-    assert gpu_report._rocm_smi() == {"error": "rocm-smi is absent"}
+    assert children._rocm_smi() == {"error": "rocm-smi is absent"}
     fake = tmp_path / "rocm-smi"
     fake.write_text('#!/bin/sh\necho \'{"card0": {"Card Series": "AMD Instinct MI300X", "sclk clock speed:": '
                     '"(2100Mhz)"}, "system": {"Driver version": "6.10.5"}}\'\n')
     fake.chmod(0o755)
-    smi = gpu_report._rocm_smi()
+    smi = children._rocm_smi()
     assert smi == {"driver_version": "6.10.5", "Card Series": "AMD Instinct MI300X",
                    "sclk clock speed:": "(2100Mhz)"}
-    line = gpu_report.environment_line({"gpu": "AMD Instinct MI300X", "nvidia_smi": {"error": "absent"},
+    line = summary.environment_line({"gpu": "AMD Instinct MI300X", "nvidia_smi": {"error": "absent"},
                                         "rocm_smi": smi})
     assert "rocm-smi: sclk clock speed: (2100Mhz)" in line

@@ -11,9 +11,19 @@ import os
 
 import pytest
 import torch
+from helpers import (
+    BAD_CORE,
+    DEVICE,
+    DTYPES,
+    Case,
+    assert_layer_matches_reference_path,
+    assert_op_matches_oracle,
+    make_inputs,
+    oracle,
+    random_cases,
+    small_core_inputs,
+)
 
-from helpers import (BAD_CORE, DEVICE, DTYPES, Case, assert_layer_matches_reference_path,
-                     assert_op_matches_oracle, make_inputs, oracle, random_cases, small_core_inputs)
 from qna_triton import qna_attention, tuning
 from qna_triton.reference import naive_qna_attention
 

@@ -7,8 +7,8 @@ import os
 import numpy as np
 import pytest
 import torch
-
 from helpers import BAD_CORE, FIXTURES, small_core_inputs
+
 from qna_triton import ATTN_SCALE_MODES, CheckpointError, QnA, qna_attention
 from qna_triton.reference import naive_qna_attention
 

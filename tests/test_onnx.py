@@ -3,6 +3,7 @@ strides 1 and 2, dynamic batch and size) and on QnA-ViT, run by onnxruntime agai
 for logits of any range; the ExportedProgram route through ``qna_triton.export.decompose``."""
 
 import dataclasses
+
 import pytest
 import torch
 from torch.export import Dim
@@ -12,6 +13,7 @@ pytest.importorskip("onnxscript")
 ort = pytest.importorskip("onnxruntime")
 
 from helpers import DEPLOY_VIT, Case, make_inputs, oracle  # noqa: E402
+
 from qna_triton import ATTN_SCALE_MODES, QnA, qna_attention  # noqa: E402
 from qna_triton.export import decompose  # noqa: E402
 from qna_vit import create_model  # noqa: E402
@@ -69,7 +71,7 @@ def test_layer_all_modes_dynamic_batch_and_size():
         got = run_onnx(program, x)
         for mode, o, e in zip(ATTN_SCALE_MODES, got, model(x)):
             assert o.shape == e.shape, (mode, shape)
-            torch.testing.assert_close(o, e, **TOL, msg=lambda m: f"{mode} at {shape}: {m}")
+            torch.testing.assert_close(o, e, **TOL, msg=lambda m, mode=mode, shape=shape: f"{mode} at {shape}: {m}")
 
 
 class Core(torch.nn.Module):

@@ -12,15 +12,13 @@ import sys
 import numpy as np
 import pytest
 import torch
+from helpers import EXAMPLES, FIXTURES
 
 import qna_vit
-from helpers import EXAMPLES, FIXTURES, load_example
 from qna_triton import CheckpointError
 from qna_triton.flax_params import flatten_tree
-from qna_vit import create_model, export_flax_params, load_flax_params
-
-convert_flax = load_example("convert_flax")
-flops = load_example("flops")
+from qna_vit import create_model, export_flax_params, flops, load_flax_params
+from qna_vit.flax import convert, load_converted, read_flax_checkpoint, split_train_state
 
 msgpack = pytest.importorskip("msgpack")
 
@@ -36,7 +34,7 @@ MINI = dict(base_dim=16, qna_layers=(1, 1, 1, 0), lsa_layers=(0, 0, 1, 1), qna_h
             lsa_heads=(1, 2, 4, 8), lsa_window=(7, 7, 2, 2), num_classes=10)
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def pristine(name):
     """One model per name for the read-only tests (building the large ones takes seconds on CPU)."""
     torch.manual_seed(0)
@@ -162,7 +160,7 @@ def naive_window_attention(attn, x):
 
 def test_lsa_matches_its_definition():
     torch.manual_seed(0)
-    attn = qna_vit.model.WindowAttention(24, 3, 4).double()
+    attn = qna_vit.layers.WindowAttention(24, 3, 4).double()
     with torch.no_grad():
         attn.relative_position_bias_table.normal_()
     x = torch.randn(5, 16, 24, dtype=torch.float64)
@@ -298,10 +296,10 @@ def test_convert_command_round_trip(tmp_path):
     src, dst = tmp_path / "checkpoint_300", tmp_path / "out" / "tiny.pt"
     (tmp_path / "checkpoint_20").write_bytes(b"")  # an older checkpoint of the same run
     write_flax_checkpoint(src, train_state(tree, nested=True))
-    assert convert_flax.main(["--model", "qna_vit_tiny", str(tmp_path), str(dst)]) == 0  # newest in the folder
+    convert("qna_vit_tiny", str(tmp_path), str(dst))  # the newest checkpoint in the folder
     ckpt = torch.load(dst, weights_only=True)
     assert ckpt["model_name"] == "qna_vit_tiny" and isinstance(ckpt["model"], dict)
-    converted = convert_flax.load_converted(str(dst)).eval()
+    converted = load_converted(str(dst)).eval()
     assert_same_model(converted, model, torch.randn(1, 3, 224, 224), tree)
 
 
@@ -314,7 +312,8 @@ def test_convert_command_runs_as_a_script_and_reports_errors(tmp_path):
                            str(src), str(out)], capture_output=True, text=True, timeout=300)
     assert proc.returncode == 1 and not out.exists()
     assert "--head qnav1 or --head qnav2" in proc.stderr
-    assert convert_flax.main(["--model", "qna_vit_tiny", "--head", "qnav1", str(src), str(out)]) == 1
+    with pytest.raises(CheckpointError):
+        convert("qna_vit_tiny", str(src), str(out), head="qnav1")
     assert not out.exists()  # a mini checkpoint is not a qna_vit_tiny one: the loader names the first bad key
 
 
@@ -335,20 +334,20 @@ def test_msgpack_reader_formats(tmp_path):
     }
     path = tmp_path / "state"
     write_flax_checkpoint(path, state)
-    restored = convert_flax.read_flax_checkpoint(str(path))
+    restored = read_flax_checkpoint(str(path))
     assert restored["step"] == 7
     np.testing.assert_array_equal(restored["params"]["chunked"], big)
     assert restored["params"]["half"].dtype == np.float16
     np.testing.assert_array_equal(restored["params"]["bf16"], bf16)
-    params, stats = convert_flax.split_train_state({"params": {"params": {"StemBlock_0": {}}, "batch_stats": {"a": 1}}})
+    params, stats = split_train_state({"params": {"params": {"StemBlock_0": {}}, "batch_stats": {"a": 1}}})
     assert params == {"StemBlock_0": {}} and stats == {"a": 1}
-    params, stats = convert_flax.split_train_state(train_state({"StemBlock_0": {}}, nested=False))
+    params, stats = split_train_state(train_state({"StemBlock_0": {}}, nested=False))
     assert params == {"StemBlock_0": {}} and stats is None
     with pytest.raises(CheckpointError, match="no 'params'"):
-        convert_flax.split_train_state({"step": 1})
+        split_train_state({"step": 1})
     (tmp_path / "junk").write_bytes(b"\xc1\xc1")
     with pytest.raises(CheckpointError, match="not a Flax msgpack checkpoint"):
-        convert_flax.read_flax_checkpoint(str(tmp_path / "junk"))
+        read_flax_checkpoint(str(tmp_path / "junk"))
 
 
 # ------------------------------------------------------------------------------------------- compile
@@ -378,7 +377,7 @@ def test_flops_within_ten_percent_of_the_paper(name):
 
 
 def test_flops_count_the_qna_layer():
-    layer = qna_vit.model._qna_layer(16, 16, 2, 3, stride=2)
+    layer = qna_vit.layers._qna_layer(16, 16, 2, 3, stride=2)
     assert flops.qna_core_macs(layer, (1, 6, 7, 16)) == 3 * 4 * 2 * 2 * 9 * (8 + 1)
     projections = 42 * 16 * (2 * 2 + 16) + 12 * 16 * 16  # logits and values per input pixel, to_out per output
     folding = 2 * 2 * 8 * 16  # the queries folded into W_k

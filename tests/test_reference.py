@@ -4,8 +4,8 @@ import math
 
 import pytest
 import torch
-
 from helpers import Case, make_inputs, oracle, random_cases
+
 from qna_triton import qna_attention
 from qna_triton.reference import (
     direct_qna_attention,

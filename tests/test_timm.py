@@ -16,7 +16,6 @@ import pytest
 import torch
 
 import qna_vit
-from helpers import load_example
 from qna_vit import MODEL_CONFIGS, create_model
 
 timm = pytest.importorskip("timm")
@@ -291,13 +290,13 @@ def test_lsa_pads_and_masks_untiled_maps(size, window):
     """A map the windows do not tile: each window attends over its image pixels only (5x7, window 3);
     a window larger than the map is global attention over the whole map (3x5, window 7)."""
     torch.manual_seed(0)
-    attn = qna_vit.model.WindowAttention(12, 3, window).double()
+    attn = qna_vit.layers.WindowAttention(12, 3, window).double()
     with torch.no_grad():
         attn.relative_position_bias_table.normal_()
     H, W = size
     x = torch.randn(2, H, W, 12, dtype=torch.float64)
-    windows = qna_vit.model.window_partition(x, window)
-    got = qna_vit.model.window_merge(attn(windows, qna_vit.model.window_key_mask(x, window)), x, window)
+    windows = qna_vit.layers.window_partition(x, window)
+    got = qna_vit.layers.window_merge(attn(windows, qna_vit.layers.window_key_mask(x, window)), x, window)
     expected = torch.empty_like(x)
     for b in range(2):
         for r0 in range(0, H, window):
@@ -307,7 +306,7 @@ def test_lsa_pads_and_masks_untiled_maps(size, window):
                 out = _naive_masked_window_attention(attn, tokens, [r - r0 for r in rr], [c - c0 for c in cc])
                 expected[b, list(rr), list(cc)] = out
     torch.testing.assert_close(got, expected, rtol=1e-10, atol=1e-10)
-    assert qna_vit.model.window_key_mask(torch.zeros(1, 6, 9, 1), 3).numel() == 0  # tiled: nothing to mask
+    assert qna_vit.layers.window_key_mask(torch.zeros(1, 6, 9, 1), 3).numel() == 0  # tiled: nothing to mask
 
 
 def test_any_input_size_runs():
@@ -343,7 +342,8 @@ def test_models_work_without_timm():
 
 # ------------------------------------------------------------------------------------------- backbone example
 def test_segmentation_example_trains(tmp_path):
-    segment = load_example("segment")
+    from qna_vit import segment
+
     summary = segment.main(["--model", "qna_vit_tiny", "--steps", "12", "--batch-size", "4", "--img-size", "64",
                             "--width", "16", "--threads", "1", "--seed", "0", "--output", str(tmp_path / "seg.pt")])
     assert summary["feature_channels"] == [16, 32, 64, 128] and summary["feature_strides"] == [4, 8, 16, 32]

@@ -16,18 +16,26 @@ import numpy as np
 import pytest
 import torch
 
-from helpers import load_example
+from qna_vit.training import demo
+from qna_vit.training import eval_cli as eval_script
+from qna_vit.training import train_cli as train_script
 from qna_vit.training.checkpoint import atomic_save, load_checkpoint, truncate_csv
-from qna_vit.training.data import (AugConfig, BuiltinEvalTransform, BuiltinTrainTransform, ImageFolderDataset,
-                                   ResumableSampler, SeededDataset, SyntheticShapes, build_dataset, DataSpec)
+from qna_vit.training.data import (
+    AugConfig,
+    BuiltinEvalTransform,
+    BuiltinTrainTransform,
+    DataSpec,
+    ImageFolderDataset,
+    ResumableSampler,
+    SeededDataset,
+    SyntheticShapes,
+    build_dataset,
+)
 from qna_vit.training.engine import CosineSchedule, derive_seed, param_groups
 from qna_vit.training.mixup import Mixup, cross_entropy
 
 ROOT = Path(__file__).resolve().parents[1]
 EXAMPLES = ROOT / "examples"
-train_script = load_example("train")
-eval_script = load_example("eval")
-demo = load_example("demo")
 
 # 16x16 input: feature maps 4, 2, 1, 1, so the LSA windows are 1 and 1 in stages 2 and 3.
 TINY = ["base_dim=16", "qna_layers=1,1,1,0", "qna_heads=2,4,8,16", "lsa_layers=0,0,1,1", "lsa_heads=1,2,4,8",

@@ -24,8 +24,15 @@ from typing import Dict, List, Optional, Sequence
 
 from qna_triton.env import capture_environment
 from qna_triton.tuning import (
-    CONFIG_DIR_ENV, KERNELS, SCHEMA_VERSION, ConfigFileError, clear_cache, config_file_name,
-    read_config_file, sanitize_gpu_name, user_config_dir,
+    CONFIG_DIR_ENV,
+    KERNELS,
+    SCHEMA_VERSION,
+    ConfigFileError,
+    clear_cache,
+    config_file_name,
+    read_config_file,
+    sanitize_gpu_name,
+    user_config_dir,
 )
 
 from . import plan as plan_mod

@@ -17,7 +17,6 @@ from qna_triton import QnA
 from .plan import Shape
 
 
-
 @dataclass(frozen=True)
 class LayerShape:
     """One QnA call: the layer's name and the problem it solved."""

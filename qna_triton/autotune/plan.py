@@ -25,8 +25,18 @@ import triton
 
 from qna_triton.layout import default_padding, output_size
 from qna_triton.tuning import (
-    DTYPES, KERNELS, MAX_ELEMS_PER_THREAD, EntryKey, KernelConfig, Target, banded_config, has_banded_form,
-    heuristic_config, select_config, size_bucket, tile_footprint,
+    DTYPES,
+    KERNELS,
+    MAX_ELEMS_PER_THREAD,
+    EntryKey,
+    KernelConfig,
+    Target,
+    banded_config,
+    has_banded_form,
+    heuristic_config,
+    select_config,
+    size_bucket,
+    tile_footprint,
 )
 
 # ---------------------------------------------------------------------------------------- axes

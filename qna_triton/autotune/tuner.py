@@ -14,7 +14,11 @@ from typing import Any, Callable, Dict, List, Optional, Protocol, Tuple
 
 from qna_triton.env import utc_now
 from qna_triton.tuning import (
-    ConfigFileError, KernelConfig, read_config_file, sanitize_gpu_name, write_config_file,
+    ConfigFileError,
+    KernelConfig,
+    read_config_file,
+    sanitize_gpu_name,
+    write_config_file,
 )
 
 from .plan import Plan, Shape, default_config

@@ -19,8 +19,17 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
-from .forward import (_col_valid, _element_strides, _exp, _head_blocks, _interior, _load_v, _output_tile,
-                      _row_valid, _weights_and_values)
+from .forward import (
+    _col_valid,
+    _element_strides,
+    _exp,
+    _head_blocks,
+    _interior,
+    _load_v,
+    _output_tile,
+    _row_valid,
+    _weights_and_values,
+)
 
 
 @triton.jit

@@ -28,8 +28,20 @@ import triton
 import triton.language as tl
 
 from .backward import _bwd_pairs
-from .banded import (_any_nonfinite2, _band_at, _finite_min, _head_offsets, _pick, _query_offsets, _range_or_zero,
-                     _sdot, _sub_tile, _too_wide, _value_offsets, _vdot)
+from .banded import (
+    _any_nonfinite2,
+    _band_at,
+    _finite_min,
+    _head_offsets,
+    _pick,
+    _query_offsets,
+    _range_or_zero,
+    _sdot,
+    _sub_tile,
+    _too_wide,
+    _value_offsets,
+    _vdot,
+)
 from .forward import _element_strides, _exp, _head_blocks, _load_v
 
 

@@ -24,11 +24,17 @@ from ..tuning import KernelConfig, check_banded_tiles, get_config, halo_chunk, h
 from ..tuning.selection import target_of
 from ..tuning.targets import is_rocm
 from .backward import qna_bwd_delta_kernel, qna_bwd_kernel
+from .banded import (
+    RANGE_LIMIT,
+    VDOT_BF16,
+    VDOT_BF16_EMULATED,
+    VDOT_BF16X3,
+    VDOT_BF16X3_EMULATED,
+    VDOT_TF32X3,
+    qna_banded_kernel,
+)
 from .banded_bwd import qna_banded_bwd_kernel
-from .banded import (RANGE_LIMIT, VDOT_BF16, VDOT_BF16_EMULATED, VDOT_BF16X3, VDOT_BF16X3_EMULATED, VDOT_TF32X3,
-                     qna_banded_kernel)
 from .forward import qna_fwd_kernel
-
 
 __all__ = ["qna_forward", "qna_backward", "Problem", "KernelLaunch", "BackwardLaunches", "forward_launch",
            "delta_launch", "main_backward_launch", "backward_launches"]
@@ -194,7 +200,7 @@ class Problem:
 
     @classmethod
     def of(cls, logits: torch.Tensor, values: torch.Tensor, rpb: torch.Tensor, scale: Optional[torch.Tensor],
-           ks: Pair, st: Pair, pd: Pair, wide: Optional[bool] = None) -> "Problem":
+           ks: Pair, st: Pair, pd: Pair, wide: Optional[bool] = None) -> Problem:
         """The problem of these inputs (``wide`` forces the 64-bit offset variant, see :func:`_layout`)."""
         B, H, W, N, h = logits.shape
         d = values.shape[-1]

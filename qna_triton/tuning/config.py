@@ -120,7 +120,7 @@ class EntryKey:
                 f"heads={self.heads};head_dim={self.head_dim};queries={self.n_queries};bucket={self.bucket}")
 
     @classmethod
-    def from_str(cls, text: str) -> "EntryKey":
+    def from_str(cls, text: str) -> EntryKey:
         """Parses and checks a key string (ValueError saying what is wrong)."""
         m = _KEY_RE.match(text) if isinstance(text, str) else None
         if m is None:
@@ -217,7 +217,7 @@ def read_config_file(path: os.PathLike) -> ConfigTable:
     invalid entries are left out and listed in ``ConfigTable.invalid`` (key -> reason)."""
     path = str(path)
     try:
-        with open(path, "r", encoding="utf-8") as f:
+        with open(path, encoding="utf-8") as f:
             data = json.load(f)
     except (OSError, UnicodeDecodeError) as e:
         raise ConfigFileError(f"cannot be read ({e})") from e

@@ -35,8 +35,20 @@ from typing import Optional, Sequence, Tuple
 
 import triton
 
-from .config import (BUCKET_BASE, DTYPES, KERNELS, ConfigFileError, ConfigTable, EntryKey, KernelConfig,
-                     config_file_name, has_banded_form, read_config_file, size_bucket, tile_footprint)
+from .config import (
+    BUCKET_BASE,
+    DTYPES,
+    KERNELS,
+    ConfigFileError,
+    ConfigTable,
+    EntryKey,
+    KernelConfig,
+    config_file_name,
+    has_banded_form,
+    read_config_file,
+    size_bucket,
+    tile_footprint,
+)
 from .heuristics import heuristic_config
 
 CONFIG_DIR_ENV = "QNA_TRITON_CONFIG_DIR"

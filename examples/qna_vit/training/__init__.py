@@ -7,4 +7,7 @@
 * :mod:`qna_vit.training.checkpoint`: atomic checkpoint files and the training state they hold.
 * :mod:`qna_vit.training.distributed`: ``torchrun``/``env://`` process groups and small collectives.
 * :mod:`qna_vit.training.engine`: the schedule, EMA, metrics, logging and the train/eval loops.
+* :mod:`qna_vit.training.train_cli`, :mod:`~qna_vit.training.eval_cli`, :mod:`~qna_vit.training.demo`: the
+  command lines of ``examples/train.py``, ``examples/eval.py`` and ``examples/demo.py`` (each script calls
+  its module's entry point).
 """

@@ -144,7 +144,7 @@ class ModelEma:
 @torch.no_grad()
 def evaluate(model: nn.Module, loader: Iterable, device: torch.device, info: DistInfo,
              amp_dtype: Optional[torch.dtype] = None, channels_last: bool = False,
-             progress: Optional["Progress"] = None) -> Dict[str, float]:
+             progress: Optional[Progress] = None) -> Dict[str, float]:
     """Top-1/top-5 accuracy (percent) and mean cross-entropy over every image of ``loader``, summed over
     all processes (each must see a disjoint shard). Also the wall time and images/s of the pass."""
     was_training = model.training
