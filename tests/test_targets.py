@@ -7,8 +7,8 @@ import warnings
 import pytest
 import torch
 import triton
-
 from helpers import DEVICE, Case, make_inputs
+
 from qna_triton import ops, tuning
 from qna_triton.kernels import launch, qna_backward, qna_forward
 from qna_triton.reference import direct_qna_attention

@@ -35,7 +35,8 @@ from triton.compiler import ASTSource
 
 from ..layout import default_padding, empty_query_minor, split_packed
 from ..tuning import BANDED_KERNELS, KERNELS, KernelConfig, Target, select_config
-from ..tuning.targets import TARGETS, GPUArch, installed_triton, target_named
+from ..tuning.targets import TARGETS, target_named
+
 _TRITON_DTYPE = {torch.float32: "fp32", torch.float16: "fp16", torch.bfloat16: "bf16"}
 _TORCH_NAME = {"fp32": "float32", "fp16": "float16", "bf16": "bfloat16"}
 

@@ -19,16 +19,47 @@ operations and a dictionary hit.
 from __future__ import annotations
 
 from . import config, heuristics, lookup, selection, targets
-from .config import (ALGOS, BANDED_KERNELS, DTYPES, KERNELS, SCHEMA_VERSION, ConfigFileError, ConfigTable,
-                     EntryKey, KernelConfig, check_banded_tiles, config_file_name, has_banded_form,
-                     read_config_file, sanitize_gpu_name, size_bucket, tile_footprint, validate_config,
-                     write_config_file)
-from .heuristics import (BANDED_MIN_AREA, MAX_ELEMS_PER_THREAD, banded_config, default_config, halo_chunk,
-                         heuristic_config)
-from .lookup import (CONFIG_DIR_ENV, DISABLE_ENV, SHIPPED_CONFIG_DIR, _adapt, _lookup_cached, config_dirs,
-                     lookup_config, tuned_config, user_config_dir)
-from .targets import TARGETS, GPUArch, device_target, target_for_capability, target_named
+from .config import (
+    ALGOS,
+    BANDED_KERNELS,
+    DTYPES,
+    KERNELS,
+    SCHEMA_VERSION,
+    ConfigFileError,
+    ConfigTable,
+    EntryKey,
+    KernelConfig,
+    check_banded_tiles,
+    config_file_name,
+    has_banded_form,
+    read_config_file,
+    sanitize_gpu_name,
+    size_bucket,
+    tile_footprint,
+    validate_config,
+    write_config_file,
+)
+from .heuristics import (
+    BANDED_MIN_AREA,
+    MAX_ELEMS_PER_THREAD,
+    banded_config,
+    default_config,
+    halo_chunk,
+    heuristic_config,
+)
+from .lookup import (
+    CONFIG_DIR_ENV,
+    DISABLE_ENV,
+    SHIPPED_CONFIG_DIR,
+    _adapt,
+    _lookup_cached,
+    config_dirs,
+    lookup_config,
+    tuned_config,
+    user_config_dir,
+)
 from .selection import ALGO_ENV, Target, _algo_override, _heuristic_for, get_config, kernel_algorithm, select_config
+from .targets import TARGETS, GPUArch, device_target, target_for_capability, target_named
 
 __all__ = [
     "KernelConfig", "heuristic_config", "get_config", "select_config", "Target", "KERNELS", "EntryKey",
