@@ -9,6 +9,8 @@ shared maximum is exact unless a window's logits lie far below it (a range wider
 a window max-pool detects such inputs and a ``torch.cond`` (ONNX ``If``) then runs the streaming form
 of :func:`qna_triton.reference.direct_qna_attention` instead (a maximum per window, stable for any
 finite logits). Only the chosen branch runs, so the usual input pays for the convolutions alone.
+:func:`decompose` (an exported program's route, e.g. to AOTInductor) still uses the streaming form alone
+(see :func:`_streaming`).
 
 * ``torch.onnx.export(model, (x,), dynamo=True)`` needs nothing: while the exporter traces the model,
   the layer calls the decomposition instead of the op (:func:`traced`).
@@ -66,6 +68,20 @@ def _attention(logits, values, rpb, scale, kernel_size, stride, padding):
     return _lean(_unpacked, (logits, values, rpb), scale, kernel_size, stride, padding)
 
 
+def _streaming(logits, values, rpb, scale, kernel_size, stride, padding):
+    """``qna::attention`` as the streaming form alone, for :func:`decompose`: rewriting an exported
+    program whose shapes are dynamic into a ``torch.cond`` fails in torch 2.15's placeholder naming of
+    the branches (an ``int`` where a node is expected), so that route keeps the form without a branch."""
+    out, lse = reference.direct_qna_attention(logits, values, rpb, scale, tuple(kernel_size), tuple(stride),
+                                              tuple(padding))
+    return out, lse.transpose(-1, -2).contiguous().transpose(-1, -2)
+
+
+def _streaming_packed(qv, rpb, scale, kernel_size, stride, padding):
+    """``qna::attention_packed`` as the streaming form alone."""
+    return _streaming(*split_packed(qv, rpb), rpb, scale, kernel_size, stride, padding)
+
+
 def _attention_packed(qv, rpb, scale, kernel_size, stride, padding):
     """``qna::attention_packed`` in standard operators (the packed tensor is the branches' operand: the
     logits and values views of it would alias, which ``torch.cond`` refuses)."""
@@ -86,7 +102,7 @@ def decompositions() -> Dict[Callable, Callable]:
     """The decomposition table of the forward ops (``torch.ops.qna.attention.default`` and
     ``attention_packed.default``), for :meth:`torch.export.ExportedProgram.run_decompositions`;
     merge it into a table of your own (e.g. ``torch.export.default_decompositions()``) to combine them."""
-    return {torch.ops.qna.attention.default: _attention, torch.ops.qna.attention_packed.default: _attention_packed}
+    return {torch.ops.qna.attention.default: _streaming, torch.ops.qna.attention_packed.default: _streaming_packed}
 
 
 def decompose(program: torch.export.ExportedProgram) -> torch.export.ExportedProgram:
