@@ -40,6 +40,7 @@ __all__ = [
     "RESULT_TOLERANCE",
     "naive_qna_attention",
     "paper_qna_attention",
+    "shared_max_at_risk",
     "direct_qna_attention",
     "direct_qna_attention_backward",
 ]
@@ -212,6 +213,27 @@ def _depthwise(
     return y.permute(0, 2, 3, 1)
 
 
+def shared_max_at_risk(logits: torch.Tensor, rpb: torch.Tensor, kernel_size: Pair, stride: Pair,
+                       padding: Pair) -> torch.Tensor:
+    """Whether :func:`paper_qna_attention`'s shared maximum would underflow a window (a 0-dim bool tensor).
+
+    The largest term of a window is at least ``exp(maxpool(l) + min r - M - R)`` with ``M`` the maximum
+    logit per (image, query, head) and ``R`` the maximum bias per (query, head); the margin keeps it
+    far above the smallest normal number (``exp(-87)`` in float32), so the sums keep full precision.
+    """
+    (kh, kw), (sh, sw), (ph, pw) = kernel_size, stride, padding
+    B, H, W, N, h = logits.shape
+    cdt = compute_dtype(logits.dtype)
+    l = logits.to(cdt).reshape(B, H, W, N * h)
+    r = rpb.to(cdt).reshape(kh * kw, N * h)
+    M = l.amax(dim=(1, 2), keepdim=True)
+    R = r.amax(dim=0, keepdim=True)
+    lpad = F.pad(l.permute(0, 3, 1, 2), (pw, pw, ph, ph), value=-math.inf)
+    wmax = F.max_pool2d(lpad, (kh, kw), (sh, sw)).permute(0, 2, 3, 1)
+    margin = 60.0 if cdt == torch.float32 else 600.0
+    return (torch.isfinite(wmax) & (wmax + r.amin(0) - M - R < -margin)).any()
+
+
 def paper_qna_attention(
     logits: torch.Tensor,
     values: torch.Tensor,
@@ -242,14 +264,8 @@ def paper_qna_attention(
     r = rpb.to(cdt).reshape(kh * kw, N * h)
     M = l.amax(dim=(1, 2), keepdim=True)  # [B, 1, 1, N*h]
     R = r.amax(dim=0, keepdim=True)  # [1, N*h]
-    if exact_fallback:
-        # The largest term of a window is at least exp(maxpool(l) + min r - M - R); keep it normal.
-        lpad = F.pad(l.permute(0, 3, 1, 2), (pw, pw, ph, ph), value=-math.inf)
-        wmax = F.max_pool2d(lpad, (kh, kw), (sh, sw)).permute(0, 2, 3, 1)
-        margin = 60.0 if cdt == torch.float32 else 600.0
-        at_risk = torch.isfinite(wmax) & (wmax + r.amin(0) - M - R < -margin)
-        if bool(at_risk.any()):
-            return direct_qna_attention(logits, values, rpb, scale, kernel_size, stride, padding)
+    if exact_fallback and bool(shared_max_at_risk(logits, rpb, kernel_size, stride, padding)):
+        return direct_qna_attention(logits, values, rpb, scale, kernel_size, stride, padding)
     E = torch.exp(l - M)  # [B, H, W, N*h], in (0, 1]
     er = torch.exp(r - R)  # [K, N*h], in (0, 1]
     den = _depthwise(E, er, kernel_size, stride, padding)  # [B, Ho, Wo, N*h]

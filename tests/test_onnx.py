@@ -35,6 +35,16 @@ def assert_standard_onnx(program):
     assert not model.functions
 
 
+def assert_lean(program, most_nodes=60):
+    """The lean translation: a short main graph whose ``If`` chooses the two depthwise convolutions
+    (``Conv``) or the streaming form, rather than the streaming form's per-offset nodes inline."""
+    graph = program.model_proto.graph
+    ifs = [n for n in graph.node if n.op_type == "If"]
+    assert ifs and len(graph.node) <= most_nodes * len(ifs), (len(graph.node), len(ifs))
+    branches = {a.name: {n.op_type for n in a.g.node} for a in ifs[0].attribute}
+    assert "Conv" in branches["else_branch"] and "Conv" not in branches["then_branch"], branches
+
+
 class Modes(torch.nn.Module):
     """One QnA layer per attention-scale mode on the same input: windows 1 to 3 wide (square and
     rectangular), strides 1 and 2 (per axis too), biases on and off."""
@@ -93,6 +103,7 @@ def test_core_op_stable_for_any_logit_range(logit_scale):
     program = torch.onnx.export(Core().eval(), make_inputs(case, dtype=torch.float32), dynamo=True,
                                 dynamic_shapes=({0: batch}, {0: batch}, None, None))
     assert_standard_onnx(program)
+    assert_lean(program)
     for B in (1, 3):
         inputs = make_inputs(dataclasses.replace(case, B=B), dtype=torch.float32, seed=B,
                              logit_scale=logit_scale)
