@@ -255,7 +255,7 @@ def paper_qna_attention(
     and computed by :func:`direct_qna_attention` instead, so the result is finite wherever the exact
     one is; the benchmarks time the plain formulation (``exact_fallback=False``).
     """
-    (kh, kw), (sh, sw), (ph, pw) = kernel_size, stride, padding
+    kh, kw = kernel_size
     B, H, W, N, h = logits.shape
     d = values.shape[-1]
     cdt = compute_dtype(logits.dtype)
