@@ -36,27 +36,49 @@ RESULTS = os.path.join(REPO, "benchmarks", "results")
 
 
 def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(prog="python -m benchmarks", description=__doc__,
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--suite", action="append", default=[],
-                   help=f"suite to run (repeatable; default all): {', '.join(SUITES)}; groups: window, layer")
-    p.add_argument("--providers", nargs="+", default=None,
-                   help=f"only these providers (core: {', '.join(CORE_PROVIDERS)}; layer: {', '.join(LAYER_PROVIDERS)}; "
-                        f"model: {', '.join(MODEL_PROVIDERS)})")
+    p = argparse.ArgumentParser(
+        prog="python -m benchmarks", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    p.add_argument(
+        "--suite",
+        action="append",
+        default=[],
+        help=f"suite to run (repeatable; default all): {', '.join(SUITES)}; groups: window, layer",
+    )
+    p.add_argument(
+        "--providers",
+        nargs="+",
+        default=None,
+        help=f"only these providers (core: {', '.join(CORE_PROVIDERS)}; layer: {', '.join(LAYER_PROVIDERS)}; "
+        f"model: {', '.join(MODEL_PROVIDERS)})",
+    )
     p.add_argument("--windows", type=int, nargs="+", default=None, help="window sizes of the sweeps")
-    p.add_argument("--smoke", action="store_true",
-                   help=f"CPU run of the whole harness on tiny shapes ({SMOKE_LABEL}); needs --out or a temp dir")
-    p.add_argument("--out", default=None,
-                   help="output folder (default: benchmarks/results/<gpu>; smoke: a new temporary folder)")
-    p.add_argument("--time-budget", type=float, default=None,
-                   help="seconds; once spent, remaining measurements are recorded as skipped")
+    p.add_argument(
+        "--smoke",
+        action="store_true",
+        help=f"CPU run of the whole harness on tiny shapes ({SMOKE_LABEL}); needs --out or a temp dir",
+    )
+    p.add_argument(
+        "--out", default=None, help="output folder (default: benchmarks/results/<gpu>; smoke: a new temporary folder)"
+    )
+    p.add_argument(
+        "--time-budget",
+        type=float,
+        default=None,
+        help="seconds; once spent, remaining measurements are recorded as skipped",
+    )
     p.add_argument("--no-compile", action="store_true", help="skip torch.compile (compiled providers: unsupported)")
     p.add_argument("--compile-mode", default="max-autotune", help="torch.compile mode of paper_compiled")
     p.add_argument("--model-compile-mode", default="default", help="torch.compile mode of the model-level runs")
     p.add_argument("--warmup-ms", type=float, default=25.0)
     p.add_argument("--rep-ms", type=float, default=100.0)
-    p.add_argument("--report-from", nargs="+", default=None, metavar="ROWS",
-                   help="measure nothing: rebuild the reports from rows.jsonl files (or their folders)")
+    p.add_argument(
+        "--report-from",
+        nargs="+",
+        default=None,
+        metavar="ROWS",
+        help="measure nothing: rebuild the reports from rows.jsonl files (or their folders)",
+    )
     return p.parse_args(argv)
 
 
@@ -69,8 +91,12 @@ def _configure_torch() -> None:
     import torch._dynamo
 
     # Every shape compiles anew: a low limit would silently fall back to eager for later shapes.
-    for name, value in (("recompile_limit", 4096), ("cache_size_limit", 4096),
-                        ("accumulated_recompile_limit", 1 << 16), ("accumulated_cache_size_limit", 1 << 16)):
+    for name, value in (
+        ("recompile_limit", 4096),
+        ("cache_size_limit", 4096),
+        ("accumulated_recompile_limit", 1 << 16),
+        ("accumulated_cache_size_limit", 1 << 16),
+    ):
         if hasattr(torch._dynamo.config, name):
             setattr(torch._dynamo.config, name, value)
     warnings.filterwarnings("ignore", message=".*flex_attention called without torch.compile.*")
@@ -85,13 +111,32 @@ class Recorder:
         self.count = 0
         self.start = time.monotonic()
 
-    def emit(self, suite: str, shape: str, dtype: str, provider: str, pas: str, result: dict,
-             notes: Sequence[str], fields: Optional[dict] = None) -> dict:
+    def emit(
+        self,
+        suite: str,
+        shape: str,
+        dtype: str,
+        provider: str,
+        pas: str,
+        result: dict,
+        notes: Sequence[str],
+        fields: Optional[dict] = None,
+    ) -> dict:
         e = self.env
         row: Dict[str, object] = {c: None for c in COLUMNS}
-        row.update(mode=SMOKE_LABEL if e.smoke else "measurement", gpu=e.gpu, torch=e.torch, triton=e.triton,
-                   cuda=e.cuda, date=utc_now(),
-                   suite=suite, shape=shape, dtype=dtype, provider=provider, **{"pass": pas})
+        row.update(
+            mode=SMOKE_LABEL if e.smoke else "measurement",
+            gpu=e.gpu,
+            torch=e.torch,
+            triton=e.triton,
+            cuda=e.cuda,
+            date=utc_now(),
+            suite=suite,
+            shape=shape,
+            dtype=dtype,
+            provider=provider,
+            **{"pass": pas},
+        )
         row["device_mem_mb"] = e.total_memory_bytes / 2**20 if e.total_memory_bytes else None
         row.update(fields or {})
         for key in ("status", "p50_ms", "p20_ms", "p80_ms", "peak_mb", "extra_mb", "images_s", "gb_s", "tflop_s"):
@@ -103,8 +148,11 @@ class Recorder:
         self.count += 1
         p50 = f"{row['p50_ms']:.4g} ms" if row.get("p50_ms") else ""
         mem = f"{row['extra_mb']:.4g} MB extra" if row.get("extra_mb") is not None else ""
-        print(f"[{time.monotonic() - self.start:5.0f}s {suite}] {shape} {dtype} {provider} {pas}: {row['status']} "
-              f"{p50} {mem}", flush=True)
+        print(
+            f"[{time.monotonic() - self.start:5.0f}s {suite}] {shape} {dtype} {provider} {pas}: {row['status']} "
+            f"{p50} {mem}",
+            flush=True,
+        )
         return row
 
 
@@ -119,14 +167,29 @@ def _run_env(rec: Recorder, device: torch.device, cfg: TimingConfig) -> None:
 
     try:
         bw, ms = measure_copy_bandwidth(device, cfg)
-        rec.emit("env", "1 GiB", "uint8", "copy", "fwd", {"status": "ok", "p50_ms": ms, "gb_s": bw / 1e9},
-                 ["device-to-device copy, read + write counted"], {"bytes_floor": 2 << 30})
+        rec.emit(
+            "env",
+            "1 GiB",
+            "uint8",
+            "copy",
+            "fwd",
+            {"status": "ok", "p50_ms": ms, "gb_s": bw / 1e9},
+            ["device-to-device copy, read + write counted"],
+            {"bytes_floor": 2 << 30},
+        )
     except Exception as e:
         rec.emit("env", "1 GiB", "uint8", "copy", "fwd", {"status": failure_status(e)}, [])
     try:
         rate, ms = measure_fp32_rate(device, cfg)
-        rec.emit("env", "FMA chains", "fp32", "fp32_fma", "fwd", {"status": "ok", "p50_ms": ms, "tflop_s": rate / 1e12},
-                 ["Triton kernel, 8 independent FMA chains per element"])
+        rec.emit(
+            "env",
+            "FMA chains",
+            "fp32",
+            "fp32_fma",
+            "fwd",
+            {"status": "ok", "p50_ms": ms, "tflop_s": rate / 1e12},
+            ["Triton kernel, 8 independent FMA chains per element"],
+        )
     except Exception as e:
         rec.emit("env", "FMA chains", "fp32", "fp32_fma", "fwd", {"status": failure_status(e)}, [])
 
@@ -136,15 +199,32 @@ def _after_workload() -> None:
     torch._dynamo.reset()
 
 
-def _run_shapes(rec: Recorder, suite: str, shapes: List[CoreShape], providers: Sequence[str],
-                builder: Callable, opts: Options, cfg: TimingConfig, deadline: Deadline, env: Env,
-                extra_note: str = "") -> None:
+def _run_shapes(
+    rec: Recorder,
+    suite: str,
+    shapes: List[CoreShape],
+    providers: Sequence[str],
+    builder: Callable,
+    opts: Options,
+    cfg: TimingConfig,
+    deadline: Deadline,
+    env: Env,
+    extra_note: str = "",
+) -> None:
     for s in shapes:
         for name in providers:
             results, notes = run_workload(builder(name, s, opts), opts.device, cfg, deadline, env.l2_bytes)
             for pas, res in results.items():
-                rec.emit(suite, s.label(), dtype_name(s.dtype), name, pas, res,
-                         ([extra_note] if extra_note else []) + notes, s.fields())
+                rec.emit(
+                    suite,
+                    s.label(),
+                    dtype_name(s.dtype),
+                    name,
+                    pas,
+                    res,
+                    ([extra_note] if extra_note else []) + notes,
+                    s.fields(),
+                )
             _after_workload()
 
 
@@ -169,8 +249,12 @@ def measure(args: argparse.Namespace) -> int:
     opts = Options(device, compile=not args.no_compile, compile_mode=args.compile_mode)
     deadline = Deadline(args.time_budget)
     rec = Recorder(env, out)
-    print(f"{SMOKE_LABEL.upper()}: " if smoke else "", f"device {env.gpu}, torch {env.torch}, triton {env.triton}; "
-          f"suites {', '.join(suites)}; writing {out}", sep="", flush=True)
+    print(
+        f"{SMOKE_LABEL.upper()}: " if smoke else "",
+        f"device {env.gpu}, torch {env.torch}, triton {env.triton}; suites {', '.join(suites)}; writing {out}",
+        sep="",
+        flush=True,
+    )
     _run_env(rec, device, cfg)
 
     def chosen(names: Sequence[str]) -> List[str]:
@@ -187,14 +271,30 @@ def measure(args: argparse.Namespace) -> int:
                 shapes, note = window_shapes(suite, smoke, windows), ""
             _run_shapes(rec, suite, shapes, chosen(CORE_PROVIDERS), build_core, opts, cfg, deadline, env, note)
         elif kind == "layer":
-            _run_shapes(rec, suite, layer_shapes(suite, smoke, windows), chosen(LAYER_PROVIDERS), build_layer, opts,
-                        cfg, deadline, env)
+            _run_shapes(
+                rec,
+                suite,
+                layer_shapes(suite, smoke, windows),
+                chosen(LAYER_PROVIDERS),
+                build_layer,
+                opts,
+                cfg,
+                deadline,
+                env,
+            )
         elif kind == "model":
             B, img = model_shape(smoke)
             mcfg = replace(cfg, rep_ms=max(cfg.rep_ms, 1500.0), warmup_ms=max(cfg.warmup_ms, 200.0))
             for name in chosen(MODEL_PROVIDERS):
-                res, notes = run_model(name, device, mcfg, deadline, smoke, compile=not args.no_compile,
-                                       compile_mode=args.model_compile_mode)
+                res, notes = run_model(
+                    name,
+                    device,
+                    mcfg,
+                    deadline,
+                    smoke,
+                    compile=not args.no_compile,
+                    compile_mode=args.model_compile_mode,
+                )
                 shape = ("qna_vit_tiny" if name != "swin_tiny" else "swin_tiny") + f" B{B} {img}x{img}"
                 rec.emit(suite, shape, "bf16-autocast", name, "train_step", res, notes, {"batch": B})
     rows = read_rows([rec.path])

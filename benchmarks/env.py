@@ -42,5 +42,14 @@ def detect_env(device: torch.device, smoke: bool) -> Env:
     """Reads the device's name and properties (L2 size decides how many input sets to rotate)."""
     e = capture_environment(device)
     cuda = str(e.cuda) if e.device_type == "cuda" else "none"
-    return Env(e.device_type, e.device_name, e.torch, e.triton or "unavailable", cuda, e.date, e.l2_bytes,
-               e.memory_bytes, smoke)
+    return Env(
+        e.device_type,
+        e.device_name,
+        e.torch,
+        e.triton or "unavailable",
+        cuda,
+        e.date,
+        e.l2_bytes,
+        e.memory_bytes,
+        smoke,
+    )

@@ -11,8 +11,7 @@ import triton.language as tl
 
 from .timing import TimingConfig, time_fn
 
-__all__ = ["fma_chain", "fma_flops", "measure_fp32_rate", "measure_copy_bandwidth", "measure_matmul_rate",
-           "FMA_CHAINS"]
+__all__ = ["fma_chain", "fma_flops", "measure_fp32_rate", "measure_copy_bandwidth", "measure_matmul_rate", "FMA_CHAINS"]
 
 FMA_CHAINS = 8  # independent chains per element: enough instruction-level parallelism to fill the pipes
 
@@ -74,8 +73,9 @@ def measure_copy_bandwidth(device: torch.device, cfg: TimingConfig, nbytes: int 
     return 2 * nbytes / (p50 * 1e-3), p50
 
 
-def measure_matmul_rate(device: torch.device, cfg: TimingConfig, n: int = 8192,
-                        dtype: torch.dtype = torch.bfloat16) -> Tuple[float, float]:
+def measure_matmul_rate(
+    device: torch.device, cfg: TimingConfig, n: int = 8192, dtype: torch.dtype = torch.bfloat16
+) -> Tuple[float, float]:
     """``(FLOP/s, p50 ms)`` of an ``n x n`` by ``n x n`` matrix product (``2 n^3`` FLOP) on random data:
     the tensor-core rate the banded kernels' products are bounded by."""
     g = torch.Generator(device=device).manual_seed(0)
@@ -84,4 +84,4 @@ def measure_matmul_rate(device: torch.device, cfg: TimingConfig, n: int = 8192,
     out = torch.empty(n, n, device=device, dtype=dtype)
     torch.mm(a, b, out=out)
     p50, _, _ = time_fn(lambda: torch.mm(a, b, out=out), device, cfg)
-    return 2 * n ** 3 / (p50 * 1e-3), p50
+    return 2 * n**3 / (p50 * 1e-3), p50

@@ -29,8 +29,10 @@ from .gpu_report.summary import _n, counts_line
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 START, END = "<!-- gpu-results:start -->", "<!-- gpu-results:end -->"
-NO_RESULTS = ("No GPU results yet: no session so far has had a GPU. `bash scripts/gpu_report.sh` on one, then "
-              "`bash scripts/gpu_report.sh --ingest <its OUT>`, fills this table in.")
+NO_RESULTS = (
+    "No GPU results yet: no session so far has had a GPU. `bash scripts/gpu_report.sh` on one, then "
+    "`bash scripts/gpu_report.sh --ingest <its OUT>`, fills this table in."
+)
 
 
 def _device_key(state: dict) -> str:
@@ -47,8 +49,10 @@ def ingest(src: str, repo: str = REPO) -> List[str]:
     with open(state_path) as f:
         state = json.load(f)
     if state.get("mode") == "rehearsal" and os.path.realpath(repo) == os.path.realpath(REPO):
-        raise SystemExit(f"{src} holds a CPU rehearsal (not a measurement): it never goes into this checkout; "
-                         "pass --repo DIR to try the ingest on a copy")
+        raise SystemExit(
+            f"{src} holds a CPU rehearsal (not a measurement): it never goes into this checkout; "
+            "pass --repo DIR to try the ingest on a copy"
+        )
     readme = os.path.join(repo, "README.md")
     with open(readme) as f:
         text = f.read()
@@ -132,15 +136,19 @@ def results_block(results_root: str) -> str:
                     reports.append((key, json.load(f)))
     if not reports:
         return NO_RESULTS
-    parts = [f"Measured by `scripts/gpu_report.sh` ({HEADLINE}); time ratios are peer / ours for "
-             "forward+backward in the same run (>1: ours is faster). Full tables: `benchmarks/results/<gpu>/`."]
+    parts = [
+        f"Measured by `scripts/gpu_report.sh` ({HEADLINE}); time ratios are peer / ours for "
+        "forward+backward in the same run (>1: ours is faster). Full tables: `benchmarks/results/<gpu>/`."
+    ]
     for key, st in reports:
         env = st.get("environment", {})
         stages = st.get("stages", {})
         label = " (CPU rehearsal: not a measurement)" if st.get("mode") == "rehearsal" else ""
         cap = f" (sm_{env['capability'].replace('.', '')})" if env.get("capability") else ""
-        line = [f"**{st.get('gpu', key)}**{cap}{label}, {str(env.get('date') or st.get('created', ''))[:10]}: "
-                f"torch {env.get('torch')}, triton {env.get('triton')}, CUDA {env.get('cuda')}"]
+        line = [
+            f"**{st.get('gpu', key)}**{cap}{label}, {str(env.get('date') or st.get('created', ''))[:10]}: "
+            f"torch {env.get('torch')}, triton {env.get('triton')}, CUDA {env.get('cuda')}"
+        ]
         if env.get("copy_gb_s"):
             line.append(f"copy {env['copy_gb_s']:.0f} GB/s, bf16 matmul {_n(env.get('matmul_tflop_s'), '.0f')} TFLOP/s")
         tests = stages.get("tests", {})
@@ -150,29 +158,38 @@ def results_block(results_root: str) -> str:
             line.append(f"suite {suite.get('status')} ({counts_line(suite['counts'])})")
         tune = st.get("autotune") or {}
         if tune.get("geomean"):
-            line.append(f"autotune --quick: tuned {tune['geomean']:.2f}x the heuristic (geomean, "
-                        f"{len(tune.get('entries', []))} entries)")
+            line.append(
+                f"autotune --quick: tuned {tune['geomean']:.2f}x the heuristic (geomean, "
+                f"{len(tune.get('entries', []))} entries)"
+            )
         launch = st.get("launch_overhead") or {}
         if launch.get("fwd_us"):
             line.append(f"launch overhead {launch['fwd_us']:.0f} us per forward call")
         not_ok = [s for s in STAGES if stages.get(s, {}).get("status") != "ok"]
         if not_ok:
             line.append("stages not ok: " + ", ".join(f"{s} ({stages.get(s, {}).get('status')})" for s in not_ok))
-        parts += ["", "; ".join(line) + ".", "",
-                  "| k | ours fwd ms | ours fwd+bwd ms | fwd % of copy | x paper eager | x paper compiled | "
-                  "x FlexAttention | memory x window-materialising |",
-                  "|---|---|---|---|---|---|---|---|"]
+        parts += [
+            "",
+            "; ".join(line) + ".",
+            "",
+            "| k | ours fwd ms | ours fwd+bwd ms | fwd % of copy | x paper eager | x paper compiled | "
+            "x FlexAttention | memory x window-materialising |",
+            "|---|---|---|---|---|---|---|---|",
+        ]
         for e in (st.get("bench") or {}).get("table", []):
-            parts.append(f"| {e['window']} | {_n(e.get('fwd_ms'))} | {_n(e.get('fwd_bwd_ms'))} | "
-                         f"{_n(e.get('fwd_pct_copy'), '.0f')} | {_n(e.get('x_paper_eager'))} | "
-                         f"{_n(e.get('x_paper_compiled'))} | {_n(e.get('x_flex_nat'))} | "
-                         f"{_n(e.get('mem_x_naive_window'))} |")
+            parts.append(
+                f"| {e['window']} | {_n(e.get('fwd_ms'))} | {_n(e.get('fwd_bwd_ms'))} | "
+                f"{_n(e.get('fwd_pct_copy'), '.0f')} | {_n(e.get('x_paper_eager'))} | "
+                f"{_n(e.get('x_paper_compiled'))} | {_n(e.get('x_flex_nat'))} | "
+                f"{_n(e.get('mem_x_naive_window'))} |"
+            )
     return "\n".join(parts)
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
-    p = argparse.ArgumentParser(prog="python -m benchmarks.ingest", description=__doc__,
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(
+        prog="python -m benchmarks.ingest", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     p.add_argument("src", help="the folder scripts/gpu_report.sh wrote (its OUT), as it came back")
     p.add_argument("--repo", default=REPO, help="repository to write into (default: this checkout)")
     args = p.parse_args(argv)

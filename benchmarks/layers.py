@@ -48,8 +48,10 @@ def flex_na_layer(s: CoreShape, opts: Options) -> Workload:
     torch.manual_seed(opts.seed)
     layer = FlexNeighborhoodAttention(s.channels, s.heads, s.window, compile=opts.compile)
     layer = layer.to(device=opts.device, dtype=s.dtype)
-    notes = ["qkv projection + FlexAttention (2-D window block mask, relative-position bias) + output projection",
-             "attention " + ("compiled (mode='default')" if opts.compile else "eager (compilation disabled)")]
+    notes = [
+        "qkv projection + FlexAttention (2-D window block mask, relative-position bias) + output projection",
+        "attention " + ("compiled (mode='default')" if opts.compile else "eager (compilation disabled)"),
+    ]
     if cuda and s.head_dim < FLEX_MIN_HEAD_DIM:
         notes.append(f"head dim {s.head_dim} zero-padded to {FLEX_MIN_HEAD_DIM}")
     if not cuda:
@@ -57,8 +59,14 @@ def flex_na_layer(s: CoreShape, opts: Options) -> Workload:
         for p in layer.parameters():
             p.requires_grad_(False)
     layer.block_mask(s.height, s.width, opts.device)  # built once per shape, outside the timing
-    return Workload(_input(s, opts, cuda), layer, params=list(layer.parameters()),
-                    passes=PASSES if cuda else ("fwd",), compiled=opts.compile, notes=notes)
+    return Workload(
+        _input(s, opts, cuda),
+        layer,
+        params=list(layer.parameters()),
+        passes=PASSES if cuda else ("fwd",),
+        compiled=opts.compile,
+        notes=notes,
+    )
 
 
 LAYER_PROVIDERS: Dict[str, Callable[[CoreShape, Options], Workload]] = {

@@ -40,8 +40,9 @@ def paper_forward(self: QnA, x: torch.Tensor) -> torch.Tensor:
     qv = F.linear(x, weight, bias)
     rpb = self.rpe_bias.reshape(-1, N, h)
     logits, values = split_packed(qv, rpb)
-    out, _ = paper_qna_attention(logits, values, rpb, self.scale_tensor(),
-                                 self.kernel_size, self.stride, self.padding, exact_fallback=False)
+    out, _ = paper_qna_attention(
+        logits, values, rpb, self.scale_tensor(), self.kernel_size, self.stride, self.padding, exact_fallback=False
+    )
     return self.to_out(out.reshape(B, Ho, Wo, self.features))
 
 
@@ -84,10 +85,12 @@ def _build(name: str, smoke: bool) -> Tuple[nn.Module, Optional[str], str]:
             import timm
         except ImportError as e:
             raise Unsupported(f"timm not installed ({e})") from e
-        kwargs = dict(img_size=SMOKE_VIT_IMAGE, window_size=2, embed_dim=24, depths=(1, 1, 1, 1),
-                      num_heads=(1, 2, 3, 3)) if smoke else {}
-        model = timm.create_model("swin_tiny_patch4_window7_224", pretrained=False, num_classes=NUM_CLASSES,
-                                  **kwargs)
+        kwargs = (
+            dict(img_size=SMOKE_VIT_IMAGE, window_size=2, embed_dim=24, depths=(1, 1, 1, 1), num_heads=(1, 2, 3, 3))
+            if smoke
+            else {}
+        )
+        model = timm.create_model("swin_tiny_patch4_window7_224", pretrained=False, num_classes=NUM_CLASSES, **kwargs)
         return model, None, "timm swin_tiny_patch4_window7_224" + (" (narrow smoke variant)" if smoke else "")
     try:
         mod = _import_qna_vit()
@@ -101,8 +104,11 @@ def _build(name: str, smoke: bool) -> Tuple[nn.Module, Optional[str], str]:
         n = use_paper_formulation(model)
         return model, "auto", desc + f", {n} QnA layers in the paper's formulation (traced by torch.compile)"
     if name == "reference_backend":
-        return model, "reference", desc + ", QNA_TRITON_BACKEND=reference (paper forward, analytic " \
-                                          "backward, opaque to torch.compile)"
+        return (
+            model,
+            "reference",
+            desc + ", QNA_TRITON_BACKEND=reference (paper forward, analytic backward, opaque to torch.compile)",
+        )
     raise ValueError(f"unknown model provider {name!r}")
 
 

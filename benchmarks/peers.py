@@ -156,8 +156,9 @@ class FlexNeighborhoodAttention(nn.Module):
         self.proj = nn.Linear(dim, dim, bias=False)
         self.rpb = nn.Parameter(torch.randn(heads, kernel_size * kernel_size) * 0.02)
         self._masks: Dict[tuple, object] = {}
-        self._attn = torch.compile(flex_neighbourhood_attention, dynamic=False) if compile else \
-            flex_neighbourhood_attention
+        self._attn = (
+            torch.compile(flex_neighbourhood_attention, dynamic=False) if compile else flex_neighbourhood_attention
+        )
 
     def block_mask(self, height: int, width: int, device: torch.device):
         key = (height, width, str(device))

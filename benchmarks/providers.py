@@ -65,22 +65,36 @@ class CoreShape:
         return torch.empty((), dtype=self.dtype).element_size()
 
     def label(self) -> str:
-        return (f"B{self.batch} {self.height}x{self.width} C{self.channels} h{self.heads} d{self.head_dim} "
-                f"N{self.queries} k{self.window} s{self.stride}")
+        return (
+            f"B{self.batch} {self.height}x{self.width} C{self.channels} h{self.heads} d{self.head_dim} "
+            f"N{self.queries} k{self.window} s{self.stride}"
+        )
 
     def bytes_floor(self) -> int:
-        return floors.forward_bytes(self.batch, (self.height, self.width), self.out_hw, self.queries, self.heads,
-                                    self.channels, self.elem_bytes)
+        return floors.forward_bytes(
+            self.batch, (self.height, self.width), self.out_hw, self.queries, self.heads, self.channels, self.elem_bytes
+        )
 
     def flops(self) -> int:
-        return floors.forward_flops(self.batch, self.out_hw, self.window, self.window, self.heads, self.queries,
-                                    self.head_dim)
+        return floors.forward_flops(
+            self.batch, self.out_hw, self.window, self.window, self.heads, self.queries, self.head_dim
+        )
 
     def fields(self) -> dict:
         """The shape's columns of a result row."""
-        return dict(batch=self.batch, height=self.height, width=self.width, channels=self.channels,
-                    heads=self.heads, head_dim=self.head_dim, queries=self.queries, window=self.window,
-                    stride=self.stride, bytes_floor=self.bytes_floor(), flops=self.flops())
+        return dict(
+            batch=self.batch,
+            height=self.height,
+            width=self.width,
+            channels=self.channels,
+            heads=self.heads,
+            head_dim=self.head_dim,
+            queries=self.queries,
+            window=self.window,
+            stride=self.stride,
+            bytes_floor=self.bytes_floor(),
+            flops=self.flops(),
+        )
 
 
 @dataclass(frozen=True)
@@ -100,8 +114,9 @@ def _generator(opts: Options) -> torch.Generator:
     return g
 
 
-def _randn(shape, opts: Options, g: torch.Generator, dtype: torch.dtype, std: float = 1.0,
-           grad: bool = True) -> torch.Tensor:
+def _randn(
+    shape, opts: Options, g: torch.Generator, dtype: torch.dtype, std: float = 1.0, grad: bool = True
+) -> torch.Tensor:
     t = torch.randn(shape, generator=g, device=opts.device, dtype=torch.float32).mul_(std).to(dtype)
     return t.requires_grad_(grad)
 
@@ -115,7 +130,8 @@ def qna_inputs(s: CoreShape, opts: Options, grad: bool = True) -> Callable[[], L
     def make() -> List[torch.Tensor]:
         return [
             _randn((s.batch, s.height, s.width, h, N), opts, g, s.dtype, grad=False)
-            .transpose(-1, -2).requires_grad_(grad),
+            .transpose(-1, -2)
+            .requires_grad_(grad),
             _randn((s.batch, s.height, s.width, h, s.head_dim), opts, g, s.dtype, grad=grad),
             _randn((K, N, h), opts, g, torch.float32, std=0.5, grad=grad),
             _randn((K, N, h), opts, g, torch.float32, std=0.5, grad=grad),
@@ -158,8 +174,12 @@ def qna_triton_direct(s: CoreShape, opts: Options) -> Workload:
     def fwd(l, v, r, a):
         return qna_attention(l, v, r, a, ks, st, pd)
 
-    return Workload(qna_inputs(s, opts), fwd, notes=["direct forward and delta (forced)"],
-                    context=lambda: kernel_algorithm("direct"))
+    return Workload(
+        qna_inputs(s, opts),
+        fwd,
+        notes=["direct forward and delta (forced)"],
+        context=lambda: kernel_algorithm("direct"),
+    )
 
 
 def _paper(s: CoreShape) -> Callable:
@@ -191,8 +211,11 @@ def paper_compiled(s: CoreShape, opts: Options, cudagraphs: bool = True) -> Work
         raise Unsupported("compilation disabled (--no-compile)")
     fn = _paper(s)
     graphs = cudagraphs and _uses_cudagraphs(opts.compile_mode, opts.device)
-    mode = opts.compile_mode if graphs or not _uses_cudagraphs(opts.compile_mode, opts.device) else \
-        _no_cudagraphs(opts.compile_mode)
+    mode = (
+        opts.compile_mode
+        if graphs or not _uses_cudagraphs(opts.compile_mode, opts.device)
+        else _no_cudagraphs(opts.compile_mode)
+    )
     notes = [f"torch.compile(mode={mode!r})"]
     if not graphs:
         return Workload(qna_inputs(s, opts), _compile(fn, mode), compiled=True, notes=notes)
@@ -204,11 +227,20 @@ def paper_compiled(s: CoreShape, opts: Options, cudagraphs: bool = True) -> Work
             torch._dynamo.mark_static_address(t)
         return ts
 
-    notes += ["inputs marked static (no per-replay input copies), one input set",
-              "memory measured without CUDA graphs (a graph's private pool hides the per-call peak)"]
-    return Workload(make_static, _compile(fn, mode), memory_forward=_compile(fn, _no_cudagraphs(mode)),
-                    compiled=True, mark_step=True, rotate=False, notes=notes,
-                    fallback=lambda: paper_compiled(s, opts, cudagraphs=False))
+    notes += [
+        "inputs marked static (no per-replay input copies), one input set",
+        "memory measured without CUDA graphs (a graph's private pool hides the per-call peak)",
+    ]
+    return Workload(
+        make_static,
+        _compile(fn, mode),
+        memory_forward=_compile(fn, _no_cudagraphs(mode)),
+        compiled=True,
+        mark_step=True,
+        rotate=False,
+        notes=notes,
+        fallback=lambda: paper_compiled(s, opts, cudagraphs=False),
+    )
 
 
 def naive_window(s: CoreShape, opts: Options) -> Workload:
@@ -295,8 +327,13 @@ def copy(s: CoreShape, opts: Options) -> Workload:
     def fwd(src, dst):
         return dst.copy_(src)
 
-    return Workload(make, fwd, passes=("fwd",), measure_memory=False,
-                    notes=[f"copies {n} bytes: {2 * n} moved, the forward's bytes floor"])
+    return Workload(
+        make,
+        fwd,
+        passes=("fwd",),
+        measure_memory=False,
+        notes=[f"copies {n} bytes: {2 * n} moved, the forward's bytes floor"],
+    )
 
 
 CORE_PROVIDERS: Dict[str, Callable[[CoreShape, Options], Workload]] = {

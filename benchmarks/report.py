@@ -21,22 +21,58 @@ from .floors import datasheet_fp32_rate
 __all__ = ["COLUMNS", "derive", "write_reports", "summary_markdown", "read_rows", "TARGETS"]
 
 COLUMNS = [
-    "mode", "gpu", "torch", "triton", "cuda", "date", "suite", "shape", "dtype", "provider", "pass", "status",
-    "p50_ms", "p20_ms", "p80_ms", "gb_s", "pct_copy", "tflop_s", "flop_floor_ms", "x_flop_floor", "floor_ms",
-    "x_floor", "images_s", "peak_mb", "extra_mb", "batch", "height", "width", "channels", "heads", "head_dim",
-    "queries", "window", "stride", "bytes_floor", "flops", "device_mem_mb", "note",
+    "mode",
+    "gpu",
+    "torch",
+    "triton",
+    "cuda",
+    "date",
+    "suite",
+    "shape",
+    "dtype",
+    "provider",
+    "pass",
+    "status",
+    "p50_ms",
+    "p20_ms",
+    "p80_ms",
+    "gb_s",
+    "pct_copy",
+    "tflop_s",
+    "flop_floor_ms",
+    "x_flop_floor",
+    "floor_ms",
+    "x_floor",
+    "images_s",
+    "peak_mb",
+    "extra_mb",
+    "batch",
+    "height",
+    "width",
+    "channels",
+    "heads",
+    "head_dim",
+    "queries",
+    "window",
+    "stride",
+    "bytes_floor",
+    "flops",
+    "device_mem_mb",
+    "note",
 ]
 
-TARGETS = OrderedDict([
-    ("eager3", "our fwd+bwd >= 3x faster than paper_eager at every window"),
-    ("compiled2", "our fwd+bwd >= 2x faster than paper_compiled at every window"),
-    ("copy75", "forward >= 75% of the copy roofline at k=3"),
-    ("floor2", "forward within 2x of the floor (max of bytes at copy speed, FLOP at the fp32 rate) at k > 3"),
-    ("layer5", "QnA layer >= 5x faster fwd+bwd than the FlexAttention NA layer at window >= 15 (d=16, 32)"),
-    ("layermem", "QnA layer uses less fwd+bwd peak memory than the FlexAttention NA layer"),
-    ("naive10", "core op uses >= 10x less fwd+bwd peak memory than the window-materialising form at window >= 7"),
-    ("model13", "qna_vit_tiny training step >= 1.3x the images/s of the paper's formulation compiled"),
-])
+TARGETS = OrderedDict(
+    [
+        ("eager3", "our fwd+bwd >= 3x faster than paper_eager at every window"),
+        ("compiled2", "our fwd+bwd >= 2x faster than paper_compiled at every window"),
+        ("copy75", "forward >= 75% of the copy roofline at k=3"),
+        ("floor2", "forward within 2x of the floor (max of bytes at copy speed, FLOP at the fp32 rate) at k > 3"),
+        ("layer5", "QnA layer >= 5x faster fwd+bwd than the FlexAttention NA layer at window >= 15 (d=16, 32)"),
+        ("layermem", "QnA layer uses less fwd+bwd peak memory than the FlexAttention NA layer"),
+        ("naive10", "core op uses >= 10x less fwd+bwd peak memory than the window-materialising form at window >= 7"),
+        ("model13", "qna_vit_tiny training step >= 1.3x the images/s of the paper's formulation compiled"),
+    ]
+)
 
 
 # ----------------------------------------------------------------------------------- rows
@@ -51,8 +87,14 @@ def read_rows(paths: Iterable[str]) -> List[dict]:
             for line in f:
                 if line.strip():
                     r = json.loads(line)
-                    key = (r.get("gpu"), r.get("suite"), r.get("shape"), r.get("dtype"), r.get("provider"),
-                           r.get("pass"))
+                    key = (
+                        r.get("gpu"),
+                        r.get("suite"),
+                        r.get("shape"),
+                        r.get("dtype"),
+                        r.get("provider"),
+                        r.get("pass"),
+                    )
                     merged.pop(key, None)
                     merged[key] = r
     return list(merged.values())
@@ -67,14 +109,24 @@ def fp32_rate(rows: Sequence[dict]) -> Tuple[Optional[float], str]:
     (the larger gives the stricter floor), with its source."""
     gpu = next((r["gpu"] for r in rows if r.get("gpu")), "")
     sheet = datasheet_fp32_rate(gpu)
-    measured = next((r for r in rows if r.get("suite") == "env" and r.get("provider") == "fp32_fma" and _ok(r)
-                     and r.get("tflop_s")), None)
+    measured = next(
+        (
+            r
+            for r in rows
+            if r.get("suite") == "env" and r.get("provider") == "fp32_fma" and _ok(r) and r.get("tflop_s")
+        ),
+        None,
+    )
     options = []
     if sheet:
         options.append((sheet[0], sheet[1]))
     if measured:
-        options.append((measured["tflop_s"] * 1e12, f"measured on this GPU: FMA-chain Triton kernel, "
-                                                     f"{measured['tflop_s']:.1f} TFLOP/s"))
+        options.append(
+            (
+                measured["tflop_s"] * 1e12,
+                f"measured on this GPU: FMA-chain Triton kernel, {measured['tflop_s']:.1f} TFLOP/s",
+            )
+        )
     if not options:
         return None, "unknown (no datasheet entry for this GPU and no measurement)"
     rate, source = max(options, key=lambda o: o[0])
@@ -86,8 +138,11 @@ def derive(rows: Sequence[dict]) -> Tuple[List[dict], dict]:
     """Fills GB/s, % of copy, TFLOP/s, floors and ratios from the measured times; returns (rows, meta)."""
     rate, source = fp32_rate(rows)
     out = [dict(r) for r in rows]
-    copies = {(r["suite"], r["shape"], r["dtype"]): r for r in out if r.get("provider") == "copy" and _ok(r)
-              and r.get("suite") != "env"}
+    copies = {
+        (r["suite"], r["shape"], r["dtype"]): r
+        for r in out
+        if r.get("provider") == "copy" and _ok(r) and r.get("suite") != "env"
+    }
     for r in out:
         if not _ok(r):
             continue
@@ -139,11 +194,14 @@ def _f(v, digits: int = 3) -> str:
 def _header(meta: dict) -> str:
     lines = []
     if meta["smoke"]:
-        lines.append(f"> **{SMOKE_LABEL}.** CPU smoke run of the harness on tiny shapes; no number here "
-                     "is a benchmark result.\n")
+        lines.append(
+            f"> **{SMOKE_LABEL}.** CPU smoke run of the harness on tiny shapes; no number here is a benchmark result.\n"
+        )
     dates = meta["dates"]
-    lines.append(f"- device: {meta['gpu']}; torch {', '.join(meta['torch'])}; triton {', '.join(meta['triton'])}; "
-                 f"measured {dates[0] if dates else '?'}" + (f" to {dates[-1]}" if len(dates) > 1 else ""))
+    lines.append(
+        f"- device: {meta['gpu']}; torch {', '.join(meta['torch'])}; triton {', '.join(meta['triton'])}; "
+        f"measured {dates[0] if dates else '?'}" + (f" to {dates[-1]}" if len(dates) > 1 else "")
+    )
     lines.append(f"- float32 rate for the arithmetic floor: {meta['fp32_rate_source']}")
     if meta.get("copy_large_gb_s"):
         lines.append(f"- device copy bandwidth (1 GiB, read + write): {meta['copy_large_gb_s']:.0f} GB/s")
@@ -163,8 +221,23 @@ def _table(rows: List[List[str]], headers: List[str]) -> str:
 def results_markdown(rows: Sequence[dict], meta: dict) -> str:
     """Every row, one table per suite."""
     parts = ["# QnA benchmark results\n\n", _header(meta)]
-    cols = ["shape", "dtype", "provider", "pass", "status", "p50_ms", "p20_ms", "p80_ms", "gb_s", "pct_copy",
-            "x_floor", "images_s", "peak_mb", "extra_mb", "note"]
+    cols = [
+        "shape",
+        "dtype",
+        "provider",
+        "pass",
+        "status",
+        "p50_ms",
+        "p20_ms",
+        "p80_ms",
+        "gb_s",
+        "pct_copy",
+        "x_floor",
+        "images_s",
+        "peak_mb",
+        "extra_mb",
+        "note",
+    ]
     suites: OrderedDict[str, List[dict]] = OrderedDict()
     for r in rows:
         suites.setdefault(r["suite"], []).append(r)
@@ -224,9 +297,11 @@ def summary_markdown(rows: Sequence[dict], meta: dict) -> Tuple[str, Dict[str, L
     idx = _index(rows)
     verdicts: Dict[str, List[Optional[bool]]] = {k: [] for k in TARGETS}
     out = ["# QnA benchmarks: headline\n\n", _header(meta)]
-    out.append("\nSpeed-ups are the peer's p50 time over ours (> 1: we are faster); memory ratios are the peer's "
-               "fwd+bwd peak memory beyond its inputs over ours (> 1: we use less). `>`: the peer ran out of "
-               "memory, bound from the free device memory.\n")
+    out.append(
+        "\nSpeed-ups are the peer's p50 time over ours (> 1: we are faster); memory ratios are the peer's "
+        "fwd+bwd peak memory beyond its inputs over ours (> 1: we use less). `>`: the peer ran out of "
+        "memory, bound from the free device memory.\n"
+    )
 
     suites = list(OrderedDict.fromkeys(r["suite"] for r in rows))
     for suite in [s for s in suites if s.startswith("window_")]:
@@ -246,8 +321,11 @@ def summary_markdown(rows: Sequence[dict], meta: dict) -> Tuple[str, Dict[str, L
                 ratio, bound = _mem_ratio(other, ours)
                 if peer == "naive_window":
                     naive_ratio = ratio
-                line.append(_fmt_ratio(ratio, bound, why=_fail(other) if other is None or other.get("status") != "ok"
-                                       else "n/a"))
+                line.append(
+                    _fmt_ratio(
+                        ratio, bound, why=_fail(other) if other is None or other.get("status") != "ok" else "n/a"
+                    )
+                )
             v_e = None if sp["paper_eager"] is None else sp["paper_eager"] >= 3.0
             v_c = None if sp["paper_compiled"] is None else sp["paper_compiled"] >= 2.0
             v_n = None if k < 7 else (None if naive_ratio is None else naive_ratio >= 10.0)
@@ -258,9 +336,26 @@ def summary_markdown(rows: Sequence[dict], meta: dict) -> Tuple[str, Dict[str, L
             line += [_verdict(v_e, smoke), _verdict(v_c, smoke), _verdict(v_n, smoke) if k >= 7 else "-"]
             body.append(line)
         out.append(f"\n## Core op, {suite}: fwd+bwd\n")
-        out.append(_table(body, ["k", "ours ms", "x paper_eager", "x paper_compiled", "x flex_nat",
-                                 "mem paper_eager", "mem paper_compiled", "mem flex_nat", "mem naive_window",
-                                 ">=3x eager", ">=2x compiled", ">=10x mem naive (k>=7)"]) + "\n")
+        out.append(
+            _table(
+                body,
+                [
+                    "k",
+                    "ours ms",
+                    "x paper_eager",
+                    "x paper_compiled",
+                    "x flex_nat",
+                    "mem paper_eager",
+                    "mem paper_compiled",
+                    "mem flex_nat",
+                    "mem naive_window",
+                    ">=3x eager",
+                    ">=2x compiled",
+                    ">=10x mem naive (k>=7)",
+                ],
+            )
+            + "\n"
+        )
 
         body = []
         for k in windows:
@@ -281,12 +376,37 @@ def summary_markdown(rows: Sequence[dict], meta: dict) -> Tuple[str, Dict[str, L
                 v = None if ours.get("x_floor") is None else ours["x_floor"] <= 2.0
                 verdicts["floor2"].append(v)
                 target = "<=2x floor: " + _verdict(v, smoke)
-            body.append([str(k), _f(ours["p50_ms"]), _f(ours.get("gb_s")),
-                         _f(copy.get("gb_s")) if _ok(copy) else _fail(copy), _f(ours.get("pct_copy")),
-                         _f(ours.get("flop_floor_ms")), _f(ours.get("floor_ms")), _f(ours.get("x_floor")), target])
+            body.append(
+                [
+                    str(k),
+                    _f(ours["p50_ms"]),
+                    _f(ours.get("gb_s")),
+                    _f(copy.get("gb_s")) if _ok(copy) else _fail(copy),
+                    _f(ours.get("pct_copy")),
+                    _f(ours.get("flop_floor_ms")),
+                    _f(ours.get("floor_ms")),
+                    _f(ours.get("x_floor")),
+                    target,
+                ]
+            )
         out.append(f"\n## Core op, {suite}: forward against the floors\n")
-        out.append(_table(body, ["k", "ours fwd ms", "ours GB/s", "copy GB/s", "% of copy", "FLOP floor ms",
-                                 "floor ms", "x floor", "target"]) + "\n")
+        out.append(
+            _table(
+                body,
+                [
+                    "k",
+                    "ours fwd ms",
+                    "ours GB/s",
+                    "copy GB/s",
+                    "% of copy",
+                    "FLOP floor ms",
+                    "floor ms",
+                    "x floor",
+                    "target",
+                ],
+            )
+            + "\n"
+        )
 
     layer_suites = [s for s in suites if s.startswith("layer_")]
     if layer_suites:
@@ -303,13 +423,39 @@ def summary_markdown(rows: Sequence[dict], meta: dict) -> Tuple[str, Dict[str, L
                     verdicts["layer5"].append(v_s)
                 verdicts["layermem"].append(v_m)
                 hd = next((r.get("head_dim") for r in rows if r["suite"] == suite), "")
-                body.append([str(hd), str(k), _f(ours.get("p50_ms")) if _ok(ours) else _fail(ours),
-                             _f(flex.get("p50_ms")) if _ok(flex) else _fail(flex), _fmt_ratio(sp),
-                             _f(ours.get("extra_mb")) if ours else "", _f(flex.get("extra_mb")) if flex else "",
-                             _fmt_ratio(mem, bound), _verdict(v_s, smoke) if k >= 15 else "-", _verdict(v_m, smoke)])
+                body.append(
+                    [
+                        str(hd),
+                        str(k),
+                        _f(ours.get("p50_ms")) if _ok(ours) else _fail(ours),
+                        _f(flex.get("p50_ms")) if _ok(flex) else _fail(flex),
+                        _fmt_ratio(sp),
+                        _f(ours.get("extra_mb")) if ours else "",
+                        _f(flex.get("extra_mb")) if flex else "",
+                        _fmt_ratio(mem, bound),
+                        _verdict(v_s, smoke) if k >= 15 else "-",
+                        _verdict(v_m, smoke),
+                    ]
+                )
         out.append("\n## Layer: QnA vs neighbourhood attention (FlexAttention), fwd+bwd\n")
-        out.append(_table(body, ["d", "k", "QnA ms", "NA ms", "speed-up", "QnA MB", "NA MB", "mem ratio",
-                                 ">=5x (k>=15)", "less memory"]) + "\n")
+        out.append(
+            _table(
+                body,
+                [
+                    "d",
+                    "k",
+                    "QnA ms",
+                    "NA ms",
+                    "speed-up",
+                    "QnA MB",
+                    "NA MB",
+                    "mem ratio",
+                    ">=5x (k>=15)",
+                    "less memory",
+                ],
+            )
+            + "\n"
+        )
 
     model_rows = [r for r in rows if r["suite"] == "model"]
     if model_rows:
@@ -317,10 +463,21 @@ def summary_markdown(rows: Sequence[dict], meta: dict) -> Tuple[str, Dict[str, L
         ours = next((r for r in model_rows if r["provider"] == "qna_triton"), None)
         body = []
         for r in model_rows:
-            sp = (r["images_s"] / ref["images_s"]) if (_ok(r) and _ok(ref) and r.get("images_s")
-                                                       and ref.get("images_s")) else None
-            body.append([r["provider"], r["shape"], _f(r.get("images_s")) if _ok(r) else _fail(r),
-                         _f(r.get("p50_ms")), _f(r.get("peak_mb")), _fmt_ratio(sp)])
+            sp = (
+                (r["images_s"] / ref["images_s"])
+                if (_ok(r) and _ok(ref) and r.get("images_s") and ref.get("images_s"))
+                else None
+            )
+            body.append(
+                [
+                    r["provider"],
+                    r["shape"],
+                    _f(r.get("images_s")) if _ok(r) else _fail(r),
+                    _f(r.get("p50_ms")),
+                    _f(r.get("peak_mb")),
+                    _fmt_ratio(sp),
+                ]
+            )
         v = None
         if _ok(ours) and _ok(ref):
             v = ours["images_s"] / ref["images_s"] >= 1.3
@@ -340,8 +497,13 @@ def summary_markdown(rows: Sequence[dict], meta: dict) -> Tuple[str, Dict[str, L
             state = "smoke"
         else:
             state = "PASS" if all(measured) else "MISS"
-        body.append([text, state, f"{sum(1 for v in measured if v)}/{len(measured)} pass, "
-                                  f"{len(vs) - len(measured)} not measured"])
+        body.append(
+            [
+                text,
+                state,
+                f"{sum(1 for v in measured if v)}/{len(measured)} pass, {len(vs) - len(measured)} not measured",
+            ]
+        )
     out.append(_table(body, ["target", "verdict", "cases"]) + "\n")
     return "".join(out), verdicts
 
@@ -358,14 +520,20 @@ def _plot_suite(rows: Sequence[dict], suite: str, meta: dict, path: str) -> None
     colours = {p: f"C{i % 10}" for i, p in enumerate(providers)}  # one colour per provider in every panel
     windows = sorted({r["window"] for r in rs})
     fig, axes = plt.subplots(2, 2, figsize=(12, 9))
-    panels = [("fwd", "p50_ms", "forward time (ms)"), ("bwd", "p50_ms", "backward time (ms)"),
-              ("fwd+bwd", "p50_ms", "forward+backward time (ms)"),
-              ("fwd+bwd", "extra_mb", "fwd+bwd peak memory beyond inputs (MB)")]
+    panels = [
+        ("fwd", "p50_ms", "forward time (ms)"),
+        ("bwd", "p50_ms", "backward time (ms)"),
+        ("fwd+bwd", "p50_ms", "forward+backward time (ms)"),
+        ("fwd+bwd", "extra_mb", "fwd+bwd peak memory beyond inputs (MB)"),
+    ]
     for ax, (pas, key, title) in zip(axes.flat, panels):
         drawn = False
         for p in providers:
-            pts = sorted((r["window"], r[key]) for r in rs if r["provider"] == p and r.get("pass") == pas
-                         and r.get(key) and (key != "p50_ms" or _ok(r)))
+            pts = sorted(
+                (r["window"], r[key])
+                for r in rs
+                if r["provider"] == p and r.get("pass") == pas and r.get(key) and (key != "p50_ms" or _ok(r))
+            )
             if pts:
                 ax.plot([x for x, _ in pts], [y for _, y in pts], marker="o", label=p, color=colours[p])
                 drawn = True
@@ -401,8 +569,9 @@ def write_reports(rows: Sequence[dict], out_dir: str) -> Tuple[str, dict]:
         for r in derived:
             w.writerow({c: ("" if r.get(c) is None else r.get(c)) for c in COLUMNS})
     with open(os.path.join(out_dir, "results.json"), "w") as f:
-        json.dump({"meta": meta, "columns": COLUMNS, "rows": [{c: r.get(c) for c in COLUMNS} for r in derived]},
-                  f, indent=1)
+        json.dump(
+            {"meta": meta, "columns": COLUMNS, "rows": [{c: r.get(c) for c in COLUMNS} for r in derived]}, f, indent=1
+        )
     with open(os.path.join(out_dir, "results.md"), "w") as f:
         f.write(results_markdown(derived, meta))
     summary, _ = summary_markdown(derived, meta)

@@ -108,8 +108,9 @@ def run_workload(
         return _measure(wl, device, cfg, deadline, l2_bytes)
 
 
-def _measure(wl: Workload, device: torch.device, cfg: TimingConfig, deadline: Deadline,
-             l2_bytes: Optional[int]) -> Tuple[Dict[str, dict], List[str]]:
+def _measure(
+    wl: Workload, device: torch.device, cfg: TimingConfig, deadline: Deadline, l2_bytes: Optional[int]
+) -> Tuple[Dict[str, dict], List[str]]:
     notes: List[str] = list(wl.notes)
     results: Dict[str, dict] = {p: {} for p in wl.passes}
     if deadline.spent():
@@ -232,8 +233,9 @@ def _measure(wl: Workload, device: torch.device, cfg: TimingConfig, deadline: De
                 fn = lambda out: out.backward(grad_out)  # noqa: E731
             else:
                 fn = lambda: call(wl.forward, next_set()).backward(grad_out)  # noqa: E731
-            p50, p20, p80 = time_fn(fn, device, cfg, grad_to_none=leaves if needs_grad else None,
-                                    estimate_ms=estimate_ms, setup=setup)
+            p50, p20, p80 = time_fn(
+                fn, device, cfg, grad_to_none=leaves if needs_grad else None, estimate_ms=estimate_ms, setup=setup
+            )
             results[p].update(status="ok", p50_ms=p50, p20_ms=p20, p80_ms=p80)
         except Exception as e:
             results[p]["status"] = failure_status(e)

@@ -36,23 +36,37 @@ class Suite:
 
 
 def _window_suite(dtype: str, head_dim: int) -> Suite:
-    return Suite(f"window_{dtype}_d{head_dim}", "core",
-                 f"core op, window sweep {', '.join(map(str, WINDOWS))}: batch 32, 64x64, C=128, "
-                 f"{128 // head_dim} heads (d={head_dim}), 2 queries, {dtype}")
+    return Suite(
+        f"window_{dtype}_d{head_dim}",
+        "core",
+        f"core op, window sweep {', '.join(map(str, WINDOWS))}: batch 32, 64x64, C=128, "
+        f"{128 // head_dim} heads (d={head_dim}), 2 queries, {dtype}",
+    )
 
 
-SUITES: Dict[str, Suite] = {s.name: s for s in (
-    _window_suite("bf16", 8),
-    _window_suite("fp32", 8),
-    _window_suite("bf16", 32),
-    _window_suite("fp32", 32),
-    Suite("vit_tiny", "core", "core op at the QnA layer shapes of qna_vit_tiny, batch 128, 224x224, bf16"),
-    Suite("layer_d16", "layer", "QnA layer vs neighbourhood-attention layer (FlexAttention), C=128, 8 heads "
-                                "(d=16), batch 32, 64x64, bf16, window sweep"),
-    Suite("layer_d32", "layer", "the same with 4 heads (d=32)"),
-    Suite("model", "model", "training step of qna_vit_tiny (bf16 autocast, torch.compile): our kernels vs the "
-                            "paper's formulation, and Swin-T (timm), batch 128, 224x224"),
-)}
+SUITES: Dict[str, Suite] = {
+    s.name: s
+    for s in (
+        _window_suite("bf16", 8),
+        _window_suite("fp32", 8),
+        _window_suite("bf16", 32),
+        _window_suite("fp32", 32),
+        Suite("vit_tiny", "core", "core op at the QnA layer shapes of qna_vit_tiny, batch 128, 224x224, bf16"),
+        Suite(
+            "layer_d16",
+            "layer",
+            "QnA layer vs neighbourhood-attention layer (FlexAttention), C=128, 8 heads "
+            "(d=16), batch 32, 64x64, bf16, window sweep",
+        ),
+        Suite("layer_d32", "layer", "the same with 4 heads (d=32)"),
+        Suite(
+            "model",
+            "model",
+            "training step of qna_vit_tiny (bf16 autocast, torch.compile): our kernels vs the "
+            "paper's formulation, and Swin-T (timm), batch 128, 224x224",
+        ),
+    )
+}
 GROUPS = {"window": [n for n in SUITES if n.startswith("window_")], "layer": ["layer_d16", "layer_d32"]}
 
 
@@ -141,4 +155,3 @@ def vit_tiny_shapes(smoke: bool) -> Tuple[List[CoreShape], str]:
         source += ", smoke: first stride-1 and stride-2 layers only"
     B = 1 if smoke else 128
     return [CoreShape(B, H, W, C, h, k, torch.bfloat16, stride=s) for H, W, C, h, k, s in layers], source
-

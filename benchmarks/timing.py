@@ -70,8 +70,9 @@ def time_fn(
         rep = cfg.rep_ms
         if estimate_ms is not None:
             rep = min(max(rep, cfg.min_reps * estimate_ms), cfg.max_rep_ms)
-        p50, p20, p80 = do_bench(fn, warmup=cfg.warmup_ms, rep=rep, grad_to_none=grad_to_none,
-                                 quantiles=list(QUANTILES))
+        p50, p20, p80 = do_bench(
+            fn, warmup=cfg.warmup_ms, rep=rep, grad_to_none=grad_to_none, quantiles=list(QUANTILES)
+        )
         return float(p50), float(p20), float(p80)
     if device.type == "cuda":
         return _time_with_setup_cuda(fn, setup, device, cfg, grad_to_none, estimate_ms)
@@ -118,9 +119,7 @@ def _time_with_setup_cuda(fn, setup, device, cfg, grad_to_none, estimate_ms) -> 
     return _quantiles([s.elapsed_time(e) for s, e in zip(starts, ends)])
 
 
-def measure_peak(
-    setup: Callable[[], object], run: Callable[[object], None], device: torch.device
-) -> Tuple[int, int]:
+def measure_peak(setup: Callable[[], object], run: Callable[[object], None], device: torch.device) -> Tuple[int, int]:
     """``(peak_total, extra)`` bytes of ``run(setup())``: the allocator's peak during ``run`` and that
     peak less what was allocated before ``setup`` (the inputs' own memory). What ``setup`` keeps alive
     (a forward's saved tensors, for a backward) counts in ``extra``; its own transient peak does not."""

@@ -38,18 +38,34 @@ from qna_vit.training.engine import parse_model_kwargs
 def main(argv: Optional[Sequence[str]] = None) -> int:
     ap = argparse.ArgumentParser(description="Convert an original QnA-ViT Flax msgpack checkpoint to PyTorch.")
     ap.add_argument("--model", required=True, choices=sorted(MODEL_CONFIGS), help="architecture of the checkpoint")
-    ap.add_argument("--head", choices=("gap", "qnav1", "qnav2"), default=None,
-                    help="classification head (needed for the QnA heads, which share their parameters)")
+    ap.add_argument(
+        "--head",
+        choices=("gap", "qnav1", "qnav2"),
+        default=None,
+        help="classification head (needed for the QnA heads, which share their parameters)",
+    )
     ap.add_argument("--img-size", type=int, default=None, help="training resolution (qnav heads only; 224)")
-    ap.add_argument("--model-kwargs", nargs="*", default=[], metavar="KEY=VALUE",
-                    help="another geometry to load into, e.g. img_size=384 lsa_window=12,12,24,12 (tables resized)")
+    ap.add_argument(
+        "--model-kwargs",
+        nargs="*",
+        default=[],
+        metavar="KEY=VALUE",
+        help="another geometry to load into, e.g. img_size=384 lsa_window=12,12,24,12 (tables resized)",
+    )
     ap.add_argument("--num-classes", type=int, default=None, help="a new classifier for this many classes")
     ap.add_argument("input", help="Flax msgpack checkpoint file, or a directory of checkpoint_<step> files")
     ap.add_argument("output", help="PyTorch checkpoint to write (.pt)")
     args = ap.parse_args(argv)
     try:
-        model, report = convert(args.model, args.input, args.output, head=args.head, img_size=args.img_size,
-                                model_kwargs=parse_model_kwargs(args.model_kwargs), num_classes=args.num_classes)
+        model, report = convert(
+            args.model,
+            args.input,
+            args.output,
+            head=args.head,
+            img_size=args.img_size,
+            model_kwargs=parse_model_kwargs(args.model_kwargs),
+            num_classes=args.num_classes,
+        )
     except (CheckpointError, FileNotFoundError, ValueError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 1

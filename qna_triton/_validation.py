@@ -37,9 +37,7 @@ def check_window(
     out = []
     for axis, n, k, s, p in zip(("height", "width"), size, kernel_size, stride, padding):
         if k > n + 2 * p:
-            raise ValueError(
-                f"kernel_size {k} is larger than the padded image {axis} {n} + 2*{p} = {n + 2 * p}"
-            )
+            raise ValueError(f"kernel_size {k} is larger than the padded image {axis} {n} + 2*{p} = {n + 2 * p}")
         out.append(output_size(n, k, s, p))
     return out[0], out[1]
 
@@ -85,9 +83,7 @@ def check_core_inputs(
             continue
         check_float(t, name)
         if tuple(t.shape) != (K, N, h):
-            raise ValueError(
-                f"{name} must have shape [k_h*k_w, n_queries, heads] = {(K, N, h)}, got {tuple(t.shape)}"
-            )
+            raise ValueError(f"{name} must have shape [k_h*k_w, n_queries, heads] = {(K, N, h)}, got {tuple(t.shape)}")
         if t.device != logits.device:
             raise ValueError(f"{name} is on {t.device} but logits is on {logits.device}")
     return check_window((H, W), kernel_size, stride, padding)

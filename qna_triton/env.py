@@ -59,13 +59,25 @@ def capture_environment(device: Union[torch.device, str, None] = None) -> Enviro
     if device is None:
         device = "cuda" if torch.cuda.is_available() else "cpu"
     device = torch.device(device)
-    common = dict(torch=torch.__version__, triton=triton_version(), cuda=torch.version.cuda,
-                  python=platform.python_version(), qna_triton=__version__, date=utc_now())
+    common = dict(
+        torch=torch.__version__,
+        triton=triton_version(),
+        cuda=torch.version.cuda,
+        python=platform.python_version(),
+        qna_triton=__version__,
+        date=utc_now(),
+    )
     if device.type == "cuda":
         props = torch.cuda.get_device_properties(device)
         l2 = getattr(props, "L2_cache_size", None)
-        return Environment("cuda", torch.cuda.get_device_name(device), f"{props.major}.{props.minor}",
-                           int(props.multi_processor_count), int(props.total_memory), int(l2) if l2 else None,
-                           **common)
+        return Environment(
+            "cuda",
+            torch.cuda.get_device_name(device),
+            f"{props.major}.{props.minor}",
+            int(props.multi_processor_count),
+            int(props.total_memory),
+            int(l2) if l2 else None,
+            **common,
+        )
     processor = platform.processor() or platform.machine()
     return Environment(device.type, f"{device.type} ({processor})", None, None, None, None, **common)

@@ -36,8 +36,9 @@ def _branches(split: Callable, scale, kernel_size, stride, padding):
 
     def paper(*operands):
         logits, values, rpb = split(*operands)
-        out, lse = reference.paper_qna_attention(logits, values, rpb, scale, kernel_size, stride, padding,
-                                                 exact_fallback=False)
+        out, lse = reference.paper_qna_attention(
+            logits, values, rpb, scale, kernel_size, stride, padding, exact_fallback=False
+        )
         return out.clone(), lse.clone()
 
     def direct(*operands):
@@ -72,8 +73,9 @@ def _streaming(logits, values, rpb, scale, kernel_size, stride, padding):
     """``qna::attention`` as the streaming form alone, for :func:`decompose`: rewriting an exported
     program whose shapes are dynamic into a ``torch.cond`` fails in torch 2.15's placeholder naming of
     the branches (an ``int`` where a node is expected), so that route keeps the form without a branch."""
-    out, lse = reference.direct_qna_attention(logits, values, rpb, scale, tuple(kernel_size), tuple(stride),
-                                              tuple(padding))
+    out, lse = reference.direct_qna_attention(
+        logits, values, rpb, scale, tuple(kernel_size), tuple(stride), tuple(padding)
+    )
     return out, lse.transpose(-1, -2).contiguous().transpose(-1, -2)
 
 

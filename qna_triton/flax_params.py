@@ -51,8 +51,11 @@ def qna_param_shapes(layer: QnA) -> Dict[str, tuple]:
     N, h, d, K = layer.n_queries, layer.heads, layer.head_dim, layer.kernel_size[0] * layer.kernel_size[1]
     C, Cin, Co = layer.features, layer.in_features, layer.out_features
     shapes: Dict[str, tuple] = {
-        "query": (N, C), "Wk": (Cin, C), "rpe_bias": (K, N * h),
-        "to_v/kernel": (Cin, C), "to_out/kernel": (C, Co),
+        "query": (N, C),
+        "Wk": (Cin, C),
+        "rpe_bias": (K, N * h),
+        "to_v/kernel": (Cin, C),
+        "to_out/kernel": (C, Co),
     }
     if layer.use_bias:
         shapes.update({"Wk_b": (h, d), "to_v/bias": (C,), "to_out/bias": (Co,)})
@@ -61,6 +64,7 @@ def qna_param_shapes(layer: QnA) -> Dict[str, tuple]:
     if layer.attn_scale_pos is not None:
         shapes["attn_scale_pos"] = tuple(layer.attn_scale_pos.shape)
     return shapes
+
 
 @torch.no_grad()
 def load_qna_params(layer: QnA, tree: Mapping[str, Any]) -> None:
@@ -72,9 +76,13 @@ def load_qna_params(layer: QnA, tree: Mapping[str, Any]) -> None:
     flat = flatten_tree(tree)
     check_tree(flat, qna_param_shapes(layer))
     targets = {
-        "query": (layer.query, False), "Wk": (layer.Wk, False), "rpe_bias": (layer.rpe_bias, False),
-        "to_v/kernel": (layer.to_v.weight, True), "to_out/kernel": (layer.to_out.weight, True),
-        "Wk_b": (layer.Wk_b, False), "to_v/bias": (layer.to_v.bias, False),
+        "query": (layer.query, False),
+        "Wk": (layer.Wk, False),
+        "rpe_bias": (layer.rpe_bias, False),
+        "to_v/kernel": (layer.to_v.weight, True),
+        "to_out/kernel": (layer.to_out.weight, True),
+        "Wk_b": (layer.Wk_b, False),
+        "to_v/bias": (layer.to_v.bias, False),
         "to_out/bias": (layer.to_out.bias, False),
         "attn_scale_weights": (layer.attn_scale_weights, False),
         "attn_scale_pos": (layer.attn_scale_pos, False),

@@ -76,8 +76,12 @@ class QnA(nn.Module):
         out_features: Optional[int] = None,
     ) -> None:
         super().__init__()
-        for name, value in (("in_features", in_features), ("features", features), ("heads", heads),
-                            ("n_queries", n_queries)):
+        for name, value in (
+            ("in_features", in_features),
+            ("features", features),
+            ("heads", heads),
+            ("n_queries", n_queries),
+        ):
             if isinstance(value, bool) or not isinstance(value, int):
                 raise TypeError(f"{name} must be an int, got {value!r}")
             if value < 1:
@@ -93,9 +97,7 @@ class QnA(nn.Module):
         self.n_queries = n_queries
         self.kernel_size = as_pair(kernel_size, "kernel_size", 1)
         self.stride = as_pair(stride, "stride", 1)
-        self.padding = (
-            default_padding(self.kernel_size) if padding is None else as_pair(padding, "padding", 0)
-        )
+        self.padding = default_padding(self.kernel_size) if padding is None else as_pair(padding, "padding", 0)
         self.attn_scale = attn_scale
         self.normalize_q = bool(normalize_q)
         self.use_bias = bool(use_bias)
@@ -200,8 +202,12 @@ class QnA(nn.Module):
         weight, bias = self.fused_projection_weight()
         qv = F.linear(x, weight, bias)  # [B, H, W, h*N + C]: logits and values in one pass over x
         out, _ = traced(ops.attention_packed)(
-            qv, self.rpe_bias.reshape(-1, N, h), self.scale_tensor(),
-            list(self.kernel_size), list(self.stride), list(self.padding),
+            qv,
+            self.rpe_bias.reshape(-1, N, h),
+            self.scale_tensor(),
+            list(self.kernel_size),
+            list(self.stride),
+            list(self.padding),
         )
         return self.to_out(out.reshape(B, Ho, Wo, self.features))
 

@@ -76,5 +76,7 @@ def split_packed(qv: torch.Tensor, rpb: torch.Tensor) -> Tuple[torch.Tensor, tor
     order the kernels read fastest (:func:`query_minor`)."""
     _, N, h = rpb.shape
     nh = N * h
-    return (qv[..., :nh].unflatten(-1, (h, N)).transpose(-1, -2),
-            qv[..., nh:].unflatten(-1, (h, (qv.shape[-1] - nh) // h)))
+    return (
+        qv[..., :nh].unflatten(-1, (h, N)).transpose(-1, -2),
+        qv[..., nh:].unflatten(-1, (h, (qv.shape[-1] - nh) // h)),
+    )

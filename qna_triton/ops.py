@@ -64,11 +64,12 @@ def _backward_impl(grad_out, logits, values, rpb, scale, lse, kernel_size, strid
 
         grads = qna_backward(grad_out, logits, values, rpb, scale, lse, ks, st, pd, packed_grad=packed)
     else:
-        dl, dv, dr, da = reference.direct_qna_attention_backward(
-            grad_out, logits, values, rpb, scale, lse, ks, st, pd
-        )
-        grads = (torch.cat([dl.transpose(-1, -2).flatten(-2), dv.flatten(-2)], dim=-1), dr, da) if packed \
+        dl, dv, dr, da = reference.direct_qna_attention_backward(grad_out, logits, values, rpb, scale, lse, ks, st, pd)
+        grads = (
+            (torch.cat([dl.transpose(-1, -2).flatten(-2), dv.flatten(-2)], dim=-1), dr, da)
+            if packed
             else (dl, dv, dr, da)
+        )
     first, *rest, da = grads
     if da is None:
         da = rpb.new_empty((0,))
@@ -106,8 +107,7 @@ def _attention_fake(logits, values, rpb, scale, kernel_size, stride, padding):
     Ho = output_size(H, kernel_size[0], stride[0], padding[0])
     Wo = output_size(W, kernel_size[1], stride[1], padding[1])
     out = values.new_empty((B, Ho, Wo, h, values.shape[-1]))
-    lse = empty_query_minor((B, Ho, Wo, N, h), device=logits.device,
-                            dtype=compute_dtype(logits.dtype))
+    lse = empty_query_minor((B, Ho, Wo, N, h), device=logits.device, dtype=compute_dtype(logits.dtype))
     return out, lse
 
 
@@ -139,8 +139,12 @@ def _scale_grad_fake(rpb, scale):
 
 @attention_backward.register_fake
 def _attention_backward_fake(grad_out, logits, values, rpb, scale, lse, kernel_size, stride, padding):
-    return _like_logits(torch.empty_like(logits), logits), _grad_fake(values), _grad_fake(rpb), \
-        _scale_grad_fake(rpb, scale)
+    return (
+        _like_logits(torch.empty_like(logits), logits),
+        _grad_fake(values),
+        _grad_fake(rpb),
+        _scale_grad_fake(rpb, scale),
+    )
 
 
 def _setup_context(ctx, inputs, output):

@@ -203,9 +203,7 @@ def direct_qna_attention_backward(
     )
 
 
-def _depthwise(
-    x: torch.Tensor, weight: torch.Tensor, kernel_size: Pair, stride: Pair, padding: Pair
-) -> torch.Tensor:
+def _depthwise(x: torch.Tensor, weight: torch.Tensor, kernel_size: Pair, stride: Pair, padding: Pair) -> torch.Tensor:
     """Depthwise correlation of ``[B, H, W, c]`` with ``weight [K, c]`` (row-major window) -> ``[B, Ho, Wo, c]``."""
     c = weight.shape[1]
     wt = weight.t().reshape(c, 1, *kernel_size)
@@ -213,8 +211,9 @@ def _depthwise(
     return y.permute(0, 2, 3, 1)
 
 
-def shared_max_at_risk(logits: torch.Tensor, rpb: torch.Tensor, kernel_size: Pair, stride: Pair,
-                       padding: Pair) -> torch.Tensor:
+def shared_max_at_risk(
+    logits: torch.Tensor, rpb: torch.Tensor, kernel_size: Pair, stride: Pair, padding: Pair
+) -> torch.Tensor:
     """Whether :func:`paper_qna_attention`'s shared maximum would underflow a window (a 0-dim bool tensor).
 
     The largest term of a window is at least ``exp(maxpool(l) + min r - M - R)`` with ``M`` the maximum

@@ -46,10 +46,32 @@ class Case:
     p: Pair
     with_scale: bool
 
-    def __init__(self, *, B: int, H: int, W: int, N: int, h: int, d: int, k: Union[int, Pair],
-                 s: Union[int, Pair], p: Union[int, Pair], with_scale: bool = True) -> None:
-        for name, value in (("B", B), ("H", H), ("W", W), ("N", N), ("h", h), ("d", d), ("k", _pair(k)),
-                            ("s", _pair(s)), ("p", _pair(p)), ("with_scale", bool(with_scale))):
+    def __init__(
+        self,
+        *,
+        B: int,
+        H: int,
+        W: int,
+        N: int,
+        h: int,
+        d: int,
+        k: Union[int, Pair],
+        s: Union[int, Pair],
+        p: Union[int, Pair],
+        with_scale: bool = True,
+    ) -> None:
+        for name, value in (
+            ("B", B),
+            ("H", H),
+            ("W", W),
+            ("N", N),
+            ("h", h),
+            ("d", d),
+            ("k", _pair(k)),
+            ("s", _pair(s)),
+            ("p", _pair(p)),
+            ("with_scale", bool(with_scale)),
+        ):
             object.__setattr__(self, name, value)
 
     kh = property(lambda self: self.k[0])
@@ -68,8 +90,10 @@ class Case:
         return output_size(self.H, self.kh, self.sh, self.ph), output_size(self.W, self.kw, self.sw, self.pw)
 
     def __str__(self) -> str:
-        return (f"B{self.B}_{self.H}x{self.W}_N{self.N}_h{self.h}_d{self.d}_k{self.kh}x{self.kw}"
-                f"_s{self.sh}x{self.sw}_p{self.ph}x{self.pw}{'' if self.with_scale else '_noscale'}")
+        return (
+            f"B{self.B}_{self.H}x{self.W}_N{self.N}_h{self.h}_d{self.d}_k{self.kh}x{self.kw}"
+            f"_s{self.sh}x{self.sw}_p{self.ph}x{self.pw}{'' if self.with_scale else '_noscale'}"
+        )
 
 
 def random_cases(n: int, seed: int, max_k: int = 7, head_dims=(1, 3, 8, 12, 16)) -> list:
@@ -86,14 +110,31 @@ def random_cases(n: int, seed: int, max_k: int = 7, head_dims=(1, 3, 8, 12, 16))
         H, W = rng.randint(1, 11), rng.randint(1, 11)
         if kh > H + 2 * ph or kw > W + 2 * pw:
             continue
-        cases.append(Case(B=rng.randint(1, 2), H=H, W=W, N=rng.randint(1, 4), h=rng.randint(1, 8),
-                          d=rng.choice(head_dims), k=(kh, kw), s=(sh, sw), p=(ph, pw),
-                          with_scale=rng.random() < 0.8))
+        cases.append(
+            Case(
+                B=rng.randint(1, 2),
+                H=H,
+                W=W,
+                N=rng.randint(1, 4),
+                h=rng.randint(1, 8),
+                d=rng.choice(head_dims),
+                k=(kh, kw),
+                s=(sh, sw),
+                p=(ph, pw),
+                with_scale=rng.random() < 0.8,
+            )
+        )
     return cases
 
 
-def make_inputs(case: Case, dtype=torch.float64, device="cpu", seed: int = 0, logit_scale: float = 2.0,
-                query_minor_logits: bool = False):
+def make_inputs(
+    case: Case,
+    dtype=torch.float64,
+    device="cpu",
+    seed: int = 0,
+    logit_scale: float = 2.0,
+    query_minor_logits: bool = False,
+):
     """Random ``logits, values, rpb, scale``; ``query_minor_logits`` stores the logits as the QnA
     layer's packed projection does (same values, other strides: the kernels' fast path)."""
     g = torch.Generator().manual_seed(seed)
@@ -123,15 +164,16 @@ def check_error(got, expected, ref_same_precision, dtype, what):
     err = (got.double() - expected).abs().max().item()
     ref_err = (ref_same_precision.double() - expected).abs().max().item()
     assert torch.isfinite(got).all(), f"{what}: non-finite values"
-    assert err <= 2 * ref_err + RESULT_TOLERANCE[dtype] * scale, \
-        f"{what}: error {err:.3g} vs reference {ref_err:.3g}"
+    assert err <= 2 * ref_err + RESULT_TOLERANCE[dtype] * scale, f"{what}: error {err:.3g} vs reference {ref_err:.3g}"
 
 
 def run_op(case, dtype, backend, monkeypatch, logit_scale=2.0, query_minor=False):
     """``qna_attention`` of ``case``'s inputs on ``backend``: ``(out, input gradients, output gradient)``."""
     monkeypatch.setenv("QNA_TRITON_BACKEND", backend)
-    inputs = [t for t in make_inputs(case, dtype=dtype, device=DEVICE, logit_scale=logit_scale,
-                                     query_minor_logits=query_minor)]
+    inputs = [
+        t
+        for t in make_inputs(case, dtype=dtype, device=DEVICE, logit_scale=logit_scale, query_minor_logits=query_minor)
+    ]
     inputs = [None if t is None else t.detach().requires_grad_() for t in inputs]
     out = qna_attention(*inputs, *case.geometry)
     g = torch.randn(out.shape, generator=torch.Generator().manual_seed(1)).to(out)
@@ -144,8 +186,10 @@ def assert_op_matches_oracle(case, dtype, monkeypatch, query_minor: bool) -> Non
     twice the reference path's error at the same precision (:func:`check_error`)."""
     out, grads, g = run_op(case, dtype, "triton", monkeypatch, query_minor=query_minor)
     out_ref, grads_ref, _ = run_op(case, dtype, "reference", monkeypatch, query_minor=query_minor)
-    leaves = [t.detach().double().cpu().requires_grad_() if t is not None else None
-              for t in make_inputs(case, dtype=dtype, device=DEVICE)]
+    leaves = [
+        t.detach().double().cpu().requires_grad_() if t is not None else None
+        for t in make_inputs(case, dtype=dtype, device=DEVICE)
+    ]
     exact = naive_qna_attention(*leaves, *case.geometry)
     exact_grads = torch.autograd.grad(exact, [t for t in leaves if t is not None], g.double().cpu())
     assert out.shape == exact.shape and out.dtype == dtype
@@ -198,5 +242,13 @@ BAD_CORE = [
 
 # A two-stage QnA-ViT small enough to export and compile ahead of time in seconds on a CPU: a QnA
 # block, a stride-2 down-sampling QnA block, an LSA block; maps 8 then 4 at 32x32 (any multiple of 16).
-DEPLOY_VIT = dict(base_dim=16, qna_layers=(1, 0), lsa_layers=(0, 1), qna_heads=(2, 4), lsa_heads=(1, 2),
-                  lsa_window=(4, 4), kernel_size=(3, 3), num_classes=10)
+DEPLOY_VIT = dict(
+    base_dim=16,
+    qna_layers=(1, 0),
+    lsa_layers=(0, 1),
+    qna_heads=(2, 4),
+    lsa_heads=(1, 2),
+    lsa_window=(4, 4),
+    kernel_size=(3, 3),
+    num_classes=10,
+)

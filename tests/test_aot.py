@@ -23,8 +23,14 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 def compiled(tmp_path_factory):
     out = tmp_path_factory.mktemp("aot") / "report.json"
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    proc = subprocess.run([sys.executable, "-m", "qna_triton.kernels.aot", "--json", str(out)],
-                          cwd=ROOT, env=env, capture_output=True, text=True, timeout=900)
+    proc = subprocess.run(
+        [sys.executable, "-m", "qna_triton.kernels.aot", "--json", str(out)],
+        cwd=ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=900,
+    )
     assert out.exists(), proc.stdout + proc.stderr
     return json.loads(out.read_text()), proc
 
@@ -81,9 +87,15 @@ def test_layer_layout_keeps_window_loops_free_of_layout_conversions(compiled):
     layout needs barriers there (Triton 3.9 avoids them for it too). This is what `_head_blocks`'s
     compile-time offsets are for: a change that loses it fails here."""
     results, _ = compiled
-    pick = {(r["kernel"], r["layout"]): r for r in results
-            if r["ok"] and r["arch"] == "sm_90" and (r["heads"], r["head_dim"], r["n_queries"]) == (16, 8, 2)
-            and not r.get("wide") and r.get("algo") != "banded"}
+    pick = {
+        (r["kernel"], r["layout"]): r
+        for r in results
+        if r["ok"]
+        and r["arch"] == "sm_90"
+        and (r["heads"], r["head_dim"], r["n_queries"]) == (16, 8, 2)
+        and not r.get("wide")
+        and r.get("algo") != "banded"
+    }
     for kernel in ("fwd", "bwd_delta"):
         packed, generic = pick[(kernel, "packed")], pick[(kernel, "generic")]
         assert packed["loop_barriers"] == 0, packed["loops"]
@@ -97,8 +109,16 @@ def test_unaligned_projection_width_still_gets_vector_loads(compiled):
     of 16, so Triton's own specialisation cannot prove the pixels aligned; the kernels' pixel-stride
     alignment (`_pixel_align`) must still give 128-bit value loads in the forward's value loop."""
     results, _ = compiled
-    fwd = next(r for r in results if r["ok"] and r["arch"] == "sm_90" and r["kernel"] == "fwd"
-               and r["layout"] == "packed" and r.get("algo") != "banded" and (r["heads"], r["head_dim"], r["n_queries"]) == (4, 32, 2))
+    fwd = next(
+        r
+        for r in results
+        if r["ok"]
+        and r["arch"] == "sm_90"
+        and r["kernel"] == "fwd"
+        and r["layout"] == "packed"
+        and r.get("algo") != "banded"
+        and (r["heads"], r["head_dim"], r["n_queries"]) == (4, 32, 2)
+    )
     value_loops = _value_loops(fwd)
     assert value_loops and all(lp["global_loads"].get("128", 0) >= 1 for lp in value_loops), value_loops
 

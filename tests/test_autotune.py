@@ -57,11 +57,11 @@ def test_default_plan_covers_every_axis():
         assert 2 * s.bucket * s.kh * s.kw <= plan_mod.WORK_CAP
         assert (s.ph, s.pw) == ((s.kh - 1) // 2, (s.kw - 1) // 2)
     # large windows only on small maps, small windows on every size
-    assert {s.bucket for s in shapes if s.kh == 31} == {4 ** 6}
+    assert {s.bucket for s in shapes if s.kh == 31} == {4**6}
     assert {s.bucket for s in shapes if s.kh == 3 and s.sh == 1 and s.dtype == "bfloat16"} == set(plan_mod.BUCKETS)
 
 
-@pytest.mark.parametrize("bucket", [4 ** 3, 4 ** 5, 4 ** 6, 4 ** 8, 4 ** 10, 4 ** 11])
+@pytest.mark.parametrize("bucket", [4**3, 4**5, 4**6, 4**8, 4**10, 4**11])
 @pytest.mark.parametrize("k, s", [(1, 1), (2, 1), (3, 2), (8, 2), (31, 1)])
 def test_representative_shape_lands_in_its_bucket(bucket, k, s):
     shape = plan_mod.representative_shape(bucket, "float16", 4, 8, 2, k, s)
@@ -102,8 +102,9 @@ def test_candidates_are_pruned_and_start_with_the_heuristic(kernel, heads, head_
 
 def test_dry_run_subprocess_prints_the_plan():
     env = {k: v for k, v in os.environ.items() if k not in (tuning.CONFIG_DIR_ENV,)}
-    proc = subprocess.run([sys.executable, "-m", "autotune", "--dry-run"], cwd=REPO, env=env,
-                          capture_output=True, text=True, timeout=120)
+    proc = subprocess.run(
+        [sys.executable, "-m", "autotune", "--dry-run"], cwd=REPO, env=env, capture_output=True, text=True, timeout=120
+    )
     assert proc.returncode == 0, proc.stderr
     out = proc.stdout
     n = len(plan_mod.default_plan().entries())
@@ -119,8 +120,28 @@ def test_dry_run_options(capsys, tmp_path):
     out = capsys.readouterr().out
     assert "plan 'quick'" in out and str(tmp_path / "nvidia_h100_80gb_hbm3.json") in out
     assert not list(tmp_path.iterdir())  # a dry run writes nothing
-    assert cli.main(["--dry-run", "--windows", "5,9", "--strides", "2", "--buckets", "4^6", "--dtypes", "float16",
-                     "--kernels", "bwd", "--candidates", "3", "--head-configs", "8x16x2,4x32x1"]) == 0
+    assert (
+        cli.main(
+            [
+                "--dry-run",
+                "--windows",
+                "5,9",
+                "--strides",
+                "2",
+                "--buckets",
+                "4^6",
+                "--dtypes",
+                "float16",
+                "--kernels",
+                "bwd",
+                "--candidates",
+                "3",
+                "--head-configs",
+                "8x16x2,4x32x1",
+            ]
+        )
+        == 0
+    )
     out = capsys.readouterr().out
     # windows 5 and 9 for the base, the heads sweep at window 5
     assert "3 shapes x 1 kernels" in out and "up to 3 candidates" in out
@@ -264,6 +285,7 @@ def test_unrecoverable_gpu_error_stops_the_run(tmp_path):
         def open(self, shape):
             session = super().open(shape)
             if len(self.opened) == 2:
+
                 def time(kernel, cfg):
                     raise RuntimeError("CUDA error: an illegal memory access was encountered")
 
@@ -314,21 +336,36 @@ def test_cli_run_writes_config_report_and_feeds_the_lookup(tmp_path, monkeypatch
     # the run-time look-up now finds these entries
     shape, kernel = plan_mod.quick_plan().entries()[0]
     monkeypatch.setenv(tuning.CONFIG_DIR_ENV, str(out_dir))
-    cfg, hit = tuning.lookup_config(kernel, FAKE_GPU, shape.dtype, shape.heads, shape.head_dim, shape.n_queries,
-                                    (shape.kh, shape.kw), (shape.sh, shape.sw), shape.pixels)
+    cfg, hit = tuning.lookup_config(
+        kernel,
+        FAKE_GPU,
+        shape.dtype,
+        shape.heads,
+        shape.head_dim,
+        shape.n_queries,
+        (shape.kh, shape.kw),
+        (shape.sh, shape.sw),
+        shape.pixels,
+    )
     assert hit == shape.key(kernel)
     assert cfg == tuning.read_config_file(path).entries[hit]
 
 
 def test_report_geomean_and_tables():
     entries = {
-        EntryKey("fwd", "float16", 3, 3, 1, 1, 4, 8, 2, 4 ** 6).to_str(): {
-            "config": KernelConfig(16, 4).as_dict(), "heuristic": KernelConfig(8, 4).as_dict(),
-            "time_ms": 1.0, "heuristic_time_ms": 2.0},
-        EntryKey("bwd", "float16", 3, 3, 1, 1, 4, 8, 2, 4 ** 6).to_str(): {
-            "config": KernelConfig(8, 4).as_dict(), "heuristic": KernelConfig(8, 4).as_dict(),
-            "time_ms": 1.0, "heuristic_time_ms": 0.5},
-        EntryKey("bwd", "float16", 5, 5, 1, 1, 4, 8, 2, 4 ** 6).to_str(): {"config": KernelConfig(8, 4).as_dict()},
+        EntryKey("fwd", "float16", 3, 3, 1, 1, 4, 8, 2, 4**6).to_str(): {
+            "config": KernelConfig(16, 4).as_dict(),
+            "heuristic": KernelConfig(8, 4).as_dict(),
+            "time_ms": 1.0,
+            "heuristic_time_ms": 2.0,
+        },
+        EntryKey("bwd", "float16", 3, 3, 1, 1, 4, 8, 2, 4**6).to_str(): {
+            "config": KernelConfig(8, 4).as_dict(),
+            "heuristic": KernelConfig(8, 4).as_dict(),
+            "time_ms": 1.0,
+            "heuristic_time_ms": 0.5,
+        },
+        EntryKey("bwd", "float16", 5, 5, 1, 1, 4, 8, 2, 4**6).to_str(): {"config": KernelConfig(8, 4).as_dict()},
     }
     rows = report.report_rows(entries)
     assert len(rows) == 2  # the entry without timings is left out
@@ -342,16 +379,21 @@ def test_report_geomean_and_tables():
 
 # ------------------------------------------------------------------------------ model shapes
 def _qna_stack():
-    m = nn.Sequential(QnA(16, 16, 2, kernel_size=3), QnA(16, 32, 4, kernel_size=5, stride=2),
-                      QnA(32, 32, 4, kernel_size=(2, 4), padding=0, n_queries=3))
+    m = nn.Sequential(
+        QnA(16, 16, 2, kernel_size=3),
+        QnA(16, 32, 4, kernel_size=5, stride=2),
+        QnA(32, 32, 4, kernel_size=(2, 4), padding=0, n_queries=3),
+    )
     m.input_size = (12, 12, 16)  # channels-last, like the QnA layer
     return m
 
 
 def test_collect_qna_shapes_from_a_model():
     shapes = shapes_of_model(_qna_stack, batch=6)
-    assert [(s.batch, s.height, s.width, s.heads, s.head_dim, s.n_queries, s.kernel_size, s.stride, s.padding)
-            for s in shapes] == [
+    assert [
+        (s.batch, s.height, s.width, s.heads, s.head_dim, s.n_queries, s.kernel_size, s.stride, s.padding)
+        for s in shapes
+    ] == [
         (6, 12, 12, 2, 8, 2, (3, 3), (1, 1), (1, 1)),
         (6, 12, 12, 4, 8, 2, (5, 5), (2, 2), (2, 2)),
         (6, 6, 6, 4, 8, 3, (2, 4), (1, 1), (0, 0)),
@@ -370,7 +412,8 @@ def test_model_plan_from_the_command_line(tmp_path, monkeypatch, capsys):
         "    m = nn.Sequential(QnA(16, 16, 2, kernel_size=3), QnA(16, 16, 2, kernel_size=3),\n"
         "                      QnA(16, 32, 4, kernel_size=3, stride=2))\n"
         "    m.input_size = (56, 56, 16)\n"
-        "    return m\n")
+        "    return m\n"
+    )
     monkeypatch.syspath_prepend(str(tmp_path))
     assert cli.main(["--dry-run", "--model", "tiny_qna_model:make", "--batch", "32", "--dtypes", "bfloat16"]) == 0
     out = capsys.readouterr().out
@@ -384,7 +427,7 @@ def test_compare_reports_differences():
     a = torch.randn(4, 5, dtype=torch.float64)
     assert _compare([a.float()], [a.float()], "float32", ["x"]) is None
     assert "relative error" in _compare([a.float() * 1.01], [a.float()], "float32", ["x"])
-    assert _compare([a.bfloat16()], [(a * (1 + 2 ** -9)).bfloat16()], "bfloat16", ["x"]) is None
+    assert _compare([a.bfloat16()], [(a * (1 + 2**-9)).bfloat16()], "bfloat16", ["x"]) is None
     # float32 results of 16-bit problems (lse, drpb): the banded kernels' operand precision is allowed
     assert _compare([a.float() * (1 + 5e-4)], [a.float()], "bfloat16", ["lse"]) is None
     assert "relative error" in _compare([a.float() * (1 + 5e-4)], [a.float()], "float32", ["lse"])
@@ -414,7 +457,7 @@ def test_session_checks_and_replays_the_launchers_kernels():
 def test_bench_checks_and_times_on_the_gpu():
     from qna_triton.autotune.bench import Bench
 
-    shape = plan_mod.representative_shape(4 ** 6, "bfloat16", 16, 8, 2, 3, 2)
+    shape = plan_mod.representative_shape(4**6, "bfloat16", 16, 8, 2, 3, 2)
     bench = Bench()
     session = bench.open(shape)
     try:

@@ -43,11 +43,10 @@ SMALL = [
     Case(B=1, H=6, W=7, N=2, h=2, d=40, k=3, s=1, p=1, with_scale=False),
     Case(B=1, H=5, W=5, N=1, h=2, d=4, k=1, s=1, p=0),
 ]
-SWEEP = ([pytest.param(c, dt, id=f"{c}-{dt}") for c in SMALL for dt in DTYPES]
-         + [pytest.param(Case(B=1, H=17, W=20, N=3, h=2, d=16, k=7, s=1, p=3), torch.bfloat16,
-                         id="2x2_tiles_k7-bf16"),
-            pytest.param(Case(B=1, H=17, W=18, N=2, h=1, d=4, k=11, s=1, p=5), torch.float16,
-                         id="2x2_tiles_k11-fp16")])
+SWEEP = [pytest.param(c, dt, id=f"{c}-{dt}") for c in SMALL for dt in DTYPES] + [
+    pytest.param(Case(B=1, H=17, W=20, N=3, h=2, d=16, k=7, s=1, p=3), torch.bfloat16, id="2x2_tiles_k7-bf16"),
+    pytest.param(Case(B=1, H=17, W=18, N=2, h=1, d=4, k=11, s=1, p=5), torch.float16, id="2x2_tiles_k11-fp16"),
+]
 
 
 def _random_banded_cases(n: int, seed: int) -> list:
@@ -66,15 +65,28 @@ def _random_banded_cases(n: int, seed: int) -> list:
         H, W = rng.randint(1, 20), rng.randint(1, 20)
         if kh > H + 2 * ph or kw > W + 2 * pw:
             continue
-        cases.append(Case(B=1, H=H, W=W, N=rng.randint(1, 3), h=rng.randint(1, 2),
-                          d=rng.choice((1, 5, 8, 16, 24)), k=(kh, kw), s=(sh, sw), p=(ph, pw),
-                          with_scale=rng.random() < 0.8))
+        cases.append(
+            Case(
+                B=1,
+                H=H,
+                W=W,
+                N=rng.randint(1, 3),
+                h=rng.randint(1, 2),
+                d=rng.choice((1, 5, 8, 16, 24)),
+                k=(kh, kw),
+                s=(sh, sw),
+                p=(ph, pw),
+                with_scale=rng.random() < 0.8,
+            )
+        )
     return cases
 
 
 # QNA_TEST_BANDED_SWEEP random shapes (default 4; 200+ on demand); dtype and logits layout take turns
-RANDOM_SWEEP = [pytest.param(c, DTYPES[i % 3], i % 2 == 1, id=f"{c}{'_qm' if i % 2 else ''}-{DTYPES[i % 3]}")
-                for i, c in enumerate(_random_banded_cases(int(os.environ.get("QNA_TEST_BANDED_SWEEP", "4")), 2026))]
+RANDOM_SWEEP = [
+    pytest.param(c, DTYPES[i % 3], i % 2 == 1, id=f"{c}{'_qm' if i % 2 else ''}-{DTYPES[i % 3]}")
+    for i, c in enumerate(_random_banded_cases(int(os.environ.get("QNA_TEST_BANDED_SWEEP", "4")), 2026))
+]
 
 
 @pytest.fixture
@@ -110,8 +122,16 @@ def test_bad_banded_tiles_raise_before_any_launch():
     logits, values = torch.randn(1, 5, 5, 1, 1), torch.randn(1, 5, 5, 1, 4)
     for bw, br in ((8, 16), (16, 24), (0, 16)):
         with pytest.raises(ValueError, match="block_w|block_r"):
-            qna_forward(logits, values, torch.zeros(9, 1, 1), None, (3, 3), (1, 1), (1, 1),
-                        config=KernelConfig(1, 1, 4, 1, "banded", bw, br))
+            qna_forward(
+                logits,
+                values,
+                torch.zeros(9, 1, 1),
+                None,
+                (3, 3),
+                (1, 1),
+                (1, 1),
+                config=KernelConfig(1, 1, 4, 1, "banded", bw, br),
+            )
 
 
 def test_forcing_banded_on_a_gpu_without_bf16_tensor_cores_raises(monkeypatch):
@@ -144,8 +164,7 @@ def test_64bit_offsets_give_the_same_results(query_minor, algo, monkeypatch):
     the generic and the layer's layout, through every kernel: bitwise the 32-bit results."""
     monkeypatch.setenv(tuning.ALGO_ENV, algo)
     case = Case(B=1, H=9, W=10, N=2, h=2, d=8, k=5, s=1, p=2)
-    logits, values, rpb, scale = make_inputs(case, dtype=torch.bfloat16, device=DEVICE,
-                                             query_minor_logits=query_minor)
+    logits, values, rpb, scale = make_inputs(case, dtype=torch.bfloat16, device=DEVICE, query_minor_logits=query_minor)
     values = values.transpose(-1, -2).contiguous().transpose(-1, -2)  # not [h, d] per pixel
 
     def run():
@@ -265,8 +284,7 @@ def test_banded_config_entries_round_trip_and_are_validated(tmp_path):
     key = "kernel=fwd;dtype=bfloat16;window=15x15;stride=1x1;heads=16;head_dim=8;queries=2;bucket=65536"
     cfg = KernelConfig(1, 1, 8, 1, "banded", 32, 16)
     path = tmp_path / "gpu.json"
-    entries = {k: {"config": cfg.as_dict()} for k in (key, key.replace("fwd", "bwd_delta"),
-                                                      key.replace("fwd", "bwd"))}
+    entries = {k: {"config": cfg.as_dict()} for k in (key, key.replace("fwd", "bwd_delta"), key.replace("fwd", "bwd"))}
     tuning.write_config_file(path, {"gpu_name": "x"}, entries)
     table = tuning.read_config_file(path)
     assert list(table.entries.values()) == [cfg, cfg, cfg] and not table.invalid
@@ -279,8 +297,12 @@ def test_banded_config_entries_round_trip_and_are_validated(tmp_path):
     table = tuning.read_config_file(path)
     assert len(table.entries) == 3 and "banded" in table.invalid[strided]
     assert "algo" not in KernelConfig(8, 16).as_dict()  # direct entries keep the original schema
-    for bad in ({"algo": "banded", "block_w": 8, "block_r": 16}, {"algo": "banded", "block_w": 24, "block_r": 16},
-                {"algo": "banded", "block_r": 16}, {"algo": "fft"}):
+    for bad in (
+        {"algo": "banded", "block_w": 8, "block_r": 16},
+        {"algo": "banded", "block_w": 24, "block_r": 16},
+        {"algo": "banded", "block_r": 16},
+        {"algo": "fft"},
+    ):
         with pytest.raises(ValueError, match="block_w|algo"):
             tuning.validate_config(dict(block_p=1, block_h=1, num_warps=4, num_stages=1, **bad))
 
@@ -310,8 +332,12 @@ def test_banded_delta_equals_the_direct_delta(dtype):
     B, H, W, N, h, d, k = 1, 9, 20, 2, 1, 40, 3
     logits = torch.randn(B, H, W, N, h)
     logits[:, :, 18:] *= 3 * RANGE_LIMIT  # in the second tile's halo only
-    inputs = (logits.to(dtype), (torch.randn(B, H, W, h, d) + 2).to(dtype), torch.randn(k * k, N, h),
-              torch.randn(k * k, N, h))
+    inputs = (
+        logits.to(dtype),
+        (torch.randn(B, H, W, h, d) + 2).to(dtype),
+        torch.randn(k * k, N, h),
+        torch.randn(k * k, N, h),
+    )
     geo = ((k, k), (1, 1), (1, 1))
     out, lse = qna_forward(*inputs, *geo)
     g = torch.randn(out.shape).to(dtype)
@@ -328,7 +354,7 @@ def _assert_grads_close(got, ref, dtype):
         assert torch.isfinite(a).all(), name
         err = (a.double() - r.double()).abs().max() / r.double().abs().max()
         if a.dtype != torch.float32:
-            bound = 2 ** -7 if a.dtype == torch.bfloat16 else 2 ** -10
+            bound = 2**-7 if a.dtype == torch.bfloat16 else 2**-10
         else:
             bound = 2e-4 if dtype == torch.bfloat16 else 1e-5
         assert err <= bound, (name, err.item())
@@ -337,8 +363,12 @@ def _assert_grads_close(got, ref, dtype):
 def _nan_pattern_test(poison, dtype=torch.float32):
     torch.manual_seed(0)
     B, H, W, N, h, d, k = 1, 12, 13, 2, 2, 8, 5
-    t = dict(logits=torch.randn(B, H, W, N, h), values=torch.randn(B, H, W, h, d),
-             rpb=torch.randn(k * k, N, h), scale=torch.randn(k * k, N, h))
+    t = dict(
+        logits=torch.randn(B, H, W, N, h),
+        values=torch.randn(B, H, W, h, d),
+        rpb=torch.randn(k * k, N, h),
+        scale=torch.randn(k * k, N, h),
+    )
     geo = ((k, k), (1, 1), (2, 2))
     g = torch.randn(B, H, W, h, d)
     poison(t, g)
@@ -360,16 +390,20 @@ def test_nan_in_a_logit_stays_in_its_windows():
     direct kernels: the banded products would spread it along their tile rows (``0 * NaN`` off the
     band), so such a tile is redone by the direct algorithm (forward, delta and main backward kernel;
     ``drpb`` / ``dscale`` are NaN exactly where the direct kernel's are)."""
+
     def poison(t, g):
         t["logits"][0, 3, 4, 1, 0] = float("nan")
+
     _nan_pattern_test(poison)
 
 
 def test_nan_in_a_value_or_gradient_stays_in_its_windows():
     """The same for a NaN value (forward and delta products) and an infinite output gradient."""
+
     def poison(t, g):
         t["values"][0, 9, 10, 1, 3] = float("nan")
         g[0, 2, 3, 0, 0] = float("inf")
+
     _nan_pattern_test(poison)
 
 
@@ -378,7 +412,7 @@ def test_interpreter_rounds_bfloat16_operands_as_a_gpu_does():
     conversion does, bit-exact with PyTorch's; its own ``.to(tl.bfloat16)`` truncates instead."""
     torch.manual_seed(0)
     x = torch.randn(1024) * torch.exp(torch.randn(1024) * 10)
-    x[:5] = torch.tensor([math.inf, -math.inf, 3.3895313892515355e38, 1 + 2 ** -8, 1 + 3 * 2 ** -8])
+    x[:5] = torch.tensor([math.inf, -math.inf, 3.3895313892515355e38, 1 + 2**-8, 1 + 3 * 2**-8])
     x = x.to(DEVICE)
     y = torch.empty_like(x)
     _round_kernel[(1,)](x, y, 1024)
@@ -397,8 +431,12 @@ def test_banded_backward_equals_the_direct_backward(dtype, chunk, monkeypatch):
     B, H, W, N, h, d, kh, kw = 1, 7, 21, 3, 2, 20, 3, 4
     logits = torch.randn(B, H, W, N, h)
     logits[:, :, 17:] *= 3 * RANGE_LIMIT  # the second tile only (source tiles: no halo)
-    inputs = (logits.to(dtype), (torch.randn(B, H, W, h, d) + 2).to(dtype), torch.randn(kh * kw, N, h),
-              torch.randn(kh * kw, N, h))
+    inputs = (
+        logits.to(dtype),
+        (torch.randn(B, H, W, h, d) + 2).to(dtype),
+        torch.randn(kh * kw, N, h),
+        torch.randn(kh * kw, N, h),
+    )
     geo = ((kh, kw), (1, 1), (1, 2))
     with tuning.kernel_algorithm("direct"):
         out, lse = qna_forward(*inputs, *geo)
@@ -416,8 +454,7 @@ def test_banded_backward_needs_stride_1():
     rpb = torch.zeros(9, 1, 1)
     out, lse = qna_forward(logits, values, rpb, None, (3, 3), (2, 2), (1, 1))
     with pytest.raises(ValueError, match="stride"):
-        qna_backward(torch.randn_like(out), logits, values, rpb, None, lse, (3, 3), (2, 2), (1, 1),
-                     config=BANDED_BWD)
+        qna_backward(torch.randn_like(out), logits, values, rpb, None, lse, (3, 3), (2, 2), (1, 1), config=BANDED_BWD)
     entry = tuning.EntryKey("bwd", "bfloat16", 15, 15, 1, 1, 16, 8, 2, 65536)
     want = tuning.EntryKey("bwd", "bfloat16", 15, 15, 2, 2, 16, 8, 2, 65536)
     assert tuning._adapt(entry, BANDED_BWD, want) == tuning.heuristic_config("bwd", 16, 8)

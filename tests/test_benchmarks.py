@@ -139,8 +139,16 @@ def test_fma_kernel_counts_its_work():
 # ----------------------------------------------------------------------------------- reports
 def _row(**kw):
     row = {c: None for c in COLUMNS}
-    row.update(mode="measurement", gpu="NVIDIA H100 80GB HBM3", torch="t", triton="tr", date="2026-01-01T00:00:00",
-               dtype="bf16", status="ok", device_mem_mb=80000.0)
+    row.update(
+        mode="measurement",
+        gpu="NVIDIA H100 80GB HBM3",
+        torch="t",
+        triton="tr",
+        date="2026-01-01T00:00:00",
+        dtype="bf16",
+        status="ok",
+        device_mem_mb=80000.0,
+    )
     row.update(kw)
     return row
 
@@ -148,11 +156,12 @@ def _row(**kw):
 def _window_rows(k, ours_ms, peers_ms, mode="measurement"):
     shape = CoreShape(32, 64, 64, 128, 16, k, torch.bfloat16)
     common = dict(suite="window_bf16_d8", shape=shape.label(), mode=mode, **shape.fields())
-    rows = [_row(provider="qna_triton", **{"pass": "fwd+bwd"}, p50_ms=ours_ms, peak_mb=150.0, extra_mb=100.0,
-                 **common),
-            _row(provider="qna_triton", **{"pass": "fwd"}, p50_ms=0.040, **common),
-            _row(provider="copy", **{"pass": "fwd"}, p50_ms=0.031, **common),
-            _row(provider="naive_window", **{"pass": "fwd+bwd"}, status="OOM", **common)]
+    rows = [
+        _row(provider="qna_triton", **{"pass": "fwd+bwd"}, p50_ms=ours_ms, peak_mb=150.0, extra_mb=100.0, **common),
+        _row(provider="qna_triton", **{"pass": "fwd"}, p50_ms=0.040, **common),
+        _row(provider="copy", **{"pass": "fwd"}, p50_ms=0.031, **common),
+        _row(provider="naive_window", **{"pass": "fwd+bwd"}, status="OOM", **common),
+    ]
     for name, ms in peers_ms.items():
         rows.append(_row(provider=name, **{"pass": "fwd+bwd"}, p50_ms=ms, peak_mb=500.0, extra_mb=450.0, **common))
     return rows
@@ -190,8 +199,24 @@ def test_smoke_refuses_results_folder(tmp_path):
 
 def test_smoke_end_to_end(tmp_path, capsys):
     out = str(tmp_path / "smoke")
-    rc = main(["--smoke", "--out", out, "--no-compile", "--windows", "3",
-               "--suite", "window_bf16_d8", "--suite", "vit_tiny", "--suite", "layer_d16", "--suite", "model"])
+    rc = main(
+        [
+            "--smoke",
+            "--out",
+            out,
+            "--no-compile",
+            "--windows",
+            "3",
+            "--suite",
+            "window_bf16_d8",
+            "--suite",
+            "vit_tiny",
+            "--suite",
+            "layer_d16",
+            "--suite",
+            "model",
+        ]
+    )
     assert rc == 0
     printed = capsys.readouterr().out
     assert SMOKE_LABEL.upper() in printed
@@ -205,8 +230,23 @@ def test_smoke_end_to_end(tmp_path, capsys):
         assert reader.fieldnames == COLUMNS
         rows = list(reader)
     assert all(r["mode"] == SMOKE_LABEL for r in rows)
-    for col in ("gpu", "torch", "triton", "date", "suite", "shape", "dtype", "provider", "pass",
-                "p50_ms", "p20_ms", "p80_ms", "gb_s", "pct_copy", "peak_mb"):
+    for col in (
+        "gpu",
+        "torch",
+        "triton",
+        "date",
+        "suite",
+        "shape",
+        "dtype",
+        "provider",
+        "pass",
+        "p50_ms",
+        "p20_ms",
+        "p80_ms",
+        "gb_s",
+        "pct_copy",
+        "peak_mb",
+    ):
         assert col in COLUMNS
     ok = {(r["suite"], r["provider"], r["pass"]) for r in rows if r["status"] == "ok"}
     for prov in ("copy", "qna_triton", "paper_eager", "naive_window", "swin_sdpa", "depthwise_conv"):
@@ -245,8 +285,9 @@ def test_suites_and_groups():
         resolve_suites(["nope"])
     shapes = window_shapes("window_fp32_d32", smoke=False)
     assert [s.window for s in shapes] == [3, 5, 7, 9, 11, 13, 15, 21, 31]
-    assert {(s.batch, s.height, s.width, s.channels, s.heads, s.head_dim, s.queries, s.dtype) for s in shapes} == \
-        {(32, 64, 64, 128, 4, 32, 2, torch.float32)}
+    assert {(s.batch, s.height, s.width, s.channels, s.heads, s.head_dim, s.queries, s.dtype) for s in shapes} == {
+        (32, 64, 64, 128, 4, 32, 2, torch.float32)
+    }
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="checks the CPU-only refusal")
@@ -264,8 +305,12 @@ def test_compiled_provider_times_every_pass():
 
     shape = CoreShape(1, 6, 6, 8, 2, 3, torch.float32)
     opts = Options(torch.device("cpu"), compile=True, compile_mode="default")
-    results, notes = run_workload(lambda: CORE_PROVIDERS["paper_compiled"](shape, opts), opts.device,
-                                  TimingConfig(cpu_warmup=1, cpu_reps=2), Deadline(None))
+    results, notes = run_workload(
+        lambda: CORE_PROVIDERS["paper_compiled"](shape, opts),
+        opts.device,
+        TimingConfig(cpu_warmup=1, cpu_reps=2),
+        Deadline(None),
+    )
     torch._dynamo.reset()
     assert {p: r["status"] for p, r in results.items()} == {"fwd": "ok", "bwd": "ok", "fwd+bwd": "ok"}
     assert any("torch.compile" in n for n in notes)
@@ -298,8 +343,9 @@ def test_runner_records_failures_and_falls_back():
     cfg, cpu = TimingConfig(cpu_warmup=0, cpu_reps=1), torch.device("cpu")
     res, _ = run_workload(lambda: _fake_workload(oom_backward=True), cpu, cfg, Deadline(None))
     assert [res[p]["status"] for p in ("fwd", "bwd", "fwd+bwd")] == ["ok", "OOM", "OOM"]
-    res, notes = run_workload(lambda: _fake_workload(fail_forward=True, fallback=_fake_workload), cpu, cfg,
-                              Deadline(None))
+    res, notes = run_workload(
+        lambda: _fake_workload(fail_forward=True, fallback=_fake_workload), cpu, cfg, Deadline(None)
+    )
     assert all(r["status"] == "ok" for r in res.values()) and "fell back after" in notes[0]
     res, _ = run_workload(lambda: _fake_workload(fail_forward=True), cpu, cfg, Deadline(None))
     assert all(r["status"].startswith("error: RuntimeError: backend broke") for r in res.values())
@@ -336,8 +382,11 @@ def test_workload_context_covers_forward_and_backward():
             return g * 2
 
     cfg, cpu = TimingConfig(cpu_warmup=0, cpu_reps=1), torch.device("cpu")
-    wl = lambda: Workload(lambda: [torch.randn(4, requires_grad=True)], Record.apply,  # noqa: E731
-                          context=lambda: tuning.kernel_algorithm("direct"))
+    wl = lambda: Workload(
+        lambda: [torch.randn(4, requires_grad=True)],
+        Record.apply,  # noqa: E731
+        context=lambda: tuning.kernel_algorithm("direct"),
+    )
     res, _ = run_workload(wl, cpu, cfg, Deadline(None))
     assert all(r["status"] == "ok" for r in res.values())
     assert {kind for kind, _ in seen} == {"fwd", "bwd"} and all(algo == "direct" for _, algo in seen)

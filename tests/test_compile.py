@@ -12,20 +12,37 @@ from qna_triton import (
 
 
 @pytest.mark.parametrize("backend", ["reference", "triton"])
-@pytest.mark.parametrize("case", [Case(B=2, H=5, W=6, N=2, h=3, d=4, k=3, s=1, p=1),
-                                  Case(B=1, H=6, W=5, N=1, h=2, d=3, k=(2, 4), s=(2, 1), p=(0, 2),
-                                       with_scale=False)], ids=str)
+@pytest.mark.parametrize(
+    "case",
+    [
+        Case(B=2, H=5, W=6, N=2, h=3, d=4, k=3, s=1, p=1),
+        Case(B=1, H=6, W=5, N=1, h=2, d=3, k=(2, 4), s=(2, 1), p=(0, 2), with_scale=False),
+    ],
+    ids=str,
+)
 def test_opcheck(case, backend, monkeypatch):
     monkeypatch.setenv("QNA_TRITON_BACKEND", backend)
-    logits, values, rpb, scale = [None if t is None else t.requires_grad_()
-                                  for t in make_inputs(case, dtype=torch.float32, device=DEVICE)]
+    logits, values, rpb, scale = [
+        None if t is None else t.requires_grad_() for t in make_inputs(case, dtype=torch.float32, device=DEVICE)
+    ]
     ks, st, pd = (list(p) for p in case.geometry)
     torch.library.opcheck(torch.ops.qna.attention.default, (logits, values, rpb, scale, ks, st, pd))
     out, lse = torch.ops.qna.attention(logits, values, rpb, scale, ks, st, pd)
     g = torch.randn_like(out)
-    torch.library.opcheck(torch.ops.qna.attention_backward.default,
-                          (g, logits.detach(), values.detach(), rpb.detach(),
-                           None if scale is None else scale.detach(), lse.detach(), ks, st, pd))
+    torch.library.opcheck(
+        torch.ops.qna.attention_backward.default,
+        (
+            g,
+            logits.detach(),
+            values.detach(),
+            rpb.detach(),
+            None if scale is None else scale.detach(),
+            lse.detach(),
+            ks,
+            st,
+            pd,
+        ),
+    )
 
 
 @pytest.mark.parametrize("backend", ["reference", "triton"])
@@ -38,9 +55,10 @@ def test_opcheck_packed(backend, monkeypatch):
     geometry = ([3, 3], [2, 1], [1, 1])
     torch.library.opcheck(torch.ops.qna.attention_packed.default, (qv, rpb, scale, *geometry))
     out, lse = torch.ops.qna.attention_packed(qv, rpb, scale, *geometry)
-    torch.library.opcheck(torch.ops.qna.attention_packed_backward.default,
-                          (torch.randn_like(out), qv.detach(), rpb.detach(), scale.detach(), lse.detach(),
-                           *geometry))
+    torch.library.opcheck(
+        torch.ops.qna.attention_packed_backward.default,
+        (torch.randn_like(out), qv.detach(), rpb.detach(), scale.detach(), lse.detach(), *geometry),
+    )
 
 
 def _permuted_inputs(B=2, H=5, W=6, N=2, h=3, d=4):
@@ -54,8 +72,10 @@ def test_backward_fake_matches_real_strides_for_permuted_inputs(monkeypatch):
     monkeypatch.setenv("QNA_TRITON_BACKEND", "reference")
     logits, values, rpb = _permuted_inputs()
     out, lse = torch.ops.qna.attention(logits, values, rpb, None, [3, 3], [1, 1], [1, 1])
-    torch.library.opcheck(torch.ops.qna.attention_backward.default,
-                          (torch.randn_like(out), logits, values, rpb, None, lse, [3, 3], [1, 1], [1, 1]))
+    torch.library.opcheck(
+        torch.ops.qna.attention_backward.default,
+        (torch.randn_like(out), logits, values, rpb, None, lse, [3, 3], [1, 1], [1, 1]),
+    )
 
 
 def test_compile_backward_with_permuted_inputs(monkeypatch):

@@ -79,10 +79,10 @@ def test_decompose_core_op_dynamic_batch():
     flat = decompose(program)
     assert not qna_nodes(flat)
     for B in (1, 3):
-        logits, values, rpb, scale = make_inputs(dataclasses.replace(case, B=B), dtype=torch.float32,
-                                                 seed=B)
-        torch.testing.assert_close(flat.module()(logits, values, rpb, scale), Core()(logits, values, rpb, scale),
-                                   rtol=1e-5, atol=1e-6)
+        logits, values, rpb, scale = make_inputs(dataclasses.replace(case, B=B), dtype=torch.float32, seed=B)
+        torch.testing.assert_close(
+            flat.module()(logits, values, rpb, scale), Core()(logits, values, rpb, scale), rtol=1e-5, atol=1e-6
+        )
 
 
 def test_decompose_rejects_a_module():
@@ -135,13 +135,20 @@ LOAD_AND_RUN = textwrap.dedent("""
 @torch.no_grad()
 def test_aoti_package_runs_without_the_library(tmp_path):
     model = deploy_vit()
-    program = decompose(torch.export.export(model, (torch.randn(2, 3, 32, 32),),
-                                            dynamic_shapes={"x": {0: Dim("batch", max=64)}}))
+    program = decompose(
+        torch.export.export(model, (torch.randn(2, 3, 32, 32),), dynamic_shapes={"x": {0: Dim("batch", max=64)}})
+    )
     package = torch._inductor.aoti_compile_and_package(program, package_path=str(tmp_path / "qna_vit.pt2"))
     inputs = [torch.randn(B, 3, 32, 32) for B in (1, 3)]
     torch.save({"inputs": inputs, "outputs": [model(x) for x in inputs]}, tmp_path / "data.pt")
     env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
-    run = subprocess.run([sys.executable, "-c", LOAD_AND_RUN, package, str(tmp_path / "data.pt")],
-                         capture_output=True, text=True, env=env, cwd=tmp_path, timeout=300)
+    run = subprocess.run(
+        [sys.executable, "-c", LOAD_AND_RUN, package, str(tmp_path / "data.pt")],
+        capture_output=True,
+        text=True,
+        env=env,
+        cwd=tmp_path,
+        timeout=300,
+    )
     assert run.returncode == 0, run.stderr[-3000:]
     assert "ran 2 batches" in run.stdout

@@ -32,7 +32,11 @@ CASES = [
     (Case(B=2, H=17, W=19, N=2, h=16, d=8, k=3, s=1, p=1), F32, "direct"),
     (Case(B=1, H=20, W=18, N=1, h=4, d=16, k=7, s=2, p=3), F16, "direct"),
     (Case(B=1, H=16, W=16, N=4, h=2, d=32, k=4, s=1, p=(2, 1)), BF16, "direct"),  # even window, uneven padding
-    (Case(B=1, H=24, W=21, N=3, h=2, d=64, k=(5, 3), s=(1, 2), p=(2, 1)), F32, "direct"),  # non-square window, mixed stride
+    (
+        Case(B=1, H=24, W=21, N=3, h=2, d=64, k=(5, 3), s=(1, 2), p=(2, 1)),
+        F32,
+        "direct",
+    ),  # non-square window, mixed stride
     (Case(B=1, H=33, W=35, N=2, h=4, d=8, k=15, s=1, p=7), BF16, "direct"),
     (Case(B=1, H=40, W=37, N=2, h=2, d=8, k=31, s=1, p=15), BF16, "direct"),
     (Case(B=1, H=12, W=14, N=2, h=8, d=8, k=3, s=2, p=1, with_scale=False), F32, "direct"),
@@ -104,8 +108,9 @@ def test_extreme_logits(algo, dtype, monkeypatch):
         out = qna_attention(*ts, *case.geometry)
         assert torch.isfinite(out).all()
         tol = 5e-3 if dtype == F32 else 3e-2
-        torch.testing.assert_close(out.double().cpu(), oracle(logits, values, rpb, scale, case.geometry),
-                                   rtol=tol, atol=tol)
+        torch.testing.assert_close(
+            out.double().cpu(), oracle(logits, values, rpb, scale, case.geometry), rtol=tol, atol=tol
+        )
         out.float().square().sum().backward()
     for t in ts:
         assert torch.isfinite(t.grad).all()

@@ -25,8 +25,9 @@ STAGES = ("environment", "tests", "benchmarks", "autotune", "suite")
 def _run(out: Path, *args: str, timeout: float = 280) -> subprocess.CompletedProcess:
     env = {k: v for k, v in os.environ.items() if k not in ("OUT", "GPU_REPORT_BUDGET", "PYTEST_ADDOPTS")}
     env.update(PYTHON=sys.executable, OUT=str(out))
-    return subprocess.run(["bash", str(SCRIPT), "--rehearse", *args], cwd=REPO, env=env, capture_output=True,
-                          text=True, timeout=timeout)
+    return subprocess.run(
+        ["bash", str(SCRIPT), "--rehearse", *args], cwd=REPO, env=env, capture_output=True, text=True, timeout=timeout
+    )
 
 
 def _stage_rows(summary: str) -> dict:
@@ -47,8 +48,12 @@ def _files(out: Path) -> list:
 def rehearsal(tmp_path_factory):
     out = tmp_path_factory.mktemp("gpu_report")
     first = _run(out, "--test-file", "tests/no_such_test_file.py", "--stage-budget", "benchmarks=6")
-    broken = {"rc": first.returncode, "summary": (out / "summary.md").read_text(),
-              "state": json.loads((out / "report.json").read_text()), "stdout": first.stdout + first.stderr}
+    broken = {
+        "rc": first.returncode,
+        "summary": (out / "summary.md").read_text(),
+        "state": json.loads((out / "report.json").read_text()),
+        "stdout": first.stdout + first.stderr,
+    }
     # the rerun on "another machine": a fresh OUT, the earlier report brought along with --previous
     rerun = tmp_path_factory.mktemp("gpu_report_rerun")
     again = _run(rerun, "--stage", "tests", "--stage", "benchmarks", "--previous", str(out))
@@ -98,8 +103,9 @@ def test_output_stays_within_the_devices_limits(rehearsal):
     files = _files(out)
     assert 0 < len(files) <= 8, files
     assert all(len(f.parts) <= 3 for f in files), files  # OUT/a/b/file at the deepest
-    assert {"summary.md", "report.json", "report.log", "tests.log", "suite.log", "bench_rows.jsonl"} <= \
-        {str(f) for f in files}
+    assert {"summary.md", "report.json", "report.log", "tests.log", "suite.log", "bench_rows.jsonl"} <= {
+        str(f) for f in files
+    }
 
 
 def test_ingest_into_a_scratch_repository(rehearsal, tmp_path):
@@ -111,9 +117,12 @@ def test_ingest_into_a_scratch_repository(rehearsal, tmp_path):
     shutil.copytree(out, returned)
     # a config file as the autotuner writes it (the rehearsal only prints the plan): its merge is checked
     key = "kernel=fwd;dtype=bfloat16;window=3x3;stride=1x1;heads=16;head_dim=8;queries=2;bucket=65536"
-    entry = {"config": {"block_p": 16, "block_h": 16, "num_warps": 4, "num_stages": 1},
-             "heuristic": {"block_p": 8, "block_h": 16, "num_warps": 4, "num_stages": 1},
-             "time_ms": 1.0, "heuristic_time_ms": 1.5}
+    entry = {
+        "config": {"block_p": 16, "block_h": 16, "num_warps": 4, "num_stages": 1},
+        "heuristic": {"block_p": 8, "block_h": 16, "num_warps": 4, "num_stages": 1},
+        "time_ms": 1.0,
+        "heuristic_time_ms": 1.5,
+    }
     device_key = json.loads((out / "report.json").read_text())["device_key"]
     tuning.write_config_file(returned / "autotune" / f"{device_key}.json", {"gpu_name": "cpu"}, {key: entry})
     repo = tmp_path / "repo"
@@ -152,8 +161,10 @@ def test_pytest_output_parsing():
     done = "x\n==== 1 failed, 13 passed, 28 deselected, 5 warnings in 9.10s (0:00:09) ====\n"
     assert pytest_counts(done) == {"failed": 1, "passed": 13, "deselected": 28}
     assert pytest_counts("==== 2 errors in 0.1s ====") == {"errors": 2}
-    stopped = ("tests/test_gpu.py::test_a[x-1] PASSED [ 10%]\ntests/test_gpu.py::test_b FAILED [ 20%]\n"
-               "tests/test_gpu.py::test_c ")
+    stopped = (
+        "tests/test_gpu.py::test_a[x-1] PASSED [ 10%]\ntests/test_gpu.py::test_b FAILED [ 20%]\n"
+        "tests/test_gpu.py::test_c "
+    )
     assert pytest_counts(stopped) == {"passed": 1, "failed": 1}
     text = "$ python -m pytest\nE   AssertionError: boom\nFAILED tests/x.py::t - AssertionError: boom\n"
     assert first_error(text) == "FAILED tests/x.py::t - AssertionError: boom"
@@ -168,12 +179,12 @@ def test_rocm_smi_is_recorded_or_said_absent(tmp_path, monkeypatch):
     monkeypatch.setenv("PATH", str(tmp_path))
     assert children._rocm_smi() == {"error": "rocm-smi is absent"}
     fake = tmp_path / "rocm-smi"
-    fake.write_text('#!/bin/sh\necho \'{"card0": {"Card Series": "AMD Instinct MI300X", "sclk clock speed:": '
-                    '"(2100Mhz)"}, "system": {"Driver version": "6.10.5"}}\'\n')
+    fake.write_text(
+        '#!/bin/sh\necho \'{"card0": {"Card Series": "AMD Instinct MI300X", "sclk clock speed:": '
+        '"(2100Mhz)"}, "system": {"Driver version": "6.10.5"}}\'\n'
+    )
     fake.chmod(0o755)
     smi = children._rocm_smi()
-    assert smi == {"driver_version": "6.10.5", "Card Series": "AMD Instinct MI300X",
-                   "sclk clock speed:": "(2100Mhz)"}
-    line = summary.environment_line({"gpu": "AMD Instinct MI300X", "nvidia_smi": {"error": "absent"},
-                                        "rocm_smi": smi})
+    assert smi == {"driver_version": "6.10.5", "Card Series": "AMD Instinct MI300X", "sclk clock speed:": "(2100Mhz)"}
+    line = summary.environment_line({"gpu": "AMD Instinct MI300X", "nvidia_smi": {"error": "absent"}, "rocm_smi": smi})
     assert "rocm-smi: sclk clock speed: (2100Mhz)" in line

@@ -36,9 +36,24 @@ def _build_isolation_flags() -> list:
 def installed(tmp_path_factory) -> Path:
     target = tmp_path_factory.mktemp("site")
     proc = subprocess.run(
-        [sys.executable, "-m", "pip", "install", "--no-deps", "--no-compile", "--quiet", "--target", str(target),
-         *_build_isolation_flags(), str(ROOT)],
-        capture_output=True, text=True, timeout=600, cwd=tmp_path_factory.getbasetemp())
+        [
+            sys.executable,
+            "-m",
+            "pip",
+            "install",
+            "--no-deps",
+            "--no-compile",
+            "--quiet",
+            "--target",
+            str(target),
+            *_build_isolation_flags(),
+            str(ROOT),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=600,
+        cwd=tmp_path_factory.getbasetemp(),
+    )
     assert proc.returncode == 0, proc.stdout + proc.stderr
     return target
 
@@ -46,8 +61,9 @@ def installed(tmp_path_factory) -> Path:
 def _run(code: str, site: Path, cwd: Path, **env_extra: str) -> subprocess.CompletedProcess:
     env = {k: v for k, v in os.environ.items() if k not in ("PYTHONPATH", "QNA_TRITON_CONFIG_DIR")}
     env.update(PYTHONPATH=str(site), **env_extra)
-    return subprocess.run([sys.executable, "-c", textwrap.dedent(code)], cwd=cwd, env=env, capture_output=True,
-                          text=True, timeout=300)
+    return subprocess.run(
+        [sys.executable, "-c", textwrap.dedent(code)], cwd=cwd, env=env, capture_output=True, text=True, timeout=300
+    )
 
 
 def test_only_our_packages_are_installed_at_the_top_level(installed):
@@ -59,14 +75,18 @@ def test_only_our_packages_are_installed_at_the_top_level(installed):
 
 
 def test_library_and_models_import_from_outside_the_checkout(installed, tmp_path):
-    proc = _run("""
+    proc = _run(
+        """
         import qna_triton, qna_vit
         from qna_vit.training.engine import CosineSchedule
         print(qna_triton.__file__)
         print(qna_vit.__file__)
         model = qna_vit.create_model("qna_vit_tiny")
         print(sum(p.numel() for p in model.parameters()))
-    """, installed, tmp_path)
+    """,
+        installed,
+        tmp_path,
+    )
     assert proc.returncode == 0, proc.stderr
     lib, models, n_params = proc.stdout.split()
     assert Path(lib).is_relative_to(installed) and Path(models).is_relative_to(installed), proc.stdout
@@ -75,22 +95,31 @@ def test_library_and_models_import_from_outside_the_checkout(installed, tmp_path
 
 @pytest.mark.skipif(importlib.util.find_spec("timm") is None, reason="timm is not installed")
 def test_timm_creates_the_models_after_importing_them(installed, tmp_path):
-    proc = _run("""
+    proc = _run(
+        """
         import timm, qna_vit
         model = timm.create_model("qna_vit_tiny", num_classes=7)
         print(type(model).__module__, model.num_classes)
-    """, installed, tmp_path)
+    """,
+        installed,
+        tmp_path,
+    )
     assert proc.returncode == 0, proc.stderr
     assert proc.stdout.split() == ["qna_vit.model", "7"]
 
 
 def test_autotuner_runs_as_a_module_and_writes_to_the_user_folder(installed, tmp_path):
     cache = tmp_path / "cache"
-    proc = _run("""
+    proc = _run(
+        """
         from qna_triton import tuning
         print(tuning.user_config_dir())
         print(tuning.SHIPPED_CONFIG_DIR)
-    """, installed, tmp_path, XDG_CACHE_HOME=str(cache))
+    """,
+        installed,
+        tmp_path,
+        XDG_CACHE_HOME=str(cache),
+    )
     assert proc.returncode == 0, proc.stderr
     user, shipped = (Path(line) for line in proc.stdout.split())
     assert user == cache / "qna_triton" / "configs"
@@ -99,10 +128,18 @@ def test_autotuner_runs_as_a_module_and_writes_to_the_user_folder(installed, tmp
     before = sorted(installed.rglob("*"))
     env = {k: v for k, v in os.environ.items() if k not in ("PYTHONPATH", "QNA_TRITON_CONFIG_DIR")}
     env.update(PYTHONPATH=str(installed), XDG_CACHE_HOME=str(cache), PYTHONDONTWRITEBYTECODE="1")
-    for argv in (["--dry-run", "--quick", "--gpu-name", "Some GPU"],
-                 ["--dry-run", "--model", "qna_vit_tiny", "--batch", "2", "--gpu-name", "Some GPU"]):
-        proc = subprocess.run([sys.executable, "-m", "qna_triton.autotune", *argv], cwd=tmp_path, env=env,
-                              capture_output=True, text=True, timeout=300)
+    for argv in (
+        ["--dry-run", "--quick", "--gpu-name", "Some GPU"],
+        ["--dry-run", "--model", "qna_vit_tiny", "--batch", "2", "--gpu-name", "Some GPU"],
+    ):
+        proc = subprocess.run(
+            [sys.executable, "-m", "qna_triton.autotune", *argv],
+            cwd=tmp_path,
+            env=env,
+            capture_output=True,
+            text=True,
+            timeout=300,
+        )
         assert proc.returncode == 0, proc.stdout + proc.stderr
         assert f"output: {cache / 'qna_triton' / 'configs' / 'some_gpu.json'}" in proc.stdout, proc.stdout
     assert sorted(installed.rglob("*")) == before, "the autotuner must never write into site-packages"

@@ -48,10 +48,12 @@ NAMED = [
 # The named cases run in both layouts and every dtype; the random ones take turns with both (the dtype
 # changes only the loads' and stores' conversions, which the named cases cover).
 _RANDOM = random_cases(SWEEP_SIZE, seed=99, max_k=9, head_dims=(1, 5, 8, 12, 16, 32))
-SWEEP = ([pytest.param(c, qm, dt, id=f"{c}{'_qm' if qm else ''}-{dt}")
-          for c in NAMED for qm in (False, True) for dt in DTYPES]
-         + [pytest.param(c, i % 2 == 1, DTYPES[i % 3], id=f"{c}{'_qm' if i % 2 else ''}-{DTYPES[i % 3]}")
-            for i, c in enumerate(_RANDOM)])
+SWEEP = [
+    pytest.param(c, qm, dt, id=f"{c}{'_qm' if qm else ''}-{dt}") for c in NAMED for qm in (False, True) for dt in DTYPES
+] + [
+    pytest.param(c, i % 2 == 1, DTYPES[i % 3], id=f"{c}{'_qm' if i % 2 else ''}-{DTYPES[i % 3]}")
+    for i, c in enumerate(_RANDOM)
+]
 
 
 @pytest.mark.parametrize("case, query_minor, dtype", SWEEP)
@@ -164,8 +166,13 @@ def _tile_kinds(H: int, W: int, k: int, s: int, p: int, block_p: int) -> set:
         if t + block_p > Ho * Wo:
             kinds.add("partial")
             continue
-        inside = all(0 <= (q // Wo) * s - p and (q // Wo) * s - p + k <= H
-                     and 0 <= (q % Wo) * s - p and (q % Wo) * s - p + k <= W for q in range(t, t + block_p))
+        inside = all(
+            0 <= (q // Wo) * s - p
+            and (q // Wo) * s - p + k <= H
+            and 0 <= (q % Wo) * s - p
+            and (q % Wo) * s - p + k <= W
+            for q in range(t, t + block_p)
+        )
         kinds.add("interior" if inside else "border")
     return kinds
 
@@ -188,7 +195,8 @@ def test_interior_and_border_tiles(stride, padding, triton_backend):
     small = KernelConfig(block_p=4, block_h=2)
     # (no padding: every window lies inside the image, so no tile is a border one)
     assert _tile_kinds(H, W, k, stride, padding, small.block_p) == (
-        {"interior", "border", "partial"} if padding else {"interior", "partial"})
+        {"interior", "border", "partial"} if padding else {"interior", "partial"}
+    )
     out, lse = qna_forward(logits, values, rpb, scale, *geo, config=small)
     g = torch.randn_like(out)
     grads = qna_backward(g, logits, values, rpb, scale, lse, *geo, config=small, delta_config=small)

@@ -19,8 +19,18 @@ with open(os.path.join(FIXTURES, "layers.json")) as f:
 def fixture_layer(name):
     c = FIXTURE_CFGS[name]
     data = np.load(os.path.join(FIXTURES, f"layer_{name}.npz"))
-    layer = QnA(c["cin"], c["features"], c["heads"], c["k"], c["stride"], c["padding"], c["nq"],
-                c["attn_scale"], c["normalize_q"], c["use_bias"])
+    layer = QnA(
+        c["cin"],
+        c["features"],
+        c["heads"],
+        c["k"],
+        c["stride"],
+        c["padding"],
+        c["nq"],
+        c["attn_scale"],
+        c["normalize_q"],
+        c["use_bias"],
+    )
     tree = {}
     for key in data.files:
         if key.startswith("p:"):
@@ -55,8 +65,15 @@ def naive_layer(layer: QnA, x: torch.Tensor) -> torch.Tensor:
         k = k + layer.Wk_b
     logits = torch.einsum("byxjt,njt->byxnj", k, q)
     v = layer.to_v(x).unflatten(-1, (h, d))
-    o = naive_qna_attention(logits, v, layer.rpe_bias.reshape(-1, N, h), layer.scale_tensor(),
-                            layer.kernel_size, layer.stride, layer.padding)
+    o = naive_qna_attention(
+        logits,
+        v,
+        layer.rpe_bias.reshape(-1, N, h),
+        layer.scale_tensor(),
+        layer.kernel_size,
+        layer.stride,
+        layer.padding,
+    )
     return layer.to_out(o.flatten(-2))
 
 
@@ -64,8 +81,18 @@ def naive_layer(layer: QnA, x: torch.Tensor) -> torch.Tensor:
 @pytest.mark.parametrize("use_bias", [False, True])
 def test_modes_match_definition(mode, use_bias):
     torch.manual_seed(0)
-    layer = QnA(6, 12, 3, kernel_size=(3, 2), stride=(2, 1), padding=(1, 2), n_queries=3, attn_scale=mode,
-                use_bias=use_bias, out_features=5).double()
+    layer = QnA(
+        6,
+        12,
+        3,
+        kernel_size=(3, 2),
+        stride=(2, 1),
+        padding=(1, 2),
+        n_queries=3,
+        attn_scale=mode,
+        use_bias=use_bias,
+        out_features=5,
+    ).double()
     with torch.no_grad():
         for p in layer.parameters():
             p.add_(torch.randn_like(p) * 0.3)
@@ -88,8 +115,14 @@ def test_parameters_and_init():
     torch.manual_seed(0)
     layer = QnA(256, 512, 64, kernel_size=3, n_queries=2)
     names = {n: tuple(p.shape) for n, p in layer.named_parameters()}
-    assert names == {"query": (2, 512), "Wk": (256, 512), "to_v.weight": (512, 256), "to_out.weight": (512, 512),
-                     "rpe_bias": (9, 128), "attn_scale_weights": (1, 1, 9, 128)}
+    assert names == {
+        "query": (2, 512),
+        "Wk": (256, 512),
+        "to_v.weight": (512, 256),
+        "to_out.weight": (512, 512),
+        "rpe_bias": (9, 128),
+        "attn_scale_weights": (1, 1, 9, 128),
+    }
     assert torch.all(layer.rpe_bias == 0)
     assert abs(layer.Wk.std().item() - math.sqrt(1 / 256)) < 0.1 * math.sqrt(1 / 256)
     assert layer.Wk.abs().max() <= 2 * math.sqrt(1 / 256) / 0.8796 + 1e-6  # truncated at two std
@@ -129,8 +162,10 @@ def test_load_flax_errors_name_the_key_and_leave_layer_untouched():
     check(missing, "missing key 'rpe_bias'")
     check({**tree, "extra": np.zeros(3, np.float32)}, "unexpected key 'extra'")
     check({**tree, "to_v": {"kernel": np.zeros((64, 32), np.float32)}}, r"'to_v/kernel' has shape \(64, 32\)")
-    check({**tree, "to_out": {"kernel": tree["to_out"]["kernel"], "bias": np.zeros(64, np.float32)}},
-          "unexpected key 'to_out/bias'")
+    check(
+        {**tree, "to_out": {"kernel": tree["to_out"]["kernel"], "bias": np.zeros(64, np.float32)}},
+        "unexpected key 'to_out/bias'",
+    )
     flat = {("to_v/kernel" if k == "to_v" else k): (v["kernel"] if k == "to_v" else v) for k, v in tree.items()}
     layer.load_flax_params(flat)  # flat "/"-joined keys are accepted too
 
@@ -204,8 +239,11 @@ def test_forward_writes_only_projections_and_attention_output():
     class Record(TorchDispatchMode):
         def __torch_dispatch__(self, func, types, args=(), kwargs=None):
             out = func(*args, **(kwargs or {}))
-            inputs = {t.untyped_storage().data_ptr() for t in torch.utils._pytree.tree_leaves((args, kwargs))
-                      if isinstance(t, torch.Tensor)}
+            inputs = {
+                t.untyped_storage().data_ptr()
+                for t in torch.utils._pytree.tree_leaves((args, kwargs))
+                if isinstance(t, torch.Tensor)
+            }
             for t in torch.utils._pytree.tree_leaves(out):
                 if isinstance(t, torch.Tensor) and t.numel() >= B * H * W * C // 2:
                     if t.untyped_storage().data_ptr() not in inputs:  # a new allocation, not a view

@@ -49,8 +49,14 @@ class Modes(torch.nn.Module):
     """One QnA layer per attention-scale mode on the same input: windows 1 to 3 wide (square and
     rectangular), strides 1 and 2 (per axis too), biases on and off."""
 
-    GEOMETRY = [(3, 2, None), ((3, 2), 1, (1, 0)), (3, 1, 0), ((2, 3), (2, 1), (1, 1)), (3, (1, 2), None),
-                ((1, 3), 2, None)]
+    GEOMETRY = [
+        (3, 2, None),
+        ((3, 2), 1, (1, 0)),
+        (3, 1, 0),
+        ((2, 3), (2, 1), (1, 1)),
+        (3, (1, 2), None),
+        ((1, 3), 2, None),
+    ]
 
     def __init__(self):
         super().__init__()
@@ -100,13 +106,16 @@ class Core(torch.nn.Module):
 def test_core_op_stable_for_any_logit_range(logit_scale):
     case = Case(B=2, H=7, W=6, N=2, h=3, d=4, k=(3, 2), s=(2, 1), p=(1, 2))
     batch = Dim("batch")
-    program = torch.onnx.export(Core().eval(), make_inputs(case, dtype=torch.float32), dynamo=True,
-                                dynamic_shapes=({0: batch}, {0: batch}, None, None))
+    program = torch.onnx.export(
+        Core().eval(),
+        make_inputs(case, dtype=torch.float32),
+        dynamo=True,
+        dynamic_shapes=({0: batch}, {0: batch}, None, None),
+    )
     assert_standard_onnx(program)
     assert_lean(program)
     for B in (1, 3):
-        inputs = make_inputs(dataclasses.replace(case, B=B), dtype=torch.float32, seed=B,
-                             logit_scale=logit_scale)
+        inputs = make_inputs(dataclasses.replace(case, B=B), dtype=torch.float32, seed=B, logit_scale=logit_scale)
         got = run_onnx(program, *inputs)[0]
         expected = oracle(*inputs, Core.GEOMETRY).float()
         assert torch.isfinite(got).all()
@@ -119,8 +128,9 @@ def test_core_op_stable_for_any_logit_range(logit_scale):
 def test_qna_vit_dynamic_batch():
     torch.manual_seed(0)
     model = create_model("qna_vit_tiny", **DEPLOY_VIT).eval()
-    program = torch.onnx.export(model, (torch.randn(2, 3, 32, 32),), dynamo=True,
-                                dynamic_shapes={"x": {0: Dim("batch")}})
+    program = torch.onnx.export(
+        model, (torch.randn(2, 3, 32, 32),), dynamo=True, dynamic_shapes={"x": {0: Dim("batch")}}
+    )
     assert_standard_onnx(program)
     for B in (1, 3):
         x = torch.randn(B, 3, 32, 32)

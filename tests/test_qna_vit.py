@@ -30,8 +30,15 @@ PARAMS = {
 }
 
 # A small configuration of the same architecture for the slow paths (compile): maps 16, 8, 4, 2 at 64x64.
-MINI = dict(base_dim=16, qna_layers=(1, 1, 1, 0), lsa_layers=(0, 0, 1, 1), qna_heads=(2, 4, 8, 16),
-            lsa_heads=(1, 2, 4, 8), lsa_window=(7, 7, 2, 2), num_classes=10)
+MINI = dict(
+    base_dim=16,
+    qna_layers=(1, 1, 1, 0),
+    lsa_layers=(0, 0, 1, 1),
+    qna_heads=(2, 4, 8, 16),
+    lsa_heads=(1, 2, 4, 8),
+    lsa_window=(7, 7, 2, 2),
+    num_classes=10,
+)
 
 
 @functools.cache
@@ -130,8 +137,11 @@ def test_input_sizes():
     with pytest.raises(ValueError, match=r"\[B, 3, H, W\]"):
         model(torch.randn(1, 64, 64, 3))
     even = create_model("qna_vit_tiny", **{**MINI, "kernel_size": (2, 3, 3, 3)})
-    with pytest.raises(ValueError, match=r"input size 36x64 .*stage 0's down-sampling QnA gives \(4, 8\) but "
-                                         r"its strided skip gives \(5, 8\)"):
+    with pytest.raises(
+        ValueError,
+        match=r"input size 36x64 .*stage 0's down-sampling QnA gives \(4, 8\) but "
+        r"its strided skip gives \(5, 8\)",
+    ):
         even(torch.randn(1, 3, 36, 64))
     tiny = pristine("qna_vit_tiny")
     assert tiny.stage_sizes(448, 448) == [(112, 112), (56, 56), (28, 28), (14, 14), (14, 14)]
@@ -146,7 +156,7 @@ def naive_window_attention(attn, x):
     """The LSA mixer (docs/spec.md 2.3) written out in float64: per-head packing, logits + table lookup, softmax."""
     w, h, d = attn.window, attn.heads, attn.head_dim
     qkv = (x @ attn.to_qkv.weight.t()).reshape(x.shape[0], w * w, h, 3 * d)
-    q, k, v = qkv[..., :d], qkv[..., d:2 * d], qkv[..., 2 * d:]
+    q, k, v = qkv[..., :d], qkv[..., d : 2 * d], qkv[..., 2 * d :]
     table = attn.relative_position_bias_table
     bias = torch.empty(h, w * w, w * w, dtype=x.dtype)
     for i in range(w * w):
@@ -177,8 +187,8 @@ def test_lsa_stage_partitions_row_major_windows():
     expected = torch.empty_like(x)
     for by in range(0, 4, 2):
         for bx in range(0, 6, 2):
-            window = x[:, by:by + 2, bx:bx + 2].reshape(2, 4, 64)
-            expected[:, by:by + 2, bx:bx + 2] = block(window).reshape(2, 2, 2, 64)
+            window = x[:, by : by + 2, bx : bx + 2].reshape(2, 4, 64)
+            expected[:, by : by + 2, bx : bx + 2] = block(window).reshape(2, 2, 2, 64)
     torch.testing.assert_close(stage(x), expected, rtol=1e-12, atol=1e-12)
 
 
@@ -187,17 +197,25 @@ with open(os.path.join(FIXTURES, "layers.json")) as f:
     FIXTURE_CFGS = json.load(f)
 
 
-@pytest.mark.parametrize("fixture, flax_block, get_block", [
-    ("tiny_stage1", ("QnAStage_0", "QnA_Block_1"), lambda m: m.stages[0].qna_blocks[0]),
-    ("down_s2", ("QnAStage_0", "QnA_Block_3_stride_2"), lambda m: m.stages[0].downsample),
-])
+@pytest.mark.parametrize(
+    "fixture, flax_block, get_block",
+    [
+        ("tiny_stage1", ("QnAStage_0", "QnA_Block_1"), lambda m: m.stages[0].qna_blocks[0]),
+        ("down_s2", ("QnAStage_0", "QnA_Block_3_stride_2"), lambda m: m.stages[0].downsample),
+    ],
+)
 def test_golden_layer_fixture_through_the_model(fixture, flax_block, get_block):
     data = np.load(os.path.join(FIXTURES, f"layer_{fixture}.npz"))
     c = FIXTURE_CFGS[fixture]
     model = copy.deepcopy(pristine("qna_vit_tiny"))
     mixer = get_block(model).mixer
     assert (mixer.in_features, mixer.features, mixer.heads, mixer.kernel_size[0], mixer.stride[0]) == (
-        c["cin"], c["features"], c["heads"], c["k"], c["stride"])
+        c["cin"],
+        c["features"],
+        c["heads"],
+        c["k"],
+        c["stride"],
+    )
     tree = export_flax_params(model)
     stage, block = flax_block
     tree[stage][block]["FusedKQnA_0"] = unflatten({k[2:]: data[k] for k in data.files if k.startswith("p:")})
@@ -210,8 +228,9 @@ def test_golden_layer_fixture_through_the_model(fixture, flax_block, get_block):
 
 
 # ------------------------------------------------------------------------------------------- checkpoints
-@pytest.mark.parametrize("options", [dict(), dict(head="qnav2", stem="resnet", layer_scale=0.1, num_classes=7,
-                                                             img_size=64)])
+@pytest.mark.parametrize(
+    "options", [dict(), dict(head="qnav2", stem="resnet", layer_scale=0.1, num_classes=7, img_size=64)]
+)
 def test_export_load_round_trip(options):
     torch.manual_seed(0)
     src = create_model("qna_vit_tiny", **{**MINI, **options}).eval()
@@ -244,10 +263,16 @@ def test_bad_checkpoints_name_the_key_and_leave_the_model_untouched():
     del missing["QnAStage_1"]["QnA_Block_2"]["FusedKQnA_0"]["rpe_bias"]
     check(tiny, missing, "missing key 'QnAStage_1/QnA_Block_2/FusedKQnA_0/rpe_bias'", before)
     wrong = copy.deepcopy(tree)
-    wrong["LSAStage_2"]["MSA_Block_3"]["MultiHeadSelfAttention_0"]["to_qkv"]["kernel"] = np.zeros((256, 256),
-                                                                                                   np.float32)
-    check(tiny, wrong, r"'LSAStage_2/MSA_Block_3/MultiHeadSelfAttention_0/to_qkv/kernel' has shape \(256, 256\), "
-                       r"expected \(256, 768\)", before)
+    wrong["LSAStage_2"]["MSA_Block_3"]["MultiHeadSelfAttention_0"]["to_qkv"]["kernel"] = np.zeros(
+        (256, 256), np.float32
+    )
+    check(
+        tiny,
+        wrong,
+        r"'LSAStage_2/MSA_Block_3/MultiHeadSelfAttention_0/to_qkv/kernel' has shape \(256, 256\), "
+        r"expected \(256, 768\)",
+        before,
+    )
     extra = copy.deepcopy(tree)
     extra["QnAStage_3"] = {"QnA_Block_1": {"LayerNorm_0": {"scale": np.ones(512, np.float32)}}}
     check(tiny, extra, "unexpected key 'QnAStage_3/QnA_Block_1/LayerNorm_0/scale'", before)
@@ -285,8 +310,13 @@ def write_flax_checkpoint(path, state):
 def train_state(params, nested, batch_stats=None):
     """A saved ``flax.training.train_state.TrainState``-like tree, as ``to_state_dict`` lays it out."""
     opt_state = {"0": {"count": np.int32(300), "mu": {"w": np.zeros(2, np.float32)}}, "1": {}}
-    return {"step": 300, "params": {"params": params} if nested else params, "opt_state": opt_state,
-            "batch_stats": batch_stats, "dynamic_scale": None}
+    return {
+        "step": 300,
+        "params": {"params": params} if nested else params,
+        "opt_state": opt_state,
+        "batch_stats": batch_stats,
+        "dynamic_scale": None,
+    }
 
 
 def test_convert_command_round_trip(tmp_path):
@@ -308,8 +338,12 @@ def test_convert_command_runs_as_a_script_and_reports_errors(tmp_path):
     src = tmp_path / "ckpt.msgpack"
     write_flax_checkpoint(src, train_state(small_tree, nested=False))
     out = tmp_path / "x.pt"
-    proc = subprocess.run([sys.executable, os.path.join(EXAMPLES, "convert_flax.py"), "--model", "qna_vit_tiny",
-                           str(src), str(out)], capture_output=True, text=True, timeout=300)
+    proc = subprocess.run(
+        [sys.executable, os.path.join(EXAMPLES, "convert_flax.py"), "--model", "qna_vit_tiny", str(src), str(out)],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert proc.returncode == 1 and not out.exists()
     assert "--head qnav1 or --head qnav2" in proc.stderr
     with pytest.raises(CheckpointError):
@@ -325,8 +359,11 @@ def test_msgpack_reader_formats(tmp_path):
     state = {
         "params": {
             # Flax splits arrays over 1 GiB into chunks; a small one in the same layout.
-            "chunked": {"__msgpack_chunked_array__": True, "shape": {"0": 3, "1": 5},
-                        "chunks": {"0": big.reshape(-1)[:8], "1": big.reshape(-1)[8:]}},
+            "chunked": {
+                "__msgpack_chunked_array__": True,
+                "shape": {"0": 3, "1": 5},
+                "chunks": {"0": big.reshape(-1)[:8], "1": big.reshape(-1)[8:]},
+            },
             "half": np.arange(4, dtype=np.float16),
             "bf16": msgpack.ExtType(1, msgpack.packb(((3,), "bfloat16", bf16_bits.tobytes()), use_bin_type=True)),
         },
@@ -398,16 +435,30 @@ def test_timm_style_api():
     assert nwd <= set(names)
     assert "stages.2.lsa_blocks.0.mixer.relative_position_bias_table" in nwd
     assert "stages.0.qna_blocks.0.mixer.rpe_bias" in nwd and "stages.0.qna_blocks.0.mixer.attn_scale_weights" in nwd
-    assert {"stages.0.qna_blocks.0.norm1.weight", "head.norm.bias", "head.fc.bias",
-            "stages.0.qna_blocks.0.mlp.fc1.bias"} <= nwd
+    assert {
+        "stages.0.qna_blocks.0.norm1.weight",
+        "head.norm.bias",
+        "head.fc.bias",
+        "stages.0.qna_blocks.0.mlp.fc1.bias",
+    } <= nwd
     assert not {"head.fc.weight", "stages.0.qna_blocks.0.mixer.query", "stem.conv.weight"} & nwd
-    assert all(p.ndim <= 1 or n.endswith(("rpe_bias", "attn_scale_weights", "bias_table")) for n, p in names.items()
-               if n in nwd)
+    assert all(
+        p.ndim <= 1 or n.endswith(("rpe_bias", "attn_scale_weights", "bias_table"))
+        for n, p in names.items()
+        if n in nwd
+    )
     order = model.group_matcher()
-    in_network_order = ["stem.conv.weight", "stages.0.qna_blocks.0.mixer.Wk", "stages.0.downsample.skip.proj.weight",
-                        "stages.1.qna_blocks.0.norm1.weight", "stages.2.lsa_blocks.0.mlp.fc1.weight",
-                        "stages.2.qna_blocks.0.mixer.query", "stages.2.downsample.norm2.bias",
-                        "stages.3.lsa_blocks.0.norm1.weight", "head.norm.weight"]
+    in_network_order = [
+        "stem.conv.weight",
+        "stages.0.qna_blocks.0.mixer.Wk",
+        "stages.0.downsample.skip.proj.weight",
+        "stages.1.qna_blocks.0.norm1.weight",
+        "stages.2.lsa_blocks.0.mlp.fc1.weight",
+        "stages.2.qna_blocks.0.mixer.query",
+        "stages.2.downsample.norm2.bias",
+        "stages.3.lsa_blocks.0.norm1.weight",
+        "head.norm.weight",
+    ]
     assert sorted(in_network_order, key=order) == in_network_order
     assert set(in_network_order) <= set(names)
     assert model.group_matcher(coarse=True)("stages.2.downsample.norm2.bias") == (1, 2)
@@ -419,8 +470,13 @@ def test_timm_style_api():
         model.reset_classifier(5, global_pool="qnav1")
     with pytest.raises(ValueError, match="no downloadable weights"):
         qna_vit.qna_vit_tiny(pretrained=True)
-    m = qna_vit.qna_vit_tiny(pretrained_cfg=None, pretrained_cfg_overlay=None, cache_dir=None,
-                             drop_path_rate=0.3, **{k: v for k, v in MINI.items()})
+    m = qna_vit.qna_vit_tiny(
+        pretrained_cfg=None,
+        pretrained_cfg_overlay=None,
+        cache_dir=None,
+        drop_path_rate=0.3,
+        **{k: v for k, v in MINI.items()},
+    )
     assert m.config.drop_path == 0.3
 
 

@@ -41,8 +41,9 @@ def test_capabilities_outside_the_table_take_their_family_or_nothing():
 
 
 def _choice(arch, kernel, window, dtype=torch.bfloat16, head_dim=8):
-    return select_config(kernel, dtype, 4, head_dim, 2, (window, window), (1, 1), 1, Target(known_arch=arch),
-                         algo="auto")
+    return select_config(
+        kernel, dtype, 4, head_dim, 2, (window, window), (1, 1), 1, Target(known_arch=arch), algo="auto"
+    )
 
 
 def test_heuristic_takes_banded_kernels_only_where_the_table_allows(monkeypatch):
@@ -75,8 +76,10 @@ def test_a_rocm_build_reads_the_gfx_name_not_the_capability(monkeypatch):
     try:
         target = Target(tuned_index=0, cuda_index=0)
         assert target.arch().name == "gfx942" and target.capability() is None and target.describe() == "gfx942"
-        assert select_config("fwd", torch.bfloat16, 4, 8, 2, (15, 15), (1, 1), 1, Target(cuda_index=0),
-                             algo="auto").algo == "direct"
+        assert (
+            select_config("fwd", torch.bfloat16, 4, 8, 2, (15, 15), (1, 1), 1, Target(cuda_index=0), algo="auto").algo
+            == "direct"
+        )
         # `auto` runs the kernels on a ROCm GPU (its tensors are "cuda" tensors)
         monkeypatch.delenv("QNA_TRITON_BACKEND", raising=False)
         assert ops.resolve_backend(torch.device("cuda", 0), torch.bfloat16) == "triton"
@@ -159,8 +162,16 @@ def test_explicit_configs_and_direct_kernels_still_raise(monkeypatch, fresh_fall
     out, lse = qna_forward(logits, values, rpb, scale, *case.geometry)
     g = torch.randn(out.shape, generator=torch.Generator().manual_seed(1))
     with pytest.raises(RuntimeError, match="PassManager"):
-        qna_backward(g, logits, values, rpb, scale, lse, *case.geometry,
-                     delta_config=banded_config((3, 3), 4, torch.float32, kernel="bwd_delta"))
+        qna_backward(
+            g,
+            logits,
+            values,
+            rpb,
+            scale,
+            lse,
+            *case.geometry,
+            delta_config=banded_config((3, 3), 4, torch.float32, kernel="bwd_delta"),
+        )
     assert rejected.calls == 2
     monkeypatch.setenv(tuning.ALGO_ENV, "direct")
     monkeypatch.setattr(launch, "qna_fwd_kernel", _Rejected())

@@ -30,8 +30,15 @@ NAMES = sorted(MODEL_CONFIGS)
 def reduced(name, **extra):
     """``name``'s architecture at width 16, one block of each kind per stage (LSA in stages 2-3), its own
     QnA window; the LSA windows stay (7, 7, 14, 7), larger than the maps of small inputs."""
-    return dict(base_dim=16, qna_layers=(1, 1, 1, 0), qna_heads=(2, 4, 8, 16), lsa_layers=(0, 0, 1, 1),
-                lsa_heads=(1, 2, 4, 8), kernel_size=MODEL_CONFIGS[name].kernel_size, **extra)
+    return dict(
+        base_dim=16,
+        qna_layers=(1, 1, 1, 0),
+        qna_heads=(2, 4, 8, 16),
+        lsa_layers=(0, 0, 1, 1),
+        lsa_heads=(1, 2, 4, 8),
+        kernel_size=MODEL_CONFIGS[name].kernel_size,
+        **extra,
+    )
 
 
 # ------------------------------------------------------------------------------------------- default cfgs
@@ -74,8 +81,9 @@ def test_pretrained_cfg_and_head_contract(name):
     assert model.no_weight_decay() <= {n for n, _ in model.named_parameters()}
     with pytest.raises(TypeError, match="unknown QnAViT option"):
         timm.create_model(name, device="meta", not_a_model_arg=1)
-    overlaid = timm.create_model(name, device="meta", pretrained_cfg_overlay=dict(crop_pct=1.0, test_input_size=(
-        3, 288, 288)))
+    overlaid = timm.create_model(
+        name, device="meta", pretrained_cfg_overlay=dict(crop_pct=1.0, test_input_size=(3, 288, 288))
+    )
     assert overlaid.pretrained_cfg["crop_pct"] == 1.0 and overlaid.pretrained_cfg["test_input_size"] == (3, 288, 288)
     assert set(NAMES) <= set(timm.list_models("qna_vit*"))
     assert timm.models.get_pretrained_cfg_value(name, "pool_size") == (7, 7)
@@ -168,8 +176,9 @@ def test_feature_wrappers_agree():
         expected = model.forward_intermediates(x, indices=(0, 2, 3), intermediates_only=True)
         for cls in ("getter", "hook", "fx"):
             torch.manual_seed(0)  # the same initialisation as ``model``
-            net = timm.create_model("qna_vit_tiny", features_only=True, feature_cls=cls, out_indices=(0, 2, 3),
-                                    **reduced("qna_vit_tiny")).eval()
+            net = timm.create_model(
+                "qna_vit_tiny", features_only=True, feature_cls=cls, out_indices=(0, 2, 3), **reduced("qna_vit_tiny")
+            ).eval()
             got = net(x)
             got = list(got.values()) if isinstance(got, dict) else got
             if str(getattr(net, "output_fmt", "NCHW")).endswith("NHWC"):
@@ -183,8 +192,12 @@ def test_forward_intermediates_and_pruning():
     """timm's test_model_forward_intermediates and its pruning contract."""
     torch.manual_seed(0)
     model = create_model("qna_vit_small", **reduced("qna_vit_small"), drop_rate=0.5).eval()
-    assert [f["module"] for f in model.feature_info] == ["stages.0.qna_blocks.0", "stages.1.qna_blocks.0",
-                                                         "stages.2.qna_blocks.0", "stages.3"]
+    assert [f["module"] for f in model.feature_info] == [
+        "stages.0.qna_blocks.0",
+        "stages.1.qna_blocks.0",
+        "stages.2.qna_blocks.0",
+        "stages.3",
+    ]
     x = torch.randn(2, 3, 64, 80)
     with torch.no_grad():
         final, taps = model.forward_intermediates(x)
@@ -224,11 +237,13 @@ def test_forward_intermediates_and_pruning():
 # ------------------------------------------------------------------------------------------- fx
 def _fx_model(model, train):
     """timm's _create_fx_model: a feature extractor returning the graph's output node(s)."""
-    kwargs = dict(leaf_modules=get_notrace_modules(), autowrap_functions=get_notrace_functions(),
-                  param_shapes_constant=True)
+    kwargs = dict(
+        leaf_modules=get_notrace_modules(), autowrap_functions=get_notrace_functions(), param_shapes_constant=True
+    )
     train_nodes, eval_nodes = get_graph_node_names(model, tracer_kwargs=kwargs)
-    return create_feature_extractor(model, train_return_nodes=[train_nodes[-1]], eval_return_nodes=[eval_nodes[-1]],
-                                    tracer_kwargs=kwargs)
+    return create_feature_extractor(
+        model, train_return_nodes=[train_nodes[-1]], eval_return_nodes=[eval_nodes[-1]], tracer_kwargs=kwargs
+    )
 
 
 @pytest.mark.parametrize("name", ["qna_vit_tiny", "qna_vit_tiny_7x7"])
@@ -244,8 +259,9 @@ def test_fx_trace_forward_backward(name):
         torch.testing.assert_close(torch.cat(tuple(traced(x).values())), expected, rtol=1e-4, atol=1e-5)
     leaves = {n.target for n in traced.graph.nodes if n.op == "call_module"}
     assert "stages.0.qna_blocks.0.mixer" in leaves
-    assert {"window_partition", "window_key_mask", "pad_same"} <= {getattr(n.target, "__name__", "")
-                                                                   for n in traced.graph.nodes}
+    assert {"window_partition", "window_key_mask", "pad_same"} <= {
+        getattr(n.target, "__name__", "") for n in traced.graph.nodes
+    }
     model.train()
     traced = _fx_model(model, train=True)
     out = torch.cat(tuple(traced(torch.randn(2, 3, 64, 64)).values()))
@@ -260,8 +276,9 @@ def test_fx_without_timm_registry():
     with torch.no_grad():
         torch.testing.assert_close(qna_vit.symbolic_trace(model)(x), model(x))
         nodes = get_graph_node_names(model, tracer_kwargs=qna_vit.fx_tracer_kwargs())[1]
-        taps = create_feature_extractor(model, return_nodes={"stages.1.qna_blocks.0": "p8"},
-                                        tracer_kwargs=qna_vit.fx_tracer_kwargs())(x)["p8"]
+        taps = create_feature_extractor(
+            model, return_nodes={"stages.1.qna_blocks.0": "p8"}, tracer_kwargs=qna_vit.fx_tracer_kwargs()
+        )(x)["p8"]
         torch.testing.assert_close(taps.permute(0, 3, 1, 2), model.forward_intermediates(x, indices=[1])[1][0])
     assert "stages.0.qna_blocks.0.mixer" in nodes
     kwargs = qna_vit.fx_tracer_kwargs()
@@ -275,7 +292,7 @@ def _naive_masked_window_attention(attn, x, rows, cols):
     w, h, d = attn.window, attn.heads, attn.head_dim
     n = x.shape[0]
     qkv = (x @ attn.to_qkv.weight.t()).reshape(n, h, 3 * d)
-    q, k, v = qkv[..., :d], qkv[..., d:2 * d], qkv[..., 2 * d:]
+    q, k, v = qkv[..., :d], qkv[..., d : 2 * d], qkv[..., 2 * d :]
     table = attn.relative_position_bias_table
     logits = torch.einsum("ijt,kjt->jik", q, k) / math.sqrt(d)
     for i in range(n):
@@ -344,8 +361,26 @@ def test_models_work_without_timm():
 def test_segmentation_example_trains(tmp_path):
     from qna_vit import segment
 
-    summary = segment.main(["--model", "qna_vit_tiny", "--steps", "12", "--batch-size", "4", "--img-size", "64",
-                            "--width", "16", "--threads", "1", "--seed", "0", "--output", str(tmp_path / "seg.pt")])
+    summary = segment.main(
+        [
+            "--model",
+            "qna_vit_tiny",
+            "--steps",
+            "12",
+            "--batch-size",
+            "4",
+            "--img-size",
+            "64",
+            "--width",
+            "16",
+            "--threads",
+            "1",
+            "--seed",
+            "0",
+            "--output",
+            str(tmp_path / "seg.pt"),
+        ]
+    )
     assert summary["feature_channels"] == [16, 32, 64, 128] and summary["feature_strides"] == [4, 8, 16, 32]
     assert summary["logits_shape"] == [4, segment.NUM_CLASSES, 64, 64]
     assert summary["last_loss"] < summary["first_loss"]

@@ -38,20 +38,71 @@ ROOT = Path(__file__).resolve().parents[1]
 EXAMPLES = ROOT / "examples"
 
 # 16x16 input: feature maps 4, 2, 1, 1, so the LSA windows are 1 and 1 in stages 2 and 3.
-TINY = ["base_dim=16", "qna_layers=1,1,1,0", "qna_heads=2,4,8,16", "lsa_layers=0,0,1,1", "lsa_heads=1,2,4,8",
-        "lsa_window=4,2,1,1"]
+TINY = [
+    "base_dim=16",
+    "qna_layers=1,1,1,0",
+    "qna_heads=2,4,8,16",
+    "lsa_layers=0,0,1,1",
+    "lsa_heads=1,2,4,8",
+    "lsa_window=4,2,1,1",
+]
 STEP_COLUMNS = ("step", "epoch", "loss", "lr", "grad_norm")
-SUMMARY_COLUMNS = ("epoch", "step", "lr", "train_loss", "val_loss", "top1", "top5", "ema_val_loss", "ema_top1",
-                   "ema_top5")
+SUMMARY_COLUMNS = (
+    "epoch",
+    "step",
+    "lr",
+    "train_loss",
+    "val_loss",
+    "top1",
+    "top5",
+    "ema_val_loss",
+    "ema_top1",
+    "ema_top5",
+)
 
 
 def tiny_args(out, *extra, classes=4, train_size=96, val_size=32, batch=16, epochs=2):
-    return ["--synthetic", "--synthetic-classes", str(classes), "--synthetic-train-size", str(train_size),
-            "--synthetic-val-size", str(val_size), "--img-size", "16", "--model-kwargs", *TINY,
-            "--batch-size", str(batch), "--epochs", str(epochs), "--workers", "0", "--threads", "1",
-            "--lr", "2e-3", "--warmup-epochs", "0.5", "--aa", "none", "--output", str(out), "--progress", "plain",
-            "--log-interval", "5", "--no-tensorboard", "--seed", "3", "--device", "cpu", "--data-backend", "builtin",
-            *extra]
+    return [
+        "--synthetic",
+        "--synthetic-classes",
+        str(classes),
+        "--synthetic-train-size",
+        str(train_size),
+        "--synthetic-val-size",
+        str(val_size),
+        "--img-size",
+        "16",
+        "--model-kwargs",
+        *TINY,
+        "--batch-size",
+        str(batch),
+        "--epochs",
+        str(epochs),
+        "--workers",
+        "0",
+        "--threads",
+        "1",
+        "--lr",
+        "2e-3",
+        "--warmup-epochs",
+        "0.5",
+        "--aa",
+        "none",
+        "--output",
+        str(out),
+        "--progress",
+        "plain",
+        "--log-interval",
+        "5",
+        "--no-tensorboard",
+        "--seed",
+        "3",
+        "--device",
+        "cpu",
+        "--data-backend",
+        "builtin",
+        *extra,
+    ]
 
 
 def run_train(argv):
@@ -105,13 +156,16 @@ def test_sampler_splits_each_step_identically_over_ranks_and_accumulation():
             shards.append(list(s))
         per_step = 12 // world
         for step in range(7):
-            got = sorted(x for shard in shards for x in shard[step * per_step:(step + 1) * per_step])
-            assert got == sorted(ref[step * 12:(step + 1) * 12]), (world, accum, step)
+            got = sorted(x for shard in shards for x in shard[step * per_step : (step + 1) * per_step])
+            assert got == sorted(ref[step * 12 : (step + 1) * 12]), (world, accum, step)
 
 
 def test_seeded_transforms_do_not_depend_on_call_order_or_disturb_global_rng():
-    ds = SeededDataset(SyntheticShapes(3, 6, 20), BuiltinTrainTransform(AugConfig(img_size=16, auto_augment=None,
-                                                                                  reprob=0.5)), torch_only=True)
+    ds = SeededDataset(
+        SyntheticShapes(3, 6, 20),
+        BuiltinTrainTransform(AugConfig(img_size=16, auto_augment=None, reprob=0.5)),
+        torch_only=True,
+    )
     torch.manual_seed(0)
     before = torch.rand(3)
     torch.manual_seed(0)
@@ -203,7 +257,7 @@ def test_image_folder_fallback_reads_pngs_and_trains(tmp_path):
         ImageFolderDataset(str(tmp_path / "train" / "class_0"))
 
     argv = tiny_args(tmp_path / "run", epochs=1, batch=8)
-    argv[argv.index("--synthetic"):argv.index("--img-size")] = ["--data-dir", str(tmp_path)]
+    argv[argv.index("--synthetic") : argv.index("--img-size")] = ["--data-dir", str(tmp_path)]
     summary = run_train(argv)
     assert summary["steps"] == 3 and summary["metrics"]["images"] == 6
 
@@ -212,8 +266,24 @@ def test_image_folder_fallback_reads_pngs_and_trains(tmp_path):
 @pytest.fixture(scope="module")
 def learned_run(tmp_path_factory):
     out = tmp_path_factory.mktemp("learn")
-    argv = tiny_args(out, "--mixup", "0", "--cutmix", "0", "--reprob", "0", "--scale", "0.5", "1",
-                     "--drop-path", "0", train_size=640, val_size=64, batch=16, epochs=3)
+    argv = tiny_args(
+        out,
+        "--mixup",
+        "0",
+        "--cutmix",
+        "0",
+        "--reprob",
+        "0",
+        "--scale",
+        "0.5",
+        "1",
+        "--drop-path",
+        "0",
+        train_size=640,
+        val_size=64,
+        batch=16,
+        epochs=3,
+    )
     return out, run_train(argv)
 
 
@@ -240,17 +310,41 @@ def keep_threads():
 
 def test_eval_script_reports_the_training_metrics(learned_run, tmp_path, capsys, keep_threads):
     out, summary = learned_run
-    result = eval_script.run(["--checkpoint", str(out / "last.pth"), "--synthetic", "--workers", "0", "--device", "cpu",
-                              "--data-backend", "builtin", "--threads", "1",
-                              "--batch-size", "16", "--bench-steps", "2", "--results-file", str(tmp_path / "r.json")])
+    result = eval_script.run(
+        [
+            "--checkpoint",
+            str(out / "last.pth"),
+            "--synthetic",
+            "--workers",
+            "0",
+            "--device",
+            "cpu",
+            "--data-backend",
+            "builtin",
+            "--threads",
+            "1",
+            "--batch-size",
+            "16",
+            "--bench-steps",
+            "2",
+            "--results-file",
+            str(tmp_path / "r.json"),
+        ]
+    )
     text = capsys.readouterr().out
-    assert re.search(r"^checkpoint: .*last\.pth \(qna_vit_tiny, 0\.\d\dM parameters, 4 classes, step 120\)$", text, re.M)
+    assert re.search(
+        r"^checkpoint: .*last\.pth \(qna_vit_tiny, 0\.\d\dM parameters, 4 classes, step 120\)$", text, re.M
+    )
     assert re.search(r"^device: cpu \| QnA backend: reference \| precision: float32", text, re.M)
     assert re.search(r"^data: generated shapes \(val, 4 classes, 16px, seed 0\): 64 images at 16x16", text, re.M)
     m = re.search(r"^top-1 (\d+\.\d{3})% \| top-5 (\d+\.\d{3})% \| loss (\d+\.\d{4}) \| 64 images$", text, re.M)
     assert m, text
-    assert re.search(r"^throughput: \d+\.\d images/s end-to-end \| \d+\.\d images/s model only "
-                     r"\(batch 16, 2 timed passes\)$", text, re.M)
+    assert re.search(
+        r"^throughput: \d+\.\d images/s end-to-end \| \d+\.\d images/s model only "
+        r"\(batch 16, 2 timed passes\)$",
+        text,
+        re.M,
+    )
     trained = summary["metrics"]
     assert float(m.group(1)) == pytest.approx(trained["top1"], abs=1e-3)
     assert float(m.group(2)) == pytest.approx(trained["top5"], abs=1e-3)
@@ -260,12 +354,39 @@ def test_eval_script_reports_the_training_metrics(learned_run, tmp_path, capsys,
     # convert_flax.py's format: weights, model name and architecture arguments only.
     ckpt = load_checkpoint(str(out / "last.pth"))
     flax_like = tmp_path / "converted.pt"
-    torch.save({"model": ckpt["model"], "model_name": "qna_vit_tiny",
-                "model_args": dict(ckpt["model_kwargs"], num_classes=4, head="gap")}, flax_like)
-    again = eval_script.run(["--checkpoint", str(flax_like), "--synthetic", "--synthetic-classes", "4",
-                             "--synthetic-val-size", "64", "--synthetic-image-size", "16", "--img-size", "16",
-                             "--workers", "0", "--bench-steps", "0", "--device", "cpu", "--data-backend", "builtin",
-                             "--threads", "1"])
+    torch.save(
+        {
+            "model": ckpt["model"],
+            "model_name": "qna_vit_tiny",
+            "model_args": dict(ckpt["model_kwargs"], num_classes=4, head="gap"),
+        },
+        flax_like,
+    )
+    again = eval_script.run(
+        [
+            "--checkpoint",
+            str(flax_like),
+            "--synthetic",
+            "--synthetic-classes",
+            "4",
+            "--synthetic-val-size",
+            "64",
+            "--synthetic-image-size",
+            "16",
+            "--img-size",
+            "16",
+            "--workers",
+            "0",
+            "--bench-steps",
+            "0",
+            "--device",
+            "cpu",
+            "--data-backend",
+            "builtin",
+            "--threads",
+            "1",
+        ]
+    )
     assert again["top1"] == pytest.approx(trained["top1"], abs=1e-3)
 
 
@@ -279,8 +400,14 @@ def test_resume_after_a_kill_mid_epoch_repeats_the_uninterrupted_run(tmp_path):
     killed = tmp_path / "killed"
     argv = tiny_args(killed, *common, "--debug-exit-after-step", "10")
     argv[argv.index("--workers") + 1] = "2"  # the order and augmentations do not depend on the workers
-    proc = subprocess.run([sys.executable, str(EXAMPLES / "train.py"), *argv], cwd=ROOT, env=subprocess_env(),
-                          capture_output=True, text=True, timeout=300)
+    proc = subprocess.run(
+        [sys.executable, str(EXAMPLES / "train.py"), *argv],
+        cwd=ROOT,
+        env=subprocess_env(),
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert proc.returncode == train_script.DEBUG_EXIT_CODE, proc.stderr[-3000:]
     assert load_checkpoint(str(killed))["step"] == 8
     assert int(read_csv(killed / "steps.csv", STEP_COLUMNS)[-1][0]) == 10  # logged past the checkpoint
@@ -288,8 +415,9 @@ def test_resume_after_a_kill_mid_epoch_repeats_the_uninterrupted_run(tmp_path):
     resumed = run_train(tiny_args(killed, *common, "--resume", str(killed)))
     assert resumed["steps"] == 12
     assert read_csv(killed / "steps.csv", STEP_COLUMNS) == read_csv(tmp_path / "ref" / "steps.csv", STEP_COLUMNS)
-    assert (read_csv(killed / "summary.csv", SUMMARY_COLUMNS)
-            == read_csv(tmp_path / "ref" / "summary.csv", SUMMARY_COLUMNS))
+    assert read_csv(killed / "summary.csv", SUMMARY_COLUMNS) == read_csv(
+        tmp_path / "ref" / "summary.csv", SUMMARY_COLUMNS
+    )
     a, b = load_checkpoint(str(killed)), load_checkpoint(str(tmp_path / "ref"))
     for key in ("model", "ema"):
         for name, t in a[key].items():
@@ -302,9 +430,22 @@ def test_torchrun_and_gradient_accumulation_match_one_process(tmp_path):
     common = ["--mixup", "0", "--cutmix", "0", "--drop-path", "0"]
     single = run_train(tiny_args(tmp_path / "one", *common, train_size=64, batch=16))
     argv = tiny_args(tmp_path / "two", *common, train_size=64, batch=8)
-    proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
-                           str(EXAMPLES / "train.py"), *argv], cwd=ROOT, env=subprocess_env(),
-                          capture_output=True, text=True, timeout=300)
+    proc = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "torch.distributed.run",
+            "--standalone",
+            "--nproc_per_node=2",
+            str(EXAMPLES / "train.py"),
+            *argv,
+        ],
+        cwd=ROOT,
+        env=subprocess_env(),
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "processes: 2 (gloo)" in proc.stdout
     assert proc.stdout.count("optimizer: AdamW") == 1  # only rank 0 logs
@@ -336,8 +477,14 @@ def test_torchrun_and_gradient_accumulation_match_one_process(tmp_path):
 def test_nonfinite_loss_stops_with_the_step_and_keeps_the_last_good_checkpoint(tmp_path):
     out = tmp_path / "nan"
     argv = tiny_args(out, "--ckpt-interval", "3", "--debug-nan-at-step", "7", train_size=192)
-    proc = subprocess.run([sys.executable, str(EXAMPLES / "train.py"), *argv], cwd=ROOT, env=subprocess_env(),
-                          capture_output=True, text=True, timeout=300)
+    proc = subprocess.run(
+        [sys.executable, str(EXAMPLES / "train.py"), *argv],
+        cwd=ROOT,
+        env=subprocess_env(),
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert proc.returncode == 3, proc.stderr[-3000:]
     message = proc.stderr.strip().splitlines()[-1]
     assert message.startswith("error: non-finite loss (nan) at step 7 (epoch 0, batch 7 of 12)"), message
@@ -355,9 +502,26 @@ def test_nonfinite_loss_stops_with_the_step_and_keeps_the_last_good_checkpoint(t
 
 def test_demo_runs_end_to_end(tmp_path, capsys, keep_threads):
     with torch.random.fork_rng(devices=[]):
-        summary = demo.main(["--epochs", "1", "--train-size", "64", "--val-size", "32", "--workers", "0",
-                             "--threads", "1", "--progress", "plain", "--output", str(tmp_path / "demo"),
-                             "--device", "cpu"])
+        summary = demo.main(
+            [
+                "--epochs",
+                "1",
+                "--train-size",
+                "64",
+                "--val-size",
+                "32",
+                "--workers",
+                "0",
+                "--threads",
+                "1",
+                "--progress",
+                "plain",
+                "--output",
+                str(tmp_path / "demo"),
+                "--device",
+                "cpu",
+            ]
+        )
     text = capsys.readouterr().out
     assert summary["steps"] == 2
     assert "device: cpu | QnA backend: reference" in text

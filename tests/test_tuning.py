@@ -35,7 +35,7 @@ def clean(monkeypatch, tmp_path):
     tuning.clear_cache()
 
 
-def key(kernel="fwd", dtype="bfloat16", k=3, s=1, heads=16, head_dim=8, nq=2, bucket=4 ** 8) -> str:
+def key(kernel="fwd", dtype="bfloat16", k=3, s=1, heads=16, head_dim=8, nq=2, bucket=4**8) -> str:
     return EntryKey(kernel, dtype, k, k, s, s, heads, head_dim, nq, bucket).to_str()
 
 
@@ -49,7 +49,7 @@ def write(folder, entries, gpu=GPU, **extra):
     return path
 
 
-def lookup(kernel="fwd", dtype="bfloat16", heads=16, head_dim=8, nq=2, k=3, s=1, pixels=4 ** 8, dirs=None):
+def lookup(kernel="fwd", dtype="bfloat16", heads=16, head_dim=8, nq=2, k=3, s=1, pixels=4**8, dirs=None):
     return lookup_config(kernel, GPU, dtype, heads, head_dim, nq, (k, k), (s, s), pixels, dirs)
 
 
@@ -71,8 +71,10 @@ def test_heuristic_is_valid_for_every_kernel():
         heuristic_config("nope", 4, 4)
 
 
-@pytest.mark.parametrize("pixels, bucket", [(0, 1), (1, 1), (3, 1), (4, 4), (15, 4), (16, 16), (4 ** 8 - 1, 4 ** 7),
-                                            (4 ** 8, 4 ** 8), (2 * 4 ** 10, 4 ** 10)])
+@pytest.mark.parametrize(
+    "pixels, bucket",
+    [(0, 1), (1, 1), (3, 1), (4, 4), (15, 4), (16, 16), (4**8 - 1, 4**7), (4**8, 4**8), (2 * 4**10, 4**10)],
+)
 def test_size_bucket(pixels, bucket):
     assert tuning.size_bucket(pixels) == bucket
 
@@ -84,28 +86,39 @@ def test_sanitize_gpu_name():
 
 
 def test_entry_key_round_trip_and_rejects():
-    k = EntryKey("bwd_delta", "float16", 5, 7, 2, 1, 12, 16, 4, 4 ** 9)
+    k = EntryKey("bwd_delta", "float16", 5, 7, 2, 1, 12, 16, 4, 4**9)
     assert EntryKey.from_str(k.to_str()) == k
-    for bad in ("", "kernel=fwd", k.to_str().replace("bucket=262144", "bucket=1000"),
-                k.to_str().replace("bwd_delta", "fwd2"), k.to_str().replace("float16", "float64"),
-                k.to_str().replace("heads=12", "heads=0")):
+    for bad in (
+        "",
+        "kernel=fwd",
+        k.to_str().replace("bucket=262144", "bucket=1000"),
+        k.to_str().replace("bwd_delta", "fwd2"),
+        k.to_str().replace("float16", "float64"),
+        k.to_str().replace("heads=12", "heads=0"),
+    ):
         with pytest.raises(ValueError):
             EntryKey.from_str(bad)
 
 
 # ------------------------------------------------------------------------------------ schema
 def test_write_and_read_back(tmp_path):
-    entries = {key(): {"config": cfg(32, 8, 8, 2), "time_ms": 0.5, "heuristic_time_ms": 0.6},
-               key("bwd", "float32", 7, 2): {"config": cfg(16, 4)}}
+    entries = {
+        key(): {"config": cfg(32, 8, 8, 2), "time_ms": 0.5, "heuristic_time_ms": 0.6},
+        key("bwd", "float32", 7, 2): {"config": cfg(16, 4)},
+    }
     path = tmp_path / "x.json"
-    tuning.write_config_file(path, {"gpu_name": GPU, "torch_version": "t"}, entries, {key("bwd_delta"): {"reason": "r"}})
+    tuning.write_config_file(
+        path, {"gpu_name": GPU, "torch_version": "t"}, entries, {key("bwd_delta"): {"reason": "r"}}
+    )
     data = json.loads(path.read_text())
     assert data["schema_version"] == tuning.SCHEMA_VERSION == 1
     assert set(data) == {"schema_version", "metadata", "entries", "skipped"}
     table = tuning.read_config_file(path)
     assert table.metadata["gpu_name"] == GPU
-    assert table.entries == {EntryKey.from_str(key()): KernelConfig(32, 8, 8, 2),
-                             EntryKey.from_str(key("bwd", "float32", 7, 2)): KernelConfig(16, 4, 4, 1)}
+    assert table.entries == {
+        EntryKey.from_str(key()): KernelConfig(32, 8, 8, 2),
+        EntryKey.from_str(key("bwd", "float32", 7, 2)): KernelConfig(16, 4, 4, 1),
+    }
     assert table.raw_entries[key()]["time_ms"] == 0.5
     assert table.skipped == {key("bwd_delta"): {"reason": "r"}}
     assert not table.invalid
@@ -119,10 +132,23 @@ def test_writer_refuses_invalid_entries(tmp_path):
     assert not (tmp_path / "x.json").exists()
 
 
-@pytest.mark.parametrize("bad", [
-    cfg(48, 8), cfg(0, 8), cfg(-16, 8), cfg(32, 3), cfg(32, 8, 3), cfg(32, 8, 4, 0), cfg(True, 8),
-    cfg("32", 8), cfg(32.0, 8), {"block_p": 32, "block_h": 8}, [32, 8, 4, 1], cfg(8192, 1024),
-])
+@pytest.mark.parametrize(
+    "bad",
+    [
+        cfg(48, 8),
+        cfg(0, 8),
+        cfg(-16, 8),
+        cfg(32, 3),
+        cfg(32, 8, 3),
+        cfg(32, 8, 4, 0),
+        cfg(True, 8),
+        cfg("32", 8),
+        cfg(32.0, 8),
+        {"block_p": 32, "block_h": 8},
+        [32, 8, 4, 1],
+        cfg(8192, 1024),
+    ],
+)
 def test_validate_config_rejects(bad):
     with pytest.raises(ValueError):
         tuning.validate_config(bad)
@@ -130,21 +156,27 @@ def test_validate_config_rejects(bad):
 
 # ------------------------------------------------------------------------------------ matching
 def test_nearest_bucket(tmp_path):
-    write(tmp_path, {key(bucket=4 ** 6): cfg(16, 16), key(bucket=4 ** 8): cfg(32, 8), key(bucket=4 ** 10): cfg(64, 4)})
+    write(tmp_path, {key(bucket=4**6): cfg(16, 16), key(bucket=4**8): cfg(32, 8), key(bucket=4**10): cfg(64, 4)})
     d = [str(tmp_path)]
-    assert lookup(pixels=4 ** 8 + 5, dirs=d)[0].block_p == 32  # exact bucket
-    assert lookup(pixels=4 ** 9, dirs=d)[1].bucket in (4 ** 8, 4 ** 10)  # tie, deterministic
-    assert lookup(pixels=4 ** 9, dirs=d)[0] == lookup(pixels=4 ** 9 + 1, dirs=d)[0]
+    assert lookup(pixels=4**8 + 5, dirs=d)[0].block_p == 32  # exact bucket
+    assert lookup(pixels=4**9, dirs=d)[1].bucket in (4**8, 4**10)  # tie, deterministic
+    assert lookup(pixels=4**9, dirs=d)[0] == lookup(pixels=4**9 + 1, dirs=d)[0]
     assert lookup(pixels=10, dirs=d)[0].block_p == 16  # below every bucket: the smallest
-    assert lookup(pixels=4 ** 13, dirs=d)[0].block_p == 64  # above: the largest
-    assert lookup(pixels=4 ** 11 - 1, dirs=d)[1].bucket == 4 ** 10
+    assert lookup(pixels=4**13, dirs=d)[0].block_p == 64  # above: the largest
+    assert lookup(pixels=4**11 - 1, dirs=d)[1].bucket == 4**10
 
 
 def test_nearest_window_head_dim_dtype_and_limits(tmp_path):
-    write(tmp_path, {
-        key(k=3): cfg(32, 8), key(k=9): cfg(64, 8), key(s=2): cfg(8, 16),
-        key(head_dim=32, heads=4): cfg(16, 4), key(dtype="float16", k=5): cfg(128, 2),
-    })
+    write(
+        tmp_path,
+        {
+            key(k=3): cfg(32, 8),
+            key(k=9): cfg(64, 8),
+            key(s=2): cfg(8, 16),
+            key(head_dim=32, heads=4): cfg(16, 4),
+            key(dtype="float16", k=5): cfg(128, 2),
+        },
+    )
     d = [str(tmp_path)]
     assert lookup(k=5, dirs=d)[1].kh == 3  # nearest window
     assert lookup(k=8, dirs=d)[1].kh == 9
@@ -213,16 +245,19 @@ def test_disable_env(tmp_path, monkeypatch):
     assert lookup()[0] == KernelConfig(64, 4)
 
 
-@pytest.mark.parametrize("content, reason", [
-    ('{"schema_version": 1, "metadata": {"gpu_name": "x"}, "entries": {"kernel=fwd', "not valid JSON"),
-    ("", "not valid JSON"),
-    ("\x00\xff\xfe garbage", "not valid JSON|cannot be read"),
-    ("[1, 2]", "JSON object"),
-    ('{"schema_version": 2, "metadata": {}, "entries": {}}', "schema_version 2"),
-    ('{"metadata": {}, "entries": {}}', "schema_version None"),
-    ('{"schema_version": 1, "metadata": {}, "entries": []}', "'entries'"),
-    ('{"schema_version": 1, "entries": {}}', "'metadata'"),
-])
+@pytest.mark.parametrize(
+    "content, reason",
+    [
+        ('{"schema_version": 1, "metadata": {"gpu_name": "x"}, "entries": {"kernel=fwd', "not valid JSON"),
+        ("", "not valid JSON"),
+        ("\x00\xff\xfe garbage", "not valid JSON|cannot be read"),
+        ("[1, 2]", "JSON object"),
+        ('{"schema_version": 2, "metadata": {}, "entries": {}}', "schema_version 2"),
+        ('{"metadata": {}, "entries": {}}', "schema_version None"),
+        ('{"schema_version": 1, "metadata": {}, "entries": []}', "'entries'"),
+        ('{"schema_version": 1, "entries": {}}', "'metadata'"),
+    ],
+)
 def test_corrupted_file_warns_and_falls_back(tmp_path, monkeypatch, content, reason):
     user = tmp_path / "user"
     user.mkdir()
@@ -265,8 +300,8 @@ def test_lookup_is_cached(tmp_path, monkeypatch):
     monkeypatch.setattr(tuning.lookup, "read_config_file", lambda p: reads.append(p) or real(p))
     monkeypatch.setenv(tuning.CONFIG_DIR_ENV, str(tmp_path))
     for _ in range(100):
-        assert lookup(pixels=4 ** 8 + 7)[0] == KernelConfig(64, 4)
-        assert lookup("bwd", pixels=4 ** 9)[1] is None
+        assert lookup(pixels=4**8 + 7)[0] == KernelConfig(64, 4)
+        assert lookup("bwd", pixels=4**9)[1] is None
     assert len(reads) == 1
     info = tuning._lookup_cached.cache_info()
     assert info.misses == 2 and info.hits == 198
@@ -290,7 +325,7 @@ def test_get_config_cpu_tensors_use_the_heuristic_silently(tmp_path, monkeypatch
 
 
 def test_get_config_cuda_path_uses_output_pixels(tmp_path, monkeypatch):
-    write(tmp_path, {key(bucket=4 ** 6): cfg(16, 16), key(bucket=4 ** 8): cfg(64, 4)})
+    write(tmp_path, {key(bucket=4**6): cfg(16, 16), key(bucket=4**8): cfg(64, 4)})
     monkeypatch.setenv(tuning.CONFIG_DIR_ENV, str(tmp_path))
     monkeypatch.setattr(tuning.selection, "_gpu_name", lambda index: GPU)
     values = FakeCudaTensor((42, 56, 56, 16, 8))
@@ -302,11 +337,13 @@ def test_get_config_cuda_path_uses_output_pixels(tmp_path, monkeypatch):
     one = tuning.get_config("fwd", FakeCudaTensor((42, 7, 7, 2, 16)), values, (7, 7), (1, 1), (0, 0))
     assert one == KernelConfig(16, 16)
     # dtypes without tuned entries and disabled tuning: the heuristic
-    assert tuning.get_config("fwd", FakeCudaTensor((42, 56, 56, 2, 16), torch.float32), values, (3, 3),
-                             (1, 1)) == heuristic_config("fwd", 16, 8)
+    assert tuning.get_config(
+        "fwd", FakeCudaTensor((42, 56, 56, 2, 16), torch.float32), values, (3, 3), (1, 1)
+    ) == heuristic_config("fwd", 16, 8)
     monkeypatch.setenv(tuning.DISABLE_ENV, "1")
-    assert tuning.get_config("fwd", FakeCudaTensor((42, 56, 56, 2, 16)), values, (3, 3), (1, 1)) == \
-        heuristic_config("fwd", 16, 8)
+    assert tuning.get_config("fwd", FakeCudaTensor((42, 56, 56, 2, 16)), values, (3, 3), (1, 1)) == heuristic_config(
+        "fwd", 16, 8
+    )
 
 
 # --------------------------------------------------------------- through the launchers (interpreter)
@@ -328,7 +365,7 @@ def _inputs(seed=0):
     g = torch.Generator().manual_seed(seed)
     B, H, W, N, h, d, K = 1, 4, 5, 2, 3, 4, 4
     qv = torch.randn(B, H, W, N * h + h * d, generator=g)
-    logits, values = qv[..., : N * h].unflatten(-1, (N, h)), qv[..., N * h:].unflatten(-1, (h, d))
+    logits, values = qv[..., : N * h].unflatten(-1, (N, h)), qv[..., N * h :].unflatten(-1, (h, d))
     rpb, scale = 0.5 * torch.randn(K, N, h, generator=g), torch.randn(K, N, h, generator=g)
     return logits, values, rpb, scale, ((2, 2), (1, 1), (0, 0))  # a 2x2 window keeps the interpreter quick
 
@@ -359,8 +396,9 @@ def test_tuned_config_reaches_the_launcher_and_results_do_not_change(tmp_path, m
     heur = {k: heuristic_config(k, 3, 4) for k in tuning.KERNELS}
     assert all(heur[k] != tuning.validate_config(tuned[k]) for k in heur)
     ref_out, ref_lse = qna_forward(logits, values, rpb, scale, *geom, config=heur["fwd"])
-    ref_grads = qna_backward(g, logits, values, rpb, scale, ref_lse, *geom, config=heur["bwd"],
-                             delta_config=heur["bwd_delta"])
+    ref_grads = qna_backward(
+        g, logits, values, rpb, scale, ref_lse, *geom, config=heur["bwd"], delta_config=heur["bwd_delta"]
+    )
     torch.testing.assert_close(out, ref_out, rtol=1e-6, atol=1e-6)
     torch.testing.assert_close(lse, ref_lse, rtol=1e-6, atol=1e-6)
     for a, b in zip(grads, ref_grads):

@@ -25,14 +25,34 @@ def child_environment(out_json: str, rehearse: bool) -> int:
     cuda = torch.cuda.is_available()
     device = torch.device("cuda" if cuda else "cpu")
     env = capture_environment(device)
-    data = {"gpu": env.device_name, "device_key": sanitise(env.device_name), "torch": env.torch,
-            "triton": env.triton, "cuda": env.cuda, "python": env.python, "cuda_available": cuda,
-            "date": env.date, "l2_bytes": env.l2_bytes, "memory_bytes": env.memory_bytes}
+    data = {
+        "gpu": env.device_name,
+        "device_key": sanitise(env.device_name),
+        "torch": env.torch,
+        "triton": env.triton,
+        "cuda": env.cuda,
+        "python": env.python,
+        "cuda_available": cuda,
+        "date": env.date,
+        "l2_bytes": env.l2_bytes,
+        "memory_bytes": env.memory_bytes,
+    }
     if cuda:
         data.update(capability=env.capability, multiprocessors=env.multiprocessors)
     _save(out_json, data)
-    fields = ("name", "driver_version", "pstate", "clocks.sm", "clocks.max.sm", "clocks.mem", "clocks.max.mem",
-              "power.draw", "power.limit", "temperature.gpu", "memory.total")
+    fields = (
+        "name",
+        "driver_version",
+        "pstate",
+        "clocks.sm",
+        "clocks.max.sm",
+        "clocks.mem",
+        "clocks.max.mem",
+        "power.draw",
+        "power.limit",
+        "temperature.gpu",
+        "memory.total",
+    )
     smi = _nvidia_smi(fields)
     if "error" in smi:  # an older driver may lack a field: name and driver at least
         fallback = _nvidia_smi(fields[:2])
@@ -62,8 +82,12 @@ def _nvidia_smi(fields: Sequence[str]) -> dict:
     """``nvidia-smi``'s values of ``fields`` for the first GPU (read only: nothing is changed), or
     ``{"error": ...}``."""
     try:
-        smi = subprocess.run(["nvidia-smi", f"--query-gpu={','.join(fields)}", "--format=csv,noheader"],
-                             capture_output=True, text=True, timeout=10)
+        smi = subprocess.run(
+            ["nvidia-smi", f"--query-gpu={','.join(fields)}", "--format=csv,noheader"],
+            capture_output=True,
+            text=True,
+            timeout=10,
+        )
     except (OSError, subprocess.TimeoutExpired) as e:
         return {"error": f"{type(e).__name__}: {e}"[:200]}
     if smi.returncode != 0 or not smi.stdout.strip():
@@ -75,8 +99,12 @@ def _rocm_smi() -> dict:
     """``rocm-smi``'s product name, driver version and clocks of the first GPU as JSON (read only), or
     ``{"error": ...}`` saying why not (on a machine without it: that it is absent)."""
     try:
-        smi = subprocess.run(["rocm-smi", "--showproductname", "--showdriverversion", "--showclocks", "--json"],
-                             capture_output=True, text=True, timeout=10)
+        smi = subprocess.run(
+            ["rocm-smi", "--showproductname", "--showdriverversion", "--showclocks", "--json"],
+            capture_output=True,
+            text=True,
+            timeout=10,
+        )
     except FileNotFoundError:
         return {"error": "rocm-smi is absent"}
     except (OSError, subprocess.TimeoutExpired) as e:
@@ -130,10 +158,14 @@ def child_launch(out_json: str, rehearse: bool) -> int:
     def fwd_bwd():
         qna_attention(*leaves, None, s["k"]).sum().backward()
 
-    data = {"shape": f"B{s['B']} {s['H']}x{s['W']} N{s['N']} h{s['h']} d{s['d']} k{s['k']} "
-                     f"{str(dtype).replace('torch.', '')}",
-            # the library's default backend: the kernels on CUDA tensors, the PyTorch path on CPU ones
-            "backend": "triton" if device.type == "cuda" else "reference", "device": device.type, "calls": calls}
+    data = {
+        "shape": f"B{s['B']} {s['H']}x{s['W']} N{s['N']} h{s['h']} d{s['d']} k{s['k']} "
+        f"{str(dtype).replace('torch.', '')}",
+        # the library's default backend: the kernels on CUDA tensors, the PyTorch path on CPU ones
+        "backend": "triton" if device.type == "cuda" else "reference",
+        "device": device.type,
+        "calls": calls,
+    }
     data["fwd_us"] = per_call_us(fwd)
     data["fwd_bwd_us"] = per_call_us(fwd_bwd)
     _save(out_json, data)

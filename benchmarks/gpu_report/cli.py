@@ -30,24 +30,47 @@ from .stages import Report
 
 
 def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(prog="bash scripts/gpu_report.sh", description=__doc__,
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(
+        prog="bash scripts/gpu_report.sh", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     p.add_argument("--rehearse", action="store_true", help="run every stage on a CPU (interpreter, tiny shapes)")
-    p.add_argument("--stage", action="append", choices=STAGES, default=[],
-                   help="run only this stage (repeatable), merging into the report already in OUT")
+    p.add_argument(
+        "--stage",
+        action="append",
+        choices=STAGES,
+        default=[],
+        help="run only this stage (repeatable), merging into the report already in OUT",
+    )
     p.add_argument("--out", default=None, help="output folder (default $OUT, else runs/gpu_report)")
-    p.add_argument("--previous", default=None, metavar="DIR",
-                   help="with --stage: first copy an earlier report's files from DIR into OUT (a machine whose "
-                        "OUT starts empty: bring DIR along in the working tree)")
-    p.add_argument("--budget", type=float, default=None,
-                   help=f"seconds for the whole run (default ${BUDGET_ENV}, else {TOTAL_BUDGET:.0f}; "
-                        f"rehearsal {REHEARSAL_TOTAL_BUDGET:.0f})")
-    p.add_argument("--stage-budget", action="append", default=[], metavar="NAME=SECONDS",
-                   help="another budget for one stage (repeatable)")
+    p.add_argument(
+        "--previous",
+        default=None,
+        metavar="DIR",
+        help="with --stage: first copy an earlier report's files from DIR into OUT (a machine whose "
+        "OUT starts empty: bring DIR along in the working tree)",
+    )
+    p.add_argument(
+        "--budget",
+        type=float,
+        default=None,
+        help=f"seconds for the whole run (default ${BUDGET_ENV}, else {TOTAL_BUDGET:.0f}; "
+        f"rehearsal {REHEARSAL_TOTAL_BUDGET:.0f})",
+    )
+    p.add_argument(
+        "--stage-budget",
+        action="append",
+        default=[],
+        metavar="NAME=SECONDS",
+        help="another budget for one stage (repeatable)",
+    )
     p.add_argument("--test-file", default=GPU_TEST_FILE, help="the tests stage's file (default %(default)s)")
-    p.add_argument("--suite-files", nargs="+", default=None,
-                   help="the suite stage's test files (default: every tests/test_*.py but the GPU ones; "
-                        f"rehearsal: {' '.join(REHEARSAL_SUITE)})")
+    p.add_argument(
+        "--suite-files",
+        nargs="+",
+        default=None,
+        help="the suite stage's test files (default: every tests/test_*.py but the GPU ones; "
+        f"rehearsal: {' '.join(REHEARSAL_SUITE)})",
+    )
     p.add_argument("--jobs", type=int, default=0, help="parallel test processes (default from the CPU count)")
     p.add_argument("--child", nargs=2, metavar=("WHAT", "JSON"), help=argparse.SUPPRESS)
     return p.parse_args(argv)
@@ -81,8 +104,16 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     if budget <= RESERVE_S:
         raise SystemExit(f"the budget must exceed {RESERVE_S:.0f} s, got {budget:g}")
     out = os.path.abspath(args.out or os.environ.get("OUT") or os.path.join(REPO, "runs", "gpu_report"))
-    report = Report(out, args.rehearse, sys.executable, budget, _stage_budgets(args),
-                    test_file=args.test_file, suite_files=args.suite_files, jobs=args.jobs)
+    report = Report(
+        out,
+        args.rehearse,
+        sys.executable,
+        budget,
+        _stage_budgets(args),
+        test_file=args.test_file,
+        suite_files=args.suite_files,
+        jobs=args.jobs,
+    )
     if args.previous:
         if not args.stage:
             raise SystemExit("--previous goes with --stage (a whole run starts a new report)")
@@ -92,8 +123,10 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
             shutil.copytree(args.previous, out, dirs_exist_ok=True)
     report.load(fresh=not args.stage)
     stages = [s for s in STAGES if s in args.stage] if args.stage else list(STAGES)
-    report.log(f"GPU report ({'CPU rehearsal' if args.rehearse else 'GPU'}) into {out}: stages "
-               f"{', '.join(stages)}, budget {budget:.0f} s")
+    report.log(
+        f"GPU report ({'CPU rehearsal' if args.rehearse else 'GPU'}) into {out}: stages "
+        f"{', '.join(stages)}, budget {budget:.0f} s"
+    )
 
     def terminated(signum, frame):  # e.g. an outer `timeout`: stop the children, keep what was written
         for p in list(RUNNING):

@@ -36,8 +36,9 @@ class Proc:
             f.write(f"$ {shlex.join(self.cmd)}\n")
             f.flush()
             # a session of its own: a time-out stops the child and everything it started
-            self.popen = subprocess.Popen(self.cmd, stdout=f, stderr=subprocess.STDOUT, env=self.env, cwd=REPO,
-                                          start_new_session=True)
+            self.popen = subprocess.Popen(
+                self.cmd, stdout=f, stderr=subprocess.STDOUT, env=self.env, cwd=REPO, start_new_session=True
+            )
 
     def poll(self, deadline: float) -> bool:
         """True once finished; past ``deadline`` it is interrupted, then killed."""
@@ -63,9 +64,13 @@ class Proc:
             pass
 
 
-def run_parallel(procs: Sequence[Proc], deadline: float, jobs: int,
-                 on_tick: Optional[Callable[[], None]] = None,
-                 on_done: Optional[Callable[[Proc], None]] = None) -> None:
+def run_parallel(
+    procs: Sequence[Proc],
+    deadline: float,
+    jobs: int,
+    on_tick: Optional[Callable[[], None]] = None,
+    on_done: Optional[Callable[[Proc], None]] = None,
+) -> None:
     """Runs ``procs``, at most ``jobs`` at a time, in order; none is started after ``deadline``
     (those keep ``rc`` None) and running ones are stopped there (``timed_out``)."""
     pending, running = list(procs), []
@@ -86,8 +91,9 @@ def run_parallel(procs: Sequence[Proc], deadline: float, jobs: int,
             on_tick()
 
 
-def run_one(cmd: List[str], log: str, env: Dict[str, str], deadline: float,
-            on_tick: Optional[Callable[[], None]] = None) -> Proc:
+def run_one(
+    cmd: List[str], log: str, env: Dict[str, str], deadline: float, on_tick: Optional[Callable[[], None]] = None
+) -> Proc:
     p = Proc(cmd, log, env)
     run_parallel([p], deadline, 1, on_tick)
     return p

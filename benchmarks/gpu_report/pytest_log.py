@@ -13,8 +13,9 @@ def pytest_counts(text: str) -> Dict[str, int]:
     """Counts from pytest's last summary line; from its verbose lines when it was killed before that."""
     counts: Dict[str, int] = {}
     for line in reversed(text.splitlines()):
-        if re.search(r"\b(passed|failed|skipped|error|errors|deselected|no tests ran)\b", line) and \
-                re.search(r" in [0-9.]+s", line):
+        if re.search(r"\b(passed|failed|skipped|error|errors|deselected|no tests ran)\b", line) and re.search(
+            r" in [0-9.]+s", line
+        ):
             for n, what in _COUNT_RE.findall(line):
                 counts["errors" if what.startswith("error") else what] = int(n)
             return counts

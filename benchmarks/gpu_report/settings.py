@@ -10,12 +10,22 @@ REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)
 
 STAGES = ("environment", "tests", "benchmarks", "autotune", "suite")
 # seconds per stage (None: what is left of the whole budget)
-BUDGETS: Dict[str, Optional[float]] = {"environment": 30, "tests": 150, "benchmarks": 180, "autotune": 90,
-                                       "suite": None}
+BUDGETS: Dict[str, Optional[float]] = {
+    "environment": 30,
+    "tests": 150,
+    "benchmarks": 180,
+    "autotune": 90,
+    "suite": None,
+}
 TOTAL_BUDGET = 480.0
 # A CPU rehearsal: the same stages on tiny shapes, sized for a 2-core CI machine.
-REHEARSAL_BUDGETS: Dict[str, Optional[float]] = {"environment": 30, "tests": 45, "benchmarks": 90,
-                                                 "autotune": 30, "suite": None}
+REHEARSAL_BUDGETS: Dict[str, Optional[float]] = {
+    "environment": 30,
+    "tests": 45,
+    "benchmarks": 90,
+    "autotune": 30,
+    "suite": None,
+}
 REHEARSAL_TOTAL_BUDGET = 240.0
 # A quick test file for the rehearsal's suite stage (the full suite takes about 12 minutes on 2 cores).
 REHEARSAL_SUITE = ("tests/test_tuning.py",)

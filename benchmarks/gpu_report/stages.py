@@ -74,8 +74,10 @@ class Report:
             with open(self.path(STATE)) as f:
                 old = json.load(f)
             if old.get("mode") != mode:
-                raise SystemExit(f"{self.out} holds a {old.get('mode')} report; this run is a {mode} one "
-                                 f"({'drop' if self.rehearse else 'add'} --rehearse, or use another OUT)")
+                raise SystemExit(
+                    f"{self.out} holds a {old.get('mode')} report; this run is a {mode} one "
+                    f"({'drop' if self.rehearse else 'add'} --rehearse, or use another OUT)"
+                )
         if old is None:
             os.makedirs(self.out, exist_ok=True)
             for name in (SUMMARY, STATE, LOG, TESTS_LOG, SUITE_LOG, ROWS):
@@ -162,8 +164,10 @@ class Report:
             info["seconds"] = round(time.monotonic() - t0, 1)
             if info["status"] == "running":
                 info["status"] = "ok"
-            self.log(f"stage {name}: {info['status']} in {info['seconds']:.0f} s"
-                     + (f": {info['error']}" if info.get("error") else ""))
+            self.log(
+                f"stage {name}: {info['status']} in {info['seconds']:.0f} s"
+                + (f": {info['error']}" if info.get("error") else "")
+            )
             self.save()
         self.state["seconds"] = round(time.monotonic() - self.start, 1)
         self.save()
@@ -212,8 +216,12 @@ class Report:
         pytest = [self.python, "-m", "pytest", "-p", "no:cacheprovider"]
         with tempfile.TemporaryDirectory() as tmp:
             coll = os.path.join(tmp, "collect.log")
-            p = run_one(pytest + ["--collect-only", "-q", self.test_file], coll, self.env(),
-                        min(deadline, time.monotonic() + 60))
+            p = run_one(
+                pytest + ["--collect-only", "-q", self.test_file],
+                coll,
+                self.env(),
+                min(deadline, time.monotonic() + 60),
+            )
             text = _read(coll)
             # node ids, once each (a warnings summary may list some again)
             ids = list(dict.fromkeys(l.strip() for l in text.splitlines() if re.fullmatch(r"\S+::\S+", l.strip())))
@@ -231,15 +239,21 @@ class Report:
             n = max(1, jobs - len(shards))
             shards += [s for s in (rest[j::n] for j in range(n)) if s] if shards else [ids[j::n] for j in range(n)]
             shards = [s for s in shards if s]
-            procs = [Proc(pytest + ["-v", "-rA", *s], os.path.join(tmp, f"shard{j}.log"),
-                          self.env(OMP_NUM_THREADS="2")) for j, s in enumerate(shards)]
+            procs = [
+                Proc(pytest + ["-v", "-rA", *s], os.path.join(tmp, f"shard{j}.log"), self.env(OMP_NUM_THREADS="2"))
+                for j, s in enumerate(shards)
+            ]
             results = []
 
             def done(pr: Proc) -> None:
                 t = _read(pr.log)
                 results.append((pr, t))
-                _append(log, f"{self.test_file} shard {procs.index(pr)}: exit {pr.rc}"
-                        + (" (stopped: out of time)" if pr.timed_out else ""), t)
+                _append(
+                    log,
+                    f"{self.test_file} shard {procs.index(pr)}: exit {pr.rc}"
+                    + (" (stopped: out of time)" if pr.timed_out else ""),
+                    t,
+                )
 
             run_parallel(procs, deadline, len(procs), on_done=done)
             for pr in procs:
@@ -255,10 +269,15 @@ class Report:
         if any(pr.timed_out for pr, _ in results) or any(pr.rc is None for pr in procs):
             late = [procs.index(pr) for pr, _ in results if pr.timed_out]
             unstarted = sum(pr.rc is None for pr in procs)
-            info.update(status="out of time", error=(f"shard {', '.join(map(str, late))} stopped at the budget"
-                                                     if late else f"{unstarted} shards not started")
-                        + (f"; first failure: {first_error(failed[0][1])}" if failed and not failed[0][0].timed_out
-                           else ""))
+            info.update(
+                status="out of time",
+                error=(
+                    f"shard {', '.join(map(str, late))} stopped at the budget"
+                    if late
+                    else f"{unstarted} shards not started"
+                )
+                + (f"; first failure: {first_error(failed[0][1])}" if failed and not failed[0][0].timed_out else ""),
+            )
         elif failed:
             info.update(status="failed", error=first_error(failed[0][1]) or f"exit code {failed[0][0].rc}")
         if counts and counts.get("skipped", 0) == sum(counts.values()):
@@ -281,10 +300,24 @@ class Report:
                     runs.append((providers, windows, "not run: no time left"))
                     continue
                 work = os.path.join(tmp, f"run{j}")
-                cmd = [self.python, "-m", "benchmarks", "--suite", HEADLINE_SUITE, "--windows", *map(str, windows),
-                       "--providers", *providers, "--out", work, "--compile-mode", "default",
-                       # the harness stops starting measurements there; the hard stop comes later
-                       "--time-budget", f"{max(1.0, left - self.margin):.0f}"]
+                cmd = [
+                    self.python,
+                    "-m",
+                    "benchmarks",
+                    "--suite",
+                    HEADLINE_SUITE,
+                    "--windows",
+                    *map(str, windows),
+                    "--providers",
+                    *providers,
+                    "--out",
+                    work,
+                    "--compile-mode",
+                    "default",
+                    # the harness stops starting measurements there; the hard stop comes later
+                    "--time-budget",
+                    f"{max(1.0, left - self.margin):.0f}",
+                ]
                 if self.rehearse:
                     cmd += ["--smoke", "--no-compile"]
                 os.makedirs(work)
@@ -309,8 +342,10 @@ class Report:
         elif errors:
             info.update(status="failed", error=errors[0])
         elif ours_bad:
-            info.update(status="failed", error=f"qna_triton {ours_bad[0]['pass']} k={ours_bad[0]['window']}: "
-                                               f"{ours_bad[0]['status']}")
+            info.update(
+                status="failed",
+                error=f"qna_triton {ours_bad[0]['pass']} k={ours_bad[0]['window']}: {ours_bad[0]['status']}",
+            )
         elif any(state.startswith("not run") for _, _, state in runs):
             info.update(status="out of time", error="no time left for every harness run")
 
@@ -340,16 +375,27 @@ class Report:
     def stage_suite(self, info: dict, deadline: float) -> None:
         files = self.suite_files
         if files is None:
-            files = list(REHEARSAL_SUITE) if self.rehearse else sorted(
-                os.path.join("tests", f) for f in os.listdir(os.path.join(REPO, "tests"))
-                if f.startswith("test_") and f.endswith(".py"))
+            files = (
+                list(REHEARSAL_SUITE)
+                if self.rehearse
+                else sorted(
+                    os.path.join("tests", f)
+                    for f in os.listdir(os.path.join(REPO, "tests"))
+                    if f.startswith("test_") and f.endswith(".py")
+                )
+            )
         files = [f for f in files if f not in NOT_IN_SUITE and f != self.test_file]
         log = self.path(SUITE_LOG)
         per_file: Dict[str, dict] = {}
         with tempfile.TemporaryDirectory() as tmp:
-            procs = [Proc([self.python, "-m", "pytest", "-q", "-rfE", "-p", "no:cacheprovider", f],
-                          os.path.join(tmp, os.path.basename(f) + ".log"), self.env(OMP_NUM_THREADS="2"))
-                     for f in files]
+            procs = [
+                Proc(
+                    [self.python, "-m", "pytest", "-q", "-rfE", "-p", "no:cacheprovider", f],
+                    os.path.join(tmp, os.path.basename(f) + ".log"),
+                    self.env(OMP_NUM_THREADS="2"),
+                )
+                for f in files
+            ]
 
             def done(pr: Proc) -> None:
                 f = pr.cmd[-1]
@@ -389,15 +435,22 @@ def bench_data(rows_path: str) -> dict:
     if not os.path.isfile(rows_path) or not os.path.getsize(rows_path):
         return {}
     rows, meta = derive(read_rows([rows_path]))
-    ok = {(r["provider"], r["pass"], r.get("window")): r for r in rows
-          if r.get("suite") == HEADLINE_SUITE and r.get("status") == "ok" and r.get("p50_ms")}
+    ok = {
+        (r["provider"], r["pass"], r.get("window")): r
+        for r in rows
+        if r.get("suite") == HEADLINE_SUITE and r.get("status") == "ok" and r.get("p50_ms")
+    }
     table = []
     for k in sorted({r.get("window") for r in rows if r.get("suite") == HEADLINE_SUITE and r.get("window")}):
         ours_fb, ours_f = ok.get(("qna_triton", "fwd+bwd", k)), ok.get(("qna_triton", "fwd", k))
         entry = {"window": k}
         if ours_f:
-            entry.update(fwd_ms=ours_f["p50_ms"], fwd_gb_s=ours_f.get("gb_s"), fwd_pct_copy=ours_f.get("pct_copy"),
-                         fwd_extra_mb=ours_f.get("extra_mb"))
+            entry.update(
+                fwd_ms=ours_f["p50_ms"],
+                fwd_gb_s=ours_f.get("gb_s"),
+                fwd_pct_copy=ours_f.get("pct_copy"),
+                fwd_extra_mb=ours_f.get("extra_mb"),
+            )
         if ours_fb:
             entry.update(fwd_bwd_ms=ours_fb["p50_ms"], fwd_bwd_extra_mb=ours_fb.get("extra_mb"))
             for peer in PEERS:
@@ -407,10 +460,18 @@ def bench_data(rows_path: str) -> dict:
                     if r.get("extra_mb") and ours_fb.get("extra_mb"):
                         entry[f"mem_x_{peer}"] = r["extra_mb"] / ours_fb["extra_mb"]
         table.append(entry)
-    not_ok = [{k: r.get(k) for k in ("provider", "pass", "window", "status")} for r in rows
-              if r.get("suite") == HEADLINE_SUITE and r.get("status") != "ok"]
-    return {"rows": len(rows), "smoke": meta["smoke"], "copy_gb_s": meta.get("copy_large_gb_s"),
-            "table": table, "rows_not_ok": not_ok}
+    not_ok = [
+        {k: r.get(k) for k in ("provider", "pass", "window", "status")}
+        for r in rows
+        if r.get("suite") == HEADLINE_SUITE and r.get("status") != "ok"
+    ]
+    return {
+        "rows": len(rows),
+        "smoke": meta["smoke"],
+        "copy_gb_s": meta.get("copy_large_gb_s"),
+        "table": table,
+        "rows_not_ok": not_ok,
+    }
 
 
 def autotune_data(folder: str) -> dict:
@@ -423,11 +484,22 @@ def autotune_data(folder: str) -> dict:
     entries = []
     for key, v in data.get("entries", {}).items():
         if v.get("time_ms") and v.get("heuristic_time_ms"):
-            entries.append({"key": key, "heuristic_ms": v["heuristic_time_ms"], "tuned_ms": v["time_ms"],
-                            "speedup": v["heuristic_time_ms"] / v["time_ms"]})
+            entries.append(
+                {
+                    "key": key,
+                    "heuristic_ms": v["heuristic_time_ms"],
+                    "tuned_ms": v["time_ms"],
+                    "speedup": v["heuristic_time_ms"] / v["time_ms"],
+                }
+            )
     meta = data.get("metadata", {})
-    out = {"file": f"{AUTOTUNE_DIR}/{files[0]}", "entries": entries, "skipped": len(data.get("skipped", {})),
-           "complete": meta.get("complete"), "gpu_name": meta.get("gpu_name")}
+    out = {
+        "file": f"{AUTOTUNE_DIR}/{files[0]}",
+        "entries": entries,
+        "skipped": len(data.get("skipped", {})),
+        "complete": meta.get("complete"),
+        "gpu_name": meta.get("gpu_name"),
+    }
     if entries:
         out["geomean"] = statistics.geometric_mean([e["speedup"] for e in entries])
         for kernel in ("fwd", "bwd_delta", "bwd"):

@@ -60,7 +60,7 @@ class QnAViTConfig:
         return len(self.qna_layers)
 
     def stage_dim(self, s: int) -> int:
-        return self.base_dim * 2 ** s
+        return self.base_dim * 2**s
 
     def normalized(self) -> QnAViTConfig:
         """The config with ints broadcast to per-stage tuples, after checking every field."""
@@ -108,8 +108,10 @@ class QnAViTConfig:
             if cfg.lsa_layers[s] > 0 and dim % cfg.lsa_heads[s]:
                 raise ValueError(f"stage {s}: lsa_heads {cfg.lsa_heads[s]} does not divide the width {dim}")
         if cfg.head != "gap" and cfg.stage_dim(n - 1) % cfg.qna_heads[-1]:
-            raise ValueError(f"head {cfg.head!r}: qna_heads[-1] = {cfg.qna_heads[-1]} does not divide the "
-                             f"final width {cfg.stage_dim(n - 1)}")
+            raise ValueError(
+                f"head {cfg.head!r}: qna_heads[-1] = {cfg.qna_heads[-1]} does not divide the "
+                f"final width {cfg.stage_dim(n - 1)}"
+            )
         return cfg
 
 
@@ -119,17 +121,45 @@ def _is_seq(value: Any) -> bool:
 
 MODEL_CONFIGS: Dict[str, QnAViTConfig] = {
     "qna_vit_tiny": QnAViTConfig(
-        base_dim=64, qna_layers=(2, 3, 2, 0), qna_heads=(8, 16, 32, 64), kernel_size=(3, 3, 3, 3),
-        lsa_layers=(0, 0, 4, 2), lsa_heads=(2, 4, 8, 16), lsa_window=(7, 7, 14, 7), drop_path=0.05),
+        base_dim=64,
+        qna_layers=(2, 3, 2, 0),
+        qna_heads=(8, 16, 32, 64),
+        kernel_size=(3, 3, 3, 3),
+        lsa_layers=(0, 0, 4, 2),
+        lsa_heads=(2, 4, 8, 16),
+        lsa_window=(7, 7, 14, 7),
+        drop_path=0.05,
+    ),
     "qna_vit_tiny_7x7": QnAViTConfig(
-        base_dim=64, qna_layers=(2, 3, 2, 0), qna_heads=(8, 16, 32, 64), kernel_size=(7, 7, 7, 7),
-        lsa_layers=(0, 0, 4, 2), lsa_heads=(2, 4, 8, 16), lsa_window=(7, 7, 14, 7), drop_path=0.05),
+        base_dim=64,
+        qna_layers=(2, 3, 2, 0),
+        qna_heads=(8, 16, 32, 64),
+        kernel_size=(7, 7, 7, 7),
+        lsa_layers=(0, 0, 4, 2),
+        lsa_heads=(2, 4, 8, 16),
+        lsa_window=(7, 7, 14, 7),
+        drop_path=0.05,
+    ),
     "qna_vit_small": QnAViTConfig(
-        base_dim=64, qna_layers=(2, 3, 6, 0), qna_heads=(8, 16, 32, 64), kernel_size=(3, 3, 3, 3),
-        lsa_layers=(0, 0, 12, 2), lsa_heads=(2, 4, 8, 16), lsa_window=(7, 7, 14, 7), drop_path=0.2),
+        base_dim=64,
+        qna_layers=(2, 3, 6, 0),
+        qna_heads=(8, 16, 32, 64),
+        kernel_size=(3, 3, 3, 3),
+        lsa_layers=(0, 0, 12, 2),
+        lsa_heads=(2, 4, 8, 16),
+        lsa_window=(7, 7, 14, 7),
+        drop_path=0.2,
+    ),
     "qna_vit_base": QnAViTConfig(
-        base_dim=96, qna_layers=(2, 3, 6, 0), qna_heads=(6, 12, 24, 48), kernel_size=(3, 3, 3, 3),
-        lsa_layers=(0, 0, 12, 2), lsa_heads=(3, 6, 12, 24), lsa_window=(7, 7, 14, 7), drop_path=0.5),
+        base_dim=96,
+        qna_layers=(2, 3, 6, 0),
+        qna_heads=(6, 12, 24, 48),
+        kernel_size=(3, 3, 3, 3),
+        lsa_layers=(0, 0, 12, 2),
+        lsa_heads=(3, 6, 12, 24),
+        lsa_window=(7, 7, 14, 7),
+        drop_path=0.5,
+    ),
 }
 
 

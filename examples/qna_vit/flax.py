@@ -157,8 +157,9 @@ _FLAX_CLASSIFIER = ("ClassificationHead_0/head_logits/kernel", "ClassificationHe
 
 
 @torch.no_grad()
-def load_flax_params(model: QnAViT, params: Mapping[str, Any], batch_stats: Optional[Mapping[str, Any]] = None,
-                     resize: bool = False) -> LoadReport:
+def load_flax_params(
+    model: QnAViT, params: Mapping[str, Any], batch_stats: Optional[Mapping[str, Any]] = None, resize: bool = False
+) -> LoadReport:
     """Loads an original QnA-ViT parameter tree (nested dicts of arrays, Flax names) into ``model``.
 
     Every entry is mapped and every shape checked before anything is copied: a missing, unexpected or
@@ -296,24 +297,33 @@ def infer_model_args(params: Mapping[str, Any], head: Optional[str] = None) -> D
     args["stem"] = "resnet" if isinstance(stem, Mapping) and "conv_7x7" in stem else "patch"
 
     def has_layer_scale(node: Any) -> bool:
-        return isinstance(node, Mapping) and any(k.startswith("LayerScale_") or has_layer_scale(v)
-                                                 for k, v in node.items())
+        return isinstance(node, Mapping) and any(
+            k.startswith("LayerScale_") or has_layer_scale(v) for k, v in node.items()
+        )
 
     if has_layer_scale(params):
         args["layer_scale"] = 1.0  # only the initial value; the checkpoint's values are loaded over it
     has_qna_head = isinstance(head_tree, Mapping) and "FusedKQnA_0" in head_tree
     if has_qna_head and head not in ("qnav1", "qnav2"):
-        raise CheckpointError("the checkpoint has a QnA classification head (ClassificationHead_0/FusedKQnA_0): "
-                              "pass --head qnav1 or --head qnav2")
+        raise CheckpointError(
+            "the checkpoint has a QnA classification head (ClassificationHead_0/FusedKQnA_0): "
+            "pass --head qnav1 or --head qnav2"
+        )
     if not has_qna_head and head not in (None, "gap"):
         raise CheckpointError(f"--head {head} needs ClassificationHead_0/FusedKQnA_0, which the checkpoint lacks")
     args["head"] = head or "gap"
     return args
 
 
-def convert(model_name: str, src: str, dst: str, head: Optional[str] = None, img_size: Optional[int] = None,
-            model_kwargs: Optional[Mapping[str, Any]] = None, num_classes: Optional[int] = None,
-            ) -> Tuple[QnAViT, LoadReport]:
+def convert(
+    model_name: str,
+    src: str,
+    dst: str,
+    head: Optional[str] = None,
+    img_size: Optional[int] = None,
+    model_kwargs: Optional[Mapping[str, Any]] = None,
+    num_classes: Optional[int] = None,
+) -> Tuple[QnAViT, LoadReport]:
     """Reads the Flax checkpoint ``src``, loads it into a ``model_name`` QnA-ViT, saves it to ``dst``.
 
     ``model_kwargs`` (architecture overrides: windows, resolution) and ``num_classes`` load it into

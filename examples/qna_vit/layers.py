@@ -19,8 +19,7 @@ from .fx import _notrace
 
 def _dense(in_features: int, out_features: int, bias: bool) -> nn.Linear:
     # skip_init builds on the CPU unless told: pass the default device (a torch.device context, e.g. meta)
-    layer = torch.nn.utils.skip_init(nn.Linear, in_features, out_features, bias=bias,
-                                     device=torch.get_default_device())
+    layer = torch.nn.utils.skip_init(nn.Linear, in_features, out_features, bias=bias, device=torch.get_default_device())
     _lecun_normal_(layer.weight, in_features)
     if bias:
         nn.init.zeros_(layer.bias)
@@ -193,9 +192,15 @@ class Block(nn.Module):
     down-sampled signal.
     """
 
-    def __init__(self, dim: int, mixer: nn.Module, out_dim: Optional[int] = None,
-                 skip: Optional[nn.Module] = None, drop_path: float = 0.0,
-                 layer_scale: Optional[float] = None) -> None:
+    def __init__(
+        self,
+        dim: int,
+        mixer: nn.Module,
+        out_dim: Optional[int] = None,
+        skip: Optional[nn.Module] = None,
+        drop_path: float = 0.0,
+        layer_scale: Optional[float] = None,
+    ) -> None:
         super().__init__()
         out_dim = dim if out_dim is None else out_dim
         self.norm1 = nn.LayerNorm(dim, eps=LN_EPS)
@@ -216,10 +221,26 @@ class Block(nn.Module):
         return x + self.drop_path2(self.ls2(self.mlp(self.norm2(x))))
 
 
-def _qna_layer(in_features: int, features: int, heads: int, kernel_size: Union[int, Tuple[int, int]],
-               stride: int = 1, padding: Optional[int] = None) -> QnA:
-    return QnA(in_features, features, heads, kernel_size=kernel_size, stride=stride, padding=padding,
-               n_queries=N_QUERIES, attn_scale="normal", normalize_q=True, use_bias=False)
+def _qna_layer(
+    in_features: int,
+    features: int,
+    heads: int,
+    kernel_size: Union[int, Tuple[int, int]],
+    stride: int = 1,
+    padding: Optional[int] = None,
+) -> QnA:
+    return QnA(
+        in_features,
+        features,
+        heads,
+        kernel_size=kernel_size,
+        stride=stride,
+        padding=padding,
+        n_queries=N_QUERIES,
+        attn_scale="normal",
+        normalize_q=True,
+        use_bias=False,
+    )
 
 
 def _run(module: nn.Module, checkpointed: bool, *args: torch.Tensor) -> torch.Tensor:
@@ -254,8 +275,12 @@ class QnAViTStage(nn.Module):
         self.downsample: Optional[Block] = None
         if s < cfg.n_stages - 1:
             self.downsample = Block(
-                dim, _qna_layer(dim, 2 * dim, 2 * cfg.qna_heads[s], k, stride=2), out_dim=2 * dim,
-                skip=StridedProjection(dim, 2 * dim), drop_path=drop_path[n_lsa + n_qna], layer_scale=ls,
+                dim,
+                _qna_layer(dim, 2 * dim, 2 * cfg.qna_heads[s], k, stride=2),
+                out_dim=2 * dim,
+                skip=StridedProjection(dim, 2 * dim),
+                drop_path=drop_path[n_lsa + n_qna],
+                layer_scale=ls,
             )
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -321,8 +346,9 @@ class ClassifierHead(nn.Module):
     adds the mean pool) or no pooling (``''``), then dropout and the classifier ``fc`` (per pixel on
     an unpooled map)."""
 
-    def __init__(self, dim: int, num_classes: int, head_type: str, heads: int, feat_size: Tuple[int, int],
-                 drop_rate: float = 0.0) -> None:
+    def __init__(
+        self, dim: int, num_classes: int, head_type: str, heads: int, feat_size: Tuple[int, int], drop_rate: float = 0.0
+    ) -> None:
         super().__init__()
         self.head_type, self.feat_size = head_type, tuple(feat_size)
         self.global_pool = head_type

@@ -99,9 +99,16 @@ class QnAViT(nn.Module):
 
     output_fmt = "NHWC"
 
-    def __init__(self, config: Optional[QnAViTConfig] = None, *, global_pool: Optional[str] = None,
-                 drop_path_rate: Optional[float] = None, device: Any = None, dtype: Optional[torch.dtype] = None,
-                 **overrides: Any) -> None:
+    def __init__(
+        self,
+        config: Optional[QnAViTConfig] = None,
+        *,
+        global_pool: Optional[str] = None,
+        drop_path_rate: Optional[float] = None,
+        device: Any = None,
+        dtype: Optional[torch.dtype] = None,
+        **overrides: Any,
+    ) -> None:
         super().__init__()
         config = config if config is not None else QnAViTConfig()
         unknown = sorted(set(overrides) - {f.name for f in dataclasses.fields(QnAViTConfig)})
@@ -113,8 +120,9 @@ class QnAViT(nn.Module):
         if pool in ("qnav1", "qnav2"):
             overrides["head"] = pool
         elif pool == "gap" and overrides.get("head", config.head) != "gap":
-            raise ValueError(f"global_pool={global_pool!r} needs the 'gap' head, got head="
-                             f"{overrides.get('head', config.head)!r}")
+            raise ValueError(
+                f"global_pool={global_pool!r} needs the 'gap' head, got head={overrides.get('head', config.head)!r}"
+            )
         cfg = dataclasses.replace(config, **overrides).normalized()
         if device is not None:
             with torch.device(device):
@@ -132,24 +140,26 @@ class QnAViT(nn.Module):
         self.in_chans = cfg.in_chans
         self.head_type = cfg.head
         self.num_features = self.head_hidden_size = cfg.stage_dim(cfg.n_stages - 1)
-        self.stem = PatchStem(cfg.in_chans, cfg.base_dim) if cfg.stem == "patch" else ResNetStem(cfg.in_chans,
-                                                                                                  cfg.base_dim)
+        self.stem = (
+            PatchStem(cfg.in_chans, cfg.base_dim) if cfg.stem == "patch" else ResNetStem(cfg.in_chans, cfg.base_dim)
+        )
         n_blocks = sum(cfg.lsa_layers) + sum(cfg.qna_layers) + cfg.n_stages - 1
         rates = np.linspace(0.0, float(cfg.drop_path), n_blocks).tolist()  # network order
         stages, offset = [], 0
         for s in range(cfg.n_stages):
             n = cfg.lsa_layers[s] + cfg.qna_layers[s] + (s < cfg.n_stages - 1)
-            stages.append(QnAViTStage(cfg, s, rates[offset:offset + n]))
+            stages.append(QnAViTStage(cfg, s, rates[offset : offset + n]))
             offset += n
         self.stages = nn.ModuleList(stages)
         self.grad_checkpointing = False
         # Both stems reduce by 4, each stage but the last by 2 more: the pyramid of strides 4, 8, 16, 32.
-        self.feature_info = [dict(num_chs=cfg.stage_dim(s), reduction=4 * 2 ** s, module=_feature_module(cfg, s))
-                             for s in range(cfg.n_stages)]
+        self.feature_info = [
+            dict(num_chs=cfg.stage_dim(s), reduction=4 * 2**s, module=_feature_module(cfg, s))
+            for s in range(cfg.n_stages)
+        ]
         # The qnav* heads' window is the final map of img_size, so it must be a valid input size.
         feat = self._check_stage_sizes(*cfg.img_size)[-1] if cfg.head != "gap" else (1, 1)
-        self.head = ClassifierHead(self.num_features, cfg.num_classes, cfg.head, cfg.qna_heads[-1], feat,
-                                   cfg.drop_rate)
+        self.head = ClassifierHead(self.num_features, cfg.num_classes, cfg.head, cfg.qna_heads[-1], feat, cfg.drop_rate)
         # timm's builder replaces this with the registry's full pretrained_cfg (same keys and more).
         self.pretrained_cfg = self.default_cfg = _default_cfg(cfg)
 
@@ -250,7 +260,7 @@ class QnAViT(nn.Module):
         last = len(self.stages) - 1
         x = self._stem(x)
         intermediates = []
-        stages = self.stages[:max_index + 1] if stop_early else self.stages
+        stages = self.stages[: max_index + 1] if stop_early else self.stages
         for i, stage in enumerate(stages):
             x = stage(x)
             if i in take:
@@ -262,14 +272,15 @@ class QnAViT(nn.Module):
             return intermediates
         return x, intermediates
 
-    def prune_intermediate_layers(self, indices: Union[int, Sequence[int]] = 1, prune_norm: bool = False,
-                                  prune_head: bool = True) -> List[int]:
+    def prune_intermediate_layers(
+        self, indices: Union[int, Sequence[int]] = 1, prune_norm: bool = False, prune_head: bool = True
+    ) -> List[int]:
         """Drops the stages (and down-sampling) after the last of ``indices``, the head's LayerNorm
         (``prune_norm``, or when stages are dropped) and the classifier and pooling (``prune_head``), as
         timm's feature wrappers do; returns the kept indices for :meth:`forward_intermediates`."""
         take, max_index = _take_indices(len(self.stages), indices)
         prune_end = max_index < len(self.stages) - 1
-        self.stages = self.stages[:max_index + 1]
+        self.stages = self.stages[: max_index + 1]
         if prune_end:
             self.stages[max_index].downsample = None
             self.num_features = self.head_hidden_size = self.feature_info[max_index]["num_chs"]
@@ -295,15 +306,16 @@ class QnAViT(nn.Module):
         if global_pool is not None:
             pool = _pool_type(global_pool)
             if pool in ("qnav1", "qnav2") and head.qna is None:
-                raise ValueError(f"global_pool={global_pool!r} needs a QnA head: build the model with "
-                                 f"head={pool!r} (this head is {head.global_pool!r})")
+                raise ValueError(
+                    f"global_pool={global_pool!r} needs a QnA head: build the model with "
+                    f"head={pool!r} (this head is {head.global_pool!r})"
+                )
             if pool in ("gap", ""):
                 head.qna = None
             head.global_pool = pool
         ref = self.stem.conv.weight
         if num_classes > 0:
-            fc = torch.nn.utils.skip_init(nn.Linear, self.num_features, num_classes, device=ref.device,
-                                          dtype=ref.dtype)
+            fc = torch.nn.utils.skip_init(nn.Linear, self.num_features, num_classes, device=ref.device, dtype=ref.dtype)
             _lecun_normal_(fc.weight, self.num_features)
             nn.init.zeros_(fc.bias)
         else:
@@ -320,8 +332,14 @@ class QnAViT(nn.Module):
     def no_weight_decay(self) -> Set[str]:
         """Parameter names exempt from weight decay: relative-position tables, attention scales, norms
         and biases (the paper's recipe)."""
-        exempt_leaf = {"relative_position_bias_table", "rpe_bias", "attn_scale_weights", "attn_scale_pos",
-                       "bias", "Wk_b"}
+        exempt_leaf = {
+            "relative_position_bias_table",
+            "rpe_bias",
+            "attn_scale_weights",
+            "attn_scale_pos",
+            "bias",
+            "Wk_b",
+        }
         names = set()
         for module_name, module in self.named_modules():
             is_norm = isinstance(module, (nn.LayerNorm, nn.BatchNorm2d))
@@ -349,8 +367,9 @@ class QnAViT(nn.Module):
         return ordinal
 
     @torch.no_grad()
-    def load_flax_params(self, params: Mapping[str, Any], batch_stats: Optional[Mapping[str, Any]] = None,
-                         resize: bool = False) -> LoadReport:
+    def load_flax_params(
+        self, params: Mapping[str, Any], batch_stats: Optional[Mapping[str, Any]] = None, resize: bool = False
+    ) -> LoadReport:
         """Same as :func:`qna_vit.flax.load_flax_params`."""
         from .flax import load_flax_params  # qna_vit.flax builds on this module
 
@@ -379,15 +398,27 @@ def _default_cfg(cfg: QnAViTConfig) -> Dict[str, Any]:
     recipe, the final map of ``img_size`` as ``pool_size``, and the first conv and classifier names."""
     final = _ceil_div(cfg.img_size[0], 32), _ceil_div(cfg.img_size[1], 32)
     return dict(
-        url="", input_size=(cfg.in_chans,) + tuple(cfg.img_size), pool_size=final, crop_pct=0.875,
-        crop_mode="center", interpolation="bicubic", mean=IMAGENET_MEAN, std=IMAGENET_STD,
-        num_classes=cfg.num_classes, first_conv="stem.conv", classifier="head.fc",
-        fixed_input_size=cfg.head != "gap", **_PAPER,
+        url="",
+        input_size=(cfg.in_chans,) + tuple(cfg.img_size),
+        pool_size=final,
+        crop_pct=0.875,
+        crop_mode="center",
+        interpolation="bicubic",
+        mean=IMAGENET_MEAN,
+        std=IMAGENET_STD,
+        num_classes=cfg.num_classes,
+        first_conv="stem.conv",
+        classifier="head.fc",
+        fixed_input_size=cfg.head != "gap",
+        **_PAPER,
     )
 
 
-default_cfgs = (_timm_default_cfgs({name: _default_cfg(cfg.normalized()) for name, cfg in MODEL_CONFIGS.items()})
-                if _timm_default_cfgs is not None else {})
+default_cfgs = (
+    _timm_default_cfgs({name: _default_cfg(cfg.normalized()) for name, cfg in MODEL_CONFIGS.items()})
+    if _timm_default_cfgs is not None
+    else {}
+)
 
 # timm passes these to every entry point; they configure its pretrained-weight machinery.
 _TIMM_ONLY_KWARGS = ("pretrained_cfg", "pretrained_cfg_overlay", "cache_dir")
@@ -396,8 +427,9 @@ _FEATURE_KWARGS = ("features_only", "out_indices", "feature_cls", "feature_cfg")
 
 def _weight_source(kwargs: Mapping[str, Any]) -> bool:
     cfgs = [kwargs.get("pretrained_cfg"), kwargs.get("pretrained_cfg_overlay")]
-    return any(isinstance(c, Mapping) and any(c.get(k) for k in ("file", "url", "state_dict", "hf_hub_id"))
-               for c in cfgs)
+    return any(
+        isinstance(c, Mapping) and any(c.get(k) for k in ("file", "url", "state_dict", "hf_hub_id")) for c in cfgs
+    )
 
 
 def _entrypoint(name: str, pretrained: bool, kwargs: Dict[str, Any]) -> nn.Module:
@@ -415,24 +447,38 @@ def _entrypoint(name: str, pretrained: bool, kwargs: Dict[str, Any]) -> nn.Modul
             kwargs.pop(key, None)
         given = [k for k in _FEATURE_KWARGS if kwargs.pop(k, None)]
         if given or pretrained:
-            raise ValueError(f"{given or ['pretrained']} need timm (pip install timm); without it use "
-                             "forward_intermediates() and load_weights()")
+            raise ValueError(
+                f"{given or ['pretrained']} need timm (pip install timm); without it use "
+                "forward_intermediates() and load_weights()"
+            )
         return QnAViT(MODEL_CONFIGS[name], **kwargs)
     # getter: the pyramid from forward_intermediates (NCHW); 'hook' and 'fx' also work, 'list' does not
     # (the stages are not a sequence of children: each is followed by its down-sampling block).
-    feature_cfg = dict(feature_cls="getter", out_indices=tuple(range(MODEL_CONFIGS[name].n_stages)),
-                       **kwargs.pop("feature_cfg", None) or {})
+    feature_cfg = dict(
+        feature_cls="getter",
+        out_indices=tuple(range(MODEL_CONFIGS[name].n_stages)),
+        **kwargs.pop("feature_cfg", None) or {},
+    )
     cls = kwargs.get("feature_cls", feature_cfg["feature_cls"])
     if kwargs.get("features_only") and cls == "fx":
-        cfg = dataclasses.replace(MODEL_CONFIGS[name], **{k: v for k, v in kwargs.items()
-                                                          if k in QnAViTConfig.__dataclass_fields__}).normalized()
+        cfg = dataclasses.replace(
+            MODEL_CONFIGS[name], **{k: v for k, v in kwargs.items() if k in QnAViTConfig.__dataclass_fields__}
+        ).normalized()
         if any(not cfg.qna_layers[s] for s in range(cfg.n_stages - 1)):
-            raise ValueError("feature_cls='fx' needs a QnA block ending every stage but the last (its "
-                             "feature node); use the default 'getter' or 'hook'")
+            raise ValueError(
+                "feature_cls='fx' needs a QnA block ending every stage but the last (its "
+                "feature node); use the default 'getter' or 'hook'"
+            )
     from .resize import checkpoint_filter_fn  # qna_vit.resize builds on this module
 
-    return _timm_build(functools.partial(QnAViT, MODEL_CONFIGS[name]), name, pretrained,
-                       pretrained_filter_fn=checkpoint_filter_fn, feature_cfg=feature_cfg, **kwargs)
+    return _timm_build(
+        functools.partial(QnAViT, MODEL_CONFIGS[name]),
+        name,
+        pretrained,
+        pretrained_filter_fn=checkpoint_filter_fn,
+        feature_cfg=feature_cfg,
+        **kwargs,
+    )
 
 
 def qna_vit_tiny(pretrained: bool = False, **kwargs: Any) -> nn.Module:

@@ -73,8 +73,10 @@ def _resize_leaf(name: str, value: np.ndarray, shape: Tuple[int, ...]) -> np.nda
     if len(old) == len(shape) == 2 or (len(old) == len(shape) == 4 and old[:2] == shape[:2] == (1, 1)):
         sides = (_square_side(old[-2]), _square_side(shape[-2]))
     if sides is None or None in sides or old[-1] != shape[-1]:
-        raise CheckpointError(f"parameter {name!r}: cannot resize {old} to {shape} (a table [s*s, C] or "
-                              f"[1, 1, s*s, C] with the same last axis)")
+        raise CheckpointError(
+            f"parameter {name!r}: cannot resize {old} to {shape} (a table [s*s, C] or "
+            f"[1, 1, s*s, C] with the same last axis)"
+        )
     (s, t), c = sides, old[-1]
     out = resize_table(value.reshape(s, s, c), (t, t))
     return out.reshape(shape)
@@ -92,16 +94,23 @@ class LoadReport:
     dropped: List[str] = dataclasses.field(default_factory=list)
 
     def __str__(self) -> str:
-        lines = [f"loaded {len(self.loaded)}, resized {len(self.resized)}, newly initialised "
-                 f"{len(self.initialised)}, dropped {len(self.dropped)}"]
+        lines = [
+            f"loaded {len(self.loaded)}, resized {len(self.resized)}, newly initialised "
+            f"{len(self.initialised)}, dropped {len(self.dropped)}"
+        ]
         lines += [f"  resized {k}: {a} -> {b}" for k, (a, b) in self.resized.items()]
         lines += [f"  newly initialised {k}" for k in self.initialised]
         lines += [f"  dropped {k}" for k in self.dropped]
         return "\n".join(lines)
 
 
-def _plan_load(expected: Mapping[str, Tuple[int, ...]], given: Mapping[str, Tuple[int, ...]],
-               classifier: Sequence[str], resize: bool, where: str) -> LoadReport:
+def _plan_load(
+    expected: Mapping[str, Tuple[int, ...]],
+    given: Mapping[str, Tuple[int, ...]],
+    classifier: Sequence[str],
+    resize: bool,
+    where: str,
+) -> LoadReport:
     """Matches a checkpoint's names and shapes to the model's; raises CheckpointError naming the first
     entry that fits neither as is, nor as a resizable table, nor as the classifier (``resize`` only)."""
     report = LoadReport()
@@ -122,8 +131,10 @@ def _plan_load(expected: Mapping[str, Tuple[int, ...]], given: Mapping[str, Tupl
             report.initialised.append(key)
         elif resize and key.rsplit("/", 1)[-1].rsplit(".", 1)[-1] in _TABLE_LEAVES:
             if old[-1:] != new[-1:]:
-                raise CheckpointError(f"{where}parameter {key!r} has shape {old}, expected {new}: a table "
-                                      "is resized over its positions only, its last axis must match")
+                raise CheckpointError(
+                    f"{where}parameter {key!r} has shape {old}, expected {new}: a table "
+                    "is resized over its positions only, its last axis must match"
+                )
             report.resized[key] = (old, new)
         else:
             hint = "" if resize else " (resize=True resizes position and attention-scale tables)"
@@ -131,15 +142,21 @@ def _plan_load(expected: Mapping[str, Tuple[int, ...]], given: Mapping[str, Tupl
     return report
 
 
-def resize_state_dict(state_dict: Mapping[str, torch.Tensor], model: nn.Module) -> Tuple[Dict[str, torch.Tensor],
-                                                                                          LoadReport]:
+def resize_state_dict(
+    state_dict: Mapping[str, torch.Tensor], model: nn.Module
+) -> Tuple[Dict[str, torch.Tensor], LoadReport]:
     """A QnA-ViT state dict (ours: converted or trained) fitted to ``model``'s geometry: mismatched
     position and attention-scale tables resized as :func:`load_flax_params` with ``resize=True`` does,
     the model's own (fresh) classifier kept where the class count differs. Returns the complete state
     dict for ``model`` and the :class:`LoadReport`; anything else mismatched raises CheckpointError."""
     own = model.state_dict()
-    report = _plan_load({k: tuple(v.shape) for k, v in own.items()},
-                        {k: tuple(v.shape) for k, v in state_dict.items()}, _TORCH_CLASSIFIER, True, "")
+    report = _plan_load(
+        {k: tuple(v.shape) for k, v in own.items()},
+        {k: tuple(v.shape) for k, v in state_dict.items()},
+        _TORCH_CLASSIFIER,
+        True,
+        "",
+    )
     out = {k: own[k] for k in report.initialised}
     out.update({k: state_dict[k] for k in report.loaded})
     for key, (_, new) in report.resized.items():
@@ -154,15 +171,19 @@ def checkpoint_filter_fn(state_dict: Mapping[str, torch.Tensor], model: nn.Modul
     return resize_state_dict(state_dict, model)[0]
 
 
-def load_weights(model: QnAViT, checkpoint: Union[str, os.PathLike[str], Mapping[str, Any]],
-                    resize: bool = True) -> LoadReport:
+def load_weights(
+    model: QnAViT, checkpoint: Union[str, os.PathLike[str], Mapping[str, Any]], resize: bool = True
+) -> LoadReport:
     """Loads one of our checkpoints (``examples/convert_flax.py``'s or ``examples/train.py``'s file, or a
     bare state dict) into ``model``; with ``resize`` (default) from another geometry, as
     :func:`resize_state_dict`. Returns the :class:`LoadReport`."""
     if not isinstance(model, QnAViT):
         raise TypeError(f"model must be a QnAViT, got {type(model).__name__}")
-    ckpt = torch.load(checkpoint, map_location="cpu", weights_only=True) if not isinstance(checkpoint, Mapping) \
+    ckpt = (
+        torch.load(checkpoint, map_location="cpu", weights_only=True)
+        if not isinstance(checkpoint, Mapping)
         else checkpoint
+    )
     state = ckpt.get("model", ckpt.get("state_dict", ckpt))
     if not isinstance(state, Mapping) or not all(isinstance(v, torch.Tensor) for v in state.values()):
         raise CheckpointError("expected a state dict, or a checkpoint holding one under 'model' or 'state_dict'")
@@ -170,7 +191,12 @@ def load_weights(model: QnAViT, checkpoint: Union[str, os.PathLike[str], Mapping
         state, report = resize_state_dict(state, model)
     else:
         own = model.state_dict()
-        report = _plan_load({k: tuple(v.shape) for k, v in own.items()},
-                            {k: tuple(v.shape) for k, v in state.items()}, _TORCH_CLASSIFIER, False, "")
+        report = _plan_load(
+            {k: tuple(v.shape) for k, v in own.items()},
+            {k: tuple(v.shape) for k, v in state.items()},
+            _TORCH_CLASSIFIER,
+            False,
+            "",
+        )
     model.load_state_dict(state)
     return report

@@ -42,8 +42,10 @@ class SegmentationHead(nn.Module):
 
     def forward(self, features: Sequence[torch.Tensor], size: Tuple[int, int]) -> torch.Tensor:
         top = features[0].shape[-2:]
-        x = sum(F.interpolate(lat(f), size=top, mode="bilinear", align_corners=False) if f.shape[-2:] != top
-                else lat(f) for lat, f in zip(self.lateral, features))
+        x = sum(
+            F.interpolate(lat(f), size=top, mode="bilinear", align_corners=False) if f.shape[-2:] != top else lat(f)
+            for lat, f in zip(self.lateral, features)
+        )
         return F.interpolate(self.classifier(self.fuse(x)), size=size, mode="bilinear", align_corners=False)
 
 
@@ -68,8 +70,13 @@ def reduced_architecture(width: int) -> Dict[str, Any]:
     """A ``width``-wide QnA-ViT with one block per stage (head dims 8 for QnA, 16 for LSA)."""
     if width < 16 or width % 16:
         raise ValueError(f"--width must be a positive multiple of 16, got {width}")
-    return dict(base_dim=width, qna_layers=(1, 1, 1, 0), qna_heads=tuple(width * 2 ** s // 8 for s in range(4)),
-                lsa_layers=(0, 0, 1, 1), lsa_heads=tuple(width * 2 ** s // 16 for s in range(4)))
+    return dict(
+        base_dim=width,
+        qna_layers=(1, 1, 1, 0),
+        qna_heads=tuple(width * 2**s // 8 for s in range(4)),
+        lsa_layers=(0, 0, 1, 1),
+        lsa_heads=tuple(width * 2**s // 16 for s in range(4)),
+    )
 
 
 def build(model: str, width: Optional[int], backend: str, num_classes: int = NUM_CLASSES) -> Segmenter:
@@ -117,8 +124,12 @@ def main(argv: Optional[Sequence[str]] = None) -> Dict[str, Any]:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--model", default="qna_vit_tiny", choices=sorted(MODEL_CONFIGS))
     ap.add_argument("--width", type=int, default=None, help="a reduced backbone of this width, one block per stage")
-    ap.add_argument("--backend", default="auto", choices=("auto", "timm", "qna_vit"),
-                    help="the pyramid from timm's features_only wrapper or from forward_intermediates")
+    ap.add_argument(
+        "--backend",
+        default="auto",
+        choices=("auto", "timm", "qna_vit"),
+        help="the pyramid from timm's features_only wrapper or from forward_intermediates",
+    )
     ap.add_argument("--steps", type=int, default=100)
     ap.add_argument("--batch-size", type=int, default=8)
     ap.add_argument("--img-size", type=int, default=128)
@@ -132,8 +143,11 @@ def main(argv: Optional[Sequence[str]] = None) -> Dict[str, Any]:
         ap.error("--steps and --batch-size must be >= 1, --img-size >= 32")
     if args.threads:
         torch.set_num_threads(args.threads)
-    device = torch.device("cuda" if args.device == "auto" and torch.cuda.is_available() else
-                          ("cpu" if args.device == "auto" else args.device))
+    device = torch.device(
+        "cuda"
+        if args.device == "auto" and torch.cuda.is_available()
+        else ("cpu" if args.device == "auto" else args.device)
+    )
     torch.manual_seed(args.seed)
     net = build(args.model, args.width, args.backend).to(device)
     optimizer = torch.optim.AdamW(net.parameters(), lr=args.lr, weight_decay=0.01)
@@ -160,13 +174,18 @@ def main(argv: Optional[Sequence[str]] = None) -> Dict[str, Any]:
         feats = net.features(images)
     k = max(1, min(3, len(losses) // 4))
     summary = {
-        "steps": args.steps, "first_loss": sum(losses[:k]) / k, "last_loss": sum(losses[-k:]) / k,
-        "pixel_accuracy": accuracy, "logits_shape": list(logits.shape),
+        "steps": args.steps,
+        "first_loss": sum(losses[:k]) / k,
+        "last_loss": sum(losses[-k:]) / k,
+        "pixel_accuracy": accuracy,
+        "logits_shape": list(logits.shape),
         "feature_channels": [f.shape[1] for f in feats],
         "feature_strides": [args.img_size // f.shape[-1] for f in feats],
     }
-    print(f"loss {summary['first_loss']:.4f} -> {summary['last_loss']:.4f} | pixel accuracy {accuracy:.3f} | "
-          f"pyramid channels {summary['feature_channels']} strides {summary['feature_strides']}")
+    print(
+        f"loss {summary['first_loss']:.4f} -> {summary['last_loss']:.4f} | pixel accuracy {accuracy:.3f} | "
+        f"pyramid channels {summary['feature_channels']} strides {summary['feature_strides']}"
+    )
     if args.output:
         os.makedirs(os.path.dirname(os.path.abspath(args.output)), exist_ok=True)
         torch.save(net.state_dict(), args.output)

@@ -40,8 +40,13 @@ Timing = Tuple[float, float, float]  # median, p20, p80 in ms
 FP32_TOLERANCE = {"float32": 1e-4, "float16": 1e-3, "bfloat16": 1e-3}
 
 
-def _compare(got: Sequence[Optional[torch.Tensor]], ref: Sequence[Optional[torch.Tensor]], dtype: str,
-             names: Sequence[str], chunk: int = 1 << 24) -> Optional[str]:
+def _compare(
+    got: Sequence[Optional[torch.Tensor]],
+    ref: Sequence[Optional[torch.Tensor]],
+    dtype: str,
+    names: Sequence[str],
+    chunk: int = 1 << 24,
+) -> Optional[str]:
     """None when every ``got`` matches ``ref`` (same non-finite values, and a largest difference within
     the tolerance relative to ``ref``'s largest finite magnitude), else what differs. Works through
     ``chunk`` elements at a time, so checking a large problem needs little extra device memory."""
@@ -53,7 +58,7 @@ def _compare(got: Sequence[Optional[torch.Tensor]], ref: Sequence[Optional[torch
         fa, fb = a.reshape(-1), b.reshape(-1)
         diff, scale = 0.0, 0.0
         for i in range(0, fb.numel(), chunk):
-            x, y = fa[i:i + chunk].double(), fb[i:i + chunk].double()
+            x, y = fa[i : i + chunk].double(), fb[i : i + chunk].double()
             fin = torch.isfinite(y)
             if not torch.equal(fin, torch.isfinite(x)) or not torch.equal(x[~fin], y[~fin]):
                 return f"{name}: non-finite values differ"
@@ -66,11 +71,13 @@ def _compare(got: Sequence[Optional[torch.Tensor]], ref: Sequence[Optional[torch
             return f"{name}: relative error {err:.3g} > {tol:g}"
     return None
 
+
 class Session:
     """Random inputs of one shape on a device, the heuristic configs' results, and the launchers."""
 
-    def __init__(self, shape: Shape, device: str = "cuda", seed: int = 0,
-                 warmup_ms: float = WARMUP_MS, rep_ms: float = REP_MS) -> None:
+    def __init__(
+        self, shape: Shape, device: str = "cuda", seed: int = 0, warmup_ms: float = WARMUP_MS, rep_ms: float = REP_MS
+    ) -> None:
         self.shape, self.device = shape, torch.device(device)
         self.warmup_ms, self.rep_ms = warmup_ms, rep_ms
         s = shape
@@ -94,8 +101,9 @@ class Session:
         ho, wo = s.out_hw
         self.grad_out = randn(s.batch, ho, wo, h, d, dt=dtype)
         self.heuristic = {k: heuristic_config(k, h, d) for k in ("fwd", "bwd_delta", "bwd")}
-        self.ref_fwd = qna_forward(self.logits, self.values, self.rpb, self.scale, *self.geometry,
-                                   config=self.heuristic["fwd"])
+        self.ref_fwd = qna_forward(
+            self.logits, self.values, self.rpb, self.scale, *self.geometry, config=self.heuristic["fwd"]
+        )
         self.lse = self.ref_fwd[1]
         self.ref_bwd = self._backward(self.heuristic["bwd"], self.heuristic["bwd_delta"])
         # the replay of the candidate checked last (one at a time: each holds its launch's buffers)
@@ -103,8 +111,17 @@ class Session:
 
     # ------------------------------------------------------------------------------ launches
     def _backward_launches(self, cfg: KernelConfig, dcfg: KernelConfig) -> BackwardLaunches:
-        return backward_launches(self.grad_out, self.logits, self.values, self.rpb, self.scale, self.lse,
-                                 *self.geometry, config=cfg, delta_config=dcfg)
+        return backward_launches(
+            self.grad_out,
+            self.logits,
+            self.values,
+            self.rpb,
+            self.scale,
+            self.lse,
+            *self.geometry,
+            config=cfg,
+            delta_config=dcfg,
+        )
 
     def _backward(self, cfg: KernelConfig, dcfg: KernelConfig):
         return self._backward_launches(cfg, dcfg).run()
@@ -113,6 +130,7 @@ class Session:
         """Runs ``kernel`` with ``cfg`` through the library's launchers; returns a function that repeats
         just that kernel's launch (what is timed) and the launcher's results (what is checked)."""
         if kernel == "fwd":
+
             def fn():
                 return qna_forward(self.logits, self.values, self.rpb, self.scale, *self.geometry, config=cfg)
 
@@ -146,8 +164,9 @@ class Session:
 
     def time(self, kernel: str, cfg: KernelConfig) -> Timing:
         """Median, 20th and 80th percentile of one launch, in ms."""
-        q = triton.testing.do_bench(lambda: self.launch(kernel, cfg), warmup=self.warmup_ms, rep=self.rep_ms,
-                                    quantiles=[0.5, 0.2, 0.8])
+        q = triton.testing.do_bench(
+            lambda: self.launch(kernel, cfg), warmup=self.warmup_ms, rep=self.rep_ms, quantiles=[0.5, 0.2, 0.8]
+        )
         return float(q[0]), float(q[1]), float(q[2])
 
     def close(self) -> None:
@@ -159,8 +178,9 @@ class Session:
 class Bench:
     """Sessions on the current CUDA device."""
 
-    def __init__(self, device: str = "cuda", warmup_ms: float = WARMUP_MS, rep_ms: float = REP_MS,
-                 memory_fraction: float = 0.6) -> None:
+    def __init__(
+        self, device: str = "cuda", warmup_ms: float = WARMUP_MS, rep_ms: float = REP_MS, memory_fraction: float = 0.6
+    ) -> None:
         self.device, self.warmup_ms, self.rep_ms = device, warmup_ms, rep_ms
         self.memory_fraction = memory_fraction
 
@@ -170,7 +190,7 @@ class Bench:
             "gpu_name": env.device_name,
             "compute_capability": env.capability,
             "multiprocessors": env.multiprocessors,
-            "memory_gib": round(env.memory_bytes / 2 ** 30, 1),
+            "memory_gib": round(env.memory_bytes / 2**30, 1),
             "cuda_version": env.cuda,
         }
 
@@ -179,7 +199,7 @@ class Bench:
         free, _ = torch.cuda.mem_get_info(self.device)
         need = shape.input_bytes()
         if need > self.memory_fraction * free:
-            raise MemoryError(f"needs ~{need / 2 ** 30:.1f} GiB, {free / 2 ** 30:.1f} GiB free")
+            raise MemoryError(f"needs ~{need / 2**30:.1f} GiB, {free / 2**30:.1f} GiB free")
         return Session(shape, self.device, warmup_ms=self.warmup_ms, rep_ms=self.rep_ms)
 
     def release(self, session: Optional[Session]) -> None:

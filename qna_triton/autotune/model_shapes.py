@@ -34,16 +34,42 @@ class LayerShape:
 
     def shape(self, dtype: str, source: str) -> Shape:
         (kh, kw), (sh, sw), (ph, pw) = self.kernel_size, self.stride, self.padding
-        return Shape(dtype, self.heads, self.head_dim, self.n_queries, kh, kw, sh, sw, ph, pw,
-                     self.batch, self.height, self.width, f"{source} {self.name}")
+        return Shape(
+            dtype,
+            self.heads,
+            self.head_dim,
+            self.n_queries,
+            kh,
+            kw,
+            sh,
+            sw,
+            ph,
+            pw,
+            self.batch,
+            self.height,
+            self.width,
+            f"{source} {self.name}",
+        )
 
 
 def _shape_only_forward(layer: QnA, record: Callable[[LayerShape], None], name: str):
     def forward(self: QnA, x: torch.Tensor) -> torch.Tensor:
         B, H, W, _ = x.shape
         (kh, kw), (sh, sw), (ph, pw) = self.kernel_size, self.stride, self.padding
-        record(LayerShape(name, int(B), int(H), int(W), self.heads, self.head_dim, self.n_queries,
-                          tuple(self.kernel_size), tuple(self.stride), tuple(self.padding)))
+        record(
+            LayerShape(
+                name,
+                int(B),
+                int(H),
+                int(W),
+                self.heads,
+                self.head_dim,
+                self.n_queries,
+                tuple(self.kernel_size),
+                tuple(self.stride),
+                tuple(self.padding),
+            )
+        )
         ho, wo = (H + 2 * ph - kh) // sh + 1, (W + 2 * pw - kw) // sw + 1
         return x.new_zeros((B, ho, wo, self.out_features))
 
@@ -70,8 +96,9 @@ def collect_qna_shapes(model: nn.Module, example_input: torch.Tensor) -> List[La
     return found
 
 
-def shapes_of_model(make_model: Callable[[], nn.Module], batch: int,
-                    size: Optional[Sequence[int]] = None) -> List[LayerShape]:
+def shapes_of_model(
+    make_model: Callable[[], nn.Module], batch: int, size: Optional[Sequence[int]] = None
+) -> List[LayerShape]:
     """:func:`collect_qna_shapes` of ``make_model()`` on ``meta`` at ``batch`` samples of ``size`` (default:
     the model's :func:`input_size`). If some layer cannot run on ``meta``, on a fresh CPU model at
     batch 1 (sizes do not depend on the batch), with the batch put back."""
@@ -81,8 +108,12 @@ def shapes_of_model(make_model: Callable[[], nn.Module], batch: int,
         return collect_qna_shapes(model.to("meta"), torch.empty(*shape, device="meta"))
     except (NotImplementedError, RuntimeError):
         one = collect_qna_shapes(make_model().to("cpu"), torch.zeros(1, *shape[1:]))
-        return [LayerShape(s.name, batch, s.height, s.width, s.heads, s.head_dim, s.n_queries,
-                           s.kernel_size, s.stride, s.padding) for s in one]
+        return [
+            LayerShape(
+                s.name, batch, s.height, s.width, s.heads, s.head_dim, s.n_queries, s.kernel_size, s.stride, s.padding
+            )
+            for s in one
+        ]
 
 
 def model_factory(spec: str) -> Callable[[], nn.Module]:
@@ -94,8 +125,10 @@ def model_factory(spec: str) -> Callable[[], nn.Module]:
     try:
         from qna_vit import create_model
     except ImportError as e:
-        raise SystemExit(f"--model {spec}: cannot import the QnA-ViT models (qna_vit, installed with "
-                         f"qna-triton; {e}); pass module:function instead") from e
+        raise SystemExit(
+            f"--model {spec}: cannot import the QnA-ViT models (qna_vit, installed with "
+            f"qna-triton; {e}); pass module:function instead"
+        ) from e
     return lambda: create_model(spec)
 
 
@@ -107,6 +140,7 @@ def input_size(model: nn.Module) -> Tuple[int, ...]:
         cfg = getattr(model, "pretrained_cfg", None) or getattr(model, "default_cfg", None) or {}
         size = cfg.get("input_size")
     if size is None:
-        raise SystemExit(f"cannot tell the input size of {type(model).__name__}: give it an input_size "
-                         "attribute or pass --img-size")
+        raise SystemExit(
+            f"cannot tell the input size of {type(model).__name__}: give it an input_size attribute or pass --img-size"
+        )
     return tuple(int(v) for v in size)

@@ -45,12 +45,19 @@ STRIDES = (1, 2)
 DEFAULT_DTYPES = ("bfloat16", "float16", "float32")
 BASE_HEADS = (16, 8, 2)  # (heads, head_dim, queries): QnA-ViT tiny, stage 1
 HEAD_CONFIGS = (
-    (8, 8, 2), (32, 8, 2), (64, 8, 2),  # QnA-ViT tiny / small stages
-    (12, 16, 2), (48, 16, 2),  # QnA-ViT base stages
-    (16, 8, 1), (16, 8, 4), (16, 8, 8),  # queries
-    (4, 32, 2), (2, 64, 2), (1, 128, 2),  # larger head dims
+    (8, 8, 2),
+    (32, 8, 2),
+    (64, 8, 2),  # QnA-ViT tiny / small stages
+    (12, 16, 2),
+    (48, 16, 2),  # QnA-ViT base stages
+    (16, 8, 1),
+    (16, 8, 4),
+    (16, 8, 8),  # queries
+    (4, 32, 2),
+    (2, 64, 2),
+    (1, 128, 2),  # larger head dims
 )
-BUCKETS = (4 ** 6, 4 ** 8, 4 ** 10)
+BUCKETS = (4**6, 4**8, 4**10)
 # most output pixels x window offsets of one tuned problem: one call stays at a few milliseconds
 WORK_CAP = 1 << 25
 # feature-map sides of representative problems: QnA-ViT's maps at 224x224, none a multiple of 16,
@@ -58,7 +65,7 @@ WORK_CAP = 1 << 25
 MAP_SIDES = (56, 28, 14, 7)
 
 QUICK_WINDOWS = ((3, 1), (3, 2), (7, 1))  # (window, stride)
-QUICK_BUCKETS = (4 ** 8,)
+QUICK_BUCKETS = (4**8,)
 
 # ---------------------------------------------------------------------------------- candidates
 BLOCK_P_CHOICES = (4, 8, 16, 32, 64, 128, 256)
@@ -112,13 +119,29 @@ class Shape:
         return size_bucket(self.pixels)
 
     def key(self, kernel: str) -> EntryKey:
-        return EntryKey(kernel, self.dtype, self.kh, self.kw, self.sh, self.sw, self.heads, self.head_dim,
-                        self.n_queries, self.bucket)
+        return EntryKey(
+            kernel,
+            self.dtype,
+            self.kh,
+            self.kw,
+            self.sh,
+            self.sw,
+            self.heads,
+            self.head_dim,
+            self.n_queries,
+            self.bucket,
+        )
 
     def problem(self) -> Dict[str, object]:
         """The measured problem, as stored next to each entry."""
-        return {"batch": self.batch, "height": self.height, "width": self.width, "padding": [self.ph, self.pw],
-                "out": list(self.out_hw), "source": self.source}
+        return {
+            "batch": self.batch,
+            "height": self.height,
+            "width": self.width,
+            "padding": [self.ph, self.pw],
+            "out": list(self.out_hw),
+            "source": self.source,
+        }
 
     def input_bytes(self) -> int:
         """Device memory a tuning session holds at most (the float32 draw of the inputs aside)."""
@@ -131,12 +154,15 @@ class Shape:
         return item * (3 * inp * (nh + c) + 3 * out * c) + 4 * 3 * out * nh
 
     def describe(self) -> str:
-        return (f"{self.dtype} h{self.heads} d{self.head_dim} q{self.n_queries} k{self.kh}x{self.kw} "
-                f"s{self.sh}x{self.sw} B{self.batch} {self.height}x{self.width}")
+        return (
+            f"{self.dtype} h{self.heads} d{self.head_dim} q{self.n_queries} k{self.kh}x{self.kw} "
+            f"s{self.sh}x{self.sw} B{self.batch} {self.height}x{self.width}"
+        )
 
 
-def representative_shape(bucket: int, dtype: str, heads: int, head_dim: int, n_queries: int,
-                         k: int, s: int, source: str = "") -> Shape:
+def representative_shape(
+    bucket: int, dtype: str, heads: int, head_dim: int, n_queries: int, k: int, s: int, source: str = ""
+) -> Shape:
     """A problem with its output pixels in ``bucket`` (near the bucket's geometric middle) on one of
     ``MAP_SIDES`` (largest side holding at least two images), square window ``k``, stride ``s``."""
     target = 2 * bucket
@@ -155,8 +181,13 @@ def representative_shape(bucket: int, dtype: str, heads: int, head_dim: int, n_q
     return shape
 
 
-def _sweep(dtypes: Iterable[str], head_configs: Iterable[Tuple[int, int, int]],
-           window_strides: Iterable[Tuple[int, int]], buckets: Iterable[int], source: str) -> List[Shape]:
+def _sweep(
+    dtypes: Iterable[str],
+    head_configs: Iterable[Tuple[int, int, int]],
+    window_strides: Iterable[Tuple[int, int]],
+    buckets: Iterable[int],
+    source: str,
+) -> List[Shape]:
     shapes = []
     for dtype in dtypes:
         for heads, head_dim, nq in head_configs:
@@ -218,9 +249,18 @@ def default_config(kernel: str, shape: Shape, target: Optional[Target] = None) -
     """What the library runs for this problem without a tuned file on ``target`` (default
     :func:`reference_target`), by :func:`qna_triton.tuning.select_config`: the reference each tuned
     entry's speed-up is measured against."""
-    return select_config(kernel, getattr(torch, shape.dtype), shape.heads, shape.head_dim, shape.n_queries,
-                         (shape.kh, shape.kw), (shape.sh, shape.sw), shape.pixels, target or reference_target(),
-                         algo="auto")
+    return select_config(
+        kernel,
+        getattr(torch, shape.dtype),
+        shape.heads,
+        shape.head_dim,
+        shape.n_queries,
+        (shape.kh, shape.kw),
+        (shape.sh, shape.sw),
+        shape.pixels,
+        target or reference_target(),
+        algo="auto",
+    )
 
 
 def banded_candidates(shape: Shape, kernel: str = "fwd") -> List[KernelConfig]:
@@ -230,18 +270,24 @@ def banded_candidates(shape: Shape, kernel: str = "fwd") -> List[KernelConfig]:
     8 warps."""
     if shape.kh * shape.kw < 9 or not has_banded_form(kernel, (shape.sh, shape.sw)):
         return []
-    base = banded_config((shape.kh, shape.kw), shape.head_dim, getattr(torch, shape.dtype), (shape.sh, shape.sw),
-                         kernel)
+    base = banded_config(
+        (shape.kh, shape.kw), shape.head_dim, getattr(torch, shape.dtype), (shape.sh, shape.sw), kernel
+    )
     tiles = [base, replace(base, num_warps=12 - base.num_warps)]
     if kernel != "bwd":
         tiles += [replace(base, block_w=32, num_warps=8), replace(base, block_r=32, num_warps=8)]
     return list(dict.fromkeys(tiles))
 
 
-def default_plan(dtypes: Sequence[str] = DEFAULT_DTYPES, windows: Sequence[int] = WINDOWS,
-                 strides: Sequence[int] = STRIDES, head_configs: Optional[Sequence[Tuple[int, int, int]]] = None,
-                 buckets: Sequence[int] = BUCKETS, kernels: Sequence[str] = KERNELS,
-                 n_candidates: int = DEFAULT_CANDIDATES) -> Plan:
+def default_plan(
+    dtypes: Sequence[str] = DEFAULT_DTYPES,
+    windows: Sequence[int] = WINDOWS,
+    strides: Sequence[int] = STRIDES,
+    head_configs: Optional[Sequence[Tuple[int, int, int]]] = None,
+    buckets: Sequence[int] = BUCKETS,
+    kernels: Sequence[str] = KERNELS,
+    n_candidates: int = DEFAULT_CANDIDATES,
+) -> Plan:
     """The three sweeps of the module docstring. ``head_configs`` (heads, head_dim, queries): the first
     replaces ``BASE_HEADS`` and the others ``HEAD_CONFIGS``; the window and stride of the dtype and
     heads sweeps are the ones of (3, 1), (7, 1), (3, 2) within ``windows`` and ``strides``, else the
@@ -260,16 +306,18 @@ def default_plan(dtypes: Sequence[str] = DEFAULT_DTYPES, windows: Sequence[int] 
     return Plan("default", _dedupe(shapes), tuple(kernels), n_candidates)
 
 
-def quick_plan(dtypes: Sequence[str] = ("bfloat16",), kernels: Sequence[str] = KERNELS,
-               n_candidates: int = QUICK_CANDIDATES) -> Plan:
+def quick_plan(
+    dtypes: Sequence[str] = ("bfloat16",), kernels: Sequence[str] = KERNELS, n_candidates: int = QUICK_CANDIDATES
+) -> Plan:
     """A small plan (one dtype, windows 3 and 7, one bucket) for a first look in about a minute."""
     _check_axes(dtypes, kernels, QUICK_BUCKETS)
     shapes = _sweep(dtypes, [BASE_HEADS], QUICK_WINDOWS, QUICK_BUCKETS, "quick")
     return Plan("quick", _dedupe(shapes), tuple(kernels), n_candidates)
 
 
-def shapes_plan(name: str, shapes: Sequence[Shape], kernels: Sequence[str] = KERNELS,
-                n_candidates: int = DEFAULT_CANDIDATES) -> Plan:
+def shapes_plan(
+    name: str, shapes: Sequence[Shape], kernels: Sequence[str] = KERNELS, n_candidates: int = DEFAULT_CANDIDATES
+) -> Plan:
     """A plan of given shapes (e.g. a model's layers)."""
     _check_axes([s.dtype for s in shapes], kernels, [])
     return Plan(name, _dedupe(shapes), tuple(kernels), n_candidates)
@@ -327,18 +375,22 @@ def candidate_space(kernel: str, heads: int, head_dim: int, n_queries: int) -> L
 
 def _coords(cfg: KernelConfig, n_queries: int, head_dim: int) -> Tuple[float, float, float, int]:
     # tile shape, per-thread load and pipelining depth: the axes along which speed changes
-    return (math.log2(cfg.block_p), math.log2(cfg.block_h),
-            math.log2(elems_per_thread(cfg, n_queries, head_dim)), cfg.num_stages)
+    return (
+        math.log2(cfg.block_p),
+        math.log2(cfg.block_h),
+        math.log2(elems_per_thread(cfg, n_queries, head_dim)),
+        cfg.num_stages,
+    )
 
 
-def candidate_configs(kernel: str, heads: int, head_dim: int, n_queries: int,
-                      count: int = DEFAULT_CANDIDATES) -> List[KernelConfig]:
+def candidate_configs(
+    kernel: str, heads: int, head_dim: int, n_queries: int, count: int = DEFAULT_CANDIDATES
+) -> List[KernelConfig]:
     return list(_candidate_configs(kernel, heads, head_dim, n_queries, count))
 
 
 @functools.lru_cache(maxsize=1024)
-def _candidate_configs(kernel: str, heads: int, head_dim: int, n_queries: int,
-                       count: int) -> Tuple[KernelConfig, ...]:
+def _candidate_configs(kernel: str, heads: int, head_dim: int, n_queries: int, count: int) -> Tuple[KernelConfig, ...]:
     """The heuristic config first, then the ``count - 1`` configs of :func:`candidate_space` nearest
     to it (L1 distance over log2 block_p, log2 block_h, log2 elements per thread, and num_stages):
     its one-step neighbours first (one tile dimension doubled or halved with the warps following it,
@@ -352,8 +404,7 @@ def _candidate_configs(kernel: str, heads: int, head_dim: int, n_queries: int,
 
     def rank(cfg: KernelConfig):
         c = _coords(cfg, n_queries, head_dim)
-        return (sum(abs(a - b) for a, b in zip(c, h0)), cfg.num_stages, -cfg.block_p, cfg.block_h,
-                cfg.num_warps)
+        return (sum(abs(a - b) for a, b in zip(c, h0)), cfg.num_stages, -cfg.block_p, cfg.block_h, cfg.num_warps)
 
     others = sorted((c for c in _candidate_space(kernel, heads, head_dim, n_queries) if c != heur), key=rank)
     return (heur, *others[: max(0, count - 1)])
@@ -377,8 +428,9 @@ def specialisation(shape: Shape) -> Tuple[object, ...]:
     from qna_triton.layout import split_packed
 
     N, h, d, meta = shape.n_queries, shape.heads, shape.head_dim, torch.device("meta")
-    qv = torch.empty(shape.batch, shape.height, shape.width, N * h + h * d, dtype=getattr(torch, shape.dtype),
-                     device=meta)
+    qv = torch.empty(
+        shape.batch, shape.height, shape.width, N * h + h * d, dtype=getattr(torch, shape.dtype), device=meta
+    )
     rpb = torch.empty(shape.kh * shape.kw, N, h, device=meta)
     logits, values = split_packed(qv, rpb)
     p = Problem.of(logits, values, rpb, rpb, (shape.kh, shape.kw), (shape.sh, shape.sw), (shape.ph, shape.pw))
@@ -393,10 +445,12 @@ class Estimate:
     seconds: float
 
     def describe(self) -> str:
-        return (f"{self.entries} entries, {self.timings} timed candidates, ~{self.compiles} kernel compiles: "
-                f"about {self.seconds / 60:.1f} min (assumes ~{COMPILE_S:.1f} s per compile and "
-                f"~{(WARMUP_MS + REP_MS) / 1000 + TIMING_OVERHEAD_S:.3f} s per timing; calibrate with the "
-                f"'elapsed_s' of a real run's entries)")
+        return (
+            f"{self.entries} entries, {self.timings} timed candidates, ~{self.compiles} kernel compiles: "
+            f"about {self.seconds / 60:.1f} min (assumes ~{COMPILE_S:.1f} s per compile and "
+            f"~{(WARMUP_MS + REP_MS) / 1000 + TIMING_OVERHEAD_S:.3f} s per timing; calibrate with the "
+            f"'elapsed_s' of a real run's entries)"
+        )
 
 
 def estimate(plan: Plan, done: Optional[set] = None) -> Estimate:
@@ -414,8 +468,9 @@ def estimate(plan: Plan, done: Optional[set] = None) -> Estimate:
             timings += len(cands)
             for c in cands:
                 compiled.add((kernel, shape.dtype, shape.n_queries, shape.heads, shape.head_dim, c, spec))
-    seconds = (len(compiled) * COMPILE_S + timings * ((WARMUP_MS + REP_MS) / 1000 + TIMING_OVERHEAD_S)
-               + setups * SHAPE_SETUP_S)
+    seconds = (
+        len(compiled) * COMPILE_S + timings * ((WARMUP_MS + REP_MS) / 1000 + TIMING_OVERHEAD_S) + setups * SHAPE_SETUP_S
+    )
     return Estimate(entries, timings, len(compiled), seconds)
 
 

@@ -9,8 +9,21 @@ from qna_triton.tuning import EntryKey, validate_config
 
 from .tuner import config_label
 
-HEADERS = ("kernel", "dtype", "window", "stride", "heads", "head_dim", "queries", "bucket",
-           "heuristic", "tuned", "heuristic ms", "tuned ms", "speedup")
+HEADERS = (
+    "kernel",
+    "dtype",
+    "window",
+    "stride",
+    "heads",
+    "head_dim",
+    "queries",
+    "bucket",
+    "heuristic",
+    "tuned",
+    "heuristic ms",
+    "tuned ms",
+    "speedup",
+)
 
 
 def _bucket_label(b: int) -> str:
@@ -20,7 +33,7 @@ def _bucket_label(b: int) -> str:
 def report_rows(entries: Mapping[str, Mapping[str, Any]], keys: Optional[Iterable[str]] = None) -> List[List[Any]]:
     """One row per entry that has timings (``keys`` restricts and orders them)."""
     rows = []
-    for text in (keys if keys is not None else sorted(entries)):
+    for text in keys if keys is not None else sorted(entries):
         value = entries.get(text)
         if not value or "heuristic_time_ms" not in value or "time_ms" not in value:
             continue
@@ -28,9 +41,23 @@ def report_rows(entries: Mapping[str, Mapping[str, Any]], keys: Optional[Iterabl
         heur = validate_config(value["heuristic"]) if "heuristic" in value else None
         tuned = validate_config(value["config"])
         h_ms, t_ms = float(value["heuristic_time_ms"]), float(value["time_ms"])
-        rows.append([k.kernel, k.dtype, f"{k.kh}x{k.kw}", f"{k.sh}x{k.sw}", k.heads, k.head_dim, k.n_queries,
-                     _bucket_label(k.bucket), config_label(heur) if heur else "?", config_label(tuned),
-                     f"{h_ms:.4f}", f"{t_ms:.4f}", f"{h_ms / t_ms:.2f}x" if t_ms > 0 else "-"])
+        rows.append(
+            [
+                k.kernel,
+                k.dtype,
+                f"{k.kh}x{k.kw}",
+                f"{k.sh}x{k.sw}",
+                k.heads,
+                k.head_dim,
+                k.n_queries,
+                _bucket_label(k.bucket),
+                config_label(heur) if heur else "?",
+                config_label(tuned),
+                f"{h_ms:.4f}",
+                f"{t_ms:.4f}",
+                f"{h_ms / t_ms:.2f}x" if t_ms > 0 else "-",
+            ]
+        )
     return rows
 
 
@@ -55,25 +82,26 @@ def _plain_table(headers: Sequence[str], rows: Sequence[Sequence[Any]], markdown
     cells = [[str(h) for h in headers]] + [[str(c) for c in r] for r in rows]
     widths = [max(len(row[i]) for row in cells) for i in range(len(headers))]
     if markdown:
-        lines = ["| " + " | ".join(c.ljust(w) for c, w in zip(cells[0], widths)) + " |",
-                 "|" + "|".join("-" * (w + 2) for w in widths) + "|"]
+        lines = [
+            "| " + " | ".join(c.ljust(w) for c, w in zip(cells[0], widths)) + " |",
+            "|" + "|".join("-" * (w + 2) for w in widths) + "|",
+        ]
         lines += ["| " + " | ".join(c.ljust(w) for c, w in zip(r, widths)) + " |" for r in cells[1:]]
     else:
-        lines = ["  ".join(c.ljust(w) for c, w in zip(cells[0], widths)),
-                 "  ".join("-" * w for w in widths)]
+        lines = ["  ".join(c.ljust(w) for c, w in zip(cells[0], widths)), "  ".join("-" * w for w in widths)]
         lines += ["  ".join(c.ljust(w) for c, w in zip(r, widths)) for r in cells[1:]]
     return "\n".join(lines)
 
 
-def format_table(headers: Sequence[str], rows: Sequence[Sequence[Any]], markdown: bool = False,
-                 use_tabulate: bool = True) -> str:
+def format_table(
+    headers: Sequence[str], rows: Sequence[Sequence[Any]], markdown: bool = False, use_tabulate: bool = True
+) -> str:
     """tabulate's table when installed (``github`` format for markdown), plain text otherwise."""
     if use_tabulate:
         try:
             from tabulate import tabulate
 
-            return tabulate(rows, headers=headers, tablefmt="github" if markdown else "simple",
-                            disable_numparse=True)
+            return tabulate(rows, headers=headers, tablefmt="github" if markdown else "simple", disable_numparse=True)
         except ImportError:
             pass
     return _plain_table(headers, rows, markdown)
@@ -88,19 +116,26 @@ def summary_lines(rows: Sequence[Sequence[Any]]) -> List[str]:
     return lines
 
 
-def console_report(entries: Mapping[str, Mapping[str, Any]], keys: Optional[Iterable[str]] = None,
-                   use_tabulate: bool = True) -> str:
+def console_report(
+    entries: Mapping[str, Mapping[str, Any]], keys: Optional[Iterable[str]] = None, use_tabulate: bool = True
+) -> str:
     rows = report_rows(entries, keys)
     return format_table(HEADERS, rows, use_tabulate=use_tabulate) + "\n\n" + "\n".join(summary_lines(rows))
 
 
-def markdown_report(metadata: Mapping[str, Any], entries: Mapping[str, Mapping[str, Any]],
-                    keys: Optional[Iterable[str]] = None, skipped: Optional[Mapping[str, Any]] = None,
-                    use_tabulate: bool = True) -> str:
+def markdown_report(
+    metadata: Mapping[str, Any],
+    entries: Mapping[str, Mapping[str, Any]],
+    keys: Optional[Iterable[str]] = None,
+    skipped: Optional[Mapping[str, Any]] = None,
+    use_tabulate: bool = True,
+) -> str:
     rows = report_rows(entries, keys)
-    meta = ", ".join(f"{k} {metadata[k]}" for k in ("gpu_name", "compute_capability", "torch_version",
-                                                     "triton_version", "cuda_version", "updated")
-                     if metadata.get(k) is not None)
+    meta = ", ".join(
+        f"{k} {metadata[k]}"
+        for k in ("gpu_name", "compute_capability", "torch_version", "triton_version", "cuda_version", "updated")
+        if metadata.get(k) is not None
+    )
     parts = [
         f"# QnA kernel autotuning: {metadata.get('gpu_name', 'unknown GPU')}",
         "",

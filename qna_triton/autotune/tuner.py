@@ -49,8 +49,16 @@ class DeviceError(RuntimeError):
 
 
 # CUDA errors that poison the context: every later launch in this process would fail too
-_STICKY = ("illegal memory access", "illegal instruction", "misaligned address", "unspecified launch failure",
-           "device-side assert", "CUDA error: an illegal", "hardware stack error", "uncorrectable ECC")
+_STICKY = (
+    "illegal memory access",
+    "illegal instruction",
+    "misaligned address",
+    "unspecified launch failure",
+    "device-side assert",
+    "CUDA error: an illegal",
+    "hardware stack error",
+    "uncorrectable ECC",
+)
 
 
 def _is_sticky(e: BaseException) -> bool:
@@ -75,8 +83,9 @@ def _short(e: BaseException) -> str:
 class ResultStore:
     """The results file of one GPU: entries done so far, entries given up on, and metadata."""
 
-    def __init__(self, path: Path, metadata: Dict[str, Any], fresh: bool = False,
-                 log: Callable[[str], None] = print) -> None:
+    def __init__(
+        self, path: Path, metadata: Dict[str, Any], fresh: bool = False, log: Callable[[str], None] = print
+    ) -> None:
         self.path, self.metadata = Path(path), dict(metadata)
         self.entries: Dict[str, Dict[str, Any]] = {}
         self.skipped: Dict[str, Any] = {}
@@ -91,12 +100,15 @@ class ResultStore:
             old_gpu = table.metadata.get("gpu_name")
             new_gpu = metadata.get("gpu_name")
             if old_gpu and new_gpu and sanitize_gpu_name(str(old_gpu)) != sanitize_gpu_name(str(new_gpu)):
-                raise SystemExit(f"{self.path} holds results for {old_gpu!r}, not {new_gpu!r}: "
-                                 "use another --out-dir or --fresh")
+                raise SystemExit(
+                    f"{self.path} holds results for {old_gpu!r}, not {new_gpu!r}: use another --out-dir or --fresh"
+                )
             for name in ("torch_version", "triton_version"):
                 if table.metadata.get(name) not in (None, metadata.get(name)):
-                    log(f"[autotune] note: {self.path} was tuned with {name} {table.metadata.get(name)}, "
-                        f"now {metadata.get(name)}; its entries are kept (use --fresh to re-tune them)")
+                    log(
+                        f"[autotune] note: {self.path} was tuned with {name} {table.metadata.get(name)}, "
+                        f"now {metadata.get(name)}; its entries are kept (use --fresh to re-tune them)"
+                    )
             self.entries = dict(table.raw_entries)
             self.skipped = dict(table.skipped)
             if "date" in table.metadata:  # when tuning started; "updated" says when it last wrote
@@ -139,8 +151,11 @@ class SimpleProgress:
             rate = (self.n - self.first) / spent if spent > 0 else 0.0
             eta = (self.total - self.n) / rate if rate > 0 else float("nan")
             pct = 100.0 * self.n / max(1, self.total)
-            print(f"[autotune] {self.n}/{self.total} ({pct:.0f}%) {spent:.0f}s elapsed, ~{eta:.0f}s left  {note}",
-                  file=self.stream, flush=True)
+            print(
+                f"[autotune] {self.n}/{self.total} ({pct:.0f}%) {spent:.0f}s elapsed, ~{eta:.0f}s left  {note}",
+                file=self.stream,
+                flush=True,
+            )
 
     def close(self) -> None:
         pass
@@ -172,8 +187,9 @@ def make_progress(total: int, initial: int = 0, use_tqdm: bool = True):
 
 
 # ------------------------------------------------------------------------------------- loop
-def tune_entry(session: SessionLike, shape: Shape, kernel: str, candidates: List[KernelConfig],
-               min_gain: float = MIN_GAIN) -> Tuple[Optional[Dict[str, Any]], str]:
+def tune_entry(
+    session: SessionLike, shape: Shape, kernel: str, candidates: List[KernelConfig], min_gain: float = MIN_GAIN
+) -> Tuple[Optional[Dict[str, Any]], str]:
     """Checks and times ``candidates`` (the library's default config for the problem,
     :func:`~qna_triton.autotune.plan.default_config`, is the reference and is always timed).
 
@@ -229,9 +245,17 @@ class RunSummary:
     error: str = ""
 
 
-def run_plan(plan: Plan, bench: BenchLike, store: ResultStore, *, min_gain: float = MIN_GAIN,
-             time_limit_s: Optional[float] = None, retry_skipped: bool = False, use_tqdm: bool = True,
-             log: Callable[[str], None] = print) -> RunSummary:
+def run_plan(
+    plan: Plan,
+    bench: BenchLike,
+    store: ResultStore,
+    *,
+    min_gain: float = MIN_GAIN,
+    time_limit_s: Optional[float] = None,
+    retry_skipped: bool = False,
+    use_tqdm: bool = True,
+    log: Callable[[str], None] = print,
+) -> RunSummary:
     """Tunes every entry of ``plan`` not yet in ``store``; saves after each entry."""
     summary = RunSummary()
     done = store.done(retry_skipped)
@@ -286,9 +310,11 @@ def run_plan(plan: Plan, bench: BenchLike, store: ResultStore, *, min_gain: floa
         log(f"\n[autotune] interrupted; results so far are in {store.path}; re-run the same command to continue")
     except DeviceError as e:
         summary.stopped_early, summary.error = True, str(e)
-        log(f"\n[autotune] the GPU reported an unrecoverable error ({e}); results so far are in {store.path}. "
+        log(
+            f"\n[autotune] the GPU reported an unrecoverable error ({e}); results so far are in {store.path}. "
             "Re-run the same command to continue (a fresh process gets a fresh CUDA context); if the same "
-            "candidate fails again, exclude its shape (e.g. --windows) and report it.")
+            "candidate fails again, exclude its shape (e.g. --windows) and report it."
+        )
     finally:
         progress.close()
     done = store.done(retry_skipped=False)

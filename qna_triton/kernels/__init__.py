@@ -4,17 +4,27 @@ model, the entry points) and the ahead-of-time compile check (:mod:`.aot`). This
 re-exports the launcher's public names."""
 
 from .launch import (
-                     BackwardLaunches,
-                     KernelLaunch,
-                     Problem,
-                     backward_launches,
-                     delta_launch,
-                     forward_launch,
-                     main_backward_launch,
-                     qna_backward,
-                     qna_forward,
-                     resident_programs,
+    BackwardLaunches,
+    KernelLaunch,
+    Problem,
+    backward_launches,
+    delta_launch,
+    forward_launch,
+    main_backward_launch,
+    qna_backward,
+    qna_forward,
+    resident_programs,
 )
 
-__all__ = ["qna_forward", "qna_backward", "Problem", "KernelLaunch", "BackwardLaunches", "forward_launch",
-           "delta_launch", "main_backward_launch", "backward_launches", "resident_programs"]
+__all__ = [
+    "qna_forward",
+    "qna_backward",
+    "Problem",
+    "KernelLaunch",
+    "BackwardLaunches",
+    "forward_launch",
+    "delta_launch",
+    "main_backward_launch",
+    "backward_launches",
+    "resident_programs",
+]

@@ -78,9 +78,18 @@ class CompileReport:
 LAYOUTS = ("packed", "generic")
 
 
-def representative_launch(kernel: str, dtype: torch.dtype, config: KernelConfig, n_queries: int, heads: int,
-                          head_dim: int, has_scale: bool = True, layout: str = "packed", window: int = 7,
-                          wide: bool = False):
+def representative_launch(
+    kernel: str,
+    dtype: torch.dtype,
+    config: KernelConfig,
+    n_queries: int,
+    heads: int,
+    head_dim: int,
+    has_scale: bool = True,
+    layout: str = "packed",
+    window: int = 7,
+    wide: bool = False,
+):
     """The launch (:class:`~qna_triton.kernels.KernelLaunch`, built by the launchers' own builders) of
     ``kernel`` with ``config`` on a representative problem, on ``meta`` tensors (nothing is allocated):
     a 2 x 16 x 16 map, a square ``window`` at stride 1 with the default padding.
@@ -100,15 +109,13 @@ def representative_launch(kernel: str, dtype: torch.dtype, config: KernelConfig,
         L = big.as_strided((B, H, W, N, h), (H * W * N, W * N, N, 1, 2**31 // h + 1))
         V = torch.empty(B, H, W, h, d, dtype=dtype, **meta)
     elif layout == "packed":
-        L, V = split_packed(torch.empty(B, H, W, h * N + h * d, dtype=dtype, **meta),
-                            torch.empty(1, N, h, **meta))
+        L, V = split_packed(torch.empty(B, H, W, h * N + h * d, dtype=dtype, **meta), torch.empty(1, N, h, **meta))
     else:
         L = torch.empty(B, H, W, N, h, dtype=dtype, **meta)
         V = torch.empty(B, H, W, h, d, dtype=dtype, **meta)
     ks = (window, window)
     rpb = torch.empty(window * window, N, h, **meta)
-    p = Problem.of(L, V, rpb, rpb if has_scale else None, ks, (1, 1), default_padding(ks),
-                   wide=True if wide else None)
+    p = Problem.of(L, V, rpb, rpb if has_scale else None, ks, (1, 1), default_padding(ks), wide=True if wide else None)
     if kernel == "fwd":
         return forward_launch(p, config)[0]
     g = torch.empty(p.out_shape, dtype=dtype, **meta)
@@ -116,7 +123,7 @@ def representative_launch(kernel: str, dtype: torch.dtype, config: KernelConfig,
     if kernel == "bwd_delta":
         return delta_launch(p, config, g, lse)[0]
     dqv = torch.empty(B, H, W, h * N + h * d, dtype=dtype, **meta)
-    return main_backward_launch(p, config, g, lse, lse, dqv[..., : h * N], dqv[..., h * N:])[0]
+    return main_backward_launch(p, config, g, lse, lse, dqv[..., : h * N], dqv[..., h * N :])[0]
 
 
 def compile_kernel(
@@ -147,8 +154,7 @@ def compile_kernel(
     if config.algo == "banded" and kernel not in BANDED_KERNELS:
         raise ValueError(f"{kernel} has no banded form")
     heads = heads if heads is not None else config.block_h
-    launch = representative_launch(kernel, dtype, config, n_queries, heads, head_dim, has_scale, layout, window,
-                                   wide)
+    launch = representative_launch(kernel, dtype, config, n_queries, heads, head_dim, has_scale, layout, window, wide)
     fn = launch.fn
     gpu = target_named(arch)
     target = gpu.gpu_target()
@@ -159,10 +165,12 @@ def compile_kernel(
     # its elements addressed by its path
     types, values = [sp[0] for sp in spec], [sp[1] for sp in spec]
     signature = {p.name: t for p, t in zip(fn.params, types)}
-    constexprs = {path: get_iterable_path(values, path)
-                  for path in find_paths_if(types, lambda _, t: t == "constexpr")}
-    attrs = {path: backend.parse_attr(get_iterable_path(values, path))
-             for path in find_paths_if(values, lambda _, v: isinstance(v, str)) if path not in constexprs}
+    constexprs = {path: get_iterable_path(values, path) for path in find_paths_if(types, lambda _, t: t == "constexpr")}
+    attrs = {
+        path: backend.parse_attr(get_iterable_path(values, path))
+        for path in find_paths_if(values, lambda _, v: isinstance(v, str))
+        if path not in constexprs
+    }
     src = ASTSource(fn=fn, signature=signature, constexprs=constexprs, attrs=attrs)
     compiled = triton.compile(src, target=target, options=options)
     shared = compiled.metadata.shared
@@ -195,13 +203,13 @@ def _ptxas(ptx: str, arch: int, want_sass: bool = False):
         path = os.path.join(tmp, "k.ptx")
         with open(path, "w") as f:
             f.write(ptx)
-        out = subprocess.run([ptxas, "-v", "--gpu-name", gpu, path, "-o", path + ".cubin"],
-                             capture_output=True, text=True, check=True)
+        out = subprocess.run(
+            [ptxas, "-v", "--gpu-name", gpu, path, "-o", path + ".cubin"], capture_output=True, text=True, check=True
+        )
         sass = ""
         if want_sass:
             nvdisasm = os.path.join(os.path.dirname(ptxas), "nvdisasm")
-            sass = subprocess.run([nvdisasm, "-c", path + ".cubin"], capture_output=True, text=True,
-                                  check=True).stdout
+            sass = subprocess.run([nvdisasm, "-c", path + ".cubin"], capture_output=True, text=True, check=True).stdout
     text = out.stdout + out.stderr
     regs = int(re.search(r"Used (\d+) registers", text).group(1))
     spill = re.search(r"(\d+) bytes spill stores, (\d+) bytes spill loads", text)
@@ -241,16 +249,18 @@ def loop_profile(sass: str) -> Tuple[LoopProfile, ...]:
             if op.startswith("LDG"):
                 width = next((w for w in ("128", "64", "U16", "U8") if w in op.split(".")), "32")
                 loads[width] = loads.get(width, 0) + 1
-        result.append(LoopProfile(
-            instructions=len(ops),
-            exp2=sum(op.startswith("MUFU.EX2") for op in ops),
-            global_loads=loads,
-            shared_ops=sum(op.startswith(("LDS", "STS", "STSM", "LDSM")) for op in ops),
-            barriers=sum(op.startswith("BAR") for op in ops),
-            shuffles=sum(op.startswith("SHFL") for op in ops),
-            ffma=sum(op.startswith("FFMA") for op in ops),
-            mma=sum(op.startswith(("HMMA", "HGMMA", "UTCHMMA", "UTCQMMA")) for op in ops),  # sm_80, 90, 100
-        ))
+        result.append(
+            LoopProfile(
+                instructions=len(ops),
+                exp2=sum(op.startswith("MUFU.EX2") for op in ops),
+                global_loads=loads,
+                shared_ops=sum(op.startswith(("LDS", "STS", "STSM", "LDSM")) for op in ops),
+                barriers=sum(op.startswith("BAR") for op in ops),
+                shuffles=sum(op.startswith("SHFL") for op in ops),
+                ffma=sum(op.startswith("FFMA") for op in ops),
+                mma=sum(op.startswith(("HMMA", "HGMMA", "UTCHMMA", "UTCQMMA")) for op in ops),  # sm_80, 90, 100
+            )
+        )
     return tuple(result)
 
 
@@ -268,42 +278,137 @@ def default_plan(archs: Sequence[Union[int, str]]) -> List[dict]:
         arch = gpu.name
         for h, d in HEAD_SHAPES:
             for kernel in KERNELS:
-                plan.append(dict(kernel=kernel, dtype="bf16", heads=h, head_dim=d, n_queries=2,
-                                 has_scale=True, arch=arch, layout="packed"))
+                plan.append(
+                    dict(
+                        kernel=kernel,
+                        dtype="bf16",
+                        heads=h,
+                        head_dim=d,
+                        n_queries=2,
+                        has_scale=True,
+                        arch=arch,
+                        layout="packed",
+                    )
+                )
         for kernel in KERNELS:
             for n, scale in ((1, False), (8, True)):
-                plan.append(dict(kernel=kernel, dtype="fp16", heads=4, head_dim=8, n_queries=n,
-                                 has_scale=scale, arch=arch, layout="packed"))
-            plan.append(dict(kernel=kernel, dtype="bf16", heads=16, head_dim=8, n_queries=2,
-                             has_scale=True, arch=arch, layout="generic"))
-            plan.append(dict(kernel=kernel, dtype="bf16", heads=4, head_dim=8, n_queries=2,
-                             has_scale=True, arch=arch, layout="generic", wide=True))
+                plan.append(
+                    dict(
+                        kernel=kernel,
+                        dtype="fp16",
+                        heads=4,
+                        head_dim=8,
+                        n_queries=n,
+                        has_scale=scale,
+                        arch=arch,
+                        layout="packed",
+                    )
+                )
+            plan.append(
+                dict(
+                    kernel=kernel,
+                    dtype="bf16",
+                    heads=16,
+                    head_dim=8,
+                    n_queries=2,
+                    has_scale=True,
+                    arch=arch,
+                    layout="generic",
+                )
+            )
+            plan.append(
+                dict(
+                    kernel=kernel,
+                    dtype="bf16",
+                    heads=4,
+                    head_dim=8,
+                    n_queries=2,
+                    has_scale=True,
+                    arch=arch,
+                    layout="generic",
+                    wide=True,
+                )
+            )
         # the banded forward and delta (tensor cores) at their default tiles: both halo widths, chunked
         # head dims, and the three operand modes (bf16; tf32x3 for float16 and float32)
-        for dtype, (h, d), window in (("bf16", (16, 8), 15), ("bf16", (16, 8), 31), ("bf16", (4, 32), 15),
-                                      ("bf16", (1, 128), 15), ("fp16", (16, 8), 15), ("fp32", (16, 8), 7)):
+        for dtype, (h, d), window in (
+            ("bf16", (16, 8), 15),
+            ("bf16", (16, 8), 31),
+            ("bf16", (4, 32), 15),
+            ("bf16", (1, 128), 15),
+            ("fp16", (16, 8), 15),
+            ("fp32", (16, 8), 7),
+        ):
             for kernel in ("fwd", "bwd_delta"):
                 if gpu.banded_allowed(kernel, dtype=getattr(torch, _TORCH_NAME[dtype])):
-                    plan.append(dict(kernel=kernel, algo="banded", dtype=dtype, heads=h, head_dim=d, n_queries=2,
-                                     has_scale=True, arch=arch, layout="packed", window=window))
+                    plan.append(
+                        dict(
+                            kernel=kernel,
+                            algo="banded",
+                            dtype=dtype,
+                            heads=h,
+                            head_dim=d,
+                            n_queries=2,
+                            has_scale=True,
+                            arch=arch,
+                            layout="packed",
+                            window=window,
+                        )
+                    )
         # the banded main backward kernel where the heuristic takes it (bf16 and fp16, head dims to 16):
         # its halo in one 32-column chunk (k = 15) and in two (k = 31)
-        for dtype, (h, d), window in (("bf16", (16, 8), 15), ("bf16", (8, 16), 15), ("bf16", (16, 8), 31),
-                                      ("fp16", (8, 16), 31)) if gpu.banded_allowed("bwd", dtype=torch.bfloat16) else ():
-            plan.append(dict(kernel="bwd", algo="banded", dtype=dtype, heads=h, head_dim=d, n_queries=2,
-                             has_scale=True, arch=arch, layout="packed", window=window))
+        for dtype, (h, d), window in (
+            (("bf16", (16, 8), 15), ("bf16", (8, 16), 15), ("bf16", (16, 8), 31), ("fp16", (8, 16), 31))
+            if gpu.banded_allowed("bwd", dtype=torch.bfloat16)
+            else ()
+        ):
+            plan.append(
+                dict(
+                    kernel="bwd",
+                    algo="banded",
+                    dtype=dtype,
+                    heads=h,
+                    head_dim=d,
+                    n_queries=2,
+                    has_scale=True,
+                    arch=arch,
+                    layout="packed",
+                    window=window,
+                )
+            )
     return plan
 
 
 def _run(entry: dict) -> dict:
     dtype = {v: k for k, v in _TRITON_DTYPE.items()}[entry["dtype"]]
     k = entry.get("window", 7)
-    cfg = select_config(entry["kernel"], dtype, entry["heads"], entry["head_dim"], entry["n_queries"], (k, k), (1, 1),
-                        1, Target(known_arch=entry["arch"]), algo=entry.get("algo", "direct"))
+    cfg = select_config(
+        entry["kernel"],
+        dtype,
+        entry["heads"],
+        entry["head_dim"],
+        entry["n_queries"],
+        (k, k),
+        (1, 1),
+        1,
+        Target(known_arch=entry["arch"]),
+        algo=entry.get("algo", "direct"),
+    )
     try:
-        rep = compile_kernel(entry["kernel"], dtype, cfg, entry["n_queries"], entry["head_dim"],
-                             entry["has_scale"], entry["arch"], entry.get("wide", False), heads=entry["heads"],
-                             layout=entry.get("layout", "packed"), window=entry.get("window", 7), loops=True)
+        rep = compile_kernel(
+            entry["kernel"],
+            dtype,
+            cfg,
+            entry["n_queries"],
+            entry["head_dim"],
+            entry["has_scale"],
+            entry["arch"],
+            entry.get("wide", False),
+            heads=entry["heads"],
+            layout=entry.get("layout", "packed"),
+            window=entry.get("window", 7),
+            loops=True,
+        )
         return dict(entry, config=cfg.as_dict(), ok=True, loop_barriers=rep.loop_barriers, **asdict(rep))
     except Exception as exc:  # reported, not hidden: the caller fails on ok=False
         return dict(entry, config=cfg.as_dict(), ok=False, error=f"{type(exc).__name__}: {exc}")
@@ -315,11 +420,15 @@ def _loads(loads: Dict[str, int]) -> str:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--arch", action="append", choices=[*TARGETS, *(str(t.arch) for t in TARGETS.values()
-                                                                   if t.vendor == "nvidia")],
-                    metavar="T", help="a target, repeatable: " + ", ".join(
-                        f"{t.name} ({t.gpus})" for t in TARGETS.values())
-                    + "; 90 means sm_90. Default: every target")
+    ap.add_argument(
+        "--arch",
+        action="append",
+        choices=[*TARGETS, *(str(t.arch) for t in TARGETS.values() if t.vendor == "nvidia")],
+        metavar="T",
+        help="a target, repeatable: "
+        + ", ".join(f"{t.name} ({t.gpus})" for t in TARGETS.values())
+        + "; 90 means sm_90. Default: every target",
+    )
     ap.add_argument("--json", help="also write the results to this JSON file")
     ap.add_argument("--loops", action="store_true", help="also print the profile of every window loop")
     ap.add_argument("--jobs", type=int, default=os.cpu_count() or 1)
@@ -329,28 +438,42 @@ def main() -> None:
     plan = default_plan(args.arch or list(TARGETS))
     with ProcessPoolExecutor(max(1, args.jobs)) as pool:
         results = list(pool.map(_run, plan))
-    print("| arch | kernel | dtype | layout | heads x head dim | queries | tile | warps | registers "
-          "| spills (B) | barriers in loops |")
+    print(
+        "| arch | kernel | dtype | layout | heads x head dim | queries | tile | warps | registers "
+        "| spills (B) | barriers in loops |"
+    )
     print("|---|---|---|---|---|---|---|---|---|---|---|")
     for r in results:
         c = r["config"]
-        usage = (f"{r['registers']} | {r['spill_stores'] + r['spill_loads']} | {r['loop_barriers']}" if r["ok"]
-                 else f"FAILED: {r['error'][:60]} | - | -")
+        usage = (
+            f"{r['registers']} | {r['spill_stores'] + r['spill_loads']} | {r['loop_barriers']}"
+            if r["ok"]
+            else f"FAILED: {r['error'][:60]} | - | -"
+        )
         layout = r["layout"] + (", 64-bit" if r.get("wide") else "")
-        tile = (f"banded k={r['window']}: {c['block_r']} x {c['block_w']} px" if r.get("algo") == "banded"
-                else f"{c['block_p']} x {c['block_h']}")
-        print(f"| {r['arch']} | {r['kernel']} | {r['dtype']} | {layout} | {r['heads']} x {r['head_dim']} | "
-              f"{r['n_queries']} | {tile} | {c['num_warps']} | {usage} |")
+        tile = (
+            f"banded k={r['window']}: {c['block_r']} x {c['block_w']} px"
+            if r.get("algo") == "banded"
+            else f"{c['block_p']} x {c['block_h']}"
+        )
+        print(
+            f"| {r['arch']} | {r['kernel']} | {r['dtype']} | {layout} | {r['heads']} x {r['head_dim']} | "
+            f"{r['n_queries']} | {tile} | {c['num_warps']} | {usage} |"
+        )
     if args.loops:
-        print("\n| arch | kernel | layout | heads x head dim | queries | loop | instructions | ex2 | FFMA "
-              "| global loads (count x width) | shared ops | barriers | shuffles | mma |")
+        print(
+            "\n| arch | kernel | layout | heads x head dim | queries | loop | instructions | ex2 | FFMA "
+            "| global loads (count x width) | shared ops | barriers | shuffles | mma |"
+        )
         print("|---|---|---|---|---|---|---|---|---|---|---|---|---|---|")
         for r in results:
             for i, lp in enumerate(r.get("loops", ())):
-                print(f"| {r['arch']} | {r['kernel']}{' (banded)' if r.get('algo') == 'banded' else ''} | {r['layout']} | {r['heads']} x {r['head_dim']} | "
-                      f"{r['n_queries']} | {i} | {lp['instructions']} | {lp['exp2']} | {lp['ffma']} | "
-                      f"{_loads(lp['global_loads'])} | {lp['shared_ops']} | {lp['barriers']} | {lp['shuffles']} "
-                      f"| {lp['mma']} |")
+                print(
+                    f"| {r['arch']} | {r['kernel']}{' (banded)' if r.get('algo') == 'banded' else ''} | {r['layout']} | {r['heads']} x {r['head_dim']} | "
+                    f"{r['n_queries']} | {i} | {lp['instructions']} | {lp['exp2']} | {lp['ffma']} | "
+                    f"{_loads(lp['global_loads'])} | {lp['shared_ops']} | {lp['barriers']} | {lp['shuffles']} "
+                    f"| {lp['mma']} |"
+                )
     if args.json:
         with open(args.json, "w") as f:
             json.dump(results, f, indent=1)

@@ -33,9 +33,39 @@ from .forward import (
 
 
 @triton.jit
-def _delta_window(L, V, R, A, g, lse, b, y0, x0, mask_p, H, W, KH, KW, nh_mask, nh_l, nh_r, hd_mask, hd_v, NH,
-                  sl_b, sl_y, sl_x, sv_b, sv_y, sv_x, HAS_SCALE: tl.constexpr, MASKED: tl.constexpr,
-                  BLOCK_P: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_H: tl.constexpr):
+def _delta_window(
+    L,
+    V,
+    R,
+    A,
+    g,
+    lse,
+    b,
+    y0,
+    x0,
+    mask_p,
+    H,
+    W,
+    KH,
+    KW,
+    nh_mask,
+    nh_l,
+    nh_r,
+    hd_mask,
+    hd_v,
+    NH,
+    sl_b,
+    sl_y,
+    sl_x,
+    sv_b,
+    sv_y,
+    sv_x,
+    HAS_SCALE: tl.constexpr,
+    MASKED: tl.constexpr,
+    BLOCK_P: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    BLOCK_H: tl.constexpr,
+):
     """``D = sum_o a P (g . v[src])`` over the window, ``[P, N, H]`` float32."""
     delta = tl.zeros((BLOCK_P, BLOCK_N, BLOCK_H), tl.float32)
     for u in range(KH):
@@ -44,8 +74,31 @@ def _delta_window(L, V, R, A, g, lse, b, y0, x0, mask_p, H, W, KH, KW, nh_mask, 
         for w in range(KW):
             x = x0 + w
             valid = _col_valid(vy, x, W, MASKED)
-            p, v = _weights_and_values(L, V, R, A, u * KW + w, b, y, x, valid, lse, nh_l, nh_r, nh_mask,
-                                       hd_v, hd_mask, NH, sl_b, sl_y, sl_x, sv_b, sv_y, sv_x, HAS_SCALE)
+            p, v = _weights_and_values(
+                L,
+                V,
+                R,
+                A,
+                u * KW + w,
+                b,
+                y,
+                x,
+                valid,
+                lse,
+                nh_l,
+                nh_r,
+                nh_mask,
+                hd_v,
+                hd_mask,
+                NH,
+                sl_b,
+                sl_y,
+                sl_x,
+                sv_b,
+                sv_y,
+                sv_x,
+                HAS_SCALE,
+            )
             t = tl.sum(g * v, axis=2)  # [P, H]
             delta += p * t[:, None, :]
     return delta
@@ -53,40 +106,159 @@ def _delta_window(L, V, R, A, g, lse, b, y0, x0, mask_p, H, W, KH, KW, nh_mask, 
 
 @triton.jit
 def qna_bwd_delta_kernel(
-    L, V, R, A, G, LSE, DELTA,
-    SIZES, NQ: tl.constexpr, D: tl.constexpr, L_STRIDES, V_STRIDES, WINDOW,
-    HAS_SCALE: tl.constexpr, WIDE: tl.constexpr, L_HN: tl.constexpr, V_HD: tl.constexpr,
-    L_ALIGN: tl.constexpr, V_ALIGN: tl.constexpr,
-    BLOCK_P: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_D: tl.constexpr,
+    L,
+    V,
+    R,
+    A,
+    G,
+    LSE,
+    DELTA,
+    SIZES,
+    NQ: tl.constexpr,
+    D: tl.constexpr,
+    L_STRIDES,
+    V_STRIDES,
+    WINDOW,
+    HAS_SCALE: tl.constexpr,
+    WIDE: tl.constexpr,
+    L_HN: tl.constexpr,
+    V_HD: tl.constexpr,
+    L_ALIGN: tl.constexpr,
+    V_ALIGN: tl.constexpr,
+    BLOCK_P: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    BLOCK_H: tl.constexpr,
+    BLOCK_D: tl.constexpr,
 ):
     B, H, W, Ho, Wo, HEADS = SIZES
     KH, KW, SH, SW, PH, PW = WINDOW
     sl_b, sl_y, sl_x, sl_n, sl_j = _element_strides(L_STRIDES, L_ALIGN)
     sv_b, sv_y, sv_x, sv_j, sv_t = _element_strides(V_STRIDES, V_ALIGN)
     offs_p, mask_p, b, y0, x0, nh_mask, nh_l, nh_r, hd_mask, hd_v, hd_o = _output_tile(
-        B, Ho, Wo, NQ, HEADS, D, sl_n, sl_j, sv_j, sv_t, SH, SW, PH, PW,
-        WIDE, L_HN, V_HD, BLOCK_P, BLOCK_N, BLOCK_H, BLOCK_D)
+        B,
+        Ho,
+        Wo,
+        NQ,
+        HEADS,
+        D,
+        sl_n,
+        sl_j,
+        sv_j,
+        sv_t,
+        SH,
+        SW,
+        PH,
+        PW,
+        WIDE,
+        L_HN,
+        V_HD,
+        BLOCK_P,
+        BLOCK_N,
+        BLOCK_H,
+        BLOCK_D,
+    )
     NH = NQ * HEADS
     pnh_mask = mask_p[:, None, None] & nh_mask[None, :, :]
 
-    g = tl.load(G + offs_p[:, None, None] * (HEADS * D) + hd_o[None, :, :],
-                mask=mask_p[:, None, None] & hd_mask[None, :, :], other=0.0).to(tl.float32)
+    g = tl.load(
+        G + offs_p[:, None, None] * (HEADS * D) + hd_o[None, :, :],
+        mask=mask_p[:, None, None] & hd_mask[None, :, :],
+        other=0.0,
+    ).to(tl.float32)
     lse = tl.load(LSE + offs_p[:, None, None] * NH + nh_r[None, :, :], mask=pnh_mask, other=0.0)
     lse = tl.where(lse == float("-inf"), 0.0, lse)
     if _interior(offs_p, mask_p, y0, x0, H, W, KH, KW):
-        delta = _delta_window(L, V, R, A, g, lse, b, y0, x0, mask_p, H, W, KH, KW, nh_mask, nh_l, nh_r,
-                              hd_mask, hd_v, NH, sl_b, sl_y, sl_x, sv_b, sv_y, sv_x, HAS_SCALE, False,
-                              BLOCK_P, BLOCK_N, BLOCK_H)
+        delta = _delta_window(
+            L,
+            V,
+            R,
+            A,
+            g,
+            lse,
+            b,
+            y0,
+            x0,
+            mask_p,
+            H,
+            W,
+            KH,
+            KW,
+            nh_mask,
+            nh_l,
+            nh_r,
+            hd_mask,
+            hd_v,
+            NH,
+            sl_b,
+            sl_y,
+            sl_x,
+            sv_b,
+            sv_y,
+            sv_x,
+            HAS_SCALE,
+            False,
+            BLOCK_P,
+            BLOCK_N,
+            BLOCK_H,
+        )
     else:
-        delta = _delta_window(L, V, R, A, g, lse, b, y0, x0, mask_p, H, W, KH, KW, nh_mask, nh_l, nh_r,
-                              hd_mask, hd_v, NH, sl_b, sl_y, sl_x, sv_b, sv_y, sv_x, HAS_SCALE, True,
-                              BLOCK_P, BLOCK_N, BLOCK_H)
+        delta = _delta_window(
+            L,
+            V,
+            R,
+            A,
+            g,
+            lse,
+            b,
+            y0,
+            x0,
+            mask_p,
+            H,
+            W,
+            KH,
+            KW,
+            nh_mask,
+            nh_l,
+            nh_r,
+            hd_mask,
+            hd_v,
+            NH,
+            sl_b,
+            sl_y,
+            sl_x,
+            sv_b,
+            sv_y,
+            sv_x,
+            HAS_SCALE,
+            True,
+            BLOCK_P,
+            BLOCK_N,
+            BLOCK_H,
+        )
     tl.store(DELTA + offs_p[:, None, None] * NH + nh_r[None, :, :], delta, mask=pnh_mask)
 
 
 @triton.jit
-def _bwd_pairs(R, A, G, LSE, DELTA, l_p, v_p, o, i, valid, nh_mask, nh_r, hd_mask, hd_g, NH, HEADS,
-               D: tl.constexpr, HAS_SCALE: tl.constexpr):
+def _bwd_pairs(
+    R,
+    A,
+    G,
+    LSE,
+    DELTA,
+    l_p,
+    v_p,
+    o,
+    i,
+    valid,
+    nh_mask,
+    nh_r,
+    hd_mask,
+    hd_g,
+    NH,
+    HEADS,
+    D: tl.constexpr,
+    HAS_SCALE: tl.constexpr,
+):
     """The pairs (input pixel p, offset o) of a tile, with ``i`` the output pixel reading p through o
     (``valid`` where it exists): ``(dz = P (a t - D), a P, g[i], P t)`` as ``[P, N, H]``, ``[P, N, H]``,
     ``[P, H, D]`` and ``[P, N, H]``."""
@@ -99,8 +271,11 @@ def _bwd_pairs(R, A, G, LSE, DELTA, l_p, v_p, o, i, valid, nh_mask, nh_r, hd_mas
     delta = tl.load(DELTA + i[:, None, None] * NH + nh_r[None, :, :], mask=ivalid, other=0.0)
     r = tl.load(R + o * NH + nh_r, mask=nh_mask, other=0.0)
     p = _exp(l_p + r[None, :, :] - lse)
-    g = tl.load(G + i[:, None, None] * (HEADS * D) + hd_g[None, :, :],
-                mask=valid[:, None, None] & hd_mask[None, :, :], other=0.0).to(tl.float32)
+    g = tl.load(
+        G + i[:, None, None] * (HEADS * D) + hd_g[None, :, :],
+        mask=valid[:, None, None] & hd_mask[None, :, :],
+        other=0.0,
+    ).to(tl.float32)
     t = tl.sum(g * v_p, axis=2)[:, None, :]  # [P, 1, H]
     if HAS_SCALE:
         a = tl.load(A + o * NH + nh_r, mask=nh_mask, other=0.0)[None, :, :]
@@ -113,12 +288,37 @@ def _bwd_pairs(R, A, G, LSE, DELTA, l_p, v_p, o, i, valid, nh_mask, nh_r, hd_mas
 # the tile counts change with the batch: not specialised on (one compiled kernel for every batch)
 @triton.jit(do_not_specialize=["NUM_TILES", "TILES_PER_PROGRAM"])
 def qna_bwd_kernel(
-    L, V, R, A, G, LSE, DELTA, DL, DV, DR_PART, DA_PART,
-    SIZES, NQ: tl.constexpr, D: tl.constexpr, L_STRIDES, V_STRIDES, WINDOW,
-    NUM_TILES, TILES_PER_PROGRAM, DL_PIX_STRIDE, DV_PIX_STRIDE,
-    HAS_SCALE: tl.constexpr, WIDE: tl.constexpr, L_HN: tl.constexpr, V_HD: tl.constexpr,
-    L_ALIGN: tl.constexpr, V_ALIGN: tl.constexpr,
-    BLOCK_P: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_D: tl.constexpr,
+    L,
+    V,
+    R,
+    A,
+    G,
+    LSE,
+    DELTA,
+    DL,
+    DV,
+    DR_PART,
+    DA_PART,
+    SIZES,
+    NQ: tl.constexpr,
+    D: tl.constexpr,
+    L_STRIDES,
+    V_STRIDES,
+    WINDOW,
+    NUM_TILES,
+    TILES_PER_PROGRAM,
+    DL_PIX_STRIDE,
+    DV_PIX_STRIDE,
+    HAS_SCALE: tl.constexpr,
+    WIDE: tl.constexpr,
+    L_HN: tl.constexpr,
+    V_HD: tl.constexpr,
+    L_ALIGN: tl.constexpr,
+    V_ALIGN: tl.constexpr,
+    BLOCK_P: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    BLOCK_H: tl.constexpr,
+    BLOCK_D: tl.constexpr,
 ):
     B, H, W, Ho, Wo, HEADS = SIZES
     KH, KW, SH, SW, PH, PW = WINDOW
@@ -128,7 +328,8 @@ def qna_bwd_kernel(
     pid_h = tl.program_id(1)
     num_progs = tl.num_programs(0)
     nh_mask, nh_l, nh_r, hd_mask, hd_v, hd_g = _head_blocks(
-        pid_h, NQ, HEADS, D, sl_n, sl_j, sv_j, sv_t, BLOCK_N, BLOCK_H, BLOCK_D, WIDE, L_HN, V_HD)
+        pid_h, NQ, HEADS, D, sl_n, sl_j, sv_j, sv_t, BLOCK_N, BLOCK_H, BLOCK_D, WIDE, L_HN, V_HD
+    )
     NH = NQ * HEADS
     K = KH * KW
     part_row = pid.to(tl.int64) * K * NH
@@ -146,8 +347,9 @@ def qna_bwd_kernel(
         y = tmp % H
         b = tmp // H
         lbase = b * sl_b + y * sl_y + x * sl_x
-        l_p = tl.load(L + lbase[:, None, None] + nh_l[None, :, :],
-                      mask=mask_p[:, None, None] & nh_mask[None, :, :], other=0.0).to(tl.float32)
+        l_p = tl.load(
+            L + lbase[:, None, None] + nh_l[None, :, :], mask=mask_p[:, None, None] & nh_mask[None, :, :], other=0.0
+        ).to(tl.float32)
         v_p = _load_v(V, b, y, x, mask_p, hd_v, hd_mask, sv_b, sv_y, sv_x)
         dl = tl.zeros((BLOCK_P, BLOCK_N, BLOCK_H), tl.float32)
         dv = tl.zeros((BLOCK_P, BLOCK_H, BLOCK_D), tl.float32)
@@ -160,8 +362,26 @@ def qna_bwd_kernel(
                 X = tx // SW
                 valid = vy & (tx >= 0) & (X * SW == tx) & (X < Wo)
                 o = u * KW + w
-                dz, ap, g, pt = _bwd_pairs(R, A, G, LSE, DELTA, l_p, v_p, o, (b * Ho + Y) * Wo + X, valid,
-                                           nh_mask, nh_r, hd_mask, hd_g, NH, HEADS, D, HAS_SCALE)
+                dz, ap, g, pt = _bwd_pairs(
+                    R,
+                    A,
+                    G,
+                    LSE,
+                    DELTA,
+                    l_p,
+                    v_p,
+                    o,
+                    (b * Ho + Y) * Wo + X,
+                    valid,
+                    nh_mask,
+                    nh_r,
+                    hd_mask,
+                    hd_g,
+                    NH,
+                    HEADS,
+                    D,
+                    HAS_SCALE,
+                )
                 dl += dz
                 dv += tl.sum(ap, axis=1)[:, :, None] * g
                 # these columns of the row belong to this program alone: relaxed ordering suffices
@@ -170,7 +390,13 @@ def qna_bwd_kernel(
                 if HAS_SCALE:
                     tl.atomic_add(DA_PART + part, tl.sum(pt, axis=0), mask=nh_mask, sem="relaxed")
         # dl and dv may be the two column ranges of one packed [B, H, W, N*h + h*d] gradient
-        tl.store(DL + offs_p[:, None, None] * DL_PIX_STRIDE + nh_r[None, :, :], dl.to(DL.dtype.element_ty),
-                 mask=mask_p[:, None, None] & nh_mask[None, :, :])
-        tl.store(DV + offs_p[:, None, None] * DV_PIX_STRIDE + hd_g[None, :, :], dv.to(DV.dtype.element_ty),
-                 mask=mask_p[:, None, None] & hd_mask[None, :, :])
+        tl.store(
+            DL + offs_p[:, None, None] * DL_PIX_STRIDE + nh_r[None, :, :],
+            dl.to(DL.dtype.element_ty),
+            mask=mask_p[:, None, None] & nh_mask[None, :, :],
+        )
+        tl.store(
+            DV + offs_p[:, None, None] * DV_PIX_STRIDE + hd_g[None, :, :],
+            dv.to(DV.dtype.element_ty),
+            mask=mask_p[:, None, None] & hd_mask[None, :, :],
+        )

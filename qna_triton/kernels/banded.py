@@ -237,30 +237,159 @@ def _weighted_values(e, vt, VDOT: tl.constexpr, ROWS: tl.constexpr, HALO: tl.con
 
 
 @triton.jit
-def _direct_delta_pixels(L, V, R, A, G, LSE, DELTA, b, y0, x0, offs_p, mask_p, H, W, KH, KW, nh_mask, nh_l, nh_r,
-                         hd_mask, hd_v, hd_o, NH, HEADS, D: tl.constexpr, sl_b, sl_y, sl_x, sv_b, sv_y, sv_x,
-                         HAS_SCALE: tl.constexpr, P: tl.constexpr, BLOCK_N: tl.constexpr):
+def _direct_delta_pixels(
+    L,
+    V,
+    R,
+    A,
+    G,
+    LSE,
+    DELTA,
+    b,
+    y0,
+    x0,
+    offs_p,
+    mask_p,
+    H,
+    W,
+    KH,
+    KW,
+    nh_mask,
+    nh_l,
+    nh_r,
+    hd_mask,
+    hd_v,
+    hd_o,
+    NH,
+    HEADS,
+    D: tl.constexpr,
+    sl_b,
+    sl_y,
+    sl_x,
+    sv_b,
+    sv_y,
+    sv_x,
+    HAS_SCALE: tl.constexpr,
+    P: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+):
     """The backward's ``D`` of ``P`` output pixels (one head) by the direct algorithm: the banded
     kernel's exact fallback in its delta mode."""
     pnh = mask_p[:, None, None] & nh_mask[None, :, :]
-    g = tl.load(G + offs_p[:, None, None] * (HEADS * D) + hd_o[None, :, :],
-                mask=mask_p[:, None, None] & hd_mask[None, :, :], other=0.0).to(tl.float32)
+    g = tl.load(
+        G + offs_p[:, None, None] * (HEADS * D) + hd_o[None, :, :],
+        mask=mask_p[:, None, None] & hd_mask[None, :, :],
+        other=0.0,
+    ).to(tl.float32)
     lse = tl.load(LSE + offs_p[:, None, None] * NH + nh_r[None, :, :], mask=pnh, other=0.0)
     lse = tl.where(lse == float("-inf"), 0.0, lse)
-    delta = _delta_window(L, V, R, A, g, lse, b, y0, x0, mask_p, H, W, KH, KW, nh_mask, nh_l, nh_r, hd_mask, hd_v,
-                          NH, sl_b, sl_y, sl_x, sv_b, sv_y, sv_x, HAS_SCALE, True, P, BLOCK_N, 1)
+    delta = _delta_window(
+        L,
+        V,
+        R,
+        A,
+        g,
+        lse,
+        b,
+        y0,
+        x0,
+        mask_p,
+        H,
+        W,
+        KH,
+        KW,
+        nh_mask,
+        nh_l,
+        nh_r,
+        hd_mask,
+        hd_v,
+        NH,
+        sl_b,
+        sl_y,
+        sl_x,
+        sv_b,
+        sv_y,
+        sv_x,
+        HAS_SCALE,
+        True,
+        P,
+        BLOCK_N,
+        1,
+    )
     tl.store(DELTA + offs_p[:, None, None] * NH + nh_r[None, :, :], delta, mask=pnh)
 
 
 @triton.jit
-def _direct_forward_pixels(L, V, R, A, O, LSE, b, y0, x0, offs_p, mask_p, H, W, KH, KW, nh_mask, nh_l, nh_r,
-                           hd_mask, hd_v, hd_o, NH, HEADS, D: tl.constexpr, sl_b, sl_y, sl_x, sv_b, sv_y, sv_x,
-                           HAS_SCALE: tl.constexpr, P: tl.constexpr, BLOCK_N: tl.constexpr,
-                           BLOCK_D: tl.constexpr):
+def _direct_forward_pixels(
+    L,
+    V,
+    R,
+    A,
+    O,
+    LSE,
+    b,
+    y0,
+    x0,
+    offs_p,
+    mask_p,
+    H,
+    W,
+    KH,
+    KW,
+    nh_mask,
+    nh_l,
+    nh_r,
+    hd_mask,
+    hd_v,
+    hd_o,
+    NH,
+    HEADS,
+    D: tl.constexpr,
+    sl_b,
+    sl_y,
+    sl_x,
+    sv_b,
+    sv_y,
+    sv_x,
+    HAS_SCALE: tl.constexpr,
+    P: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    BLOCK_D: tl.constexpr,
+):
     """The output and ``lse`` of ``P`` output pixels (one head) by the direct algorithm: the banded
     kernel's exact fallback as the forward."""
-    acc, lse = _fwd_window(L, V, R, A, b, y0, x0, mask_p, H, W, KH, KW, nh_mask, nh_l, nh_r, hd_mask, hd_v, NH,
-                           sl_b, sl_y, sl_x, sv_b, sv_y, sv_x, HAS_SCALE, True, P, BLOCK_N, 1, BLOCK_D)
+    acc, lse = _fwd_window(
+        L,
+        V,
+        R,
+        A,
+        b,
+        y0,
+        x0,
+        mask_p,
+        H,
+        W,
+        KH,
+        KW,
+        nh_mask,
+        nh_l,
+        nh_r,
+        hd_mask,
+        hd_v,
+        NH,
+        sl_b,
+        sl_y,
+        sl_x,
+        sv_b,
+        sv_y,
+        sv_x,
+        HAS_SCALE,
+        True,
+        P,
+        BLOCK_N,
+        1,
+        BLOCK_D,
+    )
     _store_out_lse(O, LSE, acc, lse, offs_p, mask_p, hd_o, hd_mask, nh_r, nh_mask, HEADS * D, NH)
 
 
@@ -298,8 +427,7 @@ def _output_of_query(yt, s, out, c, n, LSE, pix, pix_ok, j, first_chunk, NQ, NH)
 
 
 @triton.jit
-def _store_out_chunk(O, out, redo, pix, pix_ok, j, dd, HEADS, D: tl.constexpr, ROWS: tl.constexpr,
-                     COLS: tl.constexpr):
+def _store_out_chunk(O, out, redo, pix, pix_ok, j, dd, HEADS, D: tl.constexpr, ROWS: tl.constexpr, COLS: tl.constexpr):
     """The forward's store of one head-dim chunk ``out [R, DC, W]`` of the tile; returns ``redo``, set
     if the chunk is not finite.
 
@@ -323,13 +451,37 @@ def _store_delta(DELTA, dacc, pix, pix_ok, j, offs_n, NQ, NH):
 
 @triton.jit
 def qna_banded_kernel(
-    L, V, R, A, O, LSE, G, DELTA,
-    SIZES, NQ: tl.constexpr, D: tl.constexpr, L_STRIDES, V_STRIDES, WINDOW,
-    HAS_SCALE: tl.constexpr, WIDE: tl.constexpr, L_HN: tl.constexpr, V_HD: tl.constexpr,
-    L_ALIGN: tl.constexpr, V_ALIGN: tl.constexpr,
-    BLOCK_W: tl.constexpr, BLOCK_R: tl.constexpr, HALO: tl.constexpr, BLOCK_DC: tl.constexpr,
-    BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_K: tl.constexpr, FALLBACK_P: tl.constexpr,
-    VDOT: tl.constexpr, RANGE_LIMIT: tl.constexpr, DELTA_MODE: tl.constexpr,
+    L,
+    V,
+    R,
+    A,
+    O,
+    LSE,
+    G,
+    DELTA,
+    SIZES,
+    NQ: tl.constexpr,
+    D: tl.constexpr,
+    L_STRIDES,
+    V_STRIDES,
+    WINDOW,
+    HAS_SCALE: tl.constexpr,
+    WIDE: tl.constexpr,
+    L_HN: tl.constexpr,
+    V_HD: tl.constexpr,
+    L_ALIGN: tl.constexpr,
+    V_ALIGN: tl.constexpr,
+    BLOCK_W: tl.constexpr,
+    BLOCK_R: tl.constexpr,
+    HALO: tl.constexpr,
+    BLOCK_DC: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    BLOCK_D: tl.constexpr,
+    BLOCK_K: tl.constexpr,
+    FALLBACK_P: tl.constexpr,
+    VDOT: tl.constexpr,
+    RANGE_LIMIT: tl.constexpr,
+    DELTA_MODE: tl.constexpr,
 ):
     """The forward (``O``, ``LSE`` written; ``G``, ``DELTA`` unused) or, with ``DELTA_MODE``, the
     backward's ``D = g . sum_o a P v`` per (pixel, query, head) (``G`` and the saved ``LSE`` read,
@@ -382,8 +534,11 @@ def qna_banded_kernel(
     offs_k = tl.arange(0, BLOCK_K)
     for k0 in range(0, KH * KW, BLOCK_K):
         kk = k0 + offs_k
-        rt = tl.load(R + kk[:, None] * NH + j * NQ + offs_n[None, :],
-                     mask=(kk < KH * KW)[:, None] & (offs_n < NQ)[None, :], other=float("-inf"))
+        rt = tl.load(
+            R + kk[:, None] * NH + j * NQ + offs_n[None, :],
+            mask=(kk < KH * KW)[:, None] & (offs_n < NQ)[None, :],
+            other=float("-inf"),
+        )
         rmax = tl.maximum(rmax, tl.max(rt, axis=0))
         rmin = tl.minimum(rmin, tl.min(_finite_min(rt), axis=0))
     lmax, lmin = _range_or_zero(lmax, lmin)
@@ -419,14 +574,14 @@ def qna_banded_kernel(
                     tp, t = _band_t(R, A, dy, r_max, j * NQ + n, offs_i, offs_c, KW, SW, NH, HAS_SCALE)
                     if not DELTA_MODE:  # the delta normalises by the saved lse instead
                         s = _sdot(e, tp, s, VDOT)
-                    v_ptr = (v_img + (iy.to(tl.int64) * sv_y)[:, None, None] + d_v[None, :, None]
-                             + x_v[None, None, :])
+                    v_ptr = v_img + (iy.to(tl.int64) * sv_y)[:, None, None] + d_v[None, :, None] + x_v[None, None, :]
                     vt = tl.load(v_ptr, mask=m2[:, None, :] & (dd < D)[None, :, None], other=0.0)
                     y = _vdot(_weighted_values(e, vt, VDOT, BLOCK_R * BLOCK_DC, HALO), t, y, VDOT)
                 yt = tl.reshape(y, (BLOCK_R, BLOCK_DC, BLOCK_W))
                 if DELTA_MODE:
-                    dacc, redo = _delta_of_query(yt, dacc, redo, shift + r_max, n, G, LSE, pix, pix_ok, j, dd,
-                                                 offs_n, NQ, NH, HEADS, D)
+                    dacc, redo = _delta_of_query(
+                        yt, dacc, redo, shift + r_max, n, G, LSE, pix, pix_ok, j, dd, offs_n, NQ, NH, HEADS, D
+                    )
                 else:
                     out = _output_of_query(yt, s, out, shift + r_max, n, LSE, pix, pix_ok, j, dc == 0, NQ, NH)
             if not DELTA_MODE:
@@ -438,15 +593,81 @@ def qna_banded_kernel(
         # the direct algorithm, exact for any logits, over sub-tiles of pixels (overwrites what the
         # products stored for a tile with a non-finite result)
         nh_mask, nh_l, nh_r, hd_mask, hd_v, hd_o = _head_blocks(
-            j, NQ, HEADS, D, sl_n, sl_j, sv_j, sv_t, BLOCK_N, 1, BLOCK_D, WIDE, L_HN, V_HD)
+            j, NQ, HEADS, D, sl_n, sl_j, sv_j, sv_t, BLOCK_N, 1, BLOCK_D, WIDE, L_HN, V_HD
+        )
         for q0 in range(0, BLOCK_W * BLOCK_R, FALLBACK_P):
             py, px, mask_p, offs_p = _sub_tile(q0, b, rb, cb, Ho, Wo, BLOCK_R, BLOCK_W, FALLBACK_P)
             if DELTA_MODE:
-                _direct_delta_pixels(L, V, R, A, G, LSE, DELTA, b, py * SH - PH, px * SW - PW, offs_p, mask_p,
-                                     H, W, KH, KW, nh_mask, nh_l, nh_r, hd_mask, hd_v, hd_o, NH, HEADS, D,
-                                     sl_b, sl_y, sl_x, sv_b, sv_y, sv_x, HAS_SCALE, FALLBACK_P, BLOCK_N)
+                _direct_delta_pixels(
+                    L,
+                    V,
+                    R,
+                    A,
+                    G,
+                    LSE,
+                    DELTA,
+                    b,
+                    py * SH - PH,
+                    px * SW - PW,
+                    offs_p,
+                    mask_p,
+                    H,
+                    W,
+                    KH,
+                    KW,
+                    nh_mask,
+                    nh_l,
+                    nh_r,
+                    hd_mask,
+                    hd_v,
+                    hd_o,
+                    NH,
+                    HEADS,
+                    D,
+                    sl_b,
+                    sl_y,
+                    sl_x,
+                    sv_b,
+                    sv_y,
+                    sv_x,
+                    HAS_SCALE,
+                    FALLBACK_P,
+                    BLOCK_N,
+                )
             else:
-                _direct_forward_pixels(L, V, R, A, O, LSE, b, py * SH - PH, px * SW - PW, offs_p, mask_p,
-                                       H, W, KH, KW, nh_mask, nh_l, nh_r, hd_mask, hd_v, hd_o, NH, HEADS, D,
-                                       sl_b, sl_y, sl_x, sv_b, sv_y, sv_x, HAS_SCALE, FALLBACK_P, BLOCK_N,
-                                       BLOCK_D)
+                _direct_forward_pixels(
+                    L,
+                    V,
+                    R,
+                    A,
+                    O,
+                    LSE,
+                    b,
+                    py * SH - PH,
+                    px * SW - PW,
+                    offs_p,
+                    mask_p,
+                    H,
+                    W,
+                    KH,
+                    KW,
+                    nh_mask,
+                    nh_l,
+                    nh_r,
+                    hd_mask,
+                    hd_v,
+                    hd_o,
+                    NH,
+                    HEADS,
+                    D,
+                    sl_b,
+                    sl_y,
+                    sl_x,
+                    sv_b,
+                    sv_y,
+                    sv_x,
+                    HAS_SCALE,
+                    FALLBACK_P,
+                    BLOCK_N,
+                    BLOCK_D,
+                )

@@ -64,10 +64,50 @@ def _diag(m, offs_k, offs_x, KW, C0, HALO: tl.constexpr):
 
 
 @triton.jit
-def _window_row(R, A, G, LSE, DELTA, DR_TILE, DA_TILE, b, y, dy, x_halo, dc, dd, n, j, qh, shift, r_max, e, ev, z, u,
-                row, Ho, Wo, NH, HEADS, D: tl.constexpr, KW, PH, offs_c, offs_x, offs_kw, HALO_CHUNKS: tl.constexpr,
-                HAS_SCALE: tl.constexpr, VDOT: tl.constexpr, RANGE_LIMIT: tl.constexpr, BLOCK_R: tl.constexpr,
-                BLOCK_DC: tl.constexpr, BLOCK_W: tl.constexpr, BLOCK_KW: tl.constexpr, HALO: tl.constexpr):
+def _window_row(
+    R,
+    A,
+    G,
+    LSE,
+    DELTA,
+    DR_TILE,
+    DA_TILE,
+    b,
+    y,
+    dy,
+    x_halo,
+    dc,
+    dd,
+    n,
+    j,
+    qh,
+    shift,
+    r_max,
+    e,
+    ev,
+    z,
+    u,
+    row,
+    Ho,
+    Wo,
+    NH,
+    HEADS,
+    D: tl.constexpr,
+    KW,
+    PH,
+    offs_c,
+    offs_x,
+    offs_kw,
+    HALO_CHUNKS: tl.constexpr,
+    HAS_SCALE: tl.constexpr,
+    VDOT: tl.constexpr,
+    RANGE_LIMIT: tl.constexpr,
+    BLOCK_R: tl.constexpr,
+    BLOCK_DC: tl.constexpr,
+    BLOCK_W: tl.constexpr,
+    BLOCK_KW: tl.constexpr,
+    HALO: tl.constexpr,
+):
     """Window row ``dy`` of one query ``n`` and head-dim chunk ``dd`` of a tile of source pixels (rows
     ``y``): the output pixels reading the tile through it (rows ``y + PH - dy``, the halo's columns
     from ``x_halo``) add to ``z = sum g F T`` and, in the first chunk, to ``u = sum (F D) T'``; the
@@ -87,10 +127,12 @@ def _window_row(R, A, G, LSE, DELTA, DR_TILE, DA_TILE, b, y, dy, x_halo, dc, dd,
         lse = tl.load(LSE + opix * NH + qh, mask=ok, other=float("-inf"))
         # exact for any pair with a finite weight (the tile's spread bounds the
         # exponent there); the clamp only keeps F finite where every pair's weight is 0
-        f = tl.where(lse == float("-inf"), 0.0,
-                     _exp(tl.minimum(shift + r_max - lse, RANGE_LIMIT)))
-        gt = tl.load(G + (opix * (HEADS * D) + j * D)[:, None, :] + dd[None, :, None],
-                     mask=ok[:, None, :] & (dd < D)[None, :, None], other=0.0).to(tl.float32)
+        f = tl.where(lse == float("-inf"), 0.0, _exp(tl.minimum(shift + r_max - lse, RANGE_LIMIT)))
+        gt = tl.load(
+            G + (opix * (HEADS * D) + j * D)[:, None, :] + dd[None, :, None],
+            mask=ok[:, None, :] & (dd < D)[None, :, None],
+            other=0.0,
+        ).to(tl.float32)
         gf = tl.reshape(gt * f[:, None, :], (BLOCK_R * BLOCK_DC, HALO))
         tp, t = _band(R, A, dy, r_max, qh, c, offs_x, KW, NH, HAS_SCALE)
         z = _vdot(gf, t, z, VDOT)
@@ -101,8 +143,7 @@ def _window_row(R, A, G, LSE, DELTA, DR_TILE, DA_TILE, b, y, dy, x_halo, dc, dd,
             u = _sdot(hf, tp, u, VDOT)
             mh = _sdot(tl.trans(hf), e, tl.zeros((HALO, BLOCK_W), tl.float32), VDOT)
             pd_acc += _diag(mh, offs_kw, offs_x, KW, ci * HALO, HALO)
-    tpo = _exp(tl.load(R + (dy * KW + offs_kw) * NH + qh, mask=offs_kw < KW,
-                       other=float("-inf")) - r_max)
+    tpo = _exp(tl.load(R + (dy * KW + offs_kw) * NH + qh, mask=offs_kw < KW, other=float("-inf")) - r_max)
     if HAS_SCALE:
         ao = tl.load(A + (dy * KW + offs_kw) * NH + qh, mask=offs_kw < KW, other=0.0)
     else:
@@ -122,28 +163,79 @@ def _window_row(R, A, G, LSE, DELTA, DR_TILE, DA_TILE, b, y, dy, x_halo, dc, dd,
 
 
 @triton.jit
-def _direct_tile_gradients(L, V, R, A, G, LSE, DELTA, DL, DV, DR_TILE, DA_TILE, b, rb, cb, j, row, row0, row_n,
-                           row_mask, H, W, Ho, Wo, NQ: tl.constexpr, HEADS, D: tl.constexpr, NH, KH, KW, PH, PW,
-                           sl_b, sl_y, sl_x, sl_n, sl_j, sv_b, sv_y, sv_x, sv_j, sv_t, DL_PIX_STRIDE, DV_PIX_STRIDE,
-                           HAS_SCALE: tl.constexpr, WIDE: tl.constexpr, L_HN: tl.constexpr, V_HD: tl.constexpr,
-                           BLOCK_W: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_N: tl.constexpr,
-                           BLOCK_D: tl.constexpr, BLOCK_KW: tl.constexpr, FALLBACK_P: tl.constexpr):
+def _direct_tile_gradients(
+    L,
+    V,
+    R,
+    A,
+    G,
+    LSE,
+    DELTA,
+    DL,
+    DV,
+    DR_TILE,
+    DA_TILE,
+    b,
+    rb,
+    cb,
+    j,
+    row,
+    row0,
+    row_n,
+    row_mask,
+    H,
+    W,
+    Ho,
+    Wo,
+    NQ: tl.constexpr,
+    HEADS,
+    D: tl.constexpr,
+    NH,
+    KH,
+    KW,
+    PH,
+    PW,
+    sl_b,
+    sl_y,
+    sl_x,
+    sl_n,
+    sl_j,
+    sv_b,
+    sv_y,
+    sv_x,
+    sv_j,
+    sv_t,
+    DL_PIX_STRIDE,
+    DV_PIX_STRIDE,
+    HAS_SCALE: tl.constexpr,
+    WIDE: tl.constexpr,
+    L_HN: tl.constexpr,
+    V_HD: tl.constexpr,
+    BLOCK_W: tl.constexpr,
+    BLOCK_R: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    BLOCK_D: tl.constexpr,
+    BLOCK_KW: tl.constexpr,
+    FALLBACK_P: tl.constexpr,
+):
     """The exact fallback of a tile of source pixels (head ``j``; row block ``rb``, column block
     ``cb`` of image ``b``): the direct algorithm (backward.py's pairs) over sub-tiles of pixels writes
     their ``dl`` / ``dv``, and its ``dr`` / ``da`` replace whatever the products wrote to the scratch."""
     tl.debug_barrier()
     for dy in range(KH):
-        tl.store(DR_TILE + row + dy * KW * NH + row_n, tl.zeros((BLOCK_N, BLOCK_KW), tl.float32),
-                 mask=row_mask)
-        tl.store(DA_TILE + row + dy * KW * NH + row_n, tl.zeros((BLOCK_N, BLOCK_KW), tl.float32),
-                 mask=row_mask)
+        tl.store(DR_TILE + row + dy * KW * NH + row_n, tl.zeros((BLOCK_N, BLOCK_KW), tl.float32), mask=row_mask)
+        tl.store(DA_TILE + row + dy * KW * NH + row_n, tl.zeros((BLOCK_N, BLOCK_KW), tl.float32), mask=row_mask)
     tl.debug_barrier()
     nh_mask, nh_l, nh_r, hd_mask, hd_v, hd_g = _head_blocks(
-        j, NQ, HEADS, D, sl_n, sl_j, sv_j, sv_t, BLOCK_N, 1, BLOCK_D, WIDE, L_HN, V_HD)
+        j, NQ, HEADS, D, sl_n, sl_j, sv_j, sv_t, BLOCK_N, 1, BLOCK_D, WIDE, L_HN, V_HD
+    )
     for q0 in range(0, BLOCK_W * BLOCK_R, FALLBACK_P):
         py, px, mask_p, offs_p = _sub_tile(q0, b, rb, cb, H, W, BLOCK_R, BLOCK_W, FALLBACK_P)
-        l_p = tl.load(L + (b * sl_b + py * sl_y + px * sl_x)[:, None, None] + nh_l[None, :, :],
-                      mask=mask_p[:, None, None] & nh_mask[None, :, :], other=0.0).to(tl.float32)
+        l_p = tl.load(
+            L + (b * sl_b + py * sl_y + px * sl_x)[:, None, None] + nh_l[None, :, :],
+            mask=mask_p[:, None, None] & nh_mask[None, :, :],
+            other=0.0,
+        ).to(tl.float32)
         v_p = _load_v(V, b, py, px, mask_p, hd_v, hd_mask, sv_b, sv_y, sv_x)
         dl = tl.zeros((FALLBACK_P, BLOCK_N, 1), tl.float32)
         dv = tl.zeros((FALLBACK_P, 1, BLOCK_D), tl.float32)
@@ -154,34 +246,87 @@ def _direct_tile_gradients(L, V, R, A, G, LSE, DELTA, DL, DV, DR_TILE, DA_TILE, 
                 X = px + PW - w
                 valid = vy & (X >= 0) & (X < Wo)
                 o = u * KW + w
-                dz, ap, g, pt = _bwd_pairs(R, A, G, LSE, DELTA, l_p, v_p, o, (b * Ho + Y) * Wo + X, valid,
-                                           nh_mask, nh_r, hd_mask, hd_g, NH, HEADS, D, HAS_SCALE)
+                dz, ap, g, pt = _bwd_pairs(
+                    R,
+                    A,
+                    G,
+                    LSE,
+                    DELTA,
+                    l_p,
+                    v_p,
+                    o,
+                    (b * Ho + Y) * Wo + X,
+                    valid,
+                    nh_mask,
+                    nh_r,
+                    hd_mask,
+                    hd_g,
+                    NH,
+                    HEADS,
+                    D,
+                    HAS_SCALE,
+                )
                 dl += dz
                 dv += tl.sum(ap, axis=1)[:, :, None] * g
                 srow = row0 + o * NH + nh_r  # (nh_r holds j * NQ)
-                tl.store(DR_TILE + srow, tl.load(DR_TILE + srow, mask=nh_mask) + tl.sum(dz, axis=0),
-                         mask=nh_mask)
+                tl.store(DR_TILE + srow, tl.load(DR_TILE + srow, mask=nh_mask) + tl.sum(dz, axis=0), mask=nh_mask)
                 if HAS_SCALE:
-                    tl.store(DA_TILE + srow, tl.load(DA_TILE + srow, mask=nh_mask) + tl.sum(pt, axis=0),
-                             mask=nh_mask)
-        tl.store(DL + offs_p[:, None, None] * DL_PIX_STRIDE + nh_r[None, :, :], dl.to(DL.dtype.element_ty),
-                 mask=mask_p[:, None, None] & nh_mask[None, :, :])
-        tl.store(DV + offs_p[:, None, None] * DV_PIX_STRIDE + hd_g[None, :, :], dv.to(DV.dtype.element_ty),
-                 mask=mask_p[:, None, None] & hd_mask[None, :, :])
+                    tl.store(DA_TILE + srow, tl.load(DA_TILE + srow, mask=nh_mask) + tl.sum(pt, axis=0), mask=nh_mask)
+        tl.store(
+            DL + offs_p[:, None, None] * DL_PIX_STRIDE + nh_r[None, :, :],
+            dl.to(DL.dtype.element_ty),
+            mask=mask_p[:, None, None] & nh_mask[None, :, :],
+        )
+        tl.store(
+            DV + offs_p[:, None, None] * DV_PIX_STRIDE + hd_g[None, :, :],
+            dv.to(DV.dtype.element_ty),
+            mask=mask_p[:, None, None] & hd_mask[None, :, :],
+        )
 
 
 # the tile counts change with the batch: not specialised on (one compiled kernel for every batch)
 @triton.jit(do_not_specialize=["NUM_TILES", "TILES_PER_PROGRAM"])
 def qna_banded_bwd_kernel(
-    L, V, R, A, G, LSE, DELTA, DL, DV, DR_PART, DA_PART, DR_TILE, DA_TILE,
-    SIZES, NQ: tl.constexpr, D: tl.constexpr, L_STRIDES, V_STRIDES, WINDOW,
-    NUM_TILES, TILES_PER_PROGRAM, DL_PIX_STRIDE, DV_PIX_STRIDE,
-    HAS_SCALE: tl.constexpr, WIDE: tl.constexpr, L_HN: tl.constexpr, V_HD: tl.constexpr,
-    L_ALIGN: tl.constexpr, V_ALIGN: tl.constexpr,
-    BLOCK_W: tl.constexpr, BLOCK_R: tl.constexpr, HALO: tl.constexpr, HALO_CHUNKS: tl.constexpr,
+    L,
+    V,
+    R,
+    A,
+    G,
+    LSE,
+    DELTA,
+    DL,
+    DV,
+    DR_PART,
+    DA_PART,
+    DR_TILE,
+    DA_TILE,
+    SIZES,
+    NQ: tl.constexpr,
+    D: tl.constexpr,
+    L_STRIDES,
+    V_STRIDES,
+    WINDOW,
+    NUM_TILES,
+    TILES_PER_PROGRAM,
+    DL_PIX_STRIDE,
+    DV_PIX_STRIDE,
+    HAS_SCALE: tl.constexpr,
+    WIDE: tl.constexpr,
+    L_HN: tl.constexpr,
+    V_HD: tl.constexpr,
+    L_ALIGN: tl.constexpr,
+    V_ALIGN: tl.constexpr,
+    BLOCK_W: tl.constexpr,
+    BLOCK_R: tl.constexpr,
+    HALO: tl.constexpr,
+    HALO_CHUNKS: tl.constexpr,
     BLOCK_DC: tl.constexpr,
-    BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_KW: tl.constexpr,
-    FALLBACK_P: tl.constexpr, VDOT: tl.constexpr, RANGE_LIMIT: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    BLOCK_D: tl.constexpr,
+    BLOCK_KW: tl.constexpr,
+    FALLBACK_P: tl.constexpr,
+    VDOT: tl.constexpr,
+    RANGE_LIMIT: tl.constexpr,
 ):
     """``dl``, ``dv`` of the tile's source pixels (``DL``, ``DV``) and this program's row of the
     ``[programs, k_h*k_w, h, N]`` partial sums of ``dr`` / ``da`` (``DR_PART``, ``DA_PART``; the
@@ -209,8 +354,11 @@ def qna_banded_bwd_kernel(
     rmax = tl.full((BLOCK_N,), float("-inf"), tl.float32)
     rmin = tl.full((BLOCK_N,), float("inf"), tl.float32)
     for dy in range(KH):
-        rt = tl.load(R + (dy * KW + offs_kw[:, None]) * NH + j * NQ + offs_n[None, :],
-                     mask=(offs_kw < KW)[:, None] & (offs_n < NQ)[None, :], other=float("-inf"))
+        rt = tl.load(
+            R + (dy * KW + offs_kw[:, None]) * NH + j * NQ + offs_n[None, :],
+            mask=(offs_kw < KW)[:, None] & (offs_n < NQ)[None, :],
+            other=float("-inf"),
+        )
         rmax = tl.maximum(rmax, tl.max(rt, axis=0))
         rmin = tl.minimum(rmin, tl.min(_finite_min(rt), axis=0))
     rmax, rmin = _range_or_zero(rmax, rmin)
@@ -233,8 +381,11 @@ def qna_banded_bwd_kernel(
             l_base = b * sl_b + (y.to(tl.int64) * sl_y)[:, None] + (x.to(tl.int64) * sl_x)[None, :]
             v_base = b * sv_b + (y.to(tl.int64) * sv_y)[:, None] + (x.to(tl.int64) * sv_x)[None, :]
             n_off = _query_offsets(offs_n, j, NQ, sl_n, jl, L_HN, WIDE)
-            lt = tl.load(L + l_base[:, :, None] + n_off[None, None, :],
-                         mask=pix_ok[:, :, None] & (offs_n < NQ)[None, None, :], other=float("-inf")).to(tl.float32)
+            lt = tl.load(
+                L + l_base[:, :, None] + n_off[None, None, :],
+                mask=pix_ok[:, :, None] & (offs_n < NQ)[None, None, :],
+                other=float("-inf"),
+            ).to(tl.float32)
             lmax = tl.max(tl.max(lt, axis=1), axis=0)
             lmax, lmin = _range_or_zero(lmax, tl.min(tl.min(_finite_min(lt), axis=1), axis=0))
             redo = _too_wide(lmax, lmin, rmax, rmin, offs_n, NQ, RANGE_LIMIT)
@@ -246,8 +397,11 @@ def qna_banded_bwd_kernel(
                 for dc in range(0, D, BLOCK_DC):
                     dd = dc + offs_dc
                     d_v = _value_offsets(dd, j, D, jv, sv_t, V_HD, WIDE)
-                    vt = tl.load(V + v_base[:, None, :] + d_v[None, :, None],
-                                 mask=pix_ok[:, None, :] & (dd < D)[None, :, None], other=0.0).to(tl.float32)
+                    vt = tl.load(
+                        V + v_base[:, None, :] + d_v[None, :, None],
+                        mask=pix_ok[:, None, :] & (dd < D)[None, :, None],
+                        other=0.0,
+                    ).to(tl.float32)
                     dv_t = tl.zeros((BLOCK_R, BLOCK_DC, BLOCK_W), tl.float32)
                     for n in range(NQ):
                         shift = _pick(lmax, offs_n, n)
@@ -259,10 +413,50 @@ def qna_banded_bwd_kernel(
                         z = tl.zeros((BLOCK_R * BLOCK_DC, BLOCK_W), tl.float32)
                         u = tl.zeros((BLOCK_R, BLOCK_W), tl.float32)
                         for dy in range(KH):
-                            z, u = _window_row(R, A, G, LSE, DELTA, DR_TILE, DA_TILE, b, y, dy, x_halo, dc, dd, n, j,
-                                               qh, shift, r_max, e, ev, z, u, row, Ho, Wo, NH, HEADS, D, KW, PH,
-                                               offs_c, offs_x, offs_kw, HALO_CHUNKS, HAS_SCALE, VDOT, RANGE_LIMIT,
-                                               BLOCK_R, BLOCK_DC, BLOCK_W, BLOCK_KW, HALO)
+                            z, u = _window_row(
+                                R,
+                                A,
+                                G,
+                                LSE,
+                                DELTA,
+                                DR_TILE,
+                                DA_TILE,
+                                b,
+                                y,
+                                dy,
+                                x_halo,
+                                dc,
+                                dd,
+                                n,
+                                j,
+                                qh,
+                                shift,
+                                r_max,
+                                e,
+                                ev,
+                                z,
+                                u,
+                                row,
+                                Ho,
+                                Wo,
+                                NH,
+                                HEADS,
+                                D,
+                                KW,
+                                PH,
+                                offs_c,
+                                offs_x,
+                                offs_kw,
+                                HALO_CHUNKS,
+                                HAS_SCALE,
+                                VDOT,
+                                RANGE_LIMIT,
+                                BLOCK_R,
+                                BLOCK_DC,
+                                BLOCK_W,
+                                BLOCK_KW,
+                                HALO,
+                            )
                         z3 = tl.reshape(z, (BLOCK_R, BLOCK_DC, BLOCK_W))
                         dv_t += e[:, None, :] * z3
                         dl_n = e * tl.sum(vt * z3, axis=1)
@@ -270,26 +464,82 @@ def qna_banded_bwd_kernel(
                             dl_n -= e * u
                         dl_t += tl.where((offs_n == n)[:, None, None], dl_n[None, :, :], 0.0)
                     redo = tl.maximum(redo, _any_nonfinite2(tl.reshape(dv_t, (BLOCK_R * BLOCK_DC, BLOCK_W))))
-                    tl.store(DV + (pix * DV_PIX_STRIDE + j * D)[:, None, :] + dd[None, :, None],
-                             dv_t.to(DV.dtype.element_ty), mask=pix_ok[:, None, :] & (dd < D)[None, :, None])
+                    tl.store(
+                        DV + (pix * DV_PIX_STRIDE + j * D)[:, None, :] + dd[None, :, None],
+                        dv_t.to(DV.dtype.element_ty),
+                        mask=pix_ok[:, None, :] & (dd < D)[None, :, None],
+                    )
                 redo = tl.maximum(redo, _any_nonfinite2(tl.reshape(dl_t, (BLOCK_N * BLOCK_R, BLOCK_W))))
                 dl_ptr = DL + pix[None, :, :] * DL_PIX_STRIDE + j * NQ + offs_n[:, None, None]
                 tl.store(dl_ptr, dl_t.to(DL.dtype.element_ty), mask=pix_ok[None, :, :] & (offs_n < NQ)[:, None, None])
             if redo > 0:
                 # the direct algorithm for this tile (backward.py's pairs), over sub-tiles of pixels; its
                 # dr / da replace whatever the products wrote to the scratch
-                _direct_tile_gradients(L, V, R, A, G, LSE, DELTA, DL, DV, DR_TILE, DA_TILE, b, rb, cb, j, row, row0,
-                                       row_n, row_mask, H, W, Ho, Wo, NQ, HEADS, D, NH, KH, KW, PH, PW,
-                                       sl_b, sl_y, sl_x, sl_n, sl_j, sv_b, sv_y, sv_x, sv_j, sv_t,
-                                       DL_PIX_STRIDE, DV_PIX_STRIDE, HAS_SCALE, WIDE, L_HN, V_HD,
-                                       BLOCK_W, BLOCK_R, BLOCK_N, BLOCK_D, BLOCK_KW, FALLBACK_P)
+                _direct_tile_gradients(
+                    L,
+                    V,
+                    R,
+                    A,
+                    G,
+                    LSE,
+                    DELTA,
+                    DL,
+                    DV,
+                    DR_TILE,
+                    DA_TILE,
+                    b,
+                    rb,
+                    cb,
+                    j,
+                    row,
+                    row0,
+                    row_n,
+                    row_mask,
+                    H,
+                    W,
+                    Ho,
+                    Wo,
+                    NQ,
+                    HEADS,
+                    D,
+                    NH,
+                    KH,
+                    KW,
+                    PH,
+                    PW,
+                    sl_b,
+                    sl_y,
+                    sl_x,
+                    sl_n,
+                    sl_j,
+                    sv_b,
+                    sv_y,
+                    sv_x,
+                    sv_j,
+                    sv_t,
+                    DL_PIX_STRIDE,
+                    DV_PIX_STRIDE,
+                    HAS_SCALE,
+                    WIDE,
+                    L_HN,
+                    V_HD,
+                    BLOCK_W,
+                    BLOCK_R,
+                    BLOCK_N,
+                    BLOCK_D,
+                    BLOCK_KW,
+                    FALLBACK_P,
+                )
             # the tile is good: add its scratch rows to the program's partial sums (the barrier orders the
             # scratch written above, with other thread mappings, before it is read here)
             tl.debug_barrier()
             for dy in range(KH):
                 off = row + dy * KW * NH + row_n
-                tl.store(DR_PART + off, tl.load(DR_PART + off, mask=row_mask) + tl.load(DR_TILE + off, mask=row_mask),
-                         mask=row_mask)
+                tl.store(
+                    DR_PART + off,
+                    tl.load(DR_PART + off, mask=row_mask) + tl.load(DR_TILE + off, mask=row_mask),
+                    mask=row_mask,
+                )
                 if HAS_SCALE:
                     da = tl.load(DA_PART + off, mask=row_mask) + tl.load(DA_TILE + off, mask=row_mask)
                     tl.store(DA_PART + off, da, mask=row_mask)

@@ -54,9 +54,22 @@ def _load_z(L, R, o, b, y, x, valid, nh_l, nh_r, nh_mask, NH, sl_b, sl_y, sl_x):
 
 
 @triton.jit
-def _head_blocks(pid_h, NQ: tl.constexpr, HEADS, D: tl.constexpr, sl_n, sl_j, sv_j, sv_t,
-                 BLOCK_N: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_D: tl.constexpr, WIDE: tl.constexpr,
-                 L_HN: tl.constexpr, V_HD: tl.constexpr):
+def _head_blocks(
+    pid_h,
+    NQ: tl.constexpr,
+    HEADS,
+    D: tl.constexpr,
+    sl_n,
+    sl_j,
+    sv_j,
+    sv_t,
+    BLOCK_N: tl.constexpr,
+    BLOCK_H: tl.constexpr,
+    BLOCK_D: tl.constexpr,
+    WIDE: tl.constexpr,
+    L_HN: tl.constexpr,
+    V_HD: tl.constexpr,
+):
     """Index blocks of one program's heads: ``[N, H]`` over (query, head) and ``[H, D]`` over (head, dim).
 
     Returns the masks and the offsets into the logits, the values, our own per-(query, head) buffers
@@ -92,16 +105,37 @@ def _head_blocks(pid_h, NQ: tl.constexpr, HEADS, D: tl.constexpr, sl_n, sl_j, sv
 
 
 @triton.jit
-def _output_tile(B, Ho, Wo, NQ: tl.constexpr, HEADS, D: tl.constexpr, sl_n, sl_j, sv_j, sv_t, SH, SW, PH, PW,
-                 WIDE: tl.constexpr, L_HN: tl.constexpr, V_HD: tl.constexpr, BLOCK_P: tl.constexpr,
-                 BLOCK_N: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_D: tl.constexpr):
+def _output_tile(
+    B,
+    Ho,
+    Wo,
+    NQ: tl.constexpr,
+    HEADS,
+    D: tl.constexpr,
+    sl_n,
+    sl_j,
+    sv_j,
+    sv_t,
+    SH,
+    SW,
+    PH,
+    PW,
+    WIDE: tl.constexpr,
+    L_HN: tl.constexpr,
+    V_HD: tl.constexpr,
+    BLOCK_P: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    BLOCK_H: tl.constexpr,
+    BLOCK_D: tl.constexpr,
+):
     """This program's tile of output pixels (64-bit indices: tensors beyond 2^31 elements), their
     window origins, and its head blocks (:func:`_head_blocks`)."""
     offs_p = tl.program_id(0).to(tl.int64) * BLOCK_P + tl.arange(0, BLOCK_P)
     mask_p = offs_p < B * Ho * Wo
     b, y0, x0 = _src_coords(offs_p, Ho, Wo, SH, SW, PH, PW)
     nh_mask, nh_l, nh_r, hd_mask, hd_v, hd_o = _head_blocks(
-        tl.program_id(1), NQ, HEADS, D, sl_n, sl_j, sv_j, sv_t, BLOCK_N, BLOCK_H, BLOCK_D, WIDE, L_HN, V_HD)
+        tl.program_id(1), NQ, HEADS, D, sl_n, sl_j, sv_j, sv_t, BLOCK_N, BLOCK_H, BLOCK_D, WIDE, L_HN, V_HD
+    )
     return offs_p, mask_p, b, y0, x0, nh_mask, nh_l, nh_r, hd_mask, hd_v, hd_o
 
 
@@ -114,8 +148,31 @@ def _load_v(V, b, y, x, valid, hd_v, hd_mask, sv_b, sv_y, sv_x):
 
 
 @triton.jit
-def _weights_and_values(L, V, R, A, o, b, y, x, valid, lse, nh_l, nh_r, nh_mask, hd_v, hd_mask, NH,
-                        sl_b, sl_y, sl_x, sv_b, sv_y, sv_x, HAS_SCALE: tl.constexpr):
+def _weights_and_values(
+    L,
+    V,
+    R,
+    A,
+    o,
+    b,
+    y,
+    x,
+    valid,
+    lse,
+    nh_l,
+    nh_r,
+    nh_mask,
+    hd_v,
+    hd_mask,
+    NH,
+    sl_b,
+    sl_y,
+    sl_x,
+    sv_b,
+    sv_y,
+    sv_x,
+    HAS_SCALE: tl.constexpr,
+):
     """At window offset ``o``: the scaled probabilities ``a[o] * exp(z - lse)`` ``[P, N, H]`` and the
     source values ``[P, H, D]`` (0 where masked), float32."""
     p = _exp(_load_z(L, R, o, b, y, x, valid, nh_l, nh_r, nh_mask, NH, sl_b, sl_y, sl_x) - lse)
@@ -144,14 +201,48 @@ def _col_valid(vy, x, W, MASKED: tl.constexpr):
 def _interior(offs_p, mask_p, y0, x0, H, W, KH, KW):
     """Whether every window of the tile lies inside the image (and every pixel of the tile exists):
     then the window loops run without bounds checks."""
-    return ((tl.min(mask_p.to(tl.int32), axis=0) == 1) & (tl.min(y0, axis=0) >= 0)
-            & (tl.max(y0, axis=0) + KH <= H) & (tl.min(x0, axis=0) >= 0) & (tl.max(x0, axis=0) + KW <= W))
+    return (
+        (tl.min(mask_p.to(tl.int32), axis=0) == 1)
+        & (tl.min(y0, axis=0) >= 0)
+        & (tl.max(y0, axis=0) + KH <= H)
+        & (tl.min(x0, axis=0) >= 0)
+        & (tl.max(x0, axis=0) + KW <= W)
+    )
 
 
 @triton.jit
-def _fwd_window(L, V, R, A, b, y0, x0, mask_p, H, W, KH, KW, nh_mask, nh_l, nh_r, hd_mask, hd_v, NH,
-                sl_b, sl_y, sl_x, sv_b, sv_y, sv_x, HAS_SCALE: tl.constexpr, MASKED: tl.constexpr,
-                BLOCK_P: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_D: tl.constexpr):
+def _fwd_window(
+    L,
+    V,
+    R,
+    A,
+    b,
+    y0,
+    x0,
+    mask_p,
+    H,
+    W,
+    KH,
+    KW,
+    nh_mask,
+    nh_l,
+    nh_r,
+    hd_mask,
+    hd_v,
+    NH,
+    sl_b,
+    sl_y,
+    sl_x,
+    sv_b,
+    sv_y,
+    sv_x,
+    HAS_SCALE: tl.constexpr,
+    MASKED: tl.constexpr,
+    BLOCK_P: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    BLOCK_H: tl.constexpr,
+    BLOCK_D: tl.constexpr,
+):
     """The two passes over the window; returns ``(out [P, H, D], lse [P, N, H])``, float32."""
     # pass 1: maximum and normaliser together (online: the sum is rescaled when the maximum grows)
     m = tl.full((BLOCK_P, BLOCK_N, BLOCK_H), float("-inf"), tl.float32)
@@ -179,8 +270,31 @@ def _fwd_window(L, V, R, A, b, y0, x0, mask_p, H, W, KH, KW, nh_mask, nh_l, nh_r
         for w in range(KW):
             x = x0 + w
             valid = _col_valid(vy, x, W, MASKED)
-            p, v = _weights_and_values(L, V, R, A, u * KW + w, b, y, x, valid, lse_shift, nh_l, nh_r, nh_mask,
-                                       hd_v, hd_mask, NH, sl_b, sl_y, sl_x, sv_b, sv_y, sv_x, HAS_SCALE)
+            p, v = _weights_and_values(
+                L,
+                V,
+                R,
+                A,
+                u * KW + w,
+                b,
+                y,
+                x,
+                valid,
+                lse_shift,
+                nh_l,
+                nh_r,
+                nh_mask,
+                hd_v,
+                hd_mask,
+                NH,
+                sl_b,
+                sl_y,
+                sl_x,
+                sv_b,
+                sv_y,
+                sv_x,
+                HAS_SCALE,
+            )
             acc += tl.sum(p, axis=1)[:, :, None] * v  # queries summed before touching the values
 
     return acc, lse
@@ -189,35 +303,133 @@ def _fwd_window(L, V, R, A, b, y0, x0, mask_p, H, W, KH, KW, nh_mask, nh_l, nh_r
 @triton.jit
 def _store_out_lse(O, LSE, acc, lse, offs_p, mask_p, hd_o, hd_mask, nh_r, nh_mask, HD, NH):
     """Writes a tile's output ``[P, H, D]`` (in the output's dtype) and ``lse`` ``[P, N, H]`` (query-minor)."""
-    tl.store(O + offs_p[:, None, None] * HD + hd_o[None, :, :], acc.to(O.dtype.element_ty),
-             mask=mask_p[:, None, None] & hd_mask[None, :, :])
+    tl.store(
+        O + offs_p[:, None, None] * HD + hd_o[None, :, :],
+        acc.to(O.dtype.element_ty),
+        mask=mask_p[:, None, None] & hd_mask[None, :, :],
+    )
     tl.store(LSE + offs_p[:, None, None] * NH + nh_r[None, :, :], lse, mask=mask_p[:, None, None] & nh_mask[None, :, :])
 
 
 @triton.jit
 def qna_fwd_kernel(
-    L, V, R, A, O, LSE,
-    SIZES, NQ: tl.constexpr, D: tl.constexpr, L_STRIDES, V_STRIDES, WINDOW,
-    HAS_SCALE: tl.constexpr, WIDE: tl.constexpr, L_HN: tl.constexpr, V_HD: tl.constexpr,
-    L_ALIGN: tl.constexpr, V_ALIGN: tl.constexpr,
-    BLOCK_P: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_D: tl.constexpr,
+    L,
+    V,
+    R,
+    A,
+    O,
+    LSE,
+    SIZES,
+    NQ: tl.constexpr,
+    D: tl.constexpr,
+    L_STRIDES,
+    V_STRIDES,
+    WINDOW,
+    HAS_SCALE: tl.constexpr,
+    WIDE: tl.constexpr,
+    L_HN: tl.constexpr,
+    V_HD: tl.constexpr,
+    L_ALIGN: tl.constexpr,
+    V_ALIGN: tl.constexpr,
+    BLOCK_P: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    BLOCK_H: tl.constexpr,
+    BLOCK_D: tl.constexpr,
 ):
     B, H, W, Ho, Wo, HEADS = SIZES
     KH, KW, SH, SW, PH, PW = WINDOW
     sl_b, sl_y, sl_x, sl_n, sl_j = _element_strides(L_STRIDES, L_ALIGN)
     sv_b, sv_y, sv_x, sv_j, sv_t = _element_strides(V_STRIDES, V_ALIGN)
     offs_p, mask_p, b, y0, x0, nh_mask, nh_l, nh_r, hd_mask, hd_v, hd_o = _output_tile(
-        B, Ho, Wo, NQ, HEADS, D, sl_n, sl_j, sv_j, sv_t, SH, SW, PH, PW,
-        WIDE, L_HN, V_HD, BLOCK_P, BLOCK_N, BLOCK_H, BLOCK_D)
+        B,
+        Ho,
+        Wo,
+        NQ,
+        HEADS,
+        D,
+        sl_n,
+        sl_j,
+        sv_j,
+        sv_t,
+        SH,
+        SW,
+        PH,
+        PW,
+        WIDE,
+        L_HN,
+        V_HD,
+        BLOCK_P,
+        BLOCK_N,
+        BLOCK_H,
+        BLOCK_D,
+    )
     NH = NQ * HEADS
 
     if _interior(offs_p, mask_p, y0, x0, H, W, KH, KW):
-        acc, lse = _fwd_window(L, V, R, A, b, y0, x0, mask_p, H, W, KH, KW, nh_mask, nh_l, nh_r, hd_mask, hd_v, NH,
-                               sl_b, sl_y, sl_x, sv_b, sv_y, sv_x, HAS_SCALE, False,
-                               BLOCK_P, BLOCK_N, BLOCK_H, BLOCK_D)
+        acc, lse = _fwd_window(
+            L,
+            V,
+            R,
+            A,
+            b,
+            y0,
+            x0,
+            mask_p,
+            H,
+            W,
+            KH,
+            KW,
+            nh_mask,
+            nh_l,
+            nh_r,
+            hd_mask,
+            hd_v,
+            NH,
+            sl_b,
+            sl_y,
+            sl_x,
+            sv_b,
+            sv_y,
+            sv_x,
+            HAS_SCALE,
+            False,
+            BLOCK_P,
+            BLOCK_N,
+            BLOCK_H,
+            BLOCK_D,
+        )
     else:
-        acc, lse = _fwd_window(L, V, R, A, b, y0, x0, mask_p, H, W, KH, KW, nh_mask, nh_l, nh_r, hd_mask, hd_v, NH,
-                               sl_b, sl_y, sl_x, sv_b, sv_y, sv_x, HAS_SCALE, True,
-                               BLOCK_P, BLOCK_N, BLOCK_H, BLOCK_D)
+        acc, lse = _fwd_window(
+            L,
+            V,
+            R,
+            A,
+            b,
+            y0,
+            x0,
+            mask_p,
+            H,
+            W,
+            KH,
+            KW,
+            nh_mask,
+            nh_l,
+            nh_r,
+            hd_mask,
+            hd_v,
+            NH,
+            sl_b,
+            sl_y,
+            sl_x,
+            sv_b,
+            sv_y,
+            sv_x,
+            HAS_SCALE,
+            True,
+            BLOCK_P,
+            BLOCK_N,
+            BLOCK_H,
+            BLOCK_D,
+        )
 
     _store_out_lse(O, LSE, acc, lse, offs_p, mask_p, hd_o, hd_mask, nh_r, nh_mask, HEADS * D, NH)

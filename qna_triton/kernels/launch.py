@@ -36,8 +36,17 @@ from .banded import (
 from .banded_bwd import qna_banded_bwd_kernel
 from .forward import qna_fwd_kernel
 
-__all__ = ["qna_forward", "qna_backward", "Problem", "KernelLaunch", "BackwardLaunches", "forward_launch",
-           "delta_launch", "main_backward_launch", "backward_launches"]
+__all__ = [
+    "qna_forward",
+    "qna_backward",
+    "Problem",
+    "KernelLaunch",
+    "BackwardLaunches",
+    "forward_launch",
+    "delta_launch",
+    "main_backward_launch",
+    "backward_launches",
+]
 
 
 def _table(t: Optional[torch.Tensor]) -> Optional[torch.Tensor]:
@@ -58,7 +67,8 @@ def _layout(logits: torch.Tensor, values: torch.Tensor, wide: Optional[bool] = N
     return dict(
         L_HN=(logits.stride(3) == 1 or N == 1) and (logits.stride(4) == N or h == 1),
         V_HD=(values.stride(4) == 1 or d == 1) and (values.stride(3) == d or h == 1),
-        L_ALIGN=_pixel_align(logits), V_ALIGN=_pixel_align(values),
+        L_ALIGN=_pixel_align(logits),
+        V_ALIGN=_pixel_align(values),
         WIDE=_wide_offsets(logits, values) if wide is None else wide,
     )
 
@@ -116,13 +126,24 @@ def launch_options(cfg: KernelConfig) -> dict:
 def _blocks(cfg: KernelConfig, N: int, d: int) -> dict:
     """Compile-time parameters of the direct kernels for ``cfg``."""
     return dict(
-        BLOCK_P=cfg.block_p, BLOCK_N=triton.next_power_of_2(N), BLOCK_H=cfg.block_h,
-        BLOCK_D=triton.next_power_of_2(d), **launch_options(cfg),
+        BLOCK_P=cfg.block_p,
+        BLOCK_N=triton.next_power_of_2(N),
+        BLOCK_H=cfg.block_h,
+        BLOCK_D=triton.next_power_of_2(d),
+        **launch_options(cfg),
     )
 
 
-def banded_blocks(cfg: KernelConfig, N: int, d: int, ks: Pair, st: Pair, values: torch.Tensor,
-                  on_gpu: Optional[bool] = None, delta: bool = False) -> dict:
+def banded_blocks(
+    cfg: KernelConfig,
+    N: int,
+    d: int,
+    ks: Pair,
+    st: Pair,
+    values: torch.Tensor,
+    on_gpu: Optional[bool] = None,
+    delta: bool = False,
+) -> dict:
     """Compile-time parameters of the banded kernel for ``cfg`` (``algo="banded"``), as the forward or
     (``delta``) the backward's delta kernel; ``on_gpu`` defaults to whether ``values`` is not a CPU
     tensor (CPU tensors run the interpreter; ``meta`` ones are compiled by ``aot.py``).
@@ -139,9 +160,16 @@ def banded_blocks(cfg: KernelConfig, N: int, d: int, ks: Pair, st: Pair, values:
     dc = min(bd, max(1, 256 // br))  # the value product's columns: block_r x dc <= 256
     vdot = _vdot_mode(values, on_gpu, split=delta)
     return dict(
-        BLOCK_W=bw, BLOCK_R=br, HALO=max(16, triton.next_power_of_2((bw - 1) * st[1] + ks[1])), BLOCK_DC=dc,
-        BLOCK_N=triton.next_power_of_2(N), BLOCK_D=bd, BLOCK_K=min(256, triton.next_power_of_2(ks[0] * ks[1])),
-        FALLBACK_P=min(bw * br, max(16, 1024 // bd)), VDOT=vdot, RANGE_LIMIT=RANGE_LIMIT,
+        BLOCK_W=bw,
+        BLOCK_R=br,
+        HALO=max(16, triton.next_power_of_2((bw - 1) * st[1] + ks[1])),
+        BLOCK_DC=dc,
+        BLOCK_N=triton.next_power_of_2(N),
+        BLOCK_D=bd,
+        BLOCK_K=min(256, triton.next_power_of_2(ks[0] * ks[1])),
+        FALLBACK_P=min(bw * br, max(16, 1024 // bd)),
+        VDOT=vdot,
+        RANGE_LIMIT=RANGE_LIMIT,
         **launch_options(cfg),
     )
 
@@ -156,8 +184,9 @@ def _vdot_mode(values: torch.Tensor, on_gpu: bool, split: bool, split_fp16: bool
     return VDOT_BF16 if on_gpu else VDOT_BF16_EMULATED
 
 
-def banded_bwd_blocks(cfg: KernelConfig, N: int, d: int, ks: Pair, values: torch.Tensor,
-                      on_gpu: Optional[bool] = None) -> dict:
+def banded_bwd_blocks(
+    cfg: KernelConfig, N: int, d: int, ks: Pair, values: torch.Tensor, on_gpu: Optional[bool] = None
+) -> dict:
     """Compile-time parameters of the banded main backward kernel for ``cfg`` (stride 1): tiles of
     ``block_r x block_w`` source pixels, a halo of ``block_w + k_w - 1`` output columns in chunks of
     :func:`halo_chunk`, and float32-accurate products (split bfloat16 for bfloat16 and float16 inputs,
@@ -168,14 +197,19 @@ def banded_bwd_blocks(cfg: KernelConfig, N: int, d: int, ks: Pair, values: torch
     bd = triton.next_power_of_2(d)
     chunk = halo_chunk(bw + ks[1] - 1)
     return dict(
-        BLOCK_W=bw, BLOCK_R=br, HALO=chunk, HALO_CHUNKS=triton.cdiv(bw + ks[1] - 1, chunk),
-        BLOCK_DC=min(bd, max(1, 128 // br)), BLOCK_N=triton.next_power_of_2(N), BLOCK_D=bd,
-        BLOCK_KW=triton.next_power_of_2(ks[1]), FALLBACK_P=min(bw * br, max(16, 1024 // bd)),
-        VDOT=_vdot_mode(values, on_gpu, split=True, split_fp16=True), RANGE_LIMIT=RANGE_LIMIT,
+        BLOCK_W=bw,
+        BLOCK_R=br,
+        HALO=chunk,
+        HALO_CHUNKS=triton.cdiv(bw + ks[1] - 1, chunk),
+        BLOCK_DC=min(bd, max(1, 128 // br)),
+        BLOCK_N=triton.next_power_of_2(N),
+        BLOCK_D=bd,
+        BLOCK_KW=triton.next_power_of_2(ks[1]),
+        FALLBACK_P=min(bw * br, max(16, 1024 // bd)),
+        VDOT=_vdot_mode(values, on_gpu, split=True, split_fp16=True),
+        RANGE_LIMIT=RANGE_LIMIT,
         **launch_options(cfg),
     )
-
-
 
 
 @dataclass(eq=False)
@@ -199,8 +233,17 @@ class Problem:
     args: Dict[str, Any] = field(default_factory=dict)
 
     @classmethod
-    def of(cls, logits: torch.Tensor, values: torch.Tensor, rpb: torch.Tensor, scale: Optional[torch.Tensor],
-           ks: Pair, st: Pair, pd: Pair, wide: Optional[bool] = None) -> Problem:
+    def of(
+        cls,
+        logits: torch.Tensor,
+        values: torch.Tensor,
+        rpb: torch.Tensor,
+        scale: Optional[torch.Tensor],
+        ks: Pair,
+        st: Pair,
+        pd: Pair,
+        wide: Optional[bool] = None,
+    ) -> Problem:
         """The problem of these inputs (``wide`` forces the 64-bit offset variant, see :func:`_layout`)."""
         B, H, W, N, h = logits.shape
         d = values.shape[-1]
@@ -210,8 +253,14 @@ class Problem:
         a = _table(scale)
         Ho, Wo = output_size(H, ks[0], st[0], pd[0]), output_size(W, ks[1], st[1], pd[1])
         args = dict(
-            SIZES=(B, H, W, Ho, Wo, h), NQ=N, D=d, L_STRIDES=sl, V_STRIDES=sv, WINDOW=(*ks, *st, *pd),
-            HAS_SCALE=a is not None, **layout,
+            SIZES=(B, H, W, Ho, Wo, h),
+            NQ=N,
+            D=d,
+            L_STRIDES=sl,
+            V_STRIDES=sv,
+            WINDOW=(*ks, *st, *pd),
+            HAS_SCALE=a is not None,
+            **layout,
         )
         return cls(logits, values, _table(rpb), a, tuple(ks), tuple(st), tuple(pd), args)
 
@@ -268,8 +317,9 @@ def forward_launch(p: Problem, cfg: KernelConfig) -> Tuple[KernelLaunch, torch.T
     return KernelLaunch(qna_fwd_kernel, grid, kwargs), out, lse
 
 
-def delta_launch(p: Problem, cfg: KernelConfig, g: torch.Tensor, lse: torch.Tensor,
-                 delta: Optional[torch.Tensor] = None) -> Tuple[KernelLaunch, torch.Tensor]:
+def delta_launch(
+    p: Problem, cfg: KernelConfig, g: torch.Tensor, lse: torch.Tensor, delta: Optional[torch.Tensor] = None
+) -> Tuple[KernelLaunch, torch.Tensor]:
     """The backward's delta ``D = g . o_n`` per (pixel, query, head): ``(launch, D)``, ``D`` float32
     query-minor like ``lse`` (written into ``delta`` when given)."""
     if delta is None:
@@ -282,16 +332,30 @@ def delta_launch(p: Problem, cfg: KernelConfig, g: torch.Tensor, lse: torch.Tens
     return KernelLaunch(qna_bwd_delta_kernel, grid, kwargs), delta
 
 
-def _banded_launch(p: Problem, cfg: KernelConfig, delta_mode: bool, out_or_g: torch.Tensor, lse: torch.Tensor,
-                   delta: Optional[torch.Tensor]) -> KernelLaunch:
+def _banded_launch(
+    p: Problem,
+    cfg: KernelConfig,
+    delta_mode: bool,
+    out_or_g: torch.Tensor,
+    lse: torch.Tensor,
+    delta: Optional[torch.Tensor],
+) -> KernelLaunch:
     """The banded kernel as the forward (writes ``out_or_g`` = out and ``lse``) or, with ``delta_mode``,
     as the backward's delta (reads ``out_or_g`` = the output gradient and ``lse``, writes ``delta``);
     the pointers one mode does not use stand in by ones it does."""
     z = p.sizes
     blocks = banded_blocks(cfg, z["N"], z["d"], p.ks, p.st, p.values, delta=delta_mode)  # checks the tiles first
     grid = (z["B"] * triton.cdiv(z["Ho"], cfg.block_r) * triton.cdiv(z["Wo"], cfg.block_w), z["h"])
-    kwargs = dict(p.inputs(), O=out_or_g, LSE=lse, G=out_or_g, DELTA=delta if delta_mode else lse, **p.args,
-                  DELTA_MODE=delta_mode, **blocks)
+    kwargs = dict(
+        p.inputs(),
+        O=out_or_g,
+        LSE=lse,
+        G=out_or_g,
+        DELTA=delta if delta_mode else lse,
+        **p.args,
+        DELTA_MODE=delta_mode,
+        **blocks,
+    )
     return KernelLaunch(qna_banded_kernel, grid, kwargs)
 
 
@@ -304,8 +368,7 @@ _PARTIAL_ROWS_BYTES = 64 << 20
 _REGS_PER_SM, _REG_UNIT, _MAX_PROGRAMS_PER_SM, _SHARED_RESERVED = 65536, 256, 32, 1024
 
 
-def resident_programs(regs: int, num_warps: int, shared_bytes: int, threads_per_sm: int,
-                      shared_per_sm: int) -> int:
+def resident_programs(regs: int, num_warps: int, shared_bytes: int, threads_per_sm: int, shared_per_sm: int) -> int:
     """Programs of a compiled kernel (``regs`` per thread, ``shared_bytes`` per program) that one SM
     holds at once: the least of what its registers, threads and shared memory allow (at least 1)."""
     regs_per_warp = -(-max(1, regs) * 32 // _REG_UNIT) * _REG_UNIT
@@ -338,16 +401,26 @@ def _resident_per_sm(fn, kwargs: dict, device: torch.device) -> Optional[int]:
         if key not in _RESIDENT:
             kernel._init_handles()  # loads the binary: sets n_regs
             props = torch.cuda.get_device_properties(device)
-            _RESIDENT[key] = resident_programs(kernel.n_regs, kernel.metadata.num_warps, kernel.metadata.shared,
-                                               props.max_threads_per_multi_processor,
-                                               props.shared_memory_per_multiprocessor)
+            _RESIDENT[key] = resident_programs(
+                kernel.n_regs,
+                kernel.metadata.num_warps,
+                kernel.metadata.shared,
+                props.max_threads_per_multi_processor,
+                props.shared_memory_per_multiprocessor,
+            )
         return _RESIDENT[key]
     except AttributeError:
         return None
 
 
-def _num_programs(num_tiles: int, device: torch.device, num_warps: int = 4, head_blocks: int = 1,
-                  row_elems: int = 1, resident: Optional[int] = None) -> int:
+def _num_programs(
+    num_tiles: int,
+    device: torch.device,
+    num_warps: int = 4,
+    head_blocks: int = 1,
+    row_elems: int = 1,
+    resident: Optional[int] = None,
+) -> int:
     """Programs (along the grid's first axis; ``head_blocks`` along the second) of the persistent
     backward kernels: enough that about ``_BWD_WARPS_PER_SM`` warps are resident per SM, but no more
     than the SM holds at once (``resident`` programs, from the compiled kernel's registers: programs
@@ -363,8 +436,6 @@ def _num_programs(num_tiles: int, device: torch.device, num_warps: int = 4, head
     want = max(1, sms * per_sm // max(1, head_blocks))
     cap = max(1, _PARTIAL_ROWS_BYTES // (4 * max(1, row_elems)))  # one row holds every head block
     return max(1, min(num_tiles, want, cap))
-
-
 
 
 @dataclass(eq=False)
@@ -403,26 +474,39 @@ class BackwardLaunches:
             if self.delta_cfg is None:
                 self.delta()
             else:
-                self.delta = delta_launch(p, heuristic_config("bwd_delta", z["h"], z["d"]), self.g, self.lse,
-                                          self.delta_out)[0]
+                self.delta = delta_launch(
+                    p, heuristic_config("bwd_delta", z["h"], z["d"]), self.g, self.lse, self.delta_out
+                )[0]
                 self.delta()
         if self.main_cfg is None or not _launched("bwd", self.main, p, self.main_cfg):
             if self.main_cfg is None:
                 self.main()
             else:
                 self.main, self.dr_part, self.da_part = main_backward_launch(
-                    p, heuristic_config("bwd", z["h"], z["d"]), self.g, self.lse, self.delta_out, self.dl, self.dv)
+                    p, heuristic_config("bwd", z["h"], z["d"]), self.g, self.lse, self.delta_out, self.dl, self.dv
+                )
                 self.main()
         drpb, dscale = self.reduce()
         if self.dqv is not None:
             return self.dqv, drpb, dscale
         B, H, W, N, h = self.p.logits.shape
-        return (self.dl.view(B, H, W, h, N).transpose(-1, -2), self.dv.view(B, H, W, h, self.p.sizes["d"]),
-                drpb, dscale)
+        return (
+            self.dl.view(B, H, W, h, N).transpose(-1, -2),
+            self.dv.view(B, H, W, h, self.p.sizes["d"]),
+            drpb,
+            dscale,
+        )
 
 
-def main_backward_launch(p: Problem, cfg: KernelConfig, g: torch.Tensor, lse: torch.Tensor, delta: torch.Tensor,
-                         dl: torch.Tensor, dv: torch.Tensor) -> Tuple[KernelLaunch, torch.Tensor, Optional[torch.Tensor]]:
+def main_backward_launch(
+    p: Problem,
+    cfg: KernelConfig,
+    g: torch.Tensor,
+    lse: torch.Tensor,
+    delta: torch.Tensor,
+    dl: torch.Tensor,
+    dv: torch.Tensor,
+) -> Tuple[KernelLaunch, torch.Tensor, Optional[torch.Tensor]]:
     """The main backward kernel's launch (direct, or banded at stride 1) writing ``dl`` ``[B,H,W,h*N]``
     and ``dv`` ``[B,H,W,h*d]`` (pixel-strided views), and its ``dr`` / ``da`` partial-sum rows
     ``[programs, K, h, N]`` (``da`` None without a scale): ``(launch, dr_part, da_part)``."""
@@ -439,8 +523,19 @@ def main_backward_launch(p: Problem, cfg: KernelConfig, g: torch.Tensor, lse: to
         fn, head_blocks, row_elems = qna_bwd_kernel, triton.cdiv(h, cfg.block_h), K * N * h
         num_tiles = triton.cdiv(B * H * W, cfg.block_p)
         blocks = _blocks(cfg, N, d)
-    kwargs = dict(p.inputs(), G=g, LSE=lse, DELTA=delta, DL=dl, DV=dv, **p.args, NUM_TILES=num_tiles,
-                  DL_PIX_STRIDE=dl.stride(2), DV_PIX_STRIDE=dv.stride(2), **blocks)
+    kwargs = dict(
+        p.inputs(),
+        G=g,
+        LSE=lse,
+        DELTA=delta,
+        DL=dl,
+        DV=dv,
+        **p.args,
+        NUM_TILES=num_tiles,
+        DL_PIX_STRIDE=dl.stride(2),
+        DV_PIX_STRIDE=dv.stride(2),
+        **blocks,
+    )
 
     def parts(rows: Dict[str, torch.Tensor], progs: int) -> dict:
         return dict(kwargs, **rows, TILES_PER_PROGRAM=triton.cdiv(num_tiles, progs))
@@ -462,9 +557,17 @@ def main_backward_launch(p: Problem, cfg: KernelConfig, g: torch.Tensor, lse: to
 
 
 def backward_launches(
-    grad_out: torch.Tensor, logits: torch.Tensor, values: torch.Tensor, rpb: torch.Tensor,
-    scale: Optional[torch.Tensor], lse: torch.Tensor, ks: Pair, st: Pair, pd: Pair,
-    config: Optional[KernelConfig] = None, delta_config: Optional[KernelConfig] = None,
+    grad_out: torch.Tensor,
+    logits: torch.Tensor,
+    values: torch.Tensor,
+    rpb: torch.Tensor,
+    scale: Optional[torch.Tensor],
+    lse: torch.Tensor,
+    ks: Pair,
+    st: Pair,
+    pd: Pair,
+    config: Optional[KernelConfig] = None,
+    delta_config: Optional[KernelConfig] = None,
     packed_grad: bool = False,
 ) -> BackwardLaunches:
     """The launches of :func:`qna_backward` (nothing launched yet; every check done)."""
@@ -485,9 +588,23 @@ def backward_launches(
         dl = torch.empty((B, H, W, h * N), device=logits.device, dtype=logits.dtype)
         dv = torch.empty((B, H, W, h * d), device=values.device, dtype=values.dtype)
     main, dr_part, da_part = main_backward_launch(p, cfg, g, lse, delta_out, dl, dv)
-    return BackwardLaunches(p, delta, main, dl, dv, dqv, dr_part, da_part, rpb.dtype,
-                            scale.dtype if scale is not None else None, None if delta_config else dcfg,
-                            None if config else cfg, g, lse, delta_out)
+    return BackwardLaunches(
+        p,
+        delta,
+        main,
+        dl,
+        dv,
+        dqv,
+        dr_part,
+        da_part,
+        rpb.dtype,
+        scale.dtype if scale is not None else None,
+        None if delta_config else dcfg,
+        None if config else cfg,
+        g,
+        lse,
+        delta_out,
+    )
 
 
 # ------------------------------------------------------------- a banded variant that does not compile
@@ -512,8 +629,15 @@ def _variant_key(kernel: str, p: Problem, cfg: KernelConfig) -> tuple:
     """What decides a compiled variant: the kernel, its config, the dtypes and every compile-time
     argument but the sizes and strides (the device too: each GPU compiles its own)."""
     args = {k: v for k, v in p.args.items() if k not in ("SIZES", "L_STRIDES", "V_STRIDES")}
-    return (kernel, cfg, p.logits.dtype, p.values.dtype, p.logits.device, p.args["SIZES"][-1],
-            tuple(sorted(args.items())))
+    return (
+        kernel,
+        cfg,
+        p.logits.dtype,
+        p.values.dtype,
+        p.logits.device,
+        p.args["SIZES"][-1],
+        tuple(sorted(args.items())),
+    )
 
 
 def _direct_if_uncompilable(kernel: str, p: Problem, cfg: KernelConfig) -> KernelConfig:
@@ -538,9 +662,13 @@ def _launched(kernel: str, launch: KernelLaunch, p: Problem, cfg: KernelConfig) 
         if tag not in _WARNED:
             _WARNED.add(tag)
             first = (str(exc).strip().splitlines() or [""])[0][:200]
-            warnings.warn(f"qna_triton: the banded {kernel} kernel does not compile for {target} under Triton "
-                          f"{triton.__version__} ({type(exc).__name__}: {first}); this problem runs the direct "
-                          f"algorithm instead", RuntimeWarning, stacklevel=3)
+            warnings.warn(
+                f"qna_triton: the banded {kernel} kernel does not compile for {target} under Triton "
+                f"{triton.__version__} ({type(exc).__name__}: {first}); this problem runs the direct "
+                f"algorithm instead",
+                RuntimeWarning,
+                stacklevel=3,
+            )
         return False
 
 
@@ -588,5 +716,6 @@ def qna_backward(
     gradients side by side (the gradient of a fused logits-and-values projection, written once; the
     logits part query-minor, as in the QnA layer's packed projection). ``dlogits`` is a query-minor
     ``[B, H, W, N, h]`` view."""
-    return backward_launches(grad_out, logits, values, rpb, scale, lse, ks, st, pd, config, delta_config,
-                             packed_grad).run()
+    return backward_launches(
+        grad_out, logits, values, rpb, scale, lse, ks, st, pd, config, delta_config, packed_grad
+    ).run()

@@ -82,8 +82,9 @@ def check_banded_tiles(block_w: Any, block_r: Any) -> None:
     (ValueError naming the field otherwise). Used by the file reader and by the launcher."""
     for name, v in (("block_w", block_w), ("block_r", block_r)):
         if isinstance(v, bool) or not isinstance(v, int) or not _is_pow(v, 2) or not 16 <= v <= _MAX_BANDED_BLOCK:
-            raise ValueError(f"{name} of a banded config must be a power of two in [16, {_MAX_BANDED_BLOCK}], "
-                             f"got {v!r}")
+            raise ValueError(
+                f"{name} of a banded config must be a power of two in [16, {_MAX_BANDED_BLOCK}], got {v!r}"
+            )
 
 
 def size_bucket(pixels: int) -> int:
@@ -116,19 +117,24 @@ class EntryKey:
     bucket: int
 
     def to_str(self) -> str:
-        return (f"kernel={self.kernel};dtype={self.dtype};window={self.kh}x{self.kw};stride={self.sh}x{self.sw};"
-                f"heads={self.heads};head_dim={self.head_dim};queries={self.n_queries};bucket={self.bucket}")
+        return (
+            f"kernel={self.kernel};dtype={self.dtype};window={self.kh}x{self.kw};stride={self.sh}x{self.sw};"
+            f"heads={self.heads};head_dim={self.head_dim};queries={self.n_queries};bucket={self.bucket}"
+        )
 
     @classmethod
     def from_str(cls, text: str) -> EntryKey:
         """Parses and checks a key string (ValueError saying what is wrong)."""
         m = _KEY_RE.match(text) if isinstance(text, str) else None
         if m is None:
-            raise ValueError("key does not have the form kernel=..;dtype=..;window=KHxKW;stride=SHxSW;"
-                             "heads=..;head_dim=..;queries=..;bucket=..")
+            raise ValueError(
+                "key does not have the form kernel=..;dtype=..;window=KHxKW;stride=SHxSW;"
+                "heads=..;head_dim=..;queries=..;bucket=.."
+            )
         g = m.groupdict()
-        key = cls(kernel=g["kernel"], dtype=g["dtype"], **{k: int(v) for k, v in g.items()
-                                                             if k not in ("kernel", "dtype")})
+        key = cls(
+            kernel=g["kernel"], dtype=g["dtype"], **{k: int(v) for k, v in g.items() if k not in ("kernel", "dtype")}
+        )
         key.check()
         return key
 
@@ -145,8 +151,7 @@ class EntryKey:
             raise ValueError(f"bucket {self.bucket} is not a power of {BUCKET_BASE}")
 
 
-def validate_config(value: Any, kernel: Optional[str] = None,
-                    stride: Optional[Tuple[int, int]] = None) -> KernelConfig:
+def validate_config(value: Any, kernel: Optional[str] = None, stride: Optional[Tuple[int, int]] = None) -> KernelConfig:
     """A ``{"block_p", "block_h", "num_warps", "num_stages"}`` mapping (plus ``algo``, ``block_w``,
     ``block_r`` for a banded entry) as a checked KernelConfig; ``kernel`` (at ``stride``), when given,
     must have the entry's algorithm."""
@@ -172,11 +177,20 @@ def validate_config(value: Any, kernel: Optional[str] = None,
         raise ValueError(f"algo must be one of {ALGOS}, got {algo!r}")
     if algo == "banded":
         if kernel is not None and not has_banded_form(kernel, stride or (1, 1)):
-            raise ValueError(f"algo 'banded' exists for {BANDED_KERNELS} only (bwd at stride 1), not for "
-                             f"{kernel!r} at stride {tuple(stride or (1, 1))}")
+            raise ValueError(
+                f"algo 'banded' exists for {BANDED_KERNELS} only (bwd at stride 1), not for "
+                f"{kernel!r} at stride {tuple(stride or (1, 1))}"
+            )
         check_banded_tiles(value.get("block_w"), value.get("block_r"))
-        cfg = KernelConfig(cfg.block_p, cfg.block_h, cfg.num_warps, cfg.num_stages, "banded",
-                           int(value["block_w"]), int(value["block_r"]))
+        cfg = KernelConfig(
+            cfg.block_p,
+            cfg.block_h,
+            cfg.num_warps,
+            cfg.num_stages,
+            "banded",
+            int(value["block_w"]),
+            int(value["block_r"]),
+        )
     return cfg
 
 
@@ -252,8 +266,12 @@ def read_config_file(path: os.PathLike) -> ConfigTable:
     return ConfigTable(path, metadata, entries, kept, dict(skipped), invalid)
 
 
-def write_config_file(path: os.PathLike, metadata: Mapping[str, Any], entries: Mapping[str, Mapping[str, Any]],
-                      skipped: Optional[Mapping[str, Any]] = None) -> None:
+def write_config_file(
+    path: os.PathLike,
+    metadata: Mapping[str, Any],
+    entries: Mapping[str, Mapping[str, Any]],
+    skipped: Optional[Mapping[str, Any]] = None,
+) -> None:
     """Writes a schema-1 config file atomically (a reader never sees half a file); every entry is
     validated first, so the writer cannot produce a file the reader rejects."""
     for text, value in entries.items():

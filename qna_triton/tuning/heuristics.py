@@ -96,39 +96,58 @@ def banded_bwd_pays(kw: int) -> bool:
     return REPORT_QUERIES * per_row / kw * BANDED_BWD_MIN_GAIN <= DIRECT_BWD_INSTRUCTIONS
 
 
-def banded_config(window: Tuple[int, int], head_dim: int = 8, dtype: torch.dtype = torch.bfloat16,
-                  stride: Tuple[int, int] = (1, 1), kernel: str = "fwd") -> KernelConfig:
+def banded_config(
+    window: Tuple[int, int],
+    head_dim: int = 8,
+    dtype: torch.dtype = torch.bfloat16,
+    stride: Tuple[int, int] = (1, 1),
+    kernel: str = "fwd",
+) -> KernelConfig:
     """The banded kernels' default: 16 x 16 pixels (output pixels; source pixels for the main backward
     kernel) of one head per program, on 4 warps; on 8 once the operands grow (a halo row beyond 32
     pixels, float32 operands for float16/float32 inputs, head dims beyond 32 in the forward and beyond 8
     in the delta, whose split products hold twice the operands; always for the main backward kernel,
     which holds twice the delta's operands), by the report's registers and spills."""
     if not has_banded_form(kernel, stride):
-        raise ValueError(f"kernel must be one of {BANDED_KERNELS} (those with a banded form; bwd at stride 1 "
-                         f"only), got {kernel!r} at stride {tuple(stride)}")
+        raise ValueError(
+            f"kernel must be one of {BANDED_KERNELS} (those with a banded form; bwd at stride 1 "
+            f"only), got {kernel!r} at stride {tuple(stride)}"
+        )
     halo = triton.next_power_of_2(15 * int(stride[1]) + int(window[1]))  # (block_w - 1) * s + k
-    small = (halo <= 32 and head_dim <= {"fwd": 32, "bwd_delta": 8}.get(kernel, 0)
-             and dtype == torch.bfloat16)
-    return KernelConfig(block_p=1, block_h=1, num_warps=4 if small else 8, num_stages=1, algo="banded",
-                        block_w=16, block_r=16)
+    small = halo <= 32 and head_dim <= {"fwd": 32, "bwd_delta": 8}.get(kernel, 0) and dtype == torch.bfloat16
+    return KernelConfig(
+        block_p=1, block_h=1, num_warps=4 if small else 8, num_stages=1, algo="banded", block_w=16, block_r=16
+    )
 
 
-def banded_pays(kernel: str, head_dim: int, ks: Tuple[int, int], st: Tuple[int, int],
-                dtype: torch.dtype) -> bool:
+def banded_pays(kernel: str, head_dim: int, ks: Tuple[int, int], st: Tuple[int, int], dtype: torch.dtype) -> bool:
     """Whether ``kernel``'s banded form is the default on a GPU with the tensor cores for it: from
     ``BANDED_MIN_AREA`` up (the main backward kernel: where :func:`banded_bwd_pays`, head dims to
     ``BANDED_BWD_MAX_HEAD_DIM``)."""
-    return (has_banded_form(kernel, st) and ks[0] * ks[1] >= BANDED_MIN_AREA[kernel].get(dtype, 1 << 30)
-            and (kernel != "bwd" or (head_dim <= BANDED_BWD_MAX_HEAD_DIM and banded_bwd_pays(ks[1]))))
+    return (
+        has_banded_form(kernel, st)
+        and ks[0] * ks[1] >= BANDED_MIN_AREA[kernel].get(dtype, 1 << 30)
+        and (kernel != "bwd" or (head_dim <= BANDED_BWD_MAX_HEAD_DIM and banded_bwd_pays(ks[1])))
+    )
 
 
-def default_config(kernel: str, heads: int, head_dim: int, ks: Tuple[int, int], st: Tuple[int, int],
-                   dtype: torch.dtype, target: Optional[GPUArch]) -> KernelConfig:
+def default_config(
+    kernel: str,
+    heads: int,
+    head_dim: int,
+    ks: Tuple[int, int],
+    st: Tuple[int, int],
+    dtype: torch.dtype,
+    target: Optional[GPUArch],
+) -> KernelConfig:
     """The config used without a tuned entry: :func:`banded_config` where :func:`banded_pays` on a
     ``target`` whose table entry allows ``kernel``'s banded form under the installed Triton
     (:meth:`GPUArch.banded_allowed`; ``target`` None: a GPU outside the table or the interpreter), else
     :func:`heuristic_config`."""
-    if (target is not None and target.banded_allowed(kernel, dtype=dtype)
-            and banded_pays(kernel, head_dim, ks, st, dtype)):
+    if (
+        target is not None
+        and target.banded_allowed(kernel, dtype=dtype)
+        and banded_pays(kernel, head_dim, ks, st, dtype)
+    ):
         return banded_config(ks, head_dim, dtype, st, kernel)
     return heuristic_config(kernel, heads, head_dim)

@@ -112,21 +112,30 @@ def _load_table(gpu_name: str, dirs: Tuple[str, ...]) -> Optional[ConfigTable]:
         try:
             table = read_config_file(path)
         except ConfigFileError as e:
-            warn_once(f"bad:{path}", f"qna_triton: ignoring kernel config file {path}: it {e}. "
-                                     "Falling back to the next config folder or the heuristic configs; "
-                                     "re-run `python -m qna_triton.autotune` to regenerate it.")
+            warn_once(
+                f"bad:{path}",
+                f"qna_triton: ignoring kernel config file {path}: it {e}. "
+                "Falling back to the next config folder or the heuristic configs; "
+                "re-run `python -m qna_triton.autotune` to regenerate it.",
+            )
             continue
         if table.invalid:
             shown = "; ".join(f"{k!r}: {v}" for k, v in list(table.invalid.items())[:3])
             more = f" (and {len(table.invalid) - 3} more)" if len(table.invalid) > 3 else ""
-            warn_once(f"invalid:{path}", f"qna_triton: kernel config file {path} has {len(table.invalid)} "
-                                         f"invalid entries, ignored: {shown}{more}")
+            warn_once(
+                f"invalid:{path}",
+                f"qna_triton: kernel config file {path} has {len(table.invalid)} "
+                f"invalid entries, ignored: {shown}{more}",
+            )
         return table
     if not found_any:
-        warn_once(f"missing:{gpu_name}", f"qna_triton: no tuned kernel configs for GPU {gpu_name!r} (looked "
-                                         f"for {name} in {list(dirs)}); using heuristic configs. Run "
-                                         "`python -m qna_triton.autotune` to tune this GPU (or set "
-                                         f"{DISABLE_ENV}=1 to silence this).")
+        warn_once(
+            f"missing:{gpu_name}",
+            f"qna_triton: no tuned kernel configs for GPU {gpu_name!r} (looked "
+            f"for {name} in {list(dirs)}); using heuristic configs. Run "
+            "`python -m qna_triton.autotune` to tune this GPU (or set "
+            f"{DISABLE_ENV}=1 to silence this).",
+        )
     return None
 
 
@@ -140,12 +149,15 @@ def nearest_entry(table: ConfigTable, want: EntryKey) -> Optional[EntryKey]:
             tier = 1
         else:
             continue
-        dims = [abs(math.log2(a / b)) for a, b in ((key.head_dim, want.head_dim), (key.heads, want.heads),
-                                                  (key.n_queries, want.n_queries))]
+        dims = [
+            abs(math.log2(a / b))
+            for a, b in ((key.head_dim, want.head_dim), (key.heads, want.heads), (key.n_queries, want.n_queries))
+        ]
         if max(dims) > _MAX_RATIO_LOG2:
             continue
         rank = (
-            tier, *dims,
+            tier,
+            *dims,
             abs(math.log2(key.sh / want.sh)) + abs(math.log2(key.sw / want.sw)),
             abs(key.kh - want.kh) + abs(key.kw - want.kw),
             abs(math.log(key.bucket / want.bucket, BUCKET_BASE)),
@@ -176,9 +188,20 @@ def _adapt(entry: EntryKey, cfg: KernelConfig, want: EntryKey) -> KernelConfig:
 
 
 @functools.lru_cache(maxsize=4096)
-def _lookup_cached(kernel: str, dtype: str, kh: int, kw: int, sh: int, sw: int, heads: int, head_dim: int,
-                   n_queries: int, bucket: int, gpu_name: str,
-                   dirs: Tuple[str, ...]) -> Tuple[Optional[KernelConfig], Optional[EntryKey]]:
+def _lookup_cached(
+    kernel: str,
+    dtype: str,
+    kh: int,
+    kw: int,
+    sh: int,
+    sw: int,
+    heads: int,
+    head_dim: int,
+    n_queries: int,
+    bucket: int,
+    gpu_name: str,
+    dirs: Tuple[str, ...],
+) -> Tuple[Optional[KernelConfig], Optional[EntryKey]]:
     # plain ints and strings as the cache key: a hit costs one tuple hash
     if dtype not in DTYPES or min(kh, kw, sh, sw, heads, head_dim, n_queries) < 1:
         return None, None
@@ -192,9 +215,18 @@ def _lookup_cached(kernel: str, dtype: str, kh: int, kw: int, sh: int, sw: int, 
     return _adapt(hit, table.entries[hit], want), hit
 
 
-def tuned_config(kernel: str, gpu_name: str, dtype: str, heads: int, head_dim: int, n_queries: int,
-                 ks: Tuple[int, int], st: Tuple[int, int], pixels: int,
-                 dirs: Optional[Sequence[str]] = None) -> Tuple[Optional[KernelConfig], Optional[EntryKey]]:
+def tuned_config(
+    kernel: str,
+    gpu_name: str,
+    dtype: str,
+    heads: int,
+    head_dim: int,
+    n_queries: int,
+    ks: Tuple[int, int],
+    st: Tuple[int, int],
+    pixels: int,
+    dirs: Optional[Sequence[str]] = None,
+) -> Tuple[Optional[KernelConfig], Optional[EntryKey]]:
     """The tuned config for a problem on ``gpu_name`` and the entry it came from, or ``(None, None)``
     (no file or no entry close enough; ``QNA_TRITON_DISABLE_TUNED``). ``pixels`` is ``B * H_out *
     W_out``; ``dirs`` defaults to :func:`config_dirs`."""
@@ -202,14 +234,34 @@ def tuned_config(kernel: str, gpu_name: str, dtype: str, heads: int, head_dim: i
         raise ValueError(f"kernel must be one of {KERNELS}, got {kernel!r}")
     if tuned_disabled():
         return None, None
-    return _lookup_cached(kernel, dtype, int(ks[0]), int(ks[1]), int(st[0]), int(st[1]), int(heads),
-                          int(head_dim), int(n_queries), size_bucket(int(pixels)), gpu_name,
-                          tuple(dirs) if dirs is not None else config_dirs())
+    return _lookup_cached(
+        kernel,
+        dtype,
+        int(ks[0]),
+        int(ks[1]),
+        int(st[0]),
+        int(st[1]),
+        int(heads),
+        int(head_dim),
+        int(n_queries),
+        size_bucket(int(pixels)),
+        gpu_name,
+        tuple(dirs) if dirs is not None else config_dirs(),
+    )
 
 
-def lookup_config(kernel: str, gpu_name: str, dtype: str, heads: int, head_dim: int, n_queries: int,
-                  ks: Tuple[int, int], st: Tuple[int, int], pixels: int,
-                  dirs: Optional[Sequence[str]] = None) -> Tuple[KernelConfig, Optional[EntryKey]]:
+def lookup_config(
+    kernel: str,
+    gpu_name: str,
+    dtype: str,
+    heads: int,
+    head_dim: int,
+    n_queries: int,
+    ks: Tuple[int, int],
+    st: Tuple[int, int],
+    pixels: int,
+    dirs: Optional[Sequence[str]] = None,
+) -> Tuple[KernelConfig, Optional[EntryKey]]:
     """:func:`tuned_config`, with the direct algorithm's :func:`heuristic_config` where no entry
     serves (the entry then None)."""
     cfg, hit = tuned_config(kernel, gpu_name, dtype, heads, head_dim, n_queries, ks, st, pixels, dirs)

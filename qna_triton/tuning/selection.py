@@ -110,9 +110,18 @@ class Target:
         return f"sm_{cap[0]}{cap[1]}" if cap is not None else ("rocm" if self.cuda_index is not None else "cpu")
 
 
-def select_config(kernel: str, dtype: torch.dtype, heads: int, head_dim: int, n_queries: int,
-                  ks: Tuple[int, int], st: Tuple[int, int], pixels: int, target: Target,
-                  algo: Optional[str] = None) -> KernelConfig:
+def select_config(
+    kernel: str,
+    dtype: torch.dtype,
+    heads: int,
+    head_dim: int,
+    n_queries: int,
+    ks: Tuple[int, int],
+    st: Tuple[int, int],
+    pixels: int,
+    target: Target,
+    algo: Optional[str] = None,
+) -> KernelConfig:
     """The configuration ``kernel`` runs with on ``target`` for this problem (``pixels`` output pixels
     ``B * H_out * W_out``), by the order of the module docstring; ``algo`` defaults to the forced one
     (:func:`kernel_algorithm` / ``QNA_TRITON_ALGO``). Only speed depends on the answer: every config
@@ -122,13 +131,16 @@ def select_config(kernel: str, dtype: torch.dtype, heads: int, head_dim: int, n_
     if algo == "banded":
         cap = target.capability()
         if cap is not None and cap < BANDED_MIN_CAPABILITY:
-            raise RuntimeError(f"the banded kernels ({ALGO_ENV} / kernel_algorithm) need bf16/tf32 tensor "
-                               f"cores (sm_80 or later); this GPU is sm_{cap[0]}{cap[1]}")
+            raise RuntimeError(
+                f"the banded kernels ({ALGO_ENV} / kernel_algorithm) need bf16/tf32 tensor "
+                f"cores (sm_80 or later); this GPU is sm_{cap[0]}{cap[1]}"
+            )
         return banded_config(ks, head_dim, dtype, st, kernel)
     cfg = None
     if target.tuned_index is not None:
-        cfg, _ = tuned_config(kernel, target.gpu_name(), _TORCH_DTYPE_NAMES.get(dtype, ""), heads, head_dim,
-                              n_queries, ks, st, pixels)
+        cfg, _ = tuned_config(
+            kernel, target.gpu_name(), _TORCH_DTYPE_NAMES.get(dtype, ""), heads, head_dim, n_queries, ks, st, pixels
+        )
     if cfg is None:
         # the architecture (a CUDA query) is asked only where the banded form would pay
         arch = target.arch() if banded_pays(kernel, head_dim, ks, st, dtype) else None
@@ -145,19 +157,31 @@ def target_of(device: torch.device) -> Target:
     return Target(index if device.type in _TUNED_DEVICE_TYPES else None, index if cuda else None)
 
 
-def get_config(kernel: str, logits: torch.Tensor, values: torch.Tensor, ks: Tuple[int, int],
-               st: Tuple[int, int], pd: Optional[Tuple[int, int]] = None) -> KernelConfig:
+def get_config(
+    kernel: str,
+    logits: torch.Tensor,
+    values: torch.Tensor,
+    ks: Tuple[int, int],
+    st: Tuple[int, int],
+    pd: Optional[Tuple[int, int]] = None,
+) -> KernelConfig:
     """:func:`select_config` for ``kernel`` on this problem (``logits [B,H,W,N,h]``, ``values
     [B,H,W,h,d]``, on their device). ``pd`` is the padding; None takes the default one."""
     B, H, W, N, heads = logits.shape
     pd = default_padding(ks) if pd is None else pd
     pixels = B * output_size(H, ks[0], st[0], pd[0]) * output_size(W, ks[1], st[1], pd[1])
-    return select_config(kernel, logits.dtype, heads, values.shape[4], N, ks, st, pixels,
-                         target_of(logits.device))
+    return select_config(kernel, logits.dtype, heads, values.shape[4], N, ks, st, pixels, target_of(logits.device))
 
 
-def _heuristic_for(kernel: str, heads: int, head_dim: int, ks: Tuple[int, int], device: torch.device,
-                   dtype: torch.dtype = torch.bfloat16, st: Tuple[int, int] = (1, 1)) -> KernelConfig:
+def _heuristic_for(
+    kernel: str,
+    heads: int,
+    head_dim: int,
+    ks: Tuple[int, int],
+    device: torch.device,
+    dtype: torch.dtype = torch.bfloat16,
+    st: Tuple[int, int] = (1, 1),
+) -> KernelConfig:
     """What :func:`select_config` gives on ``device`` without a tuned entry and without a forced
     algorithm."""
     target = Target(cuda_index=target_of(device).cuda_index)

@@ -62,8 +62,9 @@ class GPUArch:
 
         return GPUTarget(self.backend, self.arch, self.warp_size)
 
-    def banded_allowed(self, kernel: str, triton_version: Optional[Tuple[int, int]] = None,
-                       dtype: Optional[torch.dtype] = None) -> bool:
+    def banded_allowed(
+        self, kernel: str, triton_version: Optional[Tuple[int, int]] = None, dtype: Optional[torch.dtype] = None
+    ) -> bool:
         """Whether the heuristic may take ``kernel``'s banded form here under ``triton_version``
         (default: the installed Triton), for inputs of ``dtype`` (None: for some dtype)."""
         oldest = self.banded.get(kernel)
@@ -74,24 +75,60 @@ class GPUArch:
 
 
 _KB = 1024
-TARGETS: Mapping[str, GPUArch] = {t.name: t for t in (
-    GPUArch("sm_80", "nvidia", 80, 32, 163 * _KB, 65536, 2048, "mma.sync", "A100, A800", _NO_BANDED_BWD),
-    GPUArch("sm_86", "nvidia", 86, 32, 99 * _KB, 65536, 1536, "mma.sync", "RTX 3090, A40, A10, RTX A6000",
-            _NO_BANDED_BWD, tf32x3_banded=False),
-    GPUArch("sm_89", "nvidia", 89, 32, 99 * _KB, 65536, 1536, "mma.sync", "RTX 4090, L40S, L4, RTX 6000 Ada",
-            _NO_BANDED_BWD, tf32x3_banded=False),
-    GPUArch("sm_90", "nvidia", 90, 32, 227 * _KB, 65536, 2048, "wgmma", "H100, H200, GH200", _ALL_BANDED),
-    # Triton 3.6 and 3.7 fail to build the banded delta kernel in bf16 for sm_100 ("PassManager::run
-    # failed" in the tensor-memory layout pass); 3.9 builds it, 3.8 is unchecked.
-    GPUArch("sm_100", "nvidia", 100, 32, 227 * _KB, 65536, 2048, "tcgen05", "B200, GB200",
-            {"fwd": OLDEST_TRITON, "bwd_delta": (3, 9), "bwd": OLDEST_TRITON}),
-    GPUArch("sm_120", "nvidia", 120, 32, 99 * _KB, 65536, 1536, "mma.sync", "RTX 5090, RTX PRO 6000",
-            _NO_BANDED_BWD),
-    # AMD: the banded kernels do not all build through Triton's AMD backend yet (the main backward kernel
-    # on gfx942, the forward too on gfx950), and none has run on AMD hardware: direct only by default.
-    GPUArch("gfx942", "amd", "gfx942", 64, 64 * _KB, 512 * 64 * 4, 2048, "mfma", "MI300X, MI300A, MI325X"),
-    GPUArch("gfx950", "amd", "gfx950", 64, 160 * _KB, 512 * 64 * 4, 2048, "mfma", "MI350X, MI355X"),
-)}
+TARGETS: Mapping[str, GPUArch] = {
+    t.name: t
+    for t in (
+        GPUArch("sm_80", "nvidia", 80, 32, 163 * _KB, 65536, 2048, "mma.sync", "A100, A800", _NO_BANDED_BWD),
+        GPUArch(
+            "sm_86",
+            "nvidia",
+            86,
+            32,
+            99 * _KB,
+            65536,
+            1536,
+            "mma.sync",
+            "RTX 3090, A40, A10, RTX A6000",
+            _NO_BANDED_BWD,
+            tf32x3_banded=False,
+        ),
+        GPUArch(
+            "sm_89",
+            "nvidia",
+            89,
+            32,
+            99 * _KB,
+            65536,
+            1536,
+            "mma.sync",
+            "RTX 4090, L40S, L4, RTX 6000 Ada",
+            _NO_BANDED_BWD,
+            tf32x3_banded=False,
+        ),
+        GPUArch("sm_90", "nvidia", 90, 32, 227 * _KB, 65536, 2048, "wgmma", "H100, H200, GH200", _ALL_BANDED),
+        # Triton 3.6 and 3.7 fail to build the banded delta kernel in bf16 for sm_100 ("PassManager::run
+        # failed" in the tensor-memory layout pass); 3.9 builds it, 3.8 is unchecked.
+        GPUArch(
+            "sm_100",
+            "nvidia",
+            100,
+            32,
+            227 * _KB,
+            65536,
+            2048,
+            "tcgen05",
+            "B200, GB200",
+            {"fwd": OLDEST_TRITON, "bwd_delta": (3, 9), "bwd": OLDEST_TRITON},
+        ),
+        GPUArch(
+            "sm_120", "nvidia", 120, 32, 99 * _KB, 65536, 1536, "mma.sync", "RTX 5090, RTX PRO 6000", _NO_BANDED_BWD
+        ),
+        # AMD: the banded kernels do not all build through Triton's AMD backend yet (the main backward kernel
+        # on gfx942, the forward too on gfx950), and none has run on AMD hardware: direct only by default.
+        GPUArch("gfx942", "amd", "gfx942", 64, 64 * _KB, 512 * 64 * 4, 2048, "mfma", "MI300X, MI300A, MI325X"),
+        GPUArch("gfx950", "amd", "gfx950", 64, 160 * _KB, 512 * 64 * 4, 2048, "mfma", "MI350X, MI355X"),
+    )
+}
 
 
 def uses_tf32x3(kernel: str, dtype: torch.dtype) -> bool:
@@ -121,8 +158,9 @@ def target_for_capability(capability: Tuple[int, int]) -> Optional[GPUArch]:
     major version below it (sm_87 -> sm_86, sm_103 -> sm_100, sm_121 -> sm_120); None when there is none
     (older GPUs, or a new family: the direct kernels only)."""
     major, minor = capability
-    same = [t for t in TARGETS.values() if t.vendor == "nvidia" and t.capability[0] == major
-            and t.capability[1] <= minor]
+    same = [
+        t for t in TARGETS.values() if t.vendor == "nvidia" and t.capability[0] == major and t.capability[1] <= minor
+    ]
     return max(same, key=lambda t: t.capability) if same else None
 
 

@@ -102,19 +102,30 @@ def _saltire(u: np.ndarray, v: np.ndarray) -> np.ndarray:
 
 
 SHAPES: Tuple[Callable[[np.ndarray, np.ndarray], np.ndarray], ...] = (
-    _disk, _square, _triangle, _ring, _cross, _diamond, _bars, _saltire)
+    _disk,
+    _square,
+    _triangle,
+    _ring,
+    _cross,
+    _diamond,
+    _bars,
+    _saltire,
+)
 SHAPE_NAMES = ("disk", "square", "triangle", "ring", "cross", "diamond", "bars", "saltire")
 COLOUR_NAMES = ("red", "green", "blue", "yellow", "magenta", "cyan", "orange", "white")
-PALETTE = np.array([
-    (0.95, 0.15, 0.10),  # red
-    (0.10, 0.85, 0.20),  # green
-    (0.15, 0.30, 1.00),  # blue
-    (0.95, 0.90, 0.10),  # yellow
-    (0.90, 0.15, 0.90),  # magenta
-    (0.10, 0.90, 0.90),  # cyan
-    (1.00, 0.55, 0.05),  # orange
-    (0.95, 0.95, 0.95),  # white
-], dtype=np.float32)
+PALETTE = np.array(
+    [
+        (0.95, 0.15, 0.10),  # red
+        (0.10, 0.85, 0.20),  # green
+        (0.15, 0.30, 1.00),  # blue
+        (0.95, 0.90, 0.10),  # yellow
+        (0.90, 0.15, 0.90),  # magenta
+        (0.10, 0.90, 0.90),  # cyan
+        (1.00, 0.55, 0.05),  # orange
+        (0.95, 0.95, 0.95),  # white
+    ],
+    dtype=np.float32,
+)
 
 
 class SyntheticShapes(Dataset):
@@ -139,11 +150,21 @@ class SyntheticShapes(Dataset):
             ``[H, W, 3]`` uint8 array.
     """
 
-    def __init__(self, num_classes: int, num_images: int, image_size: int, seed: int = 0,
-                 split: str = "train", noise: float = 0.08, as_pil: bool = False) -> None:
+    def __init__(
+        self,
+        num_classes: int,
+        num_images: int,
+        image_size: int,
+        seed: int = 0,
+        split: str = "train",
+        noise: float = 0.08,
+        as_pil: bool = False,
+    ) -> None:
         if num_classes < 1 or num_images < 1 or image_size < 8:
-            raise ValueError(f"need num_classes >= 1, num_images >= 1, image_size >= 8; got "
-                             f"{num_classes}, {num_images}, {image_size}")
+            raise ValueError(
+                f"need num_classes >= 1, num_images >= 1, image_size >= 8; got "
+                f"{num_classes}, {num_images}, {image_size}"
+            )
         self.num_classes, self.num_images, self.image_size = num_classes, num_images, image_size
         self.seed, self.split, self.noise, self.as_pil = seed, split, noise, as_pil
         self._split_code = int.from_bytes(split.encode()[:8].ljust(8, b"\0"), "little")
@@ -195,7 +216,7 @@ class SyntheticShapes(Dataset):
     def _grid(self) -> Tuple[np.ndarray, np.ndarray]:
         """Pixel-centre coordinates ``(x, y)``, ``[H, W]`` float32 each, computed once per process."""
         if getattr(self, "_xy", None) is None:
-            yy, xx = np.mgrid[0:self.image_size, 0:self.image_size].astype(np.float32) + np.float32(0.5)
+            yy, xx = np.mgrid[0 : self.image_size, 0 : self.image_size].astype(np.float32) + np.float32(0.5)
             self._xy = (xx, yy)
         return self._xy
 
@@ -275,8 +296,14 @@ def build_dataset(spec: DataSpec, split: str, as_pil: bool) -> Tuple[Dataset, in
         raise ValueError(f"split must be 'train' or 'val', got {split!r}")
     if spec.synthetic:
         size = spec.synthetic_train_size if split == "train" else spec.synthetic_val_size
-        ds = SyntheticShapes(spec.synthetic_classes, size, spec.synthetic_image_size, seed=spec.synthetic_seed,
-                             split=split, as_pil=as_pil)
+        ds = SyntheticShapes(
+            spec.synthetic_classes,
+            size,
+            spec.synthetic_image_size,
+            seed=spec.synthetic_seed,
+            split=split,
+            as_pil=as_pil,
+        )
         return ds, spec.synthetic_classes
     if not spec.data_dir:
         raise ValueError("give --data-dir (an ImageFolder tree with train/ and val/) or --synthetic")
@@ -327,8 +354,9 @@ def _randint(high: int) -> int:
     return int(torch.randint(0, high, ()))
 
 
-def random_resized_crop_box(h: int, w: int, scale: Tuple[float, float],
-                            ratio: Tuple[float, float]) -> Tuple[int, int, int, int]:
+def random_resized_crop_box(
+    h: int, w: int, scale: Tuple[float, float], ratio: Tuple[float, float]
+) -> Tuple[int, int, int, int]:
     """``(top, left, height, width)``: torchvision's RandomResizedCrop sampling (10 tries, then the
     largest central crop of an allowed aspect ratio)."""
     area = h * w
@@ -374,8 +402,12 @@ def color_jitter(t: torch.Tensor, strength: float) -> torch.Tensor:
     return t
 
 
-def random_erase(t: torch.Tensor, prob: float, area: Tuple[float, float] = (0.02, 1 / 3),
-                 log_aspect: Tuple[float, float] = (math.log(0.3), math.log(1 / 0.3))) -> torch.Tensor:
+def random_erase(
+    t: torch.Tensor,
+    prob: float,
+    area: Tuple[float, float] = (0.02, 1 / 3),
+    log_aspect: Tuple[float, float] = (math.log(0.3), math.log(1 / 0.3)),
+) -> torch.Tensor:
     """timm's RandomErasing in ``pixel`` mode (one box of per-pixel normal noise), on a normalised image."""
     if prob <= 0.0 or _uniform(0.0, 1.0) >= prob:
         return t
@@ -387,7 +419,7 @@ def random_erase(t: torch.Tensor, prob: float, area: Tuple[float, float] = (0.02
         if eh < h and ew < w:
             top, left = _randint(h - eh + 1), _randint(w - ew + 1)
             t = t.clone()
-            t[:, top:top + eh, left:left + ew] = torch.randn(t.shape[0], eh, ew)
+            t[:, top : top + eh, left : left + ew] = torch.randn(t.shape[0], eh, ew)
             return t
     return t
 
@@ -415,7 +447,7 @@ class BuiltinTrainTransform(_BuiltinTransform):
         c = self.cfg
         t = to_float_tensor(img)
         top, left, ch, cw = random_resized_crop_box(t.shape[1], t.shape[2], c.scale, c.ratio)
-        t = _resize(t[:, top:top + ch, left:left + cw], (c.img_size, c.img_size), c.interpolation)
+        t = _resize(t[:, top : top + ch, left : left + cw], (c.img_size, c.img_size), c.interpolation)
         if c.hflip > 0 and _uniform(0.0, 1.0) < c.hflip:
             t = t.flip(-1)
         if c.color_jitter > 0:
@@ -424,8 +456,10 @@ class BuiltinTrainTransform(_BuiltinTransform):
 
     def __repr__(self) -> str:
         c = self.cfg
-        return (f"BuiltinTrainTransform(size={c.img_size}, scale={c.scale}, hflip={c.hflip}, "
-                f"color_jitter={c.color_jitter}, reprob={c.reprob}, interpolation={c.interpolation})")
+        return (
+            f"BuiltinTrainTransform(size={c.img_size}, scale={c.scale}, hflip={c.hflip}, "
+            f"color_jitter={c.color_jitter}, reprob={c.reprob}, interpolation={c.interpolation})"
+        )
 
 
 class BuiltinEvalTransform(_BuiltinTransform):
@@ -440,7 +474,7 @@ class BuiltinEvalTransform(_BuiltinTransform):
         if (nh, nw) != (h, w):
             t = _resize(t, (nh, nw), c.interpolation)
         top, left = (nh - c.img_size) // 2, (nw - c.img_size) // 2
-        return self.normalize(t[:, top:top + c.img_size, left:left + c.img_size])
+        return self.normalize(t[:, top : top + c.img_size, left : left + c.img_size])
 
     def __repr__(self) -> str:
         return f"BuiltinEvalTransform(size={self.cfg.img_size}, crop_pct={self.cfg.crop_pct})"
@@ -456,14 +490,28 @@ def build_transform(cfg: AugConfig, train: bool, backend: str) -> Callable[[Any]
         from timm.data import create_transform
 
         return create_transform(
-            input_size=cfg.img_size, is_training=train, scale=cfg.scale, ratio=cfg.ratio, hflip=cfg.hflip,
-            color_jitter=cfg.color_jitter, auto_augment=cfg.auto_augment, interpolation=cfg.interpolation,
-            mean=cfg.mean, std=cfg.std, re_prob=cfg.reprob, re_mode="pixel", re_count=1, crop_pct=cfg.crop_pct,
+            input_size=cfg.img_size,
+            is_training=train,
+            scale=cfg.scale,
+            ratio=cfg.ratio,
+            hflip=cfg.hflip,
+            color_jitter=cfg.color_jitter,
+            auto_augment=cfg.auto_augment,
+            interpolation=cfg.interpolation,
+            mean=cfg.mean,
+            std=cfg.std,
+            re_prob=cfg.reprob,
+            re_mode="pixel",
+            re_count=1,
+            crop_pct=cfg.crop_pct,
         )
     global _warned_aa
     if train and cfg.auto_augment and not _warned_aa:
-        warnings.warn(f"auto-augment {cfg.auto_augment!r} needs timm, which does not import here; training "
-                      "without it (builtin transforms: crop, flip, colour jitter, random erasing)", stacklevel=2)
+        warnings.warn(
+            f"auto-augment {cfg.auto_augment!r} needs timm, which does not import here; training "
+            "without it (builtin transforms: crop, flip, colour jitter, random erasing)",
+            stacklevel=2,
+        )
         _warned_aa = True
     return BuiltinTrainTransform(cfg) if train else BuiltinEvalTransform(cfg)
 
@@ -483,7 +531,7 @@ def seeded_rng(seed: int, python_and_numpy: bool = True) -> Iterator[None]:
     torch.random.default_generator.manual_seed(seed)
     if python_and_numpy:
         random.seed(seed)
-        np.random.seed(seed % 2 ** 32)
+        np.random.seed(seed % 2**32)
     try:
         yield
     finally:
@@ -530,8 +578,16 @@ class ResumableSampler(Sampler):
     Yields ``(dataset index, augmentation seed)``; the seed is drawn from ``(seed, epoch)`` per position.
     """
 
-    def __init__(self, num_samples: int, batch_size: int, world_size: int = 1, rank: int = 0,
-                 accum_steps: int = 1, seed: int = 0, shuffle: bool = True) -> None:
+    def __init__(
+        self,
+        num_samples: int,
+        batch_size: int,
+        world_size: int = 1,
+        rank: int = 0,
+        accum_steps: int = 1,
+        seed: int = 0,
+        shuffle: bool = True,
+    ) -> None:
         super().__init__()
         if not 0 <= rank < world_size:
             raise ValueError(f"rank {rank} out of range for world size {world_size}")
@@ -541,8 +597,10 @@ class ResumableSampler(Sampler):
         self.global_batch = batch_size * world_size * accum_steps
         self.steps_per_epoch = num_samples // self.global_batch
         if self.steps_per_epoch < 1:
-            raise ValueError(f"the dataset ({num_samples} images) is smaller than one global batch "
-                             f"({batch_size} x {world_size} processes x {accum_steps} accumulation steps)")
+            raise ValueError(
+                f"the dataset ({num_samples} images) is smaller than one global batch "
+                f"({batch_size} x {world_size} processes x {accum_steps} accumulation steps)"
+            )
         self.epoch, self.start_step = 0, 0
 
     def set_epoch(self, epoch: int, start_step: int = 0) -> None:
@@ -555,7 +613,7 @@ class ResumableSampler(Sampler):
         """``(permutation, per-position augmentation seeds)`` of ``epoch``."""
         n = self.num_samples
         order = np.random.default_rng([self.seed, epoch]).permutation(n) if self.shuffle else np.arange(n)
-        seeds = np.random.default_rng([self.seed, epoch, 1]).integers(0, 2 ** 62, size=n)
+        seeds = np.random.default_rng([self.seed, epoch, 1]).integers(0, 2**62, size=n)
         return order, seeds
 
     def __iter__(self) -> Iterator[Tuple[int, int]]:

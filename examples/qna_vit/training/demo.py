@@ -26,8 +26,12 @@ from qna_vit.training import train_cli as train_script
 # self-attention in stages 2 and 3), at a quarter of the width and one block per stage. The LSA windows
 # divide the 32x32 input's feature maps (8, 4, 2, 1).
 CPU_MODEL_KWARGS = {
-    "base_dim": 16, "qna_layers": (1, 1, 1, 0), "qna_heads": (2, 4, 8, 16),
-    "lsa_layers": (0, 0, 1, 1), "lsa_heads": (1, 2, 4, 8), "lsa_window": (8, 4, 2, 1),
+    "base_dim": 16,
+    "qna_layers": (1, 1, 1, 0),
+    "qna_heads": (2, 4, 8, 16),
+    "lsa_layers": (0, 0, 1, 1),
+    "lsa_heads": (1, 2, 4, 8),
+    "lsa_window": (8, 4, 2, 1),
 }
 # qna_vit_tiny itself on GPUs; its LSA windows shrunk to divide the 64x64 input's maps (16, 8, 4, 2).
 GPU_MODEL_KWARGS = {"lsa_window": (8, 8, 4, 2)}
@@ -57,16 +61,56 @@ def build_train_argv(args: argparse.Namespace, cuda: bool) -> List[str]:
         kwargs = dict(kwargs, base_dim=args.width)
     batch = args.batch_size or (128 if cuda else 32)
     argv = [
-        "--synthetic", "--synthetic-classes", str(args.classes), "--synthetic-train-size", str(args.train_size),
-        "--synthetic-val-size", str(args.val_size), "--img-size", str(size),
-        "--model", "qna_vit_tiny", "--model-kwargs", *_kwargs_argv(kwargs), "--drop-path", "0",
-        "--batch-size", str(batch), "--epochs", str(args.epochs), "--lr", str(args.lr), "--warmup-epochs", "0.2",
+        "--synthetic",
+        "--synthetic-classes",
+        str(args.classes),
+        "--synthetic-train-size",
+        str(args.train_size),
+        "--synthetic-val-size",
+        str(args.val_size),
+        "--img-size",
+        str(size),
+        "--model",
+        "qna_vit_tiny",
+        "--model-kwargs",
+        *_kwargs_argv(kwargs),
+        "--drop-path",
+        "0",
+        "--batch-size",
+        str(batch),
+        "--epochs",
+        str(args.epochs),
+        "--lr",
+        str(args.lr),
+        "--warmup-epochs",
+        "0.2",
         # The recipe's augmentation is tuned for 300 ImageNet epochs; a one-minute run shows learning
         # better with crops, flips, colour jitter and label smoothing only.
-        "--aa", "none", "--mixup", "0", "--cutmix", "0", "--reprob", "0", "--scale", "0.35", "1.0",
-        "--smoothing", "0.1", "--workers", str(workers), "--log-interval", str(args.log_interval),
-        "--ckpt-interval", "0", "--seed", str(args.seed), "--progress", args.progress,
-        "--output", args.output or os.path.join("runs", "demo", time.strftime("%Y%m%d-%H%M%S")),
+        "--aa",
+        "none",
+        "--mixup",
+        "0",
+        "--cutmix",
+        "0",
+        "--reprob",
+        "0",
+        "--scale",
+        "0.35",
+        "1.0",
+        "--smoothing",
+        "0.1",
+        "--workers",
+        str(workers),
+        "--log-interval",
+        str(args.log_interval),
+        "--ckpt-interval",
+        "0",
+        "--seed",
+        str(args.seed),
+        "--progress",
+        args.progress,
+        "--output",
+        args.output or os.path.join("runs", "demo", time.strftime("%Y%m%d-%H%M%S")),
     ]
     if threads:
         argv += ["--threads", str(threads)]
@@ -107,12 +151,16 @@ def main(argv: Optional[Sequence[str]] = None) -> Dict[str, Any]:
     m = summary["metrics"] or {}
     print()
     print("summary")
-    print(f"  loss        {first:.4f} (mean of the first steps) -> {last:.4f} (last steps), "
-          f"{100 * (1 - last / first):.0f}% lower")
+    print(
+        f"  loss        {first:.4f} (mean of the first steps) -> {last:.4f} (last steps), "
+        f"{100 * (1 - last / first):.0f}% lower"
+    )
     if m:
         print(f"  validation  top-1 {m['top1']:.1f}%  top-5 {m['top5']:.1f}%  (chance: {100 / args.classes:.0f}%)")
-    print(f"  throughput  {summary['images_per_s']:.1f} training images/s "
-          f"({'GPU, Triton kernels' if cuda else 'CPU, PyTorch reference path'})")
+    print(
+        f"  throughput  {summary['images_per_s']:.1f} training images/s "
+        f"({'GPU, Triton kernels' if cuda else 'CPU, PyTorch reference path'})"
+    )
     print(f"  time        {wall:.1f}s for {summary['steps']} steps")
     print(f"  run folder  {summary['output']}")
     print(f"  evaluate:   python examples/eval.py --checkpoint {summary['output']} --synthetic")

@@ -33,8 +33,9 @@ class NonFiniteLossError(RuntimeError):
 
 def derive_seed(*parts: int) -> int:
     """A 63-bit seed that is a pure function of ``parts`` (well mixed, unlike ``sum`` or ``hash``)."""
-    return int(np.random.SeedSequence([int(p) & 0xFFFFFFFFFFFF for p in parts]).generate_state(2, np.uint64)[0]
-               >> np.uint64(1))
+    return int(
+        np.random.SeedSequence([int(p) & 0xFFFFFFFFFFFF for p in parts]).generate_state(2, np.uint64)[0] >> np.uint64(1)
+    )
 
 
 def _literal(text: str) -> Any:
@@ -77,8 +78,9 @@ class CosineSchedule:
     then a cosine from ``base_lr`` down to ``min_lr`` at ``total_steps``. A pure function of the step,
     so resuming needs nothing but the step (the state is saved to check that the run is the same)."""
 
-    def __init__(self, base_lr: float, total_steps: int, warmup_steps: int = 0, warmup_lr: float = 1e-6,
-                 min_lr: float = 1e-5) -> None:
+    def __init__(
+        self, base_lr: float, total_steps: int, warmup_steps: int = 0, warmup_lr: float = 1e-6, min_lr: float = 1e-5
+    ) -> None:
         self.base_lr, self.total_steps, self.warmup_steps = float(base_lr), int(total_steps), int(warmup_steps)
         self.warmup_lr, self.min_lr = float(warmup_lr), float(min_lr)
 
@@ -97,8 +99,13 @@ class CosineSchedule:
         return lr
 
     def state_dict(self) -> Dict[str, float]:
-        return {"base_lr": self.base_lr, "total_steps": self.total_steps, "warmup_steps": self.warmup_steps,
-                "warmup_lr": self.warmup_lr, "min_lr": self.min_lr}
+        return {
+            "base_lr": self.base_lr,
+            "total_steps": self.total_steps,
+            "warmup_steps": self.warmup_steps,
+            "warmup_lr": self.warmup_lr,
+            "min_lr": self.min_lr,
+        }
 
     def load_state_dict(self, state: Dict[str, float]) -> None:
         self.__init__(**state)
@@ -142,9 +149,15 @@ class ModelEma:
 
 # ----------------------------------------------------------------------------------- evaluation
 @torch.no_grad()
-def evaluate(model: nn.Module, loader: Iterable, device: torch.device, info: DistInfo,
-             amp_dtype: Optional[torch.dtype] = None, channels_last: bool = False,
-             progress: Optional[Progress] = None) -> Dict[str, float]:
+def evaluate(
+    model: nn.Module,
+    loader: Iterable,
+    device: torch.device,
+    info: DistInfo,
+    amp_dtype: Optional[torch.dtype] = None,
+    channels_last: bool = False,
+    progress: Optional[Progress] = None,
+) -> Dict[str, float]:
     """Top-1/top-5 accuracy (percent) and mean cross-entropy over every image of ``loader``, summed over
     all processes (each must see a disjoint shard). Also the wall time and images/s of the pass."""
     was_training = model.training
@@ -161,8 +174,14 @@ def evaluate(model: nn.Module, loader: Iterable, device: torch.device, info: Dis
         logits = logits.float()
         k = min(5, logits.shape[1])
         hit = logits.topk(k, dim=1).indices.eq(y[:, None])
-        sums += torch.stack([F.cross_entropy(logits, y, reduction="sum"), hit[:, 0].sum(),
-                             hit.any(dim=1).sum(), torch.tensor(y.shape[0], device=device)]).double()
+        sums += torch.stack(
+            [
+                F.cross_entropy(logits, y, reduction="sum"),
+                hit[:, 0].sum(),
+                hit.any(dim=1).sum(),
+                torch.tensor(y.shape[0], device=device),
+            ]
+        ).double()
         if progress is not None:
             progress.update(1)
     all_reduce_sum(sums, info)
@@ -170,8 +189,14 @@ def evaluate(model: nn.Module, loader: Iterable, device: torch.device, info: Dis
     seconds = time.perf_counter() - t0
     model.train(was_training)
     n = max(n, 1.0)
-    return {"loss": loss / n, "top1": 100.0 * top1 / n, "top5": 100.0 * top5 / n, "images": int(n),
-            "seconds": seconds, "images_per_s": n / max(seconds, 1e-9)}
+    return {
+        "loss": loss / n,
+        "top1": 100.0 * top1 / n,
+        "top5": 100.0 * top5 / n,
+        "images": int(n),
+        "seconds": seconds,
+        "images_per_s": n / max(seconds, 1e-9),
+    }
 
 
 # ----------------------------------------------------------------------------------- logging
@@ -220,8 +245,7 @@ class Progress:
         if self.enabled and _use_tqdm(mode):
             from tqdm import tqdm
 
-            self.bar = tqdm(total=total, initial=initial, desc=desc, dynamic_ncols=True, leave=True,
-                            file=sys.stderr)
+            self.bar = tqdm(total=total, initial=initial, desc=desc, dynamic_ncols=True, leave=True, file=sys.stderr)
 
     def update(self, n: int = 1) -> None:
         if self.bar is not None:

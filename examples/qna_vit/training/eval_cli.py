@@ -47,8 +47,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--checkpoint", required=True, help="checkpoint file or train.py run folder")
     p.add_argument("--ema", action="store_true", help="evaluate the checkpoint's EMA weights")
     p.add_argument("--model", default=None, choices=sorted(MODEL_CONFIGS), help="default: the checkpoint's")
-    p.add_argument("--model-kwargs", nargs="*", default=None, metavar="KEY=VALUE",
-                   help="QnAViTConfig overrides (default: the checkpoint's)")
+    p.add_argument(
+        "--model-kwargs",
+        nargs="*",
+        default=None,
+        metavar="KEY=VALUE",
+        help="QnAViTConfig overrides (default: the checkpoint's)",
+    )
     p.add_argument("--data-dir", default=None, help="ImageFolder split folder, or a root holding --split")
     p.add_argument("--split", default="val")
     p.add_argument("--synthetic", action="store_true", help="the generated set (its val split)")
@@ -62,8 +67,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--interpolation", default=None, choices=("bicubic", "bilinear"))
     p.add_argument("-b", "--batch-size", type=int, default=256)
     p.add_argument("-j", "--workers", type=int, default=8)
-    p.add_argument("--amp", action=argparse.BooleanOptionalAction, default=None,
-                   help="autocast (default: on for CUDA)")
+    p.add_argument("--amp", action=argparse.BooleanOptionalAction, default=None, help="autocast (default: on for CUDA)")
     p.add_argument("--amp-dtype", default="bf16", choices=("bf16", "fp16"))
     p.add_argument("--channels-last", action="store_true")
     p.add_argument("--compile", action="store_true")
@@ -74,8 +78,12 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
-def model_from_checkpoint(ckpt: Dict[str, Any], model_name: Optional[str] = None,
-                          model_kwargs: Optional[Dict[str, Any]] = None, ema: bool = False) -> Tuple[nn.Module, str]:
+def model_from_checkpoint(
+    ckpt: Dict[str, Any],
+    model_name: Optional[str] = None,
+    model_kwargs: Optional[Dict[str, Any]] = None,
+    ema: bool = False,
+) -> Tuple[nn.Module, str]:
     """Builds the checkpoint's model and loads its weights (``ema``: the EMA weights); returns it and its name.
 
     The architecture is ``model_name`` (else the checkpoint's ``model_name``) with ``model_kwargs`` (else
@@ -106,15 +114,18 @@ def model_from_checkpoint(ckpt: Dict[str, Any], model_name: Optional[str] = None
     model = create_model(name, num_classes=num_classes, **kwargs)
     missing, unexpected = model.load_state_dict(state, strict=False)
     if missing or unexpected:
-        raise ValueError(f"the checkpoint does not match {name} {kwargs or ''}: missing {missing[:5]}"
-                         f"{'...' if len(missing) > 5 else ''}, unexpected {unexpected[:5]}"
-                         f"{'...' if len(unexpected) > 5 else ''} (pass --model/--model-kwargs of its architecture)")
+        raise ValueError(
+            f"the checkpoint does not match {name} {kwargs or ''}: missing {missing[:5]}"
+            f"{'...' if len(missing) > 5 else ''}, unexpected {unexpected[:5]}"
+            f"{'...' if len(unexpected) > 5 else ''} (pass --model/--model-kwargs of its architecture)"
+        )
     return model, name
 
 
 @torch.no_grad()
-def model_throughput(model: nn.Module, x: torch.Tensor, steps: int, amp_dtype: Optional[torch.dtype],
-                     warmup: int = 3) -> float:
+def model_throughput(
+    model: nn.Module, x: torch.Tensor, steps: int, amp_dtype: Optional[torch.dtype], warmup: int = 3
+) -> float:
     """Images/s of forward passes on the resident batch ``x``, timed after ``warmup`` passes."""
     sync = torch.cuda.synchronize if x.is_cuda else (lambda: None)
     for _ in range(warmup):
@@ -158,27 +169,41 @@ def run(argv: Optional[Sequence[str]] = None) -> Dict[str, Any]:
     arch = ckpt.get("model_kwargs") or ckpt.get("model_args") or {}
     img_size = args.img_size or saved_aug.get("img_size") or train_args.get("img_size") or arch.get("img_size") or 224
     img_size = img_size[0] if isinstance(img_size, (tuple, list)) else int(img_size)
-    aug = AugConfig(img_size=img_size, crop_pct=args.crop_pct or saved_aug.get("crop_pct") or 0.875,
-                    interpolation=args.interpolation or saved_aug.get("interpolation") or "bicubic")
+    aug = AugConfig(
+        img_size=img_size,
+        crop_pct=args.crop_pct or saved_aug.get("crop_pct") or 0.875,
+        interpolation=args.interpolation or saved_aug.get("interpolation") or "bicubic",
+    )
     backend = resolve_data_backend(args.data_backend)
     if args.synthetic:
+
         def pick(flag: Optional[int], key: str, default: int) -> int:
             return flag if flag is not None else int(saved_spec.get(key) or default)
 
-        spec = DataSpec(synthetic=True, synthetic_classes=pick(args.synthetic_classes, "synthetic_classes", 10),
-                        synthetic_val_size=pick(args.synthetic_val_size, "synthetic_val_size", 500),
-                        synthetic_image_size=pick(args.synthetic_image_size, "synthetic_image_size", img_size),
-                        synthetic_seed=pick(args.synthetic_seed, "synthetic_seed", 0))
+        spec = DataSpec(
+            synthetic=True,
+            synthetic_classes=pick(args.synthetic_classes, "synthetic_classes", 10),
+            synthetic_val_size=pick(args.synthetic_val_size, "synthetic_val_size", 500),
+            synthetic_image_size=pick(args.synthetic_image_size, "synthetic_image_size", img_size),
+            synthetic_seed=pick(args.synthetic_seed, "synthetic_seed", 0),
+        )
         dataset, _ = build_dataset(spec, "val", as_pil=backend == "timm")
-        source = (f"generated shapes (val, {spec.synthetic_classes} classes, {spec.synthetic_image_size}px, "
-                  f"seed {spec.synthetic_seed})")
+        source = (
+            f"generated shapes (val, {spec.synthetic_classes} classes, {spec.synthetic_image_size}px, "
+            f"seed {spec.synthetic_seed})"
+        )
     else:
         folder = os.path.join(args.data_dir, args.split)
         folder = folder if os.path.isdir(folder) else args.data_dir
         dataset = image_folder(folder)
         source = folder
-    loader = DataLoader(SeededDataset(dataset, build_transform(aug, False, backend)), batch_size=args.batch_size,
-                        shuffle=False, num_workers=args.workers, pin_memory=use_cuda)
+    loader = DataLoader(
+        SeededDataset(dataset, build_transform(aug, False, backend)),
+        batch_size=args.batch_size,
+        shuffle=False,
+        num_workers=args.workers,
+        pin_memory=use_cuda,
+    )
 
     from qna_triton.env import capture_environment
     from qna_triton.ops import resolve_backend
@@ -187,11 +212,15 @@ def run(argv: Optional[Sequence[str]] = None) -> Dict[str, Any]:
     n_params = sum(p.numel() for p in model.parameters())
     gpu = f" ({env.device_name})" if use_cuda else ""
     step = f", step {ckpt['step']}" if "step" in ckpt else ""
-    print(f"checkpoint: {path} ({name}, {n_params / 1e6:.2f}M parameters, {model.num_classes} classes{step}"
-          f"{', EMA weights' if args.ema else ''})")
-    print(f"device: {device}{gpu} | QnA backend: {resolve_backend(device)} | precision: "
-          f"{'autocast ' + args.amp_dtype if amp_dtype else 'float32'} | channels-last: {args.channels_last} | "
-          f"compile: {args.compile}")
+    print(
+        f"checkpoint: {path} ({name}, {n_params / 1e6:.2f}M parameters, {model.num_classes} classes{step}"
+        f"{', EMA weights' if args.ema else ''})"
+    )
+    print(
+        f"device: {device}{gpu} | QnA backend: {resolve_backend(device)} | precision: "
+        f"{'autocast ' + args.amp_dtype if amp_dtype else 'float32'} | channels-last: {args.channels_last} | "
+        f"compile: {args.compile}"
+    )
     print(f"data: {source}: {len(dataset)} images at {img_size}x{img_size} (crop {aug.crop_pct})")
     # One batch, transformed in this process: warms the model up (lazy imports, compilation, kernel
     # configs) so the timed pass measures steady state, then serves the model-only rate.
@@ -203,12 +232,21 @@ def run(argv: Optional[Sequence[str]] = None) -> Dict[str, Any]:
         run_model(x)
     info = DistInfo(1, 0, 0, device, None)
     metrics = evaluate(run_model, loader, device, info, amp_dtype, args.channels_last)
-    print(f"top-1 {metrics['top1']:.3f}% | top-5 {metrics['top5']:.3f}% | loss {metrics['loss']:.4f} | "
-          f"{metrics['images']} images")
-    result: Dict[str, Any] = {"checkpoint": path, "model": name, "ema": args.ema, "device": str(device) + gpu,
-                              "img_size": img_size, "batch_size": args.batch_size,
-                              "precision": args.amp_dtype if amp_dtype else "float32", **metrics,
-                              "environment": env.as_dict()}
+    print(
+        f"top-1 {metrics['top1']:.3f}% | top-5 {metrics['top5']:.3f}% | loss {metrics['loss']:.4f} | "
+        f"{metrics['images']} images"
+    )
+    result: Dict[str, Any] = {
+        "checkpoint": path,
+        "model": name,
+        "ema": args.ema,
+        "device": str(device) + gpu,
+        "img_size": img_size,
+        "batch_size": args.batch_size,
+        "precision": args.amp_dtype if amp_dtype else "float32",
+        **metrics,
+        "environment": env.as_dict(),
+    }
     line = f"throughput: {metrics['images_per_s']:.1f} images/s end-to-end"
     if args.bench_steps > 0:
         rate = model_throughput(run_model, x, args.bench_steps, amp_dtype)

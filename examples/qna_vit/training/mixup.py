@@ -47,8 +47,15 @@ class Mixup:
     ``__call__(x [B, C, H, W], target [B], seed) -> (mixed x, soft targets [B, num_classes])``.
     """
 
-    def __init__(self, mixup_alpha: float = 0.8, cutmix_alpha: float = 1.0, prob: float = 1.0,
-                 switch_prob: float = 0.5, label_smoothing: float = 0.1, num_classes: int = 1000) -> None:
+    def __init__(
+        self,
+        mixup_alpha: float = 0.8,
+        cutmix_alpha: float = 1.0,
+        prob: float = 1.0,
+        switch_prob: float = 0.5,
+        label_smoothing: float = 0.1,
+        num_classes: int = 1000,
+    ) -> None:
         self.mixup_alpha, self.cutmix_alpha = mixup_alpha, cutmix_alpha
         self.prob, self.switch_prob = prob, switch_prob
         self.label_smoothing, self.num_classes = label_smoothing, num_classes
@@ -82,17 +89,30 @@ class TimmMixup:
     """``timm.data.Mixup`` (batch mode) behind the same interface; its numpy draws run under ``seed``
     and the global numpy state is restored afterwards."""
 
-    def __init__(self, mixup_alpha: float = 0.8, cutmix_alpha: float = 1.0, prob: float = 1.0,
-                 switch_prob: float = 0.5, label_smoothing: float = 0.1, num_classes: int = 1000) -> None:
+    def __init__(
+        self,
+        mixup_alpha: float = 0.8,
+        cutmix_alpha: float = 1.0,
+        prob: float = 1.0,
+        switch_prob: float = 0.5,
+        label_smoothing: float = 0.1,
+        num_classes: int = 1000,
+    ) -> None:
         from timm.data import Mixup as _TimmMixup
 
-        self.fn = _TimmMixup(mixup_alpha=mixup_alpha, cutmix_alpha=cutmix_alpha, prob=prob,
-                             switch_prob=switch_prob, mode="batch", label_smoothing=label_smoothing,
-                             num_classes=num_classes)
+        self.fn = _TimmMixup(
+            mixup_alpha=mixup_alpha,
+            cutmix_alpha=cutmix_alpha,
+            prob=prob,
+            switch_prob=switch_prob,
+            mode="batch",
+            label_smoothing=label_smoothing,
+            num_classes=num_classes,
+        )
 
     def __call__(self, x: torch.Tensor, target: torch.Tensor, seed: int) -> Tuple[torch.Tensor, torch.Tensor]:
         state = np.random.get_state()
-        np.random.seed(seed % 2 ** 32)
+        np.random.seed(seed % 2**32)
         try:
             return self.fn(x, target)
         finally:

@@ -101,16 +101,34 @@ from qna_vit.training.engine import (
 from qna_vit.training.mixup import Mixup, TimmMixup, cross_entropy
 
 STEP_FIELDS = ("step", "epoch", "loss", "lr", "grad_norm", "images_per_s", "data_wait_s", "elapsed_s")
-SUMMARY_FIELDS = ("epoch", "step", "lr", "train_loss", "val_loss", "top1", "top5", "ema_val_loss", "ema_top1",
-                  "ema_top5", "images_per_s", "epoch_s")
+SUMMARY_FIELDS = (
+    "epoch",
+    "step",
+    "lr",
+    "train_loss",
+    "val_loss",
+    "top1",
+    "top5",
+    "ema_val_loss",
+    "ema_top1",
+    "ema_top5",
+    "images_per_s",
+    "epoch_s",
+)
 DEBUG_EXIT_CODE = 75  # what --debug-exit-after-step exits with (a simulated kill)
 
 # --recipe finetune: the original's fine-tuning config (docs/spec.md, section Fine-tuning); defaults only,
 # so an explicit flag still wins.
 RECIPES: Dict[str, Dict[str, Any]] = {
     "imagenet": {},
-    "finetune": dict(img_size=FINETUNE_384["img_size"][0], epochs=30, lr_base=1e-5, weight_decay=1e-8,
-                     warmup_epochs=0.0, sched="constant"),
+    "finetune": dict(
+        img_size=FINETUNE_384["img_size"][0],
+        epochs=30,
+        lr_base=1e-5,
+        weight_decay=1e-8,
+        warmup_epochs=0.0,
+        sched="constant",
+    ),
 }
 
 
@@ -128,22 +146,39 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--synthetic-val-size", type=int, default=500)
     g.add_argument("--synthetic-image-size", type=int, default=None, help="generated side (default: --img-size)")
     g.add_argument("--synthetic-seed", type=int, default=0)
-    g.add_argument("--data-backend", default="auto", choices=DATA_BACKENDS,
-                   help="transforms/mixup from timm, or the builtin torch versions (auto: timm when it imports)")
+    g.add_argument(
+        "--data-backend",
+        default="auto",
+        choices=DATA_BACKENDS,
+        help="transforms/mixup from timm, or the builtin torch versions (auto: timm when it imports)",
+    )
     g.add_argument("-j", "--workers", type=int, default=8, help="data loader processes per training process")
     g.add_argument("--img-size", type=int, default=224)
     g.add_argument("--crop-pct", type=float, default=0.875, help="evaluation centre-crop fraction")
     g.add_argument("--interpolation", default="bicubic", choices=("bicubic", "bilinear"))
 
     g = p.add_argument_group("model")
-    g.add_argument("--recipe", default="imagenet", choices=sorted(RECIPES),
-                   help="imagenet: the paper's 300-epoch recipe; finetune: 384 px, 30 epochs, lr 1e-5 constant, "
-                        "weight decay 1e-8, no warm-up, LSA windows 12,12,24,12 (use with --initial-checkpoint)")
-    g.add_argument("--initial-checkpoint", default=None, metavar="PATH",
-                   help="weights to start from (Flax msgpack or ours), tables resized to this model's geometry")
+    g.add_argument(
+        "--recipe",
+        default="imagenet",
+        choices=sorted(RECIPES),
+        help="imagenet: the paper's 300-epoch recipe; finetune: 384 px, 30 epochs, lr 1e-5 constant, "
+        "weight decay 1e-8, no warm-up, LSA windows 12,12,24,12 (use with --initial-checkpoint)",
+    )
+    g.add_argument(
+        "--initial-checkpoint",
+        default=None,
+        metavar="PATH",
+        help="weights to start from (Flax msgpack or ours), tables resized to this model's geometry",
+    )
     g.add_argument("--model", default="qna_vit_tiny", choices=sorted(MODEL_CONFIGS))
-    g.add_argument("--model-kwargs", nargs="*", default=[], metavar="KEY=VALUE",
-                   help="QnAViTConfig overrides, e.g. base_dim=32 qna_layers=1,1,1,0 (a reduced model)")
+    g.add_argument(
+        "--model-kwargs",
+        nargs="*",
+        default=[],
+        metavar="KEY=VALUE",
+        help="QnAViTConfig overrides, e.g. base_dim=32 qna_layers=1,1,1,0 (a reduced model)",
+    )
     g.add_argument("--num-classes", type=int, default=None, help="default: the dataset's class count")
     g.add_argument("--drop-path", type=float, default=None, help="stochastic depth (default: the model's)")
     g.add_argument("--channels-last", action="store_true")
@@ -165,8 +200,12 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--warmup-epochs", type=float, default=None, help="default 5 (qna_vit_base: 20)")
     g.add_argument("--warmup-lr", type=float, default=1e-6)
     g.add_argument("--min-lr", type=float, default=1e-5)
-    g.add_argument("--sched", default="cosine", choices=("cosine", "constant"),
-                   help="after the warm-up: cosine down to --min-lr, or constant")
+    g.add_argument(
+        "--sched",
+        default="cosine",
+        choices=("cosine", "constant"),
+        help="after the warm-up: cosine down to --min-lr, or constant",
+    )
     g.add_argument("--clip-grad", type=float, default=None, help="clip the global gradient norm")
 
     g = p.add_argument_group("augmentation and regularisation")
@@ -183,16 +222,21 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--hflip", type=float, default=0.5)
 
     g = p.add_argument_group("precision and averaging")
-    g.add_argument("--amp", action=argparse.BooleanOptionalAction, default=None,
-                   help="autocast mixed precision (default: on for CUDA, off on CPU)")
+    g.add_argument(
+        "--amp",
+        action=argparse.BooleanOptionalAction,
+        default=None,
+        help="autocast mixed precision (default: on for CUDA, off on CPU)",
+    )
     g.add_argument("--amp-dtype", default="bf16", choices=("bf16", "fp16"))
     g.add_argument("--model-ema", action="store_true")
     g.add_argument("--model-ema-decay", type=float, default=0.9998)
     g.add_argument("--model-ema-warmup", action="store_true")
 
     g = p.add_argument_group("run")
-    g.add_argument("--output", default=None, help="run folder (default: runs/train/<time>-<model>, or the "
-                                                  "folder of --resume)")
+    g.add_argument(
+        "--output", default=None, help="run folder (default: runs/train/<time>-<model>, or the folder of --resume)"
+    )
     g.add_argument("--resume", default=None, help="checkpoint file or run folder to continue")
     g.add_argument("--seed", type=int, default=42)
     g.add_argument("--log-interval", type=int, default=50, help="steps between log lines (all steps go to CSV)")
@@ -200,16 +244,28 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--device", default="auto", choices=("auto", "cuda", "cpu"))
     g.add_argument("--dist-backend", default=None, help="default: nccl on GPUs, gloo on CPU")
     g.add_argument("--threads", type=int, default=None, help="torch CPU threads per process")
-    g.add_argument("--progress", default="auto", choices=("auto", "bar", "plain", "none"),
-                   help="auto: a tqdm bar on a terminal, plain lines otherwise")
-    g.add_argument("--tensorboard", action=argparse.BooleanOptionalAction, default=True,
-                   help="also log to TensorBoard when it is installed")
+    g.add_argument(
+        "--progress",
+        default="auto",
+        choices=("auto", "bar", "plain", "none"),
+        help="auto: a tqdm bar on a terminal, plain lines otherwise",
+    )
+    g.add_argument(
+        "--tensorboard",
+        action=argparse.BooleanOptionalAction,
+        default=True,
+        help="also log to TensorBoard when it is installed",
+    )
     g.add_argument("--no-eval", action="store_true", help="skip the per-epoch evaluation")
 
     g = p.add_argument_group("debugging (tests)")
     g.add_argument("--debug-nan-at-step", type=int, default=None, help="make step N's loss NaN")
-    g.add_argument("--debug-exit-after-step", type=int, default=None,
-                   help=f"exit abruptly (code {DEBUG_EXIT_CODE}, no cleanup) after step N, as a kill would")
+    g.add_argument(
+        "--debug-exit-after-step",
+        type=int,
+        default=None,
+        help=f"exit abruptly (code {DEBUG_EXIT_CODE}, no cleanup) after step N, as a kill would",
+    )
     return p
 
 
@@ -333,27 +389,50 @@ def _train(args: argparse.Namespace, info: DistInfo) -> Dict[str, Any]:
 
     # --- data
     backend = resolve_data_backend(args.data_backend)
-    spec = DataSpec(args.data_dir, args.train_split, args.val_split, args.synthetic, args.synthetic_classes,
-                    args.synthetic_train_size, args.synthetic_val_size,
-                    args.synthetic_image_size or args.img_size, args.synthetic_seed)
+    spec = DataSpec(
+        args.data_dir,
+        args.train_split,
+        args.val_split,
+        args.synthetic,
+        args.synthetic_classes,
+        args.synthetic_train_size,
+        args.synthetic_val_size,
+        args.synthetic_image_size or args.img_size,
+        args.synthetic_seed,
+    )
     train_base, n_classes = build_dataset(spec, "train", as_pil=backend == "timm")
     val_base = None if args.no_eval else build_dataset(spec, "val", as_pil=backend == "timm")[0]
     num_classes = args.num_classes or n_classes
     aa = None if (args.aa or "none").lower() == "none" else args.aa
-    aug = AugConfig(img_size=args.img_size, scale=tuple(args.scale), ratio=tuple(args.ratio), hflip=args.hflip,
-                    color_jitter=args.color_jitter, auto_augment=aa, reprob=args.reprob,
-                    interpolation=args.interpolation, crop_pct=args.crop_pct)
-    sampler = ResumableSampler(len(train_base), args.batch_size, info.world_size, info.rank,
-                               args.grad_accum_steps, args.seed)
-    loader_kw = dict(num_workers=args.workers, pin_memory=device.type == "cuda",
-                     persistent_workers=args.workers > 0)
-    loader = DataLoader(SeededDataset(train_base, build_transform(aug, True, backend), torch_only=backend != "timm"),
-                        batch_size=args.batch_size, sampler=sampler, **loader_kw)
+    aug = AugConfig(
+        img_size=args.img_size,
+        scale=tuple(args.scale),
+        ratio=tuple(args.ratio),
+        hflip=args.hflip,
+        color_jitter=args.color_jitter,
+        auto_augment=aa,
+        reprob=args.reprob,
+        interpolation=args.interpolation,
+        crop_pct=args.crop_pct,
+    )
+    sampler = ResumableSampler(
+        len(train_base), args.batch_size, info.world_size, info.rank, args.grad_accum_steps, args.seed
+    )
+    loader_kw = dict(num_workers=args.workers, pin_memory=device.type == "cuda", persistent_workers=args.workers > 0)
+    loader = DataLoader(
+        SeededDataset(train_base, build_transform(aug, True, backend), torch_only=backend != "timm"),
+        batch_size=args.batch_size,
+        sampler=sampler,
+        **loader_kw,
+    )
     val_loader = None
     if val_base is not None:
-        val_loader = DataLoader(SeededDataset(val_base, build_transform(aug, False, backend)),
-                                batch_size=args.eval_batch_size or args.batch_size,
-                                sampler=ShardSampler(len(val_base), info.world_size, info.rank), **loader_kw)
+        val_loader = DataLoader(
+            SeededDataset(val_base, build_transform(aug, False, backend)),
+            batch_size=args.eval_batch_size or args.batch_size,
+            sampler=ShardSampler(len(val_base), info.world_size, info.rank),
+            **loader_kw,
+        )
     steps_per_epoch = sampler.steps_per_epoch
     global_batch = sampler.global_batch
     total_steps = args.epochs * steps_per_epoch
@@ -362,8 +441,14 @@ def _train(args: argparse.Namespace, info: DistInfo) -> Dict[str, Any]:
     mixup_fn = None
     if args.mixup > 0 or args.cutmix > 0:
         cls = TimmMixup if backend == "timm" else Mixup
-        mixup_fn = cls(mixup_alpha=args.mixup, cutmix_alpha=args.cutmix, prob=args.mixup_prob,
-                       switch_prob=args.mixup_switch_prob, label_smoothing=args.smoothing, num_classes=num_classes)
+        mixup_fn = cls(
+            mixup_alpha=args.mixup,
+            cutmix_alpha=args.cutmix,
+            prob=args.mixup_prob,
+            switch_prob=args.mixup_switch_prob,
+            label_smoothing=args.smoothing,
+            num_classes=num_classes,
+        )
 
     # --- model, optimizer, schedule
     torch.manual_seed(args.seed)
@@ -384,13 +469,23 @@ def _train(args: argparse.Namespace, info: DistInfo) -> Dict[str, Any]:
     opt_kw = {"fused": True} if device.type == "cuda" else {}
     optimizer = torch.optim.AdamW(groups, lr=lr, betas=tuple(args.opt_betas), eps=args.opt_eps, **opt_kw)
     scaler = torch.amp.GradScaler(device.type, enabled=amp_dtype == torch.float16)
-    warmup_epochs = args.warmup_epochs if args.warmup_epochs is not None else (
-        20.0 if args.model == "qna_vit_base" else 5.0)
-    schedule = CosineSchedule(lr, total_steps, warmup_steps=round(warmup_epochs * steps_per_epoch),
-                              warmup_lr=args.warmup_lr, min_lr=lr if args.sched == "constant" else args.min_lr)
+    warmup_epochs = (
+        args.warmup_epochs if args.warmup_epochs is not None else (20.0 if args.model == "qna_vit_base" else 5.0)
+    )
+    schedule = CosineSchedule(
+        lr,
+        total_steps,
+        warmup_steps=round(warmup_epochs * steps_per_epoch),
+        warmup_lr=args.warmup_lr,
+        min_lr=lr if args.sched == "constant" else args.min_lr,
+    )
     ema = ModelEma(model, args.model_ema_decay, args.model_ema_warmup) if args.model_ema else None
-    data_order = {"seed": args.seed, "global_batch": global_batch, "num_samples": len(train_base),
-                  "steps_per_epoch": steps_per_epoch}
+    data_order = {
+        "seed": args.seed,
+        "global_batch": global_batch,
+        "num_samples": len(train_base),
+        "steps_per_epoch": steps_per_epoch,
+    }
 
     out = _default_output(args)
     run = _Run()
@@ -429,23 +524,31 @@ def _train(args: argparse.Namespace, info: DistInfo) -> Dict[str, Any]:
     n_params = sum(p.numel() for p in model.parameters())
     n_decay = sum(p.numel() for p in groups[0]["params"])
     gpu = f" ({torch.cuda.get_device_name(device)})" if device.type == "cuda" else ""
-    say(f"model: {args.model} ({_fmt_count(n_params)} parameters, {num_classes} classes, "
-        f"{args.img_size}x{args.img_size} input){' overrides ' + str(arch) if args.model_kwargs else ''}")
-    say(f"device: {device}{gpu} | QnA backend: {resolve_backend(device)} | precision: "
+    say(
+        f"model: {args.model} ({_fmt_count(n_params)} parameters, {num_classes} classes, "
+        f"{args.img_size}x{args.img_size} input){' overrides ' + str(arch) if args.model_kwargs else ''}"
+    )
+    say(
+        f"device: {device}{gpu} | QnA backend: {resolve_backend(device)} | precision: "
         f"{'autocast ' + args.amp_dtype if amp_dtype else 'float32'} | channels-last: {args.channels_last} | "
-        f"compile: {args.compile} | processes: {info.world_size}"
-        + (f" ({info.backend})" if info.enabled else ""))
-    say(f"data: {'generated shapes' if args.synthetic else spec.data_dir}, {len(train_base)} train / "
+        f"compile: {args.compile} | processes: {info.world_size}" + (f" ({info.backend})" if info.enabled else "")
+    )
+    say(
+        f"data: {'generated shapes' if args.synthetic else spec.data_dir}, {len(train_base)} train / "
         f"{len(val_base) if val_base is not None else 0} val images | transforms: {backend} | aa {aa} | "
         f"reprob {args.reprob} | mixup {args.mixup} cutmix {args.cutmix} smoothing {args.smoothing} | "
-        f"color jitter {args.color_jitter}")
-    say(f"optimizer: AdamW lr {lr:.3g} (global batch {global_batch} = {args.batch_size} x {info.world_size} "
+        f"color jitter {args.color_jitter}"
+    )
+    say(
+        f"optimizer: AdamW lr {lr:.3g} (global batch {global_batch} = {args.batch_size} x {info.world_size} "
         f"process(es) x {args.grad_accum_steps} accumulation) | weight decay {args.weight_decay} on "
         f"{_fmt_count(n_decay)} of {_fmt_count(n_params)} parameters | {args.sched}, {warmup_epochs:g} warm-up "
         f"epochs | "
-        f"{args.epochs} epochs x {steps_per_epoch} steps" + (f", stopping at step {max_steps}"
-                                                              if max_steps < total_steps else "")
-        + (f" | EMA {args.model_ema_decay}" if ema else "") + (f" | clip {args.clip_grad}" if args.clip_grad else ""))
+        f"{args.epochs} epochs x {steps_per_epoch} steps"
+        + (f", stopping at step {max_steps}" if max_steps < total_steps else "")
+        + (f" | EMA {args.model_ema_decay}" if ema else "")
+        + (f" | clip {args.clip_grad}" if args.clip_grad else "")
+    )
     say(f"output: {out}" + (f" | resumed from {resumed_from} at step {run.step}" if resumed_from else ""))
 
     # --- the loop
@@ -465,9 +568,18 @@ def _train(args: argparse.Namespace, info: DistInfo) -> Dict[str, Any]:
         run.last_flush = now
         rows, bad = [], None
         for p, loss, gn in zip(run.pending, losses, norms):
-            rows.append({"step": p.step, "epoch": p.epoch, "loss": loss, "lr": p.lr, "grad_norm": gn,
-                         "images_per_s": round(rate, 2), "data_wait_s": round(p.data_wait, 5),
-                         "elapsed_s": round(now - t_start, 3)})
+            rows.append(
+                {
+                    "step": p.step,
+                    "epoch": p.epoch,
+                    "loss": loss,
+                    "lr": p.lr,
+                    "grad_norm": gn,
+                    "images_per_s": round(rate, 2),
+                    "data_wait_s": round(p.data_wait, 5),
+                    "elapsed_s": round(now - t_start, 3),
+                }
+            )
             if not math.isfinite(loss):
                 bad = (p, loss)
                 break
@@ -479,30 +591,46 @@ def _train(args: argparse.Namespace, info: DistInfo) -> Dict[str, Any]:
         run.waits.append(waited)
         if bad is not None:
             p, loss = bad
-            where = (f"last good checkpoint: {run.last_ckpt[0]} (step {run.last_ckpt[1]}), left untouched"
-                     if run.last_ckpt else "no checkpoint had been written yet")
+            where = (
+                f"last good checkpoint: {run.last_ckpt[0]} (step {run.last_ckpt[1]}), left untouched"
+                if run.last_ckpt
+                else "no checkpoint had been written yet"
+            )
             raise NonFiniteLossError(
                 f"non-finite loss ({loss}) at step {p.step} (epoch {p.epoch}, batch "
                 f"{p.step - p.epoch * steps_per_epoch} of {steps_per_epoch}); training stopped without saving; "
-                f"{where}", step=p.step)
+                f"{where}",
+                step=p.step,
+            )
         last = rows[-1]
-        line = (f"step {last['step']}/{max_steps} loss {last['loss']:.4f} (avg {sum(losses) / len(losses):.4f}) "
-                f"lr {last['lr']:.3g} grad-norm {last['grad_norm']:.3g} | {rate:.1f} images/s "
-                f"(data wait {100 * waited:.0f}%)")
+        line = (
+            f"step {last['step']}/{max_steps} loss {last['loss']:.4f} (avg {sum(losses) / len(losses):.4f}) "
+            f"lr {last['lr']:.3g} grad-norm {last['grad_norm']:.3g} | {rate:.1f} images/s "
+            f"(data wait {100 * waited:.0f}%)"
+        )
         progress.set_postfix(f"loss {last['loss']:.4f} {rate:.0f} img/s")
         progress.write(line)
-        tb.scalars({"train/loss": last["loss"], "train/lr": last["lr"], "train/grad_norm": last["grad_norm"],
-                    "train/images_per_s": rate}, last["step"])
+        tb.scalars(
+            {
+                "train/loss": last["loss"],
+                "train/lr": last["lr"],
+                "train/grad_norm": last["grad_norm"],
+                "train/images_per_s": rate,
+            },
+            last["step"],
+        )
 
     def save(epoch: int, evaluated: bool) -> None:
         """Writes last.pth (and best.pth after an improving evaluation), never from a non-finite state."""
         flush()
         tensors = list(model.parameters()) + (list(ema.module.parameters()) if ema else [])
         if not all_finite(tensors):
-            where = (f"last good checkpoint: {run.last_ckpt[0]} (step {run.last_ckpt[1]}), left untouched"
-                     if run.last_ckpt else "no checkpoint had been written yet")
-            raise NonFiniteLossError(f"non-finite parameters after step {run.step}; not saving; {where}",
-                                     step=run.step)
+            where = (
+                f"last good checkpoint: {run.last_ckpt[0]} (step {run.last_ckpt[1]}), left untouched"
+                if run.last_ckpt
+                else "no checkpoint had been written yet"
+            )
+            raise NonFiniteLossError(f"non-finite parameters after step {run.step}; not saving; {where}", step=run.step)
         improved = False
         # The EMA's accuracy decides "best" when there is an EMA (timm does the same).
         top1 = (run.ema_metrics or run.metrics or {}).get("top1") if evaluated else None
@@ -511,13 +639,24 @@ def _train(args: argparse.Namespace, info: DistInfo) -> Dict[str, Any]:
             improved = True
         if main:
             state = {
-                "version": CHECKPOINT_VERSION, "model": model.state_dict(), "model_name": args.model,
-                "model_kwargs": arch, "num_classes": num_classes,
-                "optimizer": optimizer.state_dict(), "scaler": scaler.state_dict() if scaler.is_enabled() else None,
-                "ema": ema.state_dict() if ema else None, "schedule": schedule.state_dict(),
-                "step": run.step, "epoch": run.step // steps_per_epoch, "data_order": data_order,
-                "rng": rng_state(), "best": run.best, "metrics": run.metrics, "ema_metrics": run.ema_metrics,
-                "args": plain(vars(args)), "data": plain({"spec": vars(spec), "aug": vars(aug)}),
+                "version": CHECKPOINT_VERSION,
+                "model": model.state_dict(),
+                "model_name": args.model,
+                "model_kwargs": arch,
+                "num_classes": num_classes,
+                "optimizer": optimizer.state_dict(),
+                "scaler": scaler.state_dict() if scaler.is_enabled() else None,
+                "ema": ema.state_dict() if ema else None,
+                "schedule": schedule.state_dict(),
+                "step": run.step,
+                "epoch": run.step // steps_per_epoch,
+                "data_order": data_order,
+                "rng": rng_state(),
+                "best": run.best,
+                "metrics": run.metrics,
+                "ema_metrics": run.ema_metrics,
+                "args": plain(vars(args)),
+                "data": plain({"spec": vars(spec), "aug": vars(aug)}),
             }
             atomic_save(state, ckpt_paths[0])
             if improved:
@@ -536,12 +675,27 @@ def _train(args: argparse.Namespace, info: DistInfo) -> Dict[str, Any]:
             if first == 0:
                 run.epoch_losses = []
             t_epoch, rates_before = time.perf_counter(), len(run.rates)
-            progress = Progress(steps_per_epoch, f"epoch {epoch + 1}/{args.epochs}", enabled=main,
-                                mode=args.progress, initial=first)
+            progress = Progress(
+                steps_per_epoch, f"epoch {epoch + 1}/{args.epochs}", enabled=main, mode=args.progress, initial=first
+            )
             batches = iter(loader)
             for in_epoch in range(first + 1, stop + 1):
-                _train_step(args, info, run, epoch, ddp_model, model, batches, optimizer, scaler, schedule, ema,
-                            mixup_fn, params, amp_dtype)
+                _train_step(
+                    args,
+                    info,
+                    run,
+                    epoch,
+                    ddp_model,
+                    model,
+                    batches,
+                    optimizer,
+                    scaler,
+                    schedule,
+                    ema,
+                    mixup_fn,
+                    params,
+                    amp_dtype,
+                )
                 progress.update(1)
                 if run.step % args.log_interval == 0:
                     flush()
@@ -563,19 +717,36 @@ def _train(args: argparse.Namespace, info: DistInfo) -> Dict[str, Any]:
                 if ema is not None:
                     run.ema_metrics = evaluate(ema.module, val_loader, device, info, amp_dtype, args.channels_last)
             m, e = run.metrics or {}, run.ema_metrics or {}
-            row = {"epoch": epoch, "step": run.step, "lr": optimizer.param_groups[0]["lr"],
-                   "train_loss": sum(run.epoch_losses) / max(len(run.epoch_losses), 1),
-                   "val_loss": m.get("loss"), "top1": m.get("top1"), "top5": m.get("top5"),
-                   "ema_val_loss": e.get("loss"), "ema_top1": e.get("top1"), "ema_top5": e.get("top5"),
-                   "images_per_s": round(sum(epoch_rates) / len(epoch_rates), 2) if epoch_rates else None,
-                   "epoch_s": round(epoch_s, 3)}
+            row = {
+                "epoch": epoch,
+                "step": run.step,
+                "lr": optimizer.param_groups[0]["lr"],
+                "train_loss": sum(run.epoch_losses) / max(len(run.epoch_losses), 1),
+                "val_loss": m.get("loss"),
+                "top1": m.get("top1"),
+                "top5": m.get("top5"),
+                "ema_val_loss": e.get("loss"),
+                "ema_top1": e.get("top1"),
+                "ema_top5": e.get("top5"),
+                "images_per_s": round(sum(epoch_rates) / len(epoch_rates), 2) if epoch_rates else None,
+                "epoch_s": round(epoch_s, 3),
+            }
             summary_csv.write([row])
-            tb.scalars({"val/loss": m.get("loss"), "val/top1": m.get("top1"), "val/top5": m.get("top5"),
-                        "val_ema/top1": e.get("top1")}, run.step)
+            tb.scalars(
+                {
+                    "val/loss": m.get("loss"),
+                    "val/top1": m.get("top1"),
+                    "val/top5": m.get("top5"),
+                    "val_ema/top1": e.get("top1"),
+                },
+                run.step,
+            )
             if m:
-                say(f"epoch {epoch + 1}/{args.epochs} ({epoch_s:.1f}s): train loss {row['train_loss']:.4f} | val loss "
+                say(
+                    f"epoch {epoch + 1}/{args.epochs} ({epoch_s:.1f}s): train loss {row['train_loss']:.4f} | val loss "
                     f"{m['loss']:.4f} top-1 {m['top1']:.2f}% top-5 {m['top5']:.2f}%"
-                    + (f" | EMA top-1 {e['top1']:.2f}% top-5 {e['top5']:.2f}%" if e else ""))
+                    + (f" | EMA top-1 {e['top1']:.2f}% top-5 {e['top5']:.2f}%" if e else "")
+                )
             save(epoch, evaluated=val_loader is not None)
             epoch += 1
     finally:
@@ -589,12 +760,21 @@ def _train(args: argparse.Namespace, info: DistInfo) -> Dict[str, Any]:
     steady, waits = run.rates[first_interval:], run.waits[first_interval:]
     k = max(1, min(10, len(losses) // 4)) if losses else 0
     summary = {
-        "output": out, "model": args.model, "model_kwargs": arch, "steps": run.step, "epochs": args.epochs,
-        "seconds": seconds, "first_loss": losses[0] if losses else None, "last_loss": losses[-1] if losses else None,
-        "first_loss_mean": sum(losses[:k]) / k if k else None, "last_loss_mean": sum(losses[-k:]) / k if k else None,
+        "output": out,
+        "model": args.model,
+        "model_kwargs": arch,
+        "steps": run.step,
+        "epochs": args.epochs,
+        "seconds": seconds,
+        "first_loss": losses[0] if losses else None,
+        "last_loss": losses[-1] if losses else None,
+        "first_loss_mean": sum(losses[:k]) / k if k else None,
+        "last_loss_mean": sum(losses[-k:]) / k if k else None,
         "images_per_s": sum(steady) / len(steady) if steady else None,
         "data_wait_fraction": sum(waits) / len(waits) if waits else None,
-        "metrics": run.metrics, "ema_metrics": run.ema_metrics, "best": run.best,
+        "metrics": run.metrics,
+        "ema_metrics": run.ema_metrics,
+        "best": run.best,
         "checkpoint": run.last_ckpt[0] if run.last_ckpt else None,
         "environment": _environment(info, amp_dtype, args, global_batch),
     }
@@ -602,15 +782,18 @@ def _train(args: argparse.Namespace, info: DistInfo) -> Dict[str, Any]:
         with open(os.path.join(out, "summary.json"), "w") as f:
             json.dump(plain(summary), f, indent=2)
     if losses:
-        say(f"finished {run.step} steps in {seconds:.1f}s: loss {summary['first_loss_mean']:.4f} (first {k} steps) "
+        say(
+            f"finished {run.step} steps in {seconds:.1f}s: loss {summary['first_loss_mean']:.4f} (first {k} steps) "
             f"-> {summary['last_loss_mean']:.4f} (last {k}) | {summary['images_per_s']:.1f} images/s "
             f"(data wait {100 * (summary['data_wait_fraction'] or 0):.0f}%)"
-            + (f" | best top-1 {run.best['top1']:.2f}%" if run.best.get("top1") is not None else ""))
+            + (f" | best top-1 {run.best['top1']:.2f}%" if run.best.get("top1") is not None else "")
+        )
     return summary
 
 
-def _environment(info: DistInfo, amp_dtype: Optional[torch.dtype], args: argparse.Namespace,
-                 global_batch: int) -> Dict[str, Any]:
+def _environment(
+    info: DistInfo, amp_dtype: Optional[torch.dtype], args: argparse.Namespace, global_batch: int
+) -> Dict[str, Any]:
     """What a throughput number needs beside it: hardware, versions, precision, batch."""
     from qna_triton.env import capture_environment
     from qna_triton.ops import resolve_backend
@@ -618,20 +801,41 @@ def _environment(info: DistInfo, amp_dtype: Optional[torch.dtype], args: argpars
     device = info.device
     env = capture_environment(device)
     return {
-        "device": env.device_name, "capability": env.capability,
-        "device_count": info.world_size, "torch": env.torch, "triton": env.triton,
-        "cuda": env.cuda, "python": env.python, "qna_backend": resolve_backend(device),
+        "device": env.device_name,
+        "capability": env.capability,
+        "device_count": info.world_size,
+        "torch": env.torch,
+        "triton": env.triton,
+        "cuda": env.cuda,
+        "python": env.python,
+        "qna_backend": resolve_backend(device),
         "precision": str(amp_dtype).replace("torch.", "") if amp_dtype else "float32",
-        "channels_last": args.channels_last, "compile": args.compile, "global_batch": global_batch,
-        "img_size": args.img_size, "threads": torch.get_num_threads(), "workers": args.workers,
+        "channels_last": args.channels_last,
+        "compile": args.compile,
+        "global_batch": global_batch,
+        "img_size": args.img_size,
+        "threads": torch.get_num_threads(),
+        "workers": args.workers,
         "date": env.date,
     }
 
 
-def _train_step(args: argparse.Namespace, info: DistInfo, run: _Run, epoch: int, ddp_model: nn.Module,
-                model: nn.Module, batches: Any, optimizer: torch.optim.Optimizer, scaler: torch.amp.GradScaler,
-                schedule: CosineSchedule, ema: Optional[ModelEma], mixup_fn: Any, params: List[torch.Tensor],
-                amp_dtype: Optional[torch.dtype]) -> None:
+def _train_step(
+    args: argparse.Namespace,
+    info: DistInfo,
+    run: _Run,
+    epoch: int,
+    ddp_model: nn.Module,
+    model: nn.Module,
+    batches: Any,
+    optimizer: torch.optim.Optimizer,
+    scaler: torch.amp.GradScaler,
+    schedule: CosineSchedule,
+    ema: Optional[ModelEma],
+    mixup_fn: Any,
+    params: List[torch.Tensor],
+    amp_dtype: Optional[torch.dtype],
+) -> None:
     """One optimizer step over ``grad_accum_steps`` micro-batches; queues its loss in ``run.pending``
     (fetched later, so the GPU is not synchronised every step)."""
     device = info.device
@@ -683,13 +887,22 @@ def _logged_epoch_losses(path: str, epoch: int) -> List[float]:
         return [float(r["loss"]) for r in csv.DictReader(f) if int(r["epoch"]) == epoch]
 
 
-def _restore(ckpt: Dict[str, Any], model: nn.Module, optimizer: torch.optim.Optimizer,
-             scaler: torch.amp.GradScaler, ema: Optional[ModelEma], schedule: CosineSchedule,
-             data_order: Dict[str, int], say: Any) -> None:
+def _restore(
+    ckpt: Dict[str, Any],
+    model: nn.Module,
+    optimizer: torch.optim.Optimizer,
+    scaler: torch.amp.GradScaler,
+    ema: Optional[ModelEma],
+    schedule: CosineSchedule,
+    data_order: Dict[str, int],
+    say: Any,
+) -> None:
     """Loads a training checkpoint into the freshly built objects, warning where the run differs."""
     if "optimizer" not in ckpt or "step" not in ckpt:
-        raise ValueError("--resume needs a training checkpoint (with optimizer and step); to start from "
-                         "weights only, load them into the model instead")
+        raise ValueError(
+            "--resume needs a training checkpoint (with optimizer and step); to start from "
+            "weights only, load them into the model instead"
+        )
     model.load_state_dict(ckpt["model"])
     optimizer.load_state_dict(ckpt["optimizer"])
     if scaler.is_enabled() and ckpt.get("scaler"):
@@ -701,11 +914,15 @@ def _restore(ckpt: Dict[str, Any], model: nn.Module, optimizer: torch.optim.Opti
             say("warning: the checkpoint has no EMA weights; the EMA restarts from the current model")
             ema.module.load_state_dict(model.state_dict())
     if ckpt.get("schedule") != schedule.state_dict():
-        say(f"warning: the schedule differs from the checkpoint's ({ckpt.get('schedule')}); using "
-            f"{schedule.state_dict()}")
+        say(
+            f"warning: the schedule differs from the checkpoint's ({ckpt.get('schedule')}); using "
+            f"{schedule.state_dict()}"
+        )
     if ckpt.get("data_order") != data_order:
-        say(f"warning: data order differs from the checkpoint's ({ckpt.get('data_order')} vs {data_order}): "
-            "the resumed run will not repeat the interrupted one exactly")
+        say(
+            f"warning: data order differs from the checkpoint's ({ckpt.get('data_order')} vs {data_order}): "
+            "the resumed run will not repeat the interrupted one exactly"
+        )
     if ckpt.get("rng"):
         set_rng_state(ckpt["rng"])
 
