@@ -27,7 +27,7 @@ import torch
 from . import ops, reference
 from .layout import split_packed
 
-__all__ = ["decompose", "decompositions", "traced"]
+__all__ = ["LEAN_ONNX", "decompose", "decompositions", "traced"]
 
 
 def _branches(split: Callable, scale, kernel_size, stride, padding):
@@ -94,9 +94,14 @@ def _attention_packed(qv, rpb, scale, kernel_size, stride, padding):
     return _lean(split, (qv, rpb), scale, kernel_size, stride, padding)
 
 
+# torch.cond becomes an ONNX ``If`` in torch 2.15's exporter (checked); torch 2.11's rejects the traced
+# branches and retries a strict export that no longer takes this translation, so older releases keep
+# the streaming form (exact, more nodes). torch 2.12-2.14 are unchecked: streaming there too.
+LEAN_ONNX = tuple(int(v) for v in torch.__version__.split("+")[0].split(".")[:2]) >= (2, 15)
+
 _DECOMPOSITIONS: Dict[Callable, Callable] = {
-    ops.attention: _attention,
-    ops.attention_packed: _attention_packed,
+    ops.attention: _attention if LEAN_ONNX else _streaming,
+    ops.attention_packed: _attention_packed if LEAN_ONNX else _streaming_packed,
 }
 
 
