@@ -179,3 +179,23 @@ def test_explicit_configs_and_direct_kernels_still_raise(monkeypatch, fresh_fall
     logits, values, rpb, scale = make_inputs(case, dtype=torch.float32, device=DEVICE)
     with pytest.raises(RuntimeError, match="PassManager"):
         qna_forward(logits, values, rpb, scale, *case.geometry)
+
+
+def test_a_banded_launch_that_fails_otherwise_still_raises(monkeypatch, fresh_fallback_state):
+    """Only a compile failure falls back: any other error of a chosen banded launch (here a device
+    error) propagates, and nothing is remembered as uncompilable."""
+
+    class DeviceError:
+        def __getitem__(self, grid):
+            def launch(**kwargs):
+                raise RuntimeError("CUDA error: an illegal memory access was encountered")
+
+            return launch
+
+    monkeypatch.setenv(tuning.ALGO_ENV, "banded")
+    monkeypatch.setattr(launch, "qna_banded_kernel", DeviceError())
+    case = Case(B=1, H=6, W=7, N=2, h=2, d=4, k=3, s=1, p=1)
+    logits, values, rpb, scale = make_inputs(case, dtype=torch.float32, device=DEVICE)
+    with pytest.raises(RuntimeError, match="illegal memory access"):
+        qna_forward(logits, values, rpb, scale, *case.geometry)
+    assert not launch._UNCOMPILABLE

@@ -391,7 +391,7 @@ def _resident_per_sm(fn, kwargs: dict, device: torch.device) -> Optional[int]:
     try:
         kernel = fn.warmup(grid=(1,), **kwargs)
     except _compile_errors() as exc:
-        if isinstance(exc, torch.OutOfMemoryError):
+        if not _is_compile_error(exc):
             raise
         return None
     if hasattr(kernel, "result"):  # asynchronous compilation
@@ -617,12 +617,28 @@ _WARNED: set = set()
 
 
 def _compile_errors() -> Tuple[type, ...]:
-    """What a failed compile raises: Triton's compilation and resource errors, and the RuntimeError
-    of a failed MLIR pass pipeline (a device out of memory is not one)."""
+    """The exception types a failed compile raises: Triton's compilation and resource errors, and a
+    RuntimeError (see :func:`_is_compile_error` for which)."""
     from triton.compiler.errors import CompilationError
     from triton.runtime.errors import OutOfResources
 
     return CompilationError, OutOfResources, RuntimeError
+
+
+def _is_compile_error(exc: BaseException) -> bool:
+    """Whether ``exc`` says a kernel did not compile: Triton's compilation, resource and assembler
+    errors, or the plain RuntimeError of a failed MLIR pass pipeline or assembler (``PassManager::run
+    failed``, ``ptxas``). Any other error (a device error, out of memory) is not one, and propagates."""
+    import triton.runtime.errors as runtime_errors
+    from triton.compiler.errors import CompilationError
+
+    triton_errors = tuple(
+        getattr(runtime_errors, name) for name in ("OutOfResources", "PTXASError") if hasattr(runtime_errors, name)
+    )
+    if isinstance(exc, (CompilationError, *triton_errors)):
+        return True
+    msg = str(exc)
+    return type(exc) is RuntimeError and ("PassManager" in msg or "ptxas" in msg.lower())
 
 
 def _variant_key(kernel: str, p: Problem, cfg: KernelConfig) -> tuple:
@@ -654,7 +670,7 @@ def _launched(kernel: str, launch: KernelLaunch, p: Problem, cfg: KernelConfig) 
         launch()
         return True
     except _compile_errors() as exc:
-        if cfg.algo != "banded" or isinstance(exc, torch.OutOfMemoryError):
+        if cfg.algo != "banded" or not _is_compile_error(exc):
             raise
         _UNCOMPILABLE[_variant_key(kernel, p, cfg)] = f"{type(exc).__name__}: {exc}"
         target = target_of(p.logits.device).describe()
