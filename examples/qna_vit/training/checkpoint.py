@@ -4,6 +4,11 @@ A checkpoint is written to a temporary file in the destination's folder, flushed
 renamed over the destination (``os.replace`` is atomic on POSIX) and the folder entry fsynced: a crash
 at any moment leaves either the previous file or the new one, never a torn one. Only plain containers,
 numbers, strings and tensors go in, so every checkpoint loads with ``torch.load(weights_only=True)``.
+
+A run folder keeps its newest checkpoint as ``last.pth`` and the few before it as
+``checkpoint-<step>.pth`` (:func:`save_rotating`): a file damaged after it was written (a full disk, a
+killed copy, a bad sync) costs the steps since the one before it, not the run. :func:`load_newest`
+takes the newest readable one and names those it skipped.
 """
 
 from __future__ import annotations
@@ -11,14 +16,22 @@ from __future__ import annotations
 import csv
 import os
 import random
+import re
+import shutil
 import tempfile
-from typing import Any, Callable, Dict, Iterable, Optional
+from typing import Any, Callable, Dict, Iterable, List, Optional, Sequence, Tuple
 
 import numpy as np
 import torch
 
 CHECKPOINT_VERSION = 1
 LAST, BEST = "last.pth", "best.pth"
+HISTORY = "checkpoint-{step:08d}.pth"  # an older checkpoint of a run folder, by its step
+_HISTORY_RE = re.compile(r"^checkpoint-(\d+)\.pth$")
+
+
+class CheckpointError(Exception):
+    """No usable checkpoint where one was asked for; the message is one line naming the file(s)."""
 
 
 def _fsync_dir(path: str) -> None:
@@ -76,6 +89,95 @@ def load_checkpoint(path: str, map_location: Any = "cpu") -> Dict[str, Any]:
     if not isinstance(ckpt, dict):
         raise ValueError(f"{path!r} holds a {type(ckpt).__name__}, not a checkpoint dict")
     return ckpt
+
+
+def history(folder: str) -> List[Tuple[int, str]]:
+    """The folder's ``checkpoint-<step>.pth`` files as (step, path), newest first."""
+    if not os.path.isdir(folder):
+        return []
+    found = [(int(m.group(1)), os.path.join(folder, n)) for n in os.listdir(folder) if (m := _HISTORY_RE.match(n))]
+    return sorted(found, reverse=True)
+
+
+def candidates(folder: str) -> List[str]:
+    """A run folder's checkpoints, newest first: ``last.pth``, then ``checkpoint-<step>.pth`` by step."""
+    last = os.path.join(folder, LAST)
+    return ([last] if os.path.isfile(last) else []) + [p for _, p in history(folder)]
+
+
+def _reason(e: BaseException) -> str:
+    """An exception as one short line (torch's zip errors span several)."""
+    lines = [ln.strip() for ln in str(e).splitlines() if ln.strip()]
+    text = f"{type(e).__name__}: {lines[0]}" if lines else type(e).__name__
+    return text if len(text) <= 200 else text[:197] + "..."
+
+
+def load_newest(
+    path: str, required: Sequence[str] = ("model",), map_location: Any = "cpu"
+) -> Tuple[Dict[str, Any], str, List[Tuple[str, str]]]:
+    """Loads the checkpoint ``path`` names: the file itself, or a run folder's newest readable one.
+
+    Returns (checkpoint, its path, [(skipped path, reason)]). A file is unusable when it does not load
+    (truncated, not a checkpoint) or lacks a key of ``required``.
+
+    Raises:
+        CheckpointError: ``path`` is a file that is unusable, or a folder without a usable checkpoint.
+    """
+    folder = os.path.isdir(path)
+    files = candidates(path) if folder else [path]
+    skipped: List[Tuple[str, str]] = []
+    for file in files:
+        try:
+            ckpt = load_checkpoint(file, map_location)
+            missing = [k for k in required if k not in ckpt]
+            if missing:
+                raise ValueError(f"not a training checkpoint (no {', '.join(missing)})")
+        except Exception as e:  # any failure to read it makes it unusable; the next one may do
+            if not folder:
+                raise CheckpointError(f"cannot use checkpoint {file}: {_reason(e)}") from None
+            skipped.append((file, _reason(e)))
+            continue
+        return ckpt, file, skipped
+    if not skipped:
+        raise CheckpointError(f"no checkpoint ({LAST} or checkpoint-<step>.pth) in {path}")
+    raise CheckpointError(
+        f"no usable checkpoint in {path}: " + "; ".join(f"{os.path.basename(f)} ({r})" for f, r in skipped)
+    )
+
+
+def _keep_copy(src: str, dst: str) -> None:
+    """``dst`` becomes the file ``src`` is now: a hard link (no data copied), else an atomic copy."""
+    tmp = f"{dst}.link.tmp"
+    try:
+        if os.path.lexists(tmp):
+            os.unlink(tmp)
+        os.link(src, tmp)
+        os.replace(tmp, dst)
+    except OSError:  # a filesystem without hard links
+        with open(src, "rb") as f:
+            atomic_write(dst, lambda out: shutil.copyfileobj(f, out, 1 << 24))
+
+
+def save_rotating(state: Any, folder: str, step: int, keep: int, previous_step: Optional[int]) -> None:
+    """Writes ``state`` to ``folder/last.pth`` atomically, keeping ``keep`` checkpoints in all.
+
+    The ``last.pth`` being replaced (written at ``previous_step``; None when unknown, e.g. not this
+    run's) stays as ``checkpoint-<previous_step>.pth``; then all but the newest ``keep - 1`` of those go,
+    and any of a step at or past ``step`` (left by an abandoned continuation of an earlier checkpoint).
+    """
+    last = os.path.join(folder, LAST)
+    if keep > 1 and previous_step is not None and previous_step < step and os.path.isfile(last):
+        _keep_copy(last, os.path.join(folder, HISTORY.format(step=previous_step)))
+    atomic_save(state, last)
+    older = [(s, p) for s, p in history(folder) if s < step]
+    doomed = [p for s, p in history(folder) if s >= step] + [p for _, p in older[max(keep - 1, 0) :]]
+    for p in doomed:
+        try:
+            os.unlink(p)
+        except FileNotFoundError:
+            pass
+    if doomed:
+        _fsync_dir(folder)
 
 
 def resolve_checkpoint_path(path: str) -> str:

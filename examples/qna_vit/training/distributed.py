@@ -76,7 +76,17 @@ def all_reduce_mean(t: torch.Tensor, info: DistInfo) -> torch.Tensor:
     return t
 
 
+def same_on_all_ranks(value: int, info: DistInfo) -> bool:
+    """Whether every process holds the same ``value`` (True for one process)."""
+    if not info.enabled:
+        return True
+    t = torch.tensor([value, -value], dtype=torch.int64, device=info.device)
+    dist.all_reduce(t, op=dist.ReduceOp.MAX)
+    return int(t[0]) == -int(t[1])
+
+
 def barrier(info: DistInfo) -> None:
+    """Waits for every process (a no-op for one)."""
     if info.enabled:
         dist.barrier()
 

@@ -49,6 +49,7 @@ import csv
 import json
 import math
 import os
+import signal
 import sys
 import time
 from dataclasses import dataclass, field
@@ -65,12 +66,14 @@ from qna_vit.training.checkpoint import (
     BEST,
     CHECKPOINT_VERSION,
     LAST,
+    CheckpointError,
     all_finite,
     atomic_save,
-    load_checkpoint,
+    load_newest,
     plain,
     resolve_checkpoint_path,
     rng_state,
+    save_rotating,
     set_rng_state,
     truncate_csv,
 )
@@ -85,7 +88,14 @@ from qna_vit.training.data import (
     build_transform,
     resolve_data_backend,
 )
-from qna_vit.training.distributed import DistInfo, all_reduce_mean, cleanup, init_distributed
+from qna_vit.training.distributed import (
+    DistInfo,
+    all_reduce_mean,
+    barrier,
+    cleanup,
+    init_distributed,
+    same_on_all_ranks,
+)
 from qna_vit.training.engine import (
     CosineSchedule,
     CsvLog,
@@ -99,6 +109,13 @@ from qna_vit.training.engine import (
     parse_model_kwargs,
 )
 from qna_vit.training.mixup import Mixup, TimmMixup, cross_entropy
+from qna_vit.training.preemption import (
+    StopAgreement,
+    StopRequest,
+    exit_by_signal,
+    ignore_stop_signals,
+    signal_name,
+)
 
 STEP_FIELDS = ("step", "epoch", "loss", "lr", "grad_norm", "images_per_s", "data_wait_s", "elapsed_s")
 SUMMARY_FIELDS = (
@@ -116,6 +133,7 @@ SUMMARY_FIELDS = (
     "epoch_s",
 )
 DEBUG_EXIT_CODE = 75  # what --debug-exit-after-step exits with (a simulated kill)
+CHECKPOINT_ERROR_EXIT_CODE = 2  # --resume names no usable checkpoint (like a bad command line)
 
 # --recipe finetune: the original's fine-tuning config (docs/spec.md, section Fine-tuning); defaults only,
 # so an explicit flag still wins.
@@ -241,6 +259,14 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--seed", type=int, default=42)
     g.add_argument("--log-interval", type=int, default=50, help="steps between log lines (all steps go to CSV)")
     g.add_argument("--ckpt-interval", type=int, default=1000, help="steps between mid-epoch checkpoints (0: off)")
+    g.add_argument(
+        "--keep-checkpoints",
+        type=int,
+        default=3,
+        metavar="N",
+        help="checkpoints kept: last.pth and the N-1 before it as checkpoint-<step>.pth (--resume on the "
+        "folder takes the newest readable one)",
+    )
     g.add_argument("--device", default="auto", choices=("auto", "cuda", "cpu"))
     g.add_argument("--dist-backend", default=None, help="default: nccl on GPUs, gloo on CPU")
     g.add_argument("--threads", type=int, default=None, help="torch CPU threads per process")
@@ -266,6 +292,15 @@ def build_parser() -> argparse.ArgumentParser:
         default=None,
         help=f"exit abruptly (code {DEBUG_EXIT_CODE}, no cleanup) after step N, as a kill would",
     )
+    g.add_argument(
+        "--debug-signal-after-step",
+        type=int,
+        default=None,
+        help="send this process SIGTERM after step N, as a scheduler would (rank 0 only)",
+    )
+    g.add_argument(
+        "--debug-step-delay", type=float, default=0.0, help="sleep this many seconds after each step (a slow run)"
+    )
     return p
 
 
@@ -277,7 +312,7 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
     args = p.parse_args(argv)
     if not args.synthetic and not args.data_dir:
         p.error("give --data-dir (an ImageFolder tree) or --synthetic")
-    for name in ("batch_size", "grad_accum_steps", "epochs", "log_interval"):
+    for name in ("batch_size", "grad_accum_steps", "epochs", "log_interval", "keep_checkpoints"):
         if getattr(args, name) < 1:
             p.error(f"--{name.replace('_', '-')} must be >= 1")
     if args.mixup > 0 or args.cutmix > 0:
@@ -418,7 +453,12 @@ def _train(args: argparse.Namespace, info: DistInfo) -> Dict[str, Any]:
     sampler = ResumableSampler(
         len(train_base), args.batch_size, info.world_size, info.rank, args.grad_accum_steps, args.seed
     )
-    loader_kw = dict(num_workers=args.workers, pin_memory=device.type == "cuda", persistent_workers=args.workers > 0)
+    loader_kw = dict(
+        num_workers=args.workers,
+        pin_memory=device.type == "cuda",
+        persistent_workers=args.workers > 0,
+        worker_init_fn=ignore_stop_signals,  # the main process decides when to stop (preemption.py)
+    )
     loader = DataLoader(
         SeededDataset(train_base, build_transform(aug, True, backend), torch_only=backend != "timm"),
         batch_size=args.batch_size,
@@ -495,18 +535,28 @@ def _train(args: argparse.Namespace, info: DistInfo) -> Dict[str, Any]:
     summary_csv = CsvLog(os.path.join(out, "summary.csv"), SUMMARY_FIELDS, main)
 
     resumed_from = None
+    epoch_end_pending = False  # stopped after an epoch's last step, before its evaluation
     if args.resume:
-        path = resolve_checkpoint_path(args.resume)
-        ckpt = load_checkpoint(path)
+        ckpt, path, skipped = load_newest(args.resume, required=("model", "optimizer", "step"))
+        for file, reason in skipped:
+            say(f"warning: skipped checkpoint {file}: {reason}")
+        if skipped:
+            say(f"resuming from {path} (step {ckpt['step']}), the newest readable checkpoint")
+        # Every rank reads the folder itself; they must all continue from the same step.
+        if not same_on_all_ranks(int(ckpt["step"]), info):
+            raise CheckpointError(
+                f"the processes found different checkpoints in {args.resume} (not one shared folder?)"
+            )
         _restore(ckpt, model, optimizer, scaler, ema, schedule, data_order, say)
         run.step, run.best = int(ckpt["step"]), dict(ckpt.get("best") or run.best)
         run.last_ckpt = (os.path.abspath(path), run.step)
         resumed_from = path
+        epoch_end_pending = bool(ckpt.get("epoch_end_pending"))
         if main:
             # A killed run may have logged steps past its last checkpoint; those are redone now.
             truncate_csv(steps_csv.path, lambda r: int(r["step"]) <= run.step)
             truncate_csv(summary_csv.path, lambda r: int(r["step"]) <= run.step)
-            epoch = run.step // steps_per_epoch
+            epoch = run.step // steps_per_epoch - (1 if epoch_end_pending else 0)
             run.epoch_losses = _logged_epoch_losses(steps_csv.path, epoch)
 
     train_model: nn.Module = model
@@ -620,8 +670,9 @@ def _train(args: argparse.Namespace, info: DistInfo) -> Dict[str, Any]:
             last["step"],
         )
 
-    def save(epoch: int, evaluated: bool) -> None:
-        """Writes last.pth (and best.pth after an improving evaluation), never from a non-finite state."""
+    def save(epoch: int, evaluated: bool, epoch_end_pending: bool = False) -> None:
+        """Writes last.pth (keeping the --keep-checkpoints before it, and best.pth after an improving
+        evaluation), never from a non-finite state."""
         flush()
         tensors = list(model.parameters()) + (list(ema.module.parameters()) if ema else [])
         if not all_finite(tensors):
@@ -637,6 +688,7 @@ def _train(args: argparse.Namespace, info: DistInfo) -> Dict[str, Any]:
         if top1 is not None and (run.best["top1"] is None or top1 > run.best["top1"]):
             run.best = {"top1": top1, "epoch": epoch, "step": run.step}
             improved = True
+        last_path = os.path.abspath(ckpt_paths[0])
         if main:
             state = {
                 "version": CHECKPOINT_VERSION,
@@ -650,6 +702,7 @@ def _train(args: argparse.Namespace, info: DistInfo) -> Dict[str, Any]:
                 "schedule": schedule.state_dict(),
                 "step": run.step,
                 "epoch": run.step // steps_per_epoch,
+                "epoch_end_pending": epoch_end_pending,
                 "data_order": data_order,
                 "rng": rng_state(),
                 "best": run.best,
@@ -658,99 +711,126 @@ def _train(args: argparse.Namespace, info: DistInfo) -> Dict[str, Any]:
                 "args": plain(vars(args)),
                 "data": plain({"spec": vars(spec), "aug": vars(aug)}),
             }
-            atomic_save(state, ckpt_paths[0])
+            # The last.pth being replaced is kept when it is this run's (its step known).
+            previous = run.last_ckpt[1] if run.last_ckpt and run.last_ckpt[0] == last_path else None
+            save_rotating(state, out, run.step, args.keep_checkpoints, previous)
             if improved:
                 atomic_save(state, ckpt_paths[1])
-        run.last_ckpt = (os.path.abspath(ckpt_paths[0]), run.step)
+        run.last_ckpt = (last_path, run.step)
+
+    def end_epoch(epoch: int, epoch_s: Optional[float], epoch_rates: List[float]) -> None:
+        """The epoch's evaluation, summary row and checkpoint."""
+        if val_loader is not None:
+            run.metrics = evaluate(train_model, val_loader, device, info, amp_dtype, args.channels_last)
+            if ema is not None:
+                run.ema_metrics = evaluate(ema.module, val_loader, device, info, amp_dtype, args.channels_last)
+        m, e = run.metrics or {}, run.ema_metrics or {}
+        row = {
+            "epoch": epoch,
+            "step": run.step,
+            "lr": optimizer.param_groups[0]["lr"],
+            "train_loss": sum(run.epoch_losses) / max(len(run.epoch_losses), 1),
+            "val_loss": m.get("loss"),
+            "top1": m.get("top1"),
+            "top5": m.get("top5"),
+            "ema_val_loss": e.get("loss"),
+            "ema_top1": e.get("top1"),
+            "ema_top5": e.get("top5"),
+            "images_per_s": round(sum(epoch_rates) / len(epoch_rates), 2) if epoch_rates else None,
+            "epoch_s": round(epoch_s, 3) if epoch_s is not None else None,
+        }
+        summary_csv.write([row])
+        tb.scalars(
+            {
+                "val/loss": m.get("loss"),
+                "val/top1": m.get("top1"),
+                "val/top5": m.get("top5"),
+                "val_ema/top1": e.get("top1"),
+            },
+            run.step,
+        )
+        if m:
+            took = f" ({epoch_s:.1f}s)" if epoch_s is not None else ""
+            say(
+                f"epoch {epoch + 1}/{args.epochs}{took}: train loss {row['train_loss']:.4f} | val loss "
+                f"{m['loss']:.4f} top-1 {m['top1']:.2f}% top-5 {m['top5']:.2f}%"
+                + (f" | EMA top-1 {e['top1']:.2f}% top-5 {e['top5']:.2f}%" if e else "")
+            )
+        save(epoch, evaluated=val_loader is not None)
 
     ddp_model.train()
     run.last_flush = time.perf_counter()
     epoch = run.step // steps_per_epoch
     progress = Progress(0, "", enabled=False)
+    stopper: Optional[StopAgreement] = None
     try:
-        while run.step < max_steps:
-            first = run.step - epoch * steps_per_epoch
-            stop = min(steps_per_epoch, max_steps - epoch * steps_per_epoch)
-            sampler.set_epoch(epoch, first)
-            if first == 0:
-                run.epoch_losses = []
-            t_epoch, rates_before = time.perf_counter(), len(run.rates)
-            progress = Progress(
-                steps_per_epoch, f"epoch {epoch + 1}/{args.epochs}", enabled=main, mode=args.progress, initial=first
-            )
-            batches = iter(loader)
-            for in_epoch in range(first + 1, stop + 1):
-                _train_step(
-                    args,
-                    info,
-                    run,
-                    epoch,
-                    ddp_model,
-                    model,
-                    batches,
-                    optimizer,
-                    scaler,
-                    schedule,
-                    ema,
-                    mixup_fn,
-                    params,
-                    amp_dtype,
+        with StopRequest() as request:
+            stopper = StopAgreement(request, info)
+            if epoch_end_pending:
+                # The run stopped after this epoch's last step, before evaluating it: evaluate now.
+                end_epoch(epoch - 1, None, [])
+            while run.step < max_steps and stopper.signum is None:
+                first = run.step - epoch * steps_per_epoch
+                stop = min(steps_per_epoch, max_steps - epoch * steps_per_epoch)
+                sampler.set_epoch(epoch, first)
+                if first == 0:
+                    run.epoch_losses = []
+                t_epoch, rates_before = time.perf_counter(), len(run.rates)
+                progress = Progress(
+                    steps_per_epoch, f"epoch {epoch + 1}/{args.epochs}", enabled=main, mode=args.progress, initial=first
                 )
-                progress.update(1)
-                if run.step % args.log_interval == 0:
-                    flush()
-                # Mid-epoch checkpoints only: the epoch's last step is saved after its evaluation.
-                if args.ckpt_interval and run.step % args.ckpt_interval == 0 and in_epoch < stop:
-                    save(epoch, evaluated=False)
-                if args.debug_exit_after_step == run.step:
-                    flush()
-                    progress.close()
-                    sys.stdout.flush()
-                    sys.stderr.flush()
-                    os._exit(DEBUG_EXIT_CODE)
-            flush()
-            progress.close()
-            epoch_rates = run.rates[rates_before:]
-            epoch_s = time.perf_counter() - t_epoch
-            if val_loader is not None:
-                run.metrics = evaluate(train_model, val_loader, device, info, amp_dtype, args.channels_last)
-                if ema is not None:
-                    run.ema_metrics = evaluate(ema.module, val_loader, device, info, amp_dtype, args.channels_last)
-            m, e = run.metrics or {}, run.ema_metrics or {}
-            row = {
-                "epoch": epoch,
-                "step": run.step,
-                "lr": optimizer.param_groups[0]["lr"],
-                "train_loss": sum(run.epoch_losses) / max(len(run.epoch_losses), 1),
-                "val_loss": m.get("loss"),
-                "top1": m.get("top1"),
-                "top5": m.get("top5"),
-                "ema_val_loss": e.get("loss"),
-                "ema_top1": e.get("top1"),
-                "ema_top5": e.get("top5"),
-                "images_per_s": round(sum(epoch_rates) / len(epoch_rates), 2) if epoch_rates else None,
-                "epoch_s": round(epoch_s, 3),
-            }
-            summary_csv.write([row])
-            tb.scalars(
-                {
-                    "val/loss": m.get("loss"),
-                    "val/top1": m.get("top1"),
-                    "val/top5": m.get("top5"),
-                    "val_ema/top1": e.get("top1"),
-                },
-                run.step,
-            )
-            if m:
-                say(
-                    f"epoch {epoch + 1}/{args.epochs} ({epoch_s:.1f}s): train loss {row['train_loss']:.4f} | val loss "
-                    f"{m['loss']:.4f} top-1 {m['top1']:.2f}% top-5 {m['top5']:.2f}%"
-                    + (f" | EMA top-1 {e['top1']:.2f}% top-5 {e['top5']:.2f}%" if e else "")
-                )
-            save(epoch, evaluated=val_loader is not None)
-            epoch += 1
+                batches = iter(loader)
+                for in_epoch in range(first + 1, stop + 1):
+                    _train_step(
+                        args,
+                        info,
+                        run,
+                        epoch,
+                        ddp_model,
+                        model,
+                        batches,
+                        optimizer,
+                        scaler,
+                        schedule,
+                        ema,
+                        mixup_fn,
+                        params,
+                        amp_dtype,
+                    )
+                    progress.update(1)
+                    if args.debug_step_delay:
+                        time.sleep(args.debug_step_delay)
+                    if args.debug_signal_after_step == run.step and main:
+                        os.kill(os.getpid(), signal.SIGTERM)
+                    if run.step % args.log_interval == 0:
+                        flush()
+                    # The run's last step ends it normally (evaluation, last checkpoint) whatever arrives.
+                    if run.step < max_steps and stopper.poll():
+                        break
+                    # Mid-epoch checkpoints only: the epoch's last step is saved after its evaluation.
+                    if args.ckpt_interval and run.step % args.ckpt_interval == 0 and in_epoch < stop:
+                        save(epoch, evaluated=False)
+                    if args.debug_exit_after_step == run.step:
+                        flush()
+                        progress.close()
+                        sys.stdout.flush()
+                        sys.stderr.flush()
+                        os._exit(DEBUG_EXIT_CODE)
+                flush()
+                progress.close()
+                if stopper.signum is not None:
+                    _stop(stopper, run, epoch, steps_per_epoch, info, say)
+                    if run.last_ckpt is None or run.last_ckpt[1] != run.step:
+                        save(epoch, evaluated=False, epoch_end_pending=run.step % steps_per_epoch == 0)
+                    break
+                end_epoch(epoch, time.perf_counter() - t_epoch, run.rates[rates_before:])
+                epoch += 1
     finally:
         progress.close()
+        if stopper is not None:
+            stopper.close()
+    if stopper.signum is not None:
+        barrier(info)  # nobody exits (and lets torchrun end the others) before the checkpoint is complete
     tb.close()
 
     # --- summary
@@ -776,8 +856,12 @@ def _train(args: argparse.Namespace, info: DistInfo) -> Dict[str, Any]:
         "ema_metrics": run.ema_metrics,
         "best": run.best,
         "checkpoint": run.last_ckpt[0] if run.last_ckpt else None,
+        "stopped_by": signal_name(stopper.signum) if stopper.signum is not None else None,
+        "stopped_signal": stopper.signum,
         "environment": _environment(info, amp_dtype, args, global_batch),
     }
+    if stopper.signum is not None:
+        return summary  # no summary.json: it marks a finished run
     if main:
         with open(os.path.join(out, "summary.json"), "w") as f:
             json.dump(plain(summary), f, indent=2)
@@ -879,6 +963,18 @@ def _train_step(
     run.pending.append(_Pending(run.step, epoch, loss_sum / args.grad_accum_steps, lr, grad_norm, data_wait))
 
 
+def _stop(stopper: StopAgreement, run: _Run, epoch: int, steps_per_epoch: int, info: DistInfo, say: Any) -> None:
+    """Says that (and where) the run stops for a signal; in a group, every rank names its step."""
+    name = signal_name(stopper.signum or 0)
+    origin = f" (on rank {stopper.source_rank})" if info.enabled else ""
+    say(
+        f"{name} received{origin}: stopping after step {run.step} (epoch {epoch + 1}, batch "
+        f"{run.step - epoch * steps_per_epoch} of {steps_per_epoch}) and saving a checkpoint"
+    )
+    if info.enabled:
+        print(f"[rank {info.rank}] stopping after step {run.step} ({name})", file=sys.stderr, flush=True)
+
+
 def _logged_epoch_losses(path: str, epoch: int) -> List[float]:
     """Losses already logged for ``epoch`` (so a resumed epoch's mean train loss covers all its steps)."""
     if not os.path.isfile(path):
@@ -928,14 +1024,36 @@ def _restore(
 
 
 def main(argv: Optional[Sequence[str]] = None) -> Dict[str, Any]:
-    """Command-line entry point: exits with status 3 (and the message) on a non-finite loss."""
+    """Command-line entry point.
+
+    Exits with status 3 (and the message) on a non-finite loss, 2 when ``--resume`` finds no usable
+    checkpoint (a one-line message naming it), and, after a stop signal (SIGTERM, SIGINT, SIGUSR1) and
+    its checkpoint, by that same signal: the status a kill would have given (128 + its number), with a
+    line saying how to continue.
+    """
     args = parse_args(argv)
+    rank0 = int(os.environ.get("RANK", "0")) == 0
     try:
-        return train(args)
+        summary = train(args)
     except NonFiniteLossError as e:
-        if int(os.environ.get("RANK", "0")) == 0:
+        if rank0:
             print(f"error: {e}", file=sys.stderr, flush=True)
         raise SystemExit(3) from e
+    except CheckpointError as e:
+        if rank0:
+            print(f"error: {e}", file=sys.stderr, flush=True)
+        raise SystemExit(CHECKPOINT_ERROR_EXIT_CODE) from None
+    signum = summary.get("stopped_signal")
+    if signum:
+        if rank0:
+            print(
+                f"stopped by {summary['stopped_by']} after step {summary['steps']}: checkpoint "
+                f"{summary['checkpoint']}; continue with the same command and --resume {summary['output']}",
+                file=sys.stderr,
+                flush=True,
+            )
+        exit_by_signal(signum)
+    return summary
 
 
 if __name__ == "__main__":
