@@ -1,7 +1,7 @@
 """Evaluate a QnA-ViT checkpoint: top-1 / top-5 accuracy, loss and images/s.
 
-Checkpoints: those of ``examples/train.py`` (``last.pth``/``best.pth``, or a run folder; ``--ema`` takes
-the EMA weights) and those of ``examples/convert_flax.py`` (``{'model': state_dict, 'model_name': name}``).
+Checkpoints: those of ``examples/train.py`` (``last.pth``/``best.pth``, or a run folder: its newest
+readable checkpoint, naming any it skipped; ``--ema`` takes the EMA weights) and those of ``examples/convert_flax.py`` (``{'model': state_dict, 'model_name': name}``).
 Data: an ImageFolder validation split (``--data-dir``: the split folder itself, or a root holding
 ``--split``) or the generated set (``--synthetic``; a checkpoint trained on it supplies its parameters).
 
@@ -27,7 +27,7 @@ import torch.nn as nn
 from torch.utils.data import DataLoader
 
 from qna_vit import MODEL_CONFIGS, QnAViTConfig, create_model
-from qna_vit.training.checkpoint import load_checkpoint, resolve_checkpoint_path
+from qna_vit.training.checkpoint import CheckpointError, load_newest
 from qna_vit.training.data import (
     DATA_BACKENDS,
     AugConfig,
@@ -44,7 +44,9 @@ from qna_vit.training.engine import evaluate, parse_model_kwargs
 
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--checkpoint", required=True, help="checkpoint file or train.py run folder")
+    p.add_argument(
+        "--checkpoint", required=True, help="checkpoint file, or train.py run folder (its newest readable checkpoint)"
+    )
     p.add_argument("--ema", action="store_true", help="evaluate the checkpoint's EMA weights")
     p.add_argument("--model", default=None, choices=sorted(MODEL_CONFIGS), help="default: the checkpoint's")
     p.add_argument(
@@ -141,7 +143,10 @@ def model_throughput(
 
 
 def run(argv: Optional[Sequence[str]] = None) -> Dict[str, Any]:
-    """Evaluates as the command line says; prints the results and returns them."""
+    """Evaluates as the command line says; prints the results and returns them.
+
+    Exits with status 2 and a one-line message when ``--checkpoint`` names no usable checkpoint.
+    """
     args = build_parser().parse_args(argv)
     if not args.synthetic and not args.data_dir:
         raise SystemExit("give --data-dir (ImageFolder) or --synthetic")
@@ -152,8 +157,13 @@ def run(argv: Optional[Sequence[str]] = None) -> Dict[str, Any]:
     use_amp = args.amp if args.amp is not None else use_cuda
     amp_dtype = (torch.bfloat16 if args.amp_dtype == "bf16" else torch.float16) if use_amp else None
 
-    path = resolve_checkpoint_path(args.checkpoint)
-    ckpt = load_checkpoint(path)
+    try:
+        ckpt, path, skipped = load_newest(args.checkpoint)
+    except CheckpointError as e:
+        print(f"error: {e}", file=sys.stderr, flush=True)
+        raise SystemExit(2) from None
+    for file, reason in skipped:
+        print(f"warning: skipped checkpoint {file}: {reason}", file=sys.stderr, flush=True)
     kwargs = None
     if args.model_kwargs is not None:
         kwargs = parse_model_kwargs(args.model_kwargs)
