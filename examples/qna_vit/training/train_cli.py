@@ -14,12 +14,18 @@ Single GPU (global batch 1024 = 256 x 4 accumulation steps)::
 One node, 8 GPUs (128 x 8 = 1024), and two nodes (64 x 16)::
 
     torchrun --nproc_per_node=8 examples/train.py --data-dir /data/imagenet --batch-size 128
-    torchrun --nnodes=2 --nproc_per_node=8 --rdzv-backend=c10d --rdzv-endpoint=HOST:29500 \\
+    torchrun --nnodes=2 --nproc_per_node=8 --rdzv-id=RUN --rdzv-backend=c10d --rdzv-endpoint=HOST:29500 \\
         examples/train.py --data-dir /data/imagenet --batch-size 64        # on every node
 
 Resume (a killed run continues with exactly the losses it would have had)::
 
     python examples/train.py ... --resume runs/train/<run>      # or runs/train/<run>/last.pth
+
+Given a run folder, ``--resume`` takes the newest checkpoint that loads (``last.pth``, then the
+``--keep-checkpoints`` - 1 before it, ``checkpoint-<step>.pth``), naming any it skipped. SIGTERM, SIGUSR1
+(SLURM's ``--signal=USR1@120``) and SIGINT make a run finish its step, save a checkpoint and exit by that
+signal (status 128 + its number), every torchrun rank after the same step; ``--resume`` then continues
+it exactly. The README's "Training and evaluation" has a SLURM script that requeues itself.
 
 Fine-tuning at 384 px from a 224 checkpoint (the original's ``configs/imagenet_qna_finetune.py``):
 ``--recipe finetune`` sets 384x384 input, 30 epochs, AdamW lr 1e-5 per 1024 images with a constant
