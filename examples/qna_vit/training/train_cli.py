@@ -824,12 +824,16 @@ def _train(args: argparse.Namespace, info: DistInfo) -> Dict[str, Any]:
                         os._exit(DEBUG_EXIT_CODE)
                 flush()
                 progress.close()
+                if stopper.signum is None:
+                    end_epoch(epoch, time.perf_counter() - t_epoch, run.rates[rates_before:])
+                    # A signal that came during the evaluation stops the run here, saved already.
+                    if run.step < max_steps:
+                        stopper.poll()
                 if stopper.signum is not None:
                     _stop(stopper, run, epoch, steps_per_epoch, info, say)
                     if run.last_ckpt is None or run.last_ckpt[1] != run.step:
                         save(epoch, evaluated=False, epoch_end_pending=run.step % steps_per_epoch == 0)
                     break
-                end_epoch(epoch, time.perf_counter() - t_epoch, run.rates[rates_before:])
                 epoch += 1
     finally:
         progress.close()
