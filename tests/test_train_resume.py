@@ -210,6 +210,27 @@ def test_a_signal_mid_epoch_saves_exits_by_it_and_resume_repeats_the_run(referen
     assert_same_run(out, reference)
 
 
+def test_a_signal_during_an_evaluation_stops_the_run_after_it(reference, tmp_path, monkeypatch):
+    from qna_vit.training import train_cli
+
+    evaluate = train_cli.evaluate
+
+    def signalled(*args, **kwargs):
+        os.kill(os.getpid(), signal.SIGUSR1)
+        return evaluate(*args, **kwargs)
+
+    monkeypatch.setattr(train_cli, "evaluate", signalled)
+    out = tmp_path / "run"
+    summary = run_train(tiny_args(out, *COMMON))
+    monkeypatch.undo()
+    assert summary["stopped_by"] == "SIGUSR1" and summary["steps"] == 6  # no step after the evaluation
+    ckpt = load_checkpoint(str(out))
+    assert ckpt["step"] == 6 and not ckpt["epoch_end_pending"]
+    assert len(read_csv(out / "summary.csv", SUMMARY_COLUMNS)) == 1
+    assert run_train(tiny_args(out, *COMMON, "--resume", str(out)))["steps"] == 12
+    assert_same_run(out, reference)
+
+
 def test_a_signal_after_an_epochs_last_step_evaluates_that_epoch_on_resume(reference, tmp_path):
     # The signal (this process's own SIGTERM, through the handler) arrives after step 6, the first
     # epoch's last: the run saves without evaluating, and the resumed run evaluates epoch 1 first.
@@ -330,10 +351,14 @@ def test_two_nodes_train_as_one_process_with_the_same_global_batch(two_nodes, tm
         assert float(t1) == pytest.approx(float(t2), abs=1e-6) and float(vl1) == pytest.approx(float(vl2), rel=1e-4)
 
 
-def test_torchrun_one_rank_signalled_all_stop_at_the_same_step_and_resume_exactly(two_nodes, tmp_path):
+@pytest.mark.parametrize("target", ["rank 1", "launcher"])
+def test_torchrun_a_signal_stops_every_rank_after_the_same_step_and_resume_is_exact(two_nodes, tmp_path, target):
+    # rank 1: SIGUSR1 to it alone (rank 0 learns of it through the all-reduce). launcher: SIGTERM to
+    # torchrun, which forwards it to both ranks, each at its own moment.
     if not os.path.isdir("/proc/self"):
         pytest.skip("finds the ranks' processes through /proc")
     reference, _ = two_nodes  # an uninterrupted two-process run of the same configuration
+    sig = signal.SIGUSR1 if target == "rank 1" else signal.SIGTERM
     out = tmp_path / "run"
     proc = subprocess.Popen(
         [*torchrun("--standalone", "--nproc_per_node=2"), *tiny_args(out, *DIST, *SLOW, batch=8)],
@@ -349,19 +374,23 @@ def test_torchrun_one_rank_signalled_all_stop_at_the_same_step_and_resume_exactl
         ranks = dict((rank, pid) for pid, rank in child_pids(proc.pid))
         assert sorted(ranks) == [0, 1], ranks
         sent = time.monotonic()
-        os.kill(ranks[1], signal.SIGUSR1)  # rank 1 alone: rank 0 learns of it through the all-reduce
+        os.kill(ranks[1] if target == "rank 1" else proc.pid, sig)
         stdout, stderr = proc.communicate(timeout=90)
         took = time.monotonic() - sent
     finally:
         kill_tree(proc)  # only where it is still running (ranks blocked in a collective)
     assert proc.returncode != 0  # torchrun reports its workers' deaths by the signal as a failure
     assert took < 30, took
-    m = re.search(r"^SIGUSR1 received \(on rank 1\): stopping after step (\d+)", stdout, re.M)
+    m = re.search(
+        rf"^{sig.name} received \(on rank {'1' if target == 'rank 1' else '[01]'}\): stopping after step (\d+)",
+        stdout,
+        re.M,
+    )
     assert m, stdout[-3000:] + stderr[-3000:]
     step = int(m.group(1))
     assert 2 <= step < 6
     for rank in (0, 1):
-        assert f"[rank {rank}] stopping after step {step} (SIGUSR1)" in stderr, stderr[-3000:]
+        assert f"[rank {rank}] stopping after step {step} ({sig.name})" in stderr, stderr[-3000:]
     assert load_checkpoint(str(out))["step"] == step == logged_steps(out)
 
     proc = subprocess.run(
