@@ -492,7 +492,8 @@ def test_nonfinite_loss_stops_with_the_step_and_keeps_the_last_good_checkpoint(t
     ckpt = load_checkpoint(str(out))
     assert ckpt["step"] == 6
     assert all(torch.isfinite(t).all() for t in ckpt["model"].values() if t.is_floating_point())
-    assert sorted(p.name for p in out.iterdir()) == ["last.pth", "steps.csv"]  # no torn or temporary files
+    # No torn or temporary files; the checkpoint before the last one is kept (--keep-checkpoints).
+    assert sorted(p.name for p in out.iterdir()) == ["checkpoint-00000003.pth", "last.pth", "steps.csv"]
     last = read_csv(out / "steps.csv", ("step", "loss"))[-1]
     assert last[0] == "7" and math.isnan(float(last[1]))
 
