@@ -1,7 +1,7 @@
 """Evaluate a QnA-ViT checkpoint: top-1 / top-5 accuracy, loss and images/s.
 
-Checkpoints: those of ``examples/train.py`` (``last.pth``/``best.pth``, or a run folder; ``--ema`` takes
-the EMA weights) and those of ``examples/convert_flax.py`` (``{'model': state_dict, 'model_name': name}``).
+Checkpoints: those of ``examples/train.py`` (``last.pth``/``best.pth``, or a run folder: its newest
+readable checkpoint, naming any it skipped; ``--ema`` takes the EMA weights) and those of ``examples/convert_flax.py`` (``{'model': state_dict, 'model_name': name}``).
 Data: an ImageFolder validation split (``--data-dir``: the split folder itself, or a root holding
 ``--split``) or the generated set (``--synthetic``; a checkpoint trained on it supplies its parameters).
 
