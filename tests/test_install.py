@@ -93,7 +93,6 @@ def test_library_and_models_import_from_outside_the_checkout(installed, tmp_path
     assert int(n_params) == 15_715_560
 
 
-@pytest.mark.skipif(importlib.util.find_spec("timm") is None, reason="timm is not installed")
 def test_timm_creates_the_models_after_importing_them(installed, tmp_path):
     proc = _run(
         """
