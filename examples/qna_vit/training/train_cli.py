@@ -56,6 +56,8 @@ from typing import Any, Dict, List, Optional, Sequence, Tuple
 
 import torch
 import torch.nn as nn
+from timm.scheduler import CosineLRScheduler
+from timm.utils import ModelEmaV3
 from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import DataLoader
 
@@ -87,18 +89,19 @@ from qna_vit.training.data import (
 )
 from qna_vit.training.distributed import DistInfo, all_reduce_mean, cleanup, init_distributed
 from qna_vit.training.engine import (
-    CosineSchedule,
     CsvLog,
-    ModelEma,
     NonFiniteLossError,
     Progress,
     TensorBoard,
+    build_optimizer,
+    build_scheduler,
+    decayed_parameter_count,
     derive_seed,
     evaluate,
-    param_groups,
     parse_model_kwargs,
+    set_step_lr,
 )
-from qna_vit.training.mixup import Mixup, TimmMixup, cross_entropy
+from qna_vit.training.mixup import SeededMixup, cross_entropy
 
 STEP_FIELDS = ("step", "epoch", "loss", "lr", "grad_norm", "images_per_s", "data_wait_s", "elapsed_s")
 SUMMARY_FIELDS = (
@@ -197,6 +200,12 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--weight-decay", type=float, default=0.05)
     g.add_argument("--opt-eps", type=float, default=1e-8)
     g.add_argument("--opt-betas", type=float, nargs=2, default=(0.9, 0.999))
+    g.add_argument(
+        "--layer-decay",
+        type=float,
+        default=None,
+        help="layer-wise lr decay (timm's): each layer's lr scaled by this per layer below the head",
+    )
     g.add_argument("--warmup-epochs", type=float, default=None, help="default 5 (qna_vit_base: 20)")
     g.add_argument("--warmup-lr", type=float, default=1e-6)
     g.add_argument("--min-lr", type=float, default=1e-5)
@@ -231,7 +240,9 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--amp-dtype", default="bf16", choices=("bf16", "fp16"))
     g.add_argument("--model-ema", action="store_true")
     g.add_argument("--model-ema-decay", type=float, default=0.9998)
-    g.add_argument("--model-ema-warmup", action="store_true")
+    g.add_argument(
+        "--model-ema-warmup", action="store_true", help="timm's ModelEmaV3 warm-up: a lower decay in early steps"
+    )
 
     g = p.add_argument_group("run")
     g.add_argument(
@@ -280,6 +291,8 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
     for name in ("batch_size", "grad_accum_steps", "epochs", "log_interval"):
         if getattr(args, name) < 1:
             p.error(f"--{name.replace('_', '-')} must be >= 1")
+    if args.layer_decay is not None and not 0.0 < args.layer_decay <= 1.0:
+        p.error(f"--layer-decay must be in (0, 1], got {args.layer_decay}")
     if args.mixup > 0 or args.cutmix > 0:
         if args.batch_size % 2:
             p.error("mixup/cutmix mix a batch with its reverse: --batch-size must be even")
@@ -440,8 +453,7 @@ def _train(args: argparse.Namespace, info: DistInfo) -> Dict[str, Any]:
 
     mixup_fn = None
     if args.mixup > 0 or args.cutmix > 0:
-        cls = TimmMixup if backend == "timm" else Mixup
-        mixup_fn = cls(
+        mixup_fn = SeededMixup(
             mixup_alpha=args.mixup,
             cutmix_alpha=args.cutmix,
             prob=args.mixup_prob,
@@ -464,22 +476,28 @@ def _train(args: argparse.Namespace, info: DistInfo) -> Dict[str, Any]:
     model = model.to(device)
     if args.channels_last:
         model = model.to(memory_format=torch.channels_last)
-    groups = param_groups(model, args.weight_decay)
     lr = args.lr if args.lr is not None else args.lr_base * global_batch / args.lr_base_size
-    opt_kw = {"fused": True} if device.type == "cuda" else {}
-    optimizer = torch.optim.AdamW(groups, lr=lr, betas=tuple(args.opt_betas), eps=args.opt_eps, **opt_kw)
+    optimizer = build_optimizer(
+        model,
+        lr,
+        args.weight_decay,
+        betas=tuple(args.opt_betas),
+        eps=args.opt_eps,
+        layer_decay=args.layer_decay,
+        fused=device.type == "cuda",
+    )
     scaler = torch.amp.GradScaler(device.type, enabled=amp_dtype == torch.float16)
     warmup_epochs = (
         args.warmup_epochs if args.warmup_epochs is not None else (20.0 if args.model == "qna_vit_base" else 5.0)
     )
-    schedule = CosineSchedule(
-        lr,
+    schedule = build_scheduler(
+        optimizer,
         total_steps,
         warmup_steps=round(warmup_epochs * steps_per_epoch),
         warmup_lr=args.warmup_lr,
         min_lr=lr if args.sched == "constant" else args.min_lr,
     )
-    ema = ModelEma(model, args.model_ema_decay, args.model_ema_warmup) if args.model_ema else None
+    ema = ModelEmaV3(model, args.model_ema_decay, use_warmup=args.model_ema_warmup) if args.model_ema else None
     data_order = {
         "seed": args.seed,
         "global_batch": global_batch,
@@ -522,7 +540,7 @@ def _train(args: argparse.Namespace, info: DistInfo) -> Dict[str, Any]:
     from qna_triton.ops import resolve_backend
 
     n_params = sum(p.numel() for p in model.parameters())
-    n_decay = sum(p.numel() for p in groups[0]["params"])
+    n_decay = decayed_parameter_count(optimizer)
     gpu = f" ({torch.cuda.get_device_name(device)})" if device.type == "cuda" else ""
     say(
         f"model: {args.model} ({_fmt_count(n_params)} parameters, {num_classes} classes, "
@@ -546,6 +564,7 @@ def _train(args: argparse.Namespace, info: DistInfo) -> Dict[str, Any]:
         f"epochs | "
         f"{args.epochs} epochs x {steps_per_epoch} steps"
         + (f", stopping at step {max_steps}" if max_steps < total_steps else "")
+        + (f" | layer decay {args.layer_decay}" if args.layer_decay else "")
         + (f" | EMA {args.model_ema_decay}" if ema else "")
         + (f" | clip {args.clip_grad}" if args.clip_grad else "")
     )
@@ -646,7 +665,7 @@ def _train(args: argparse.Namespace, info: DistInfo) -> Dict[str, Any]:
                 "num_classes": num_classes,
                 "optimizer": optimizer.state_dict(),
                 "scaler": scaler.state_dict() if scaler.is_enabled() else None,
-                "ema": ema.state_dict() if ema else None,
+                "ema": ema.module.state_dict() if ema else None,
                 "schedule": schedule.state_dict(),
                 "step": run.step,
                 "epoch": run.step // steps_per_epoch,
@@ -830,8 +849,8 @@ def _train_step(
     batches: Any,
     optimizer: torch.optim.Optimizer,
     scaler: torch.amp.GradScaler,
-    schedule: CosineSchedule,
-    ema: Optional[ModelEma],
+    schedule: CosineLRScheduler,
+    ema: Optional[ModelEmaV3],
     mixup_fn: Any,
     params: List[torch.Tensor],
     amp_dtype: Optional[torch.dtype],
@@ -839,7 +858,7 @@ def _train_step(
     """One optimizer step over ``grad_accum_steps`` micro-batches; queues its loss in ``run.pending``
     (fetched later, so the GPU is not synchronised every step)."""
     device = info.device
-    lr = schedule.apply(optimizer, run.step)
+    lr = set_step_lr(schedule, optimizer, run.step)
     # Model randomness (stochastic depth) is seeded per step and rank: a resumed run draws the same
     # masks without replaying the steps before it.
     torch.manual_seed(derive_seed(args.seed, run.step, info.rank, 1))
@@ -892,8 +911,8 @@ def _restore(
     model: nn.Module,
     optimizer: torch.optim.Optimizer,
     scaler: torch.amp.GradScaler,
-    ema: Optional[ModelEma],
-    schedule: CosineSchedule,
+    ema: Optional[ModelEmaV3],
+    schedule: CosineLRScheduler,
     data_order: Dict[str, int],
     say: Any,
 ) -> None:
@@ -909,7 +928,7 @@ def _restore(
         scaler.load_state_dict(ckpt["scaler"])
     if ema is not None:
         if ckpt.get("ema") is not None:
-            ema.load_state_dict(ckpt["ema"])
+            ema.module.load_state_dict(ckpt["ema"])
         else:
             say("warning: the checkpoint has no EMA weights; the EMA restarts from the current model")
             ema.module.load_state_dict(model.state_dict())
