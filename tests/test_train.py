@@ -7,6 +7,7 @@ Every run uses a reduced QnA-ViT (width 16, one block per stage, windowed attent
 import csv
 import math
 import os
+import random
 import re
 import subprocess
 import sys
@@ -23,14 +24,13 @@ from qna_vit.training import train_cli as train_script
 from qna_vit.training.checkpoint import atomic_save, load_checkpoint, truncate_csv
 from qna_vit.training.data import (
     AugConfig,
-    BuiltinEvalTransform,
-    BuiltinTrainTransform,
     DataSpec,
     ImageFolderDataset,
     ResumableSampler,
     SeededDataset,
     SyntheticShapes,
     build_dataset,
+    build_transform,
 )
 from qna_vit.training.engine import (
     build_optimizer,
@@ -106,8 +106,6 @@ def tiny_args(out, *extra, classes=4, train_size=96, val_size=32, batch=16, epoc
         "3",
         "--device",
         "cpu",
-        "--data-backend",
-        "builtin",
         *extra,
     ]
 
@@ -169,17 +167,22 @@ def test_sampler_splits_each_step_identically_over_ranks_and_accumulation():
 
 def test_seeded_transforms_do_not_depend_on_call_order_or_disturb_global_rng():
     ds = SeededDataset(
-        SyntheticShapes(3, 6, 20),
-        BuiltinTrainTransform(AugConfig(img_size=16, auto_augment=None, reprob=0.5)),
-        torch_only=True,
+        SyntheticShapes(3, 6, 20, as_pil=True),
+        build_transform(AugConfig(img_size=16, reprob=0.5), train=True),  # RandAugment on
     )
     torch.manual_seed(0)
     before = torch.rand(3)
     torch.manual_seed(0)
+    random.seed(5)
+    np.random.seed(5)
+    py_before, np_before = random.random(), np.random.rand()
+    random.seed(5)
+    np.random.seed(5)
     a = ds[(2, 1234)][0]
     ds[(4, 99)]
     b = ds[(2, 1234)][0]
     assert torch.equal(torch.rand(3), before)
+    assert (random.random(), np.random.rand()) == (py_before, np_before)
     assert torch.equal(a, b) and a.shape == (3, 16, 16)
     assert not torch.equal(a, ds[(2, 1235)][0])
 
@@ -286,7 +289,7 @@ def test_image_folder_fallback_reads_pngs_and_trains(tmp_path):
     assert img.size == (20, 20) and img.mode == "RGB" and label == 0
     assert np.array_equal(np.asarray(img), shapes[0][0])  # PNG is lossless
     assert sorted(ds.targets) == sorted(shapes.targets)
-    x = BuiltinEvalTransform(AugConfig(img_size=16))(img)
+    x = build_transform(AugConfig(img_size=16), train=False)(img)
     assert x.shape == (3, 16, 16) and x.dtype == torch.float32
     val, n_classes = build_dataset(DataSpec(data_dir=str(tmp_path)), "val", as_pil=False)
     assert n_classes == 3 and len(val) == 6
@@ -356,8 +359,6 @@ def test_eval_script_reports_the_training_metrics(learned_run, tmp_path, capsys,
             "0",
             "--device",
             "cpu",
-            "--data-backend",
-            "builtin",
             "--threads",
             "1",
             "--batch-size",
@@ -418,8 +419,6 @@ def test_eval_script_reports_the_training_metrics(learned_run, tmp_path, capsys,
             "0",
             "--device",
             "cpu",
-            "--data-backend",
-            "builtin",
             "--threads",
             "1",
         ]

@@ -77,7 +77,6 @@ from qna_vit.training.checkpoint import (
     truncate_csv,
 )
 from qna_vit.training.data import (
-    DATA_BACKENDS,
     AugConfig,
     DataSpec,
     ResumableSampler,
@@ -85,7 +84,6 @@ from qna_vit.training.data import (
     ShardSampler,
     build_dataset,
     build_transform,
-    resolve_data_backend,
 )
 from qna_vit.training.distributed import DistInfo, all_reduce_mean, cleanup, init_distributed
 from qna_vit.training.engine import (
@@ -149,12 +147,6 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--synthetic-val-size", type=int, default=500)
     g.add_argument("--synthetic-image-size", type=int, default=None, help="generated side (default: --img-size)")
     g.add_argument("--synthetic-seed", type=int, default=0)
-    g.add_argument(
-        "--data-backend",
-        default="auto",
-        choices=DATA_BACKENDS,
-        help="transforms/mixup from timm, or the builtin torch versions (auto: timm when it imports)",
-    )
     g.add_argument("-j", "--workers", type=int, default=8, help="data loader processes per training process")
     g.add_argument("--img-size", type=int, default=224)
     g.add_argument("--crop-pct", type=float, default=0.875, help="evaluation centre-crop fraction")
@@ -401,7 +393,6 @@ def _train(args: argparse.Namespace, info: DistInfo) -> Dict[str, Any]:
     amp_dtype = _amp_dtype(args, device)
 
     # --- data
-    backend = resolve_data_backend(args.data_backend)
     spec = DataSpec(
         args.data_dir,
         args.train_split,
@@ -413,8 +404,8 @@ def _train(args: argparse.Namespace, info: DistInfo) -> Dict[str, Any]:
         args.synthetic_image_size or args.img_size,
         args.synthetic_seed,
     )
-    train_base, n_classes = build_dataset(spec, "train", as_pil=backend == "timm")
-    val_base = None if args.no_eval else build_dataset(spec, "val", as_pil=backend == "timm")[0]
+    train_base, n_classes = build_dataset(spec, "train", as_pil=True)
+    val_base = None if args.no_eval else build_dataset(spec, "val", as_pil=True)[0]
     num_classes = args.num_classes or n_classes
     aa = None if (args.aa or "none").lower() == "none" else args.aa
     aug = AugConfig(
@@ -433,7 +424,7 @@ def _train(args: argparse.Namespace, info: DistInfo) -> Dict[str, Any]:
     )
     loader_kw = dict(num_workers=args.workers, pin_memory=device.type == "cuda", persistent_workers=args.workers > 0)
     loader = DataLoader(
-        SeededDataset(train_base, build_transform(aug, True, backend), torch_only=backend != "timm"),
+        SeededDataset(train_base, build_transform(aug, True)),
         batch_size=args.batch_size,
         sampler=sampler,
         **loader_kw,
@@ -441,7 +432,7 @@ def _train(args: argparse.Namespace, info: DistInfo) -> Dict[str, Any]:
     val_loader = None
     if val_base is not None:
         val_loader = DataLoader(
-            SeededDataset(val_base, build_transform(aug, False, backend)),
+            SeededDataset(val_base, build_transform(aug, False)),
             batch_size=args.eval_batch_size or args.batch_size,
             sampler=ShardSampler(len(val_base), info.world_size, info.rank),
             **loader_kw,
@@ -553,7 +544,7 @@ def _train(args: argparse.Namespace, info: DistInfo) -> Dict[str, Any]:
     )
     say(
         f"data: {'generated shapes' if args.synthetic else spec.data_dir}, {len(train_base)} train / "
-        f"{len(val_base) if val_base is not None else 0} val images | transforms: {backend} | aa {aa} | "
+        f"{len(val_base) if val_base is not None else 0} val images | aa {aa} | "
         f"reprob {args.reprob} | mixup {args.mixup} cutmix {args.cutmix} smoothing {args.smoothing} | "
         f"color jitter {args.color_jitter}"
     )
