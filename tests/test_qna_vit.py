@@ -116,12 +116,12 @@ def test_drop_path_linear_over_all_blocks_in_network_order():
     rates = []
     for stage in model.stages:
         for blk in list(stage.lsa_blocks) + list(stage.qna_blocks):
-            assert blk.drop_path1.p == blk.drop_path2.p
-            rates.append(blk.drop_path2.p)
+            assert blk.drop_path1.drop_prob == blk.drop_path2.drop_prob
+            rates.append(blk.drop_path2.drop_prob)
         if stage.downsample is not None:
             # The mixer branch of a down-sampling block is never dropped (as in the original).
             assert isinstance(stage.downsample.drop_path1, torch.nn.Identity)
-            rates.append(stage.downsample.drop_path2.p)
+            rates.append(stage.downsample.drop_path2.drop_prob)
     # stage 0: 2 QnA + down; stage 1: QnA + down; stage 2: LSA, QnA, down; stage 3: LSA
     assert len(rates) == 9
     np.testing.assert_allclose(rates, np.linspace(0, 0.05, 9))
@@ -481,7 +481,8 @@ def test_timm_style_api():
 
 
 def test_timm_registration():
-    timm = pytest.importorskip("timm")
+    import timm
+
     model = timm.create_model("qna_vit_tiny", num_classes=5, drop_path_rate=0.1)
     assert isinstance(model, qna_vit.QnAViT) and model.num_classes == 5 and model.config.drop_path == 0.1
     assert set(PARAMS) <= set(timm.list_models("qna_vit*"))

@@ -13,15 +13,15 @@ import subprocess
 import sys
 
 import pytest
+import timm
 import torch
+from timm.models import get_notrace_functions, get_notrace_modules
+from timm.models._manipulate import group_parameters
 
 import qna_vit
 from qna_vit import MODEL_CONFIGS, create_model
 
-timm = pytest.importorskip("timm")
 pytest.importorskip("torchvision")
-from timm.models import get_notrace_functions, get_notrace_modules  # noqa: E402
-from timm.models._manipulate import group_parameters  # noqa: E402
 from torchvision.models.feature_extraction import create_feature_extractor, get_graph_node_names  # noqa: E402
 
 NAMES = sorted(MODEL_CONFIGS)
@@ -337,24 +337,23 @@ def test_any_input_size_runs():
     assert [tuple(t.shape[2:]) for t in taps] == [(200, 334), (100, 167), (50, 84), (25, 42)]
 
 
-# ------------------------------------------------------------------------------------------- timm optional
-def test_models_work_without_timm():
+# ------------------------------------------------------------------------------------------- timm required
+def test_qna_vit_without_timm_names_the_extra():
+    """qna_vit requires timm (the ``vit`` extra): without it, importing the package says so in one line,
+    and qna_triton itself still imports and runs."""
     code = (
         "import sys; sys.modules['timm'] = None\n"
-        "import torch, qna_vit\n"
-        "m = qna_vit.qna_vit_tiny(base_dim=16, qna_layers=(1, 1, 1, 0), qna_heads=(2, 4, 8, 16), "
-        "lsa_layers=(0, 0, 1, 1), lsa_heads=(1, 2, 4, 8), num_classes=3, drop_path_rate=0.1).eval()\n"
-        "x = torch.randn(1, 3, 40, 56)\n"
-        "assert m(x).shape == (1, 3) and m.pretrained_cfg['pool_size'] == (7, 7)\n"
-        "assert len(m.forward_intermediates(x, intermediates_only=True)) == 4\n"
-        "torch.testing.assert_close(qna_vit.symbolic_trace(m)(x), m(x))\n"
-        "try:\n    qna_vit.qna_vit_tiny(features_only=True)\nexcept ValueError as e:\n    print(e)\n"
+        "import torch, qna_triton\n"
+        "layer = qna_triton.QnA(8, 8, 2, kernel_size=3)\n"
+        "assert layer(torch.randn(1, 5, 5, 8)).shape == (1, 5, 5, 8)\n"
+        "import qna_vit\n"
     )
     root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
     env = dict(os.environ, PYTHONPATH=os.pathsep.join([root, os.path.join(root, "examples")]), OMP_NUM_THREADS="1")
     proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=300)
-    assert proc.returncode == 0, proc.stderr
-    assert "need timm" in proc.stdout
+    assert proc.returncode == 1
+    last = proc.stderr.strip().splitlines()[-1]
+    assert last.startswith("ImportError: qna_vit requires timm") and "qna-triton[vit]" in last, proc.stderr
 
 
 # ------------------------------------------------------------------------------------------- backbone example

@@ -7,6 +7,7 @@ Every run uses a reduced QnA-ViT (width 16, one block per stage, windowed attent
 import csv
 import math
 import os
+import random
 import re
 import subprocess
 import sys
@@ -15,6 +16,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from timm.data.mixup import mixup_target
 
 from qna_vit.training import demo
 from qna_vit.training import eval_cli as eval_script
@@ -22,17 +24,22 @@ from qna_vit.training import train_cli as train_script
 from qna_vit.training.checkpoint import atomic_save, load_checkpoint, truncate_csv
 from qna_vit.training.data import (
     AugConfig,
-    BuiltinEvalTransform,
-    BuiltinTrainTransform,
     DataSpec,
     ImageFolderDataset,
     ResumableSampler,
     SeededDataset,
     SyntheticShapes,
     build_dataset,
+    build_transform,
 )
-from qna_vit.training.engine import CosineSchedule, derive_seed, param_groups
-from qna_vit.training.mixup import Mixup, cross_entropy
+from qna_vit.training.engine import (
+    build_optimizer,
+    build_scheduler,
+    decayed_parameter_count,
+    derive_seed,
+    set_step_lr,
+)
+from qna_vit.training.mixup import SeededMixup, cross_entropy
 
 ROOT = Path(__file__).resolve().parents[1]
 EXAMPLES = ROOT / "examples"
@@ -99,8 +106,6 @@ def tiny_args(out, *extra, classes=4, train_size=96, val_size=32, batch=16, epoc
         "3",
         "--device",
         "cpu",
-        "--data-backend",
-        "builtin",
         *extra,
     ]
 
@@ -162,53 +167,88 @@ def test_sampler_splits_each_step_identically_over_ranks_and_accumulation():
 
 def test_seeded_transforms_do_not_depend_on_call_order_or_disturb_global_rng():
     ds = SeededDataset(
-        SyntheticShapes(3, 6, 20),
-        BuiltinTrainTransform(AugConfig(img_size=16, auto_augment=None, reprob=0.5)),
-        torch_only=True,
+        SyntheticShapes(3, 6, 20, as_pil=True),
+        build_transform(AugConfig(img_size=16, reprob=0.5), train=True),  # RandAugment on
     )
     torch.manual_seed(0)
     before = torch.rand(3)
     torch.manual_seed(0)
+    random.seed(5)
+    np.random.seed(5)
+    py_before, np_before = random.random(), np.random.rand()
+    random.seed(5)
+    np.random.seed(5)
     a = ds[(2, 1234)][0]
     ds[(4, 99)]
     b = ds[(2, 1234)][0]
     assert torch.equal(torch.rand(3), before)
+    assert (random.random(), np.random.rand()) == (py_before, np_before)
     assert torch.equal(a, b) and a.shape == (3, 16, 16)
     assert not torch.equal(a, ds[(2, 1235)][0])
 
 
-def test_mixup_targets_and_loss():
-    mix = Mixup(mixup_alpha=0.8, cutmix_alpha=1.0, label_smoothing=0.1, num_classes=5)
+def test_mixup_is_a_function_of_the_seed_and_keeps_the_batch():
+    mix = SeededMixup(mixup_alpha=0.8, cutmix_alpha=1.0, label_smoothing=0.1, num_classes=5)
     x = torch.randn(6, 3, 8, 8)
+    x0 = x.clone()
     y = torch.tensor([0, 1, 2, 3, 4, 0])
+    np.random.seed(7)
+    before = np.random.get_state()[1].copy()
+    outs = []
     for seed in range(8):
         xm, t = mix(x, y, seed)
         assert xm.shape == x.shape and t.shape == (6, 5)
         torch.testing.assert_close(t.sum(1), torch.ones(6))
         again = mix(x, y, seed)
         assert torch.equal(again[0], xm) and torch.equal(again[1], t)
+        outs.append(xm)
+    assert torch.equal(x, x0)  # timm mixes in place; the caller's batch is untouched
+    assert np.array_equal(np.random.get_state()[1], before)  # the global numpy stream is restored
+    assert not all(torch.equal(outs[0], o) for o in outs[1:])
+    with pytest.raises(ValueError, match="even batch"):
+        mix(x[:5], y[:5], 0)
     logits = torch.randn(6, 5)
     hard = cross_entropy(logits, y, smoothing=0.1)
-    soft = cross_entropy(logits, Mixup(0.0, 0.0, label_smoothing=0.1, num_classes=5)(x, y, 0)[1])
+    soft = cross_entropy(logits, mixup_target(y, 5, lam=1.0, smoothing=0.1))
     torch.testing.assert_close(hard, soft)
 
 
-def test_schedule_warmup_cosine_and_weight_decay_groups():
-    s = CosineSchedule(1e-3, total_steps=100, warmup_steps=10, warmup_lr=0.0, min_lr=1e-5)
-    assert s.lr(0) == 0.0 and s.lr(5) == pytest.approx(5e-4) and s.lr(10) == pytest.approx(1e-3)
-    assert s.lr(55) == pytest.approx(1e-5 + 0.5 * (1e-3 - 1e-5)) and s.lr(100) == pytest.approx(1e-5)
+def test_schedule_warmup_cosine_and_optimizer_groups():
     from qna_vit import create_model
 
     model = create_model("qna_vit_tiny", num_classes=3, img_size=16, **train_script.parse_model_kwargs(TINY))
-    decay, no_decay = param_groups(model, 0.05)
+    optimizer = build_optimizer(model, 1e-3, 0.05)
+    s = build_scheduler(optimizer, total_steps=100, warmup_steps=10, warmup_lr=0.0, min_lr=1e-5)
+    lrs = {step: set_step_lr(s, optimizer, step) for step in (0, 5, 10, 55, 100, 120)}
+    assert lrs[0] == 0.0 and lrs[5] == pytest.approx(5e-4) and lrs[10] == pytest.approx(1e-3)
+    assert lrs[55] == pytest.approx(1e-5 + 0.5 * (1e-3 - 1e-5)) and lrs[100] == pytest.approx(1e-5)
+    assert lrs[120] == pytest.approx(1e-5)
+    constant = build_scheduler(build_optimizer(model, 1e-3, 0.05), total_steps=100, warmup_steps=0, min_lr=1e-3)
+    assert [set_step_lr(constant, constant.optimizer, t) for t in (0, 50, 99)] == pytest.approx([1e-3] * 3)
+    # weight decay on the weight matrices only: never on 1-D parameters nor the position tables and
+    # attention scales the model lists in no_weight_decay()
     names = {id(p): n for n, p in model.named_parameters()}
-    exempt = {names[id(p)] for p in no_decay["params"]}
-    assert no_decay["weight_decay"] == 0.0 and decay["weight_decay"] == 0.05
+    decayed = {names[id(p)] for g in optimizer.param_groups if g["weight_decay"] == 0.05 for p in g["params"]}
     for n, p in model.named_parameters():
         leaf = n.rsplit(".", 1)[-1]
         special = leaf in ("rpe_bias", "attn_scale_weights", "relative_position_bias_table") or p.ndim == 1
-        assert (n in exempt) == special, n
+        assert (n not in decayed) == special, n
+    assert decayed_parameter_count(optimizer) == sum(p.numel() for n, p in model.named_parameters() if n in decayed)
     assert derive_seed(1, 2) == derive_seed(1, 2) != derive_seed(2, 1)
+
+
+def test_layer_decay_scales_the_lr_by_depth():
+    from qna_vit import create_model
+
+    model = create_model("qna_vit_tiny", num_classes=3, img_size=16, **train_script.parse_model_kwargs(TINY))
+    optimizer = build_optimizer(model, 1e-3, 0.05, layer_decay=0.5)
+    set_step_lr(build_scheduler(optimizer, total_steps=10, min_lr=1e-3), optimizer, 0)
+    lr_of = {id(p): g["lr"] for g in optimizer.param_groups for p in g["params"]}
+    named = dict(model.named_parameters())
+    head, stem = lr_of[id(named["head.fc.weight"])], lr_of[id(named["stem.conv.weight"])]
+    assert head == pytest.approx(1e-3) and stem < head / 4
+    with pytest.raises(SystemExit):
+        train_script.parse_args(["--synthetic", "--layer-decay", "0"])
 
 
 def test_atomic_save_and_csv_truncation(tmp_path):
@@ -249,7 +289,7 @@ def test_image_folder_fallback_reads_pngs_and_trains(tmp_path):
     assert img.size == (20, 20) and img.mode == "RGB" and label == 0
     assert np.array_equal(np.asarray(img), shapes[0][0])  # PNG is lossless
     assert sorted(ds.targets) == sorted(shapes.targets)
-    x = BuiltinEvalTransform(AugConfig(img_size=16))(img)
+    x = build_transform(AugConfig(img_size=16), train=False)(img)
     assert x.shape == (3, 16, 16) and x.dtype == torch.float32
     val, n_classes = build_dataset(DataSpec(data_dir=str(tmp_path)), "val", as_pil=False)
     assert n_classes == 3 and len(val) == 6
@@ -319,8 +359,6 @@ def test_eval_script_reports_the_training_metrics(learned_run, tmp_path, capsys,
             "0",
             "--device",
             "cpu",
-            "--data-backend",
-            "builtin",
             "--threads",
             "1",
             "--batch-size",
@@ -381,8 +419,6 @@ def test_eval_script_reports_the_training_metrics(learned_run, tmp_path, capsys,
             "0",
             "--device",
             "cpu",
-            "--data-backend",
-            "builtin",
             "--threads",
             "1",
         ]

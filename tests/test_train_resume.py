@@ -257,7 +257,7 @@ def test_a_damaged_last_checkpoint_falls_back_to_the_one_before(reference, tmp_p
     capsys.readouterr()
 
     # Named explicitly, an unreadable file is a one-line error, for train.py and eval.py alike.
-    eval_argv = ["--synthetic", "--workers", "0", "--device", "cpu", "--data-backend", "builtin", "--bench-steps", "0"]
+    eval_argv = ["--synthetic", "--workers", "0", "--device", "cpu", "--bench-steps", "0"]
     for cmd in (
         [str(EXAMPLES / "train.py"), *tiny_args(out, *COMMON, "--resume", str(last))],
         [str(EXAMPLES / "eval.py"), "--checkpoint", str(last), *eval_argv],

@@ -1,5 +1,5 @@
 """``torch.fx`` glue: the shape-dependent helpers and the QnA layer stay single graph nodes under symbolic
-tracing (timm's leaf lists when timm imports; :func:`fx_tracer_kwargs` and :func:`symbolic_trace` for plain
+tracing (timm's leaf lists; :func:`fx_tracer_kwargs` and :func:`symbolic_trace` for plain
 ``torch.fx`` and torchvision)."""
 
 from __future__ import annotations
@@ -8,23 +8,17 @@ from typing import Any, Callable, Dict, List
 
 import torch
 import torch.nn as nn
+from timm.layers import register_notrace_function, register_notrace_module
 
 from qna_triton import QnA
 
-try:  # timm is optional: its fx leaf lists are used when it imports
-    from timm.layers import register_notrace_function as _timm_notrace_function
-    from timm.layers import register_notrace_module as _timm_notrace_module
-except Exception:  # not installed, or a broken install (e.g. a torchvision built for another torch)
-    _timm_notrace_function = _timm_notrace_module = None
-
 
 def _notrace(fn: Callable) -> Callable:
-    """Marks a shape-dependent helper as a leaf for ``torch.fx`` symbolic tracing (timm's list, when timm
-    imports; :func:`fx_tracer_kwargs` for plain ``torch.fx`` / torchvision tracers): under tracing its
+    """Marks a shape-dependent helper as a leaf for ``torch.fx`` symbolic tracing (timm's list, and
+    :func:`fx_tracer_kwargs` for plain ``torch.fx`` / torchvision tracers): under tracing its
     inputs' shapes are proxies, so its Python arithmetic on them cannot be traced through. The name
     must not start with ``_``: fx only wraps public module-level names."""
-    if _timm_notrace_function is not None:
-        _timm_notrace_function(fn)
+    register_notrace_function(fn)
     _FX_LEAF_FUNCTIONS.append(fn)
     return fn
 
@@ -52,5 +46,4 @@ def symbolic_trace(model: nn.Module) -> torch.fx.GraphModule:
     return torch.fx.GraphModule(tracer.root, graph, model.__class__.__name__)
 
 
-if _timm_notrace_module is not None:
-    _timm_notrace_module(QnA)  # as timm leafs its own custom-op layers
+register_notrace_module(QnA)  # as timm leafs its own custom-op layers

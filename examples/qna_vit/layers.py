@@ -1,14 +1,20 @@
-"""QnA-ViT's building blocks on ``[B, H, W, C]`` maps: 'SAME' padding, the residual-branch layers (stochastic
-depth, layer scale, MLP), LSA windows and their attention, the LSA/QnA block, the stage, the two stems and
-the classification head, each with the original's (Flax) initialisation and parameter shapes."""
+"""QnA-ViT's building blocks on ``[B, H, W, C]`` maps: 'SAME' padding, LSA windows and their attention, the
+LSA/QnA block, the stage, the two stems and the classification head, each with the original's (Flax)
+initialisation and parameter shapes.
+
+The generic layers are timm's: :class:`~timm.layers.DropPath`, :class:`~timm.layers.LayerScale` and
+:class:`~timm.layers.Mlp` (re-initialised as Flax's by :func:`mlp`). The head stays ours: timm's heads
+have no QnA pooling (the ``qnav1``/``qnav2`` heads)."""
 
 from __future__ import annotations
 
+import functools
 from typing import Optional, Sequence, Tuple, Union
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+from timm.layers import DropPath, LayerScale, Mlp
 
 from qna_triton import QnA
 from qna_triton.layer import lecun_normal_ as _lecun_normal_
@@ -45,46 +51,15 @@ def pad_same(x: torch.Tensor, k: int, s: int, value: float = 0.0) -> torch.Tenso
     return x
 
 
-class DropPath(nn.Module):
-    """Stochastic depth: zeroes a residual branch per sample (``x.shape[0]``) with probability ``p``."""
-
-    def __init__(self, p: float = 0.0) -> None:
-        super().__init__()
-        self.p = float(p)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if self.p == 0.0 or not self.training:
-            return x
-        keep = 1.0 - self.p
-        mask = x.new_empty((x.shape[0],) + (1,) * (x.dim() - 1)).bernoulli_(keep)
-        return x * mask / keep
-
-    def extra_repr(self) -> str:
-        return f"p={self.p}"
-
-
-class LayerScale(nn.Module):
-    """Per-channel learned scale of a residual branch (CaiT); the original's ``LayerScale``."""
-
-    def __init__(self, dim: int, init_value: float) -> None:
-        super().__init__()
-        self.gamma = nn.Parameter(torch.full((dim,), float(init_value)))
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return x * self.gamma
-
-
-class Mlp(nn.Module):
-    """Dense(C -> 4C) -> GELU (tanh approximation, Flax's default) -> Dense(4C -> C)."""
-
-    def __init__(self, dim: int, ratio: int = 4) -> None:
-        super().__init__()
-        self.fc1 = _dense(dim, dim * ratio, bias=True)
-        self.act = nn.GELU(approximate="tanh")
-        self.fc2 = _dense(dim * ratio, dim, bias=True)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.fc2(self.act(self.fc1(x)))
+def mlp(dim: int, ratio: int = 4) -> Mlp:
+    """timm's :class:`~timm.layers.Mlp` as the original's ``MlpBlock``: Dense(C -> 4C) -> GELU (tanh
+    approximation, Flax's default) -> Dense(4C -> C), both denses re-initialised as Flax's (LeCun normal
+    weights, zero biases) rather than PyTorch's default."""
+    block = Mlp(dim, dim * ratio, act_layer=functools.partial(nn.GELU, approximate="tanh"))
+    for fc in (block.fc1, block.fc2):
+        _lecun_normal_(fc.weight, fc.in_features)
+        nn.init.zeros_(fc.bias)
+    return block
 
 
 class StridedProjection(nn.Module):
@@ -209,7 +184,7 @@ class Block(nn.Module):
         self.skip = skip if skip is not None else nn.Identity()
         self.drop_path1 = DropPath(drop_path) if skip is None else nn.Identity()
         self.norm2 = nn.LayerNorm(out_dim, eps=LN_EPS)
-        self.mlp = Mlp(out_dim)
+        self.mlp = mlp(out_dim)
         self.ls2 = LayerScale(out_dim, layer_scale) if layer_scale is not None else nn.Identity()
         self.drop_path2 = DropPath(drop_path)
 

@@ -15,9 +15,9 @@ Usage (installed with qna-triton, the source in ``examples/qna_vit/``)::
     model = create_model("qna_vit_tiny")                  # 15,715,560 parameters
     model = create_model("qna_vit_small", num_classes=10, drop_path=0.1, layer_scale=1e-5)
 
-When timm is installed, importing this module registers the four models with timm
-(``timm.create_model("qna_vit_tiny")``, ``features_only=True`` for a 4-level feature pyramid); timm
-is optional, everything else works without it. Any input size runs (``gap`` head): the LSA windows
+Importing this module registers the four models with timm (``timm.create_model("qna_vit_tiny")``,
+``features_only=True`` for a 4-level feature pyramid); qna_vit requires timm (the ``vit`` extra:
+``pip install "qna-triton[vit]"``), whose generic layers it builds on. Any input size runs (``gap`` head): the LSA windows
 pad their maps to a window multiple and mask the padding. ``load_flax_params(..., resize=True)`` and
 :func:`load_weights` load a checkpoint of another geometry (other windows, another resolution)
 as the original's fine-tuning does (docs/spec.md, section Fine-tuning).
@@ -43,12 +43,10 @@ from .layers import ClassifierHead, PatchStem, QnAViTStage, ResNetStem, _ceil_di
 if TYPE_CHECKING:
     from .resize import LoadReport
 
-try:  # timm is optional: its registry and builder are used when it imports
-    from timm.models import build_model_with_cfg as _timm_build
-    from timm.models import generate_default_cfgs as _timm_default_cfgs
-    from timm.models import register_model as _timm_register
-except Exception:  # not installed, or a broken install (e.g. a torchvision built for another torch)
-    _timm_build = _timm_default_cfgs = _timm_register = None
+from timm.models import build_model_with_cfg as _timm_build
+from timm.models import generate_default_cfgs as _timm_default_cfgs
+from timm.models import register_model as _timm_register
+from timm.models._features import feature_take_indices
 
 try:
     from torch.fx._symbolic_trace import is_fx_symbolic_tracing as _is_fx_tracing
@@ -57,20 +55,12 @@ except ImportError:  # pragma: no cover - older torch
 
 
 def _take_indices(n: int, indices: Optional[Union[int, Sequence[int]]]) -> Tuple[List[int], int]:
-    """timm's convention: None takes all ``n`` features, an int the last ``indices``, a sequence those
-    indices (negative from the end); returns them and the largest."""
-    if indices is None:
-        indices = n
-    if isinstance(indices, int):
-        if not 0 < indices <= n:
-            raise ValueError(f"indices: last-n ({indices}) is out of range (1 to {n})")
-        take = list(range(n - indices, n))
-    else:
-        take = [n + i if i < 0 else i for i in indices]
-        bad = [i for i in take if not 0 <= i < n]
-        if not take or bad:
-            raise ValueError(f"indices {list(indices)} out of range for {n} features")
-    return take, max(take)
+    """timm's ``feature_take_indices`` (None: all ``n`` features, an int: the last ``indices``, a sequence:
+    those, negative from the end), with a ValueError naming the argument where timm asserts."""
+    try:
+        return feature_take_indices(n, indices)
+    except AssertionError as e:
+        raise ValueError(f"indices {indices!r}: {e}") from None
 
 
 def _feature_module(cfg: QnAViTConfig, s: int) -> str:
@@ -414,15 +404,7 @@ def _default_cfg(cfg: QnAViTConfig) -> Dict[str, Any]:
     )
 
 
-default_cfgs = (
-    _timm_default_cfgs({name: _default_cfg(cfg.normalized()) for name, cfg in MODEL_CONFIGS.items()})
-    if _timm_default_cfgs is not None
-    else {}
-)
-
-# timm passes these to every entry point; they configure its pretrained-weight machinery.
-_TIMM_ONLY_KWARGS = ("pretrained_cfg", "pretrained_cfg_overlay", "cache_dir")
-_FEATURE_KWARGS = ("features_only", "out_indices", "feature_cls", "feature_cfg")
+default_cfgs = _timm_default_cfgs({name: _default_cfg(cfg.normalized()) for name, cfg in MODEL_CONFIGS.items()})
 
 
 def _weight_source(kwargs: Mapping[str, Any]) -> bool:
@@ -433,25 +415,15 @@ def _weight_source(kwargs: Mapping[str, Any]) -> bool:
 
 
 def _entrypoint(name: str, pretrained: bool, kwargs: Dict[str, Any]) -> nn.Module:
-    """Builds ``name`` through timm's ``build_model_with_cfg`` when timm imports (its pretrained_cfg,
+    """Builds ``name`` through timm's ``build_model_with_cfg`` (its pretrained_cfg,
     ``pretrained_cfg_overlay``, ``features_only`` wrappers, ``pretrained=True`` from a converted file,
-    tables resized to the model), else directly."""
+    tables resized to the model)."""
     if pretrained and not _weight_source(kwargs):
         raise ValueError(
             f"no downloadable weights for {name}: convert an original Flax checkpoint with "
             "examples/convert_flax.py and load it (timm: pretrained_cfg_overlay=dict(file=...), or "
             "checkpoint_path=...)"
         )
-    if _timm_build is None:
-        for key in _TIMM_ONLY_KWARGS:
-            kwargs.pop(key, None)
-        given = [k for k in _FEATURE_KWARGS if kwargs.pop(k, None)]
-        if given or pretrained:
-            raise ValueError(
-                f"{given or ['pretrained']} need timm (pip install timm); without it use "
-                "forward_intermediates() and load_weights()"
-            )
-        return QnAViT(MODEL_CONFIGS[name], **kwargs)
     # getter: the pyramid from forward_intermediates (NCHW); 'hook' and 'fx' also work, 'list' does not
     # (the stages are not a sequence of children: each is followed by its down-sampling block).
     feature_cfg = dict(
@@ -501,6 +473,5 @@ def qna_vit_base(pretrained: bool = False, **kwargs: Any) -> nn.Module:
     return _entrypoint("qna_vit_base", pretrained, kwargs)
 
 
-if _timm_register is not None:
-    for _fn in (qna_vit_tiny, qna_vit_tiny_7x7, qna_vit_small, qna_vit_base):
-        _timm_register(_fn)
+for _fn in (qna_vit_tiny, qna_vit_tiny_7x7, qna_vit_small, qna_vit_base):
+    _timm_register(_fn)

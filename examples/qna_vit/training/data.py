@@ -9,10 +9,9 @@ batches, and exactly the augmentations, an uninterrupted run would. So
   transform runs under that seed (:class:`SeededDataset`). Augmentations therefore do not depend on the
   number of loader workers, on which worker got the sample, or on how many processes share the batch.
 
-Transforms come from timm when it is importable (RandAugment, random erasing, the exact ImageNet
-recipe); otherwise a self-contained torch version does random-resized-crop, flip, colour jitter,
-normalisation and random erasing (no RandAugment). The ImageFolder reader is torchvision's when
-importable and an equivalent PIL reader otherwise.
+The transforms are timm's (``create_transform``: RandAugment, random erasing, the exact ImageNet
+recipe). The ImageFolder reader is torchvision's when importable and an equivalent PIL reader
+otherwise.
 """
 
 from __future__ import annotations
@@ -21,48 +20,17 @@ import contextlib
 import math
 import os
 import random
-import warnings
 from dataclasses import dataclass
 from typing import Any, Callable, Iterator, List, Optional, Sequence, Tuple
 
 import numpy as np
 import torch
-import torch.nn.functional as F
+from timm.data import create_transform
 from torch.utils.data import Dataset, Sampler, get_worker_info
 
-IMAGENET_MEAN = (0.485, 0.456, 0.406)
-IMAGENET_STD = (0.229, 0.224, 0.225)
+from ..config import IMAGENET_MEAN, IMAGENET_STD
+
 IMG_EXTENSIONS = (".jpg", ".jpeg", ".png", ".ppm", ".bmp", ".pgm", ".tif", ".tiff", ".webp")
-DATA_BACKENDS = ("auto", "timm", "builtin")
-
-
-def timm_available() -> bool:
-    """Whether timm's data pipeline imports (it needs a working torchvision, which a CPU build of torch
-    newer than the installed torchvision does not give: its C ops fail to register)."""
-    try:
-        import timm.data  # noqa: F401
-    except Exception:  # ImportError, or RuntimeError from torchvision's operator registration
-        return False
-    return True
-
-
-def torchvision_available() -> bool:
-    try:
-        import torchvision.datasets  # noqa: F401
-    except Exception:
-        return False
-    return True
-
-
-def resolve_data_backend(choice: str) -> str:
-    """``auto`` -> ``timm`` when importable, else ``builtin``; an explicit ``timm`` must import."""
-    if choice not in DATA_BACKENDS:
-        raise ValueError(f"data backend must be one of {DATA_BACKENDS}, got {choice!r}")
-    if choice == "auto":
-        return "timm" if timm_available() else "builtin"
-    if choice == "timm" and not timm_available():
-        raise RuntimeError("--data-backend timm: timm (and a torchvision matching this torch) do not import")
-    return choice
 
 
 # ----------------------------------------------------------------------------------- generated data
@@ -268,7 +236,7 @@ class ImageFolderDataset(Dataset):
 def image_folder(root: str, prefer_torchvision: bool = True) -> Dataset:
     """torchvision's ``ImageFolder`` when it imports, :class:`ImageFolderDataset` otherwise (same
     classes, same order, same ``(PIL image, target)`` items)."""
-    if prefer_torchvision and torchvision_available():
+    if prefer_torchvision:
         from torchvision.datasets import ImageFolder
 
         return ImageFolder(root)
@@ -330,197 +298,33 @@ class AugConfig:
     crop_pct: float = 0.875
 
 
-def to_float_tensor(img: Any) -> torch.Tensor:
-    """PIL image, ``[H, W, C]`` uint8 array or ``[C, H, W]`` tensor -> ``[3, H, W]`` float32 in 0..1."""
-    if isinstance(img, torch.Tensor):
-        t = img
-    else:
-        arr = np.array(img)  # a copy: PIL buffers are read-only
-        if arr.ndim == 2:
-            arr = arr[..., None]
-        t = torch.from_numpy(arr).permute(2, 0, 1)
-    t = t.float().div_(255.0) if t.dtype == torch.uint8 else t.float()
-    if t.shape[0] == 1:
-        t = t.expand(3, -1, -1)
-    return t.contiguous()
-
-
-def _uniform(a: float, b: float) -> float:
-    return float(torch.empty(()).uniform_(a, b))
-
-
-def _randint(high: int) -> int:
-    """Uniform in ``[0, high)``."""
-    return int(torch.randint(0, high, ()))
-
-
-def random_resized_crop_box(
-    h: int, w: int, scale: Tuple[float, float], ratio: Tuple[float, float]
-) -> Tuple[int, int, int, int]:
-    """``(top, left, height, width)``: torchvision's RandomResizedCrop sampling (10 tries, then the
-    largest central crop of an allowed aspect ratio)."""
-    area = h * w
-    log_ratio = (math.log(ratio[0]), math.log(ratio[1]))
-    for _ in range(10):
-        target = area * _uniform(*scale)
-        aspect = math.exp(_uniform(*log_ratio))
-        cw, ch = int(round(math.sqrt(target * aspect))), int(round(math.sqrt(target / aspect)))
-        if 0 < cw <= w and 0 < ch <= h:
-            return _randint(h - ch + 1), _randint(w - cw + 1), ch, cw
-    in_ratio = w / h
-    if in_ratio < min(ratio):
-        cw, ch = w, int(round(w / min(ratio)))
-    elif in_ratio > max(ratio):
-        ch, cw = h, int(round(h * max(ratio)))
-    else:
-        cw, ch = w, h
-    return (h - ch) // 2, (w - cw) // 2, ch, cw
-
-
-def _resize(t: torch.Tensor, size: Tuple[int, int], interpolation: str) -> torch.Tensor:
-    mode = "bicubic" if interpolation == "bicubic" else "bilinear"
-    return F.interpolate(t[None], size=size, mode=mode, align_corners=False, antialias=True)[0].clamp_(0.0, 1.0)
-
-
-def _grey(t: torch.Tensor) -> torch.Tensor:
-    return (0.299 * t[0] + 0.587 * t[1] + 0.114 * t[2])[None]
-
-
-def color_jitter(t: torch.Tensor, strength: float) -> torch.Tensor:
-    """Brightness, contrast and saturation factors in ``[1 - s, 1 + s]``, applied in random order."""
-    for op in torch.randperm(3).tolist():
-        factor = _uniform(max(0.0, 1.0 - strength), 1.0 + strength)
-        if op == 0:
-            t = t * factor
-        elif op == 1:
-            mean = _grey(t).mean()
-            t = (t - mean) * factor + mean
-        else:
-            g = _grey(t)
-            t = (t - g) * factor + g
-        t = t.clamp(0.0, 1.0)
-    return t
-
-
-def random_erase(
-    t: torch.Tensor,
-    prob: float,
-    area: Tuple[float, float] = (0.02, 1 / 3),
-    log_aspect: Tuple[float, float] = (math.log(0.3), math.log(1 / 0.3)),
-) -> torch.Tensor:
-    """timm's RandomErasing in ``pixel`` mode (one box of per-pixel normal noise), on a normalised image."""
-    if prob <= 0.0 or _uniform(0.0, 1.0) >= prob:
-        return t
-    _, h, w = t.shape
-    for _ in range(10):
-        target = _uniform(*area) * h * w
-        aspect = math.exp(_uniform(*log_aspect))
-        eh, ew = int(round(math.sqrt(target * aspect))), int(round(math.sqrt(target / aspect)))
-        if eh < h and ew < w:
-            top, left = _randint(h - eh + 1), _randint(w - ew + 1)
-            t = t.clone()
-            t[:, top : top + eh, left : left + ew] = torch.randn(t.shape[0], eh, ew)
-            return t
-    return t
-
-
-class _BuiltinTransform:
-    """What the built-in transforms share: the config and the per-channel normalisation."""
-
-    def __init__(self, cfg: AugConfig) -> None:
-        self.cfg = cfg
-        self.mean = torch.tensor(cfg.mean).view(3, 1, 1)
-        self.std = torch.tensor(cfg.std).view(3, 1, 1)
-
-    def normalize(self, t: torch.Tensor) -> torch.Tensor:
-        return (t - self.mean) / self.std
-
-
-class BuiltinTrainTransform(_BuiltinTransform):
-    """Random-resized-crop, horizontal flip, colour jitter, normalise, random erasing, with torch ops.
-
-    What timm's training transform does, minus RandAugment (which needs timm). Uses the global torch
-    RNG, which :class:`SeededDataset` seeds per sample.
-    """
-
-    def __call__(self, img: Any) -> torch.Tensor:
-        c = self.cfg
-        t = to_float_tensor(img)
-        top, left, ch, cw = random_resized_crop_box(t.shape[1], t.shape[2], c.scale, c.ratio)
-        t = _resize(t[:, top : top + ch, left : left + cw], (c.img_size, c.img_size), c.interpolation)
-        if c.hflip > 0 and _uniform(0.0, 1.0) < c.hflip:
-            t = t.flip(-1)
-        if c.color_jitter > 0:
-            t = color_jitter(t, c.color_jitter)
-        return random_erase(self.normalize(t), c.reprob)
-
-    def __repr__(self) -> str:
-        c = self.cfg
-        return (
-            f"BuiltinTrainTransform(size={c.img_size}, scale={c.scale}, hflip={c.hflip}, "
-            f"color_jitter={c.color_jitter}, reprob={c.reprob}, interpolation={c.interpolation})"
-        )
-
-
-class BuiltinEvalTransform(_BuiltinTransform):
-    """Resize the shorter side to ``floor(size / crop_pct)``, centre-crop ``size``, normalise (timm's eval)."""
-
-    def __call__(self, img: Any) -> torch.Tensor:
-        c = self.cfg
-        t = to_float_tensor(img)
-        h, w = t.shape[1:]
-        short = int(math.floor(c.img_size / c.crop_pct))
-        nh, nw = (short, max(1, int(short * w / h))) if h <= w else (max(1, int(short * h / w)), short)
-        if (nh, nw) != (h, w):
-            t = _resize(t, (nh, nw), c.interpolation)
-        top, left = (nh - c.img_size) // 2, (nw - c.img_size) // 2
-        return self.normalize(t[:, top : top + c.img_size, left : left + c.img_size])
-
-    def __repr__(self) -> str:
-        return f"BuiltinEvalTransform(size={self.cfg.img_size}, crop_pct={self.cfg.crop_pct})"
-
-
-_warned_aa = False
-
-
-def build_transform(cfg: AugConfig, train: bool, backend: str) -> Callable[[Any], torch.Tensor]:
-    """The training or evaluation transform: timm's ``create_transform`` (``backend='timm'``) or the
-    builtin torch version. Both end in a normalised ``[3, size, size]`` float tensor."""
-    if backend == "timm":
-        from timm.data import create_transform
-
-        return create_transform(
-            input_size=cfg.img_size,
-            is_training=train,
-            scale=cfg.scale,
-            ratio=cfg.ratio,
-            hflip=cfg.hflip,
-            color_jitter=cfg.color_jitter,
-            auto_augment=cfg.auto_augment,
-            interpolation=cfg.interpolation,
-            mean=cfg.mean,
-            std=cfg.std,
-            re_prob=cfg.reprob,
-            re_mode="pixel",
-            re_count=1,
-            crop_pct=cfg.crop_pct,
-        )
-    global _warned_aa
-    if train and cfg.auto_augment and not _warned_aa:
-        warnings.warn(
-            f"auto-augment {cfg.auto_augment!r} needs timm, which does not import here; training "
-            "without it (builtin transforms: crop, flip, colour jitter, random erasing)",
-            stacklevel=2,
-        )
-        _warned_aa = True
-    return BuiltinTrainTransform(cfg) if train else BuiltinEvalTransform(cfg)
+def build_transform(cfg: AugConfig, train: bool) -> Callable[[Any], torch.Tensor]:
+    """The training or evaluation transform of ``cfg``: timm's ``create_transform`` (PIL image in, a
+    normalised ``[3, size, size]`` float tensor out). It draws from ``random``, ``numpy.random`` and
+    torch's RNG, which :class:`SeededDataset` seeds per sample."""
+    return create_transform(
+        input_size=cfg.img_size,
+        is_training=train,
+        scale=cfg.scale,
+        ratio=cfg.ratio,
+        hflip=cfg.hflip,
+        color_jitter=cfg.color_jitter,
+        auto_augment=cfg.auto_augment,
+        interpolation=cfg.interpolation,
+        mean=cfg.mean,
+        std=cfg.std,
+        re_prob=cfg.reprob,
+        re_mode="pixel",
+        re_count=1,
+        crop_pct=cfg.crop_pct,
+    )
 
 
 # ----------------------------------------------------------------------------------- seeding, sampling
 @contextlib.contextmanager
 def seeded_rng(seed: int, python_and_numpy: bool = True) -> Iterator[None]:
     """Seeds torch's CPU generator and (``python_and_numpy``) ``random`` and ``numpy.random``: the RNGs
-    that timm, torchvision and the builtin transforms draw from. In the main process (``workers=0``)
+    that timm's and torchvision's transforms draw from. In the main process (``workers=0``)
     the previous states are restored afterwards, so the per-sample seeds do not disturb the training
     RNG; in a loader worker nothing else uses them."""
     restore = get_worker_info() is None
@@ -544,14 +348,10 @@ def seeded_rng(seed: int, python_and_numpy: bool = True) -> Iterator[None]:
 
 class SeededDataset(Dataset):
     """Applies ``transform`` to ``base``'s images; items requested as ``(index, seed)`` are transformed
-    under :func:`seeded_rng` (``seed``), plain indices with whatever the RNGs hold.
+    under :func:`seeded_rng` (``seed``), plain indices with whatever the RNGs hold."""
 
-    ``torch_only``: the transform draws from torch's RNG alone (the builtin transforms), so ``random``
-    and ``numpy.random`` need no seeding (saves about a millisecond per image).
-    """
-
-    def __init__(self, base: Dataset, transform: Callable[[Any], torch.Tensor], torch_only: bool = False) -> None:
-        self.base, self.transform, self.torch_only = base, transform, torch_only
+    def __init__(self, base: Dataset, transform: Callable[[Any], torch.Tensor]) -> None:
+        self.base, self.transform = base, transform
 
     def __len__(self) -> int:
         return len(self.base)
@@ -561,7 +361,7 @@ class SeededDataset(Dataset):
         img, target = self.base[index]
         if seed is None:
             return self.transform(img), target
-        with seeded_rng(seed, python_and_numpy=not self.torch_only):
+        with seeded_rng(seed):
             return self.transform(img), target
 
 

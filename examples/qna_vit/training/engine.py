@@ -1,26 +1,24 @@
-"""Schedule, EMA, parameter groups, evaluation and logging for the training loop."""
+"""The training loop's optimizer, schedule (timm's factory and cosine scheduler), evaluation and logging;
+the model EMA is timm's ``ModelEmaV3``."""
 
 from __future__ import annotations
 
 import ast
-import copy
 import csv
 import math
 import os
 import sys
 import time
-from typing import Any, Dict, Iterable, List, Optional, Sequence
+from typing import Any, Dict, Iterable, Optional, Sequence, Tuple
 
 import numpy as np
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+from timm.optim import create_optimizer_v2
+from timm.scheduler import CosineLRScheduler
 
 from .distributed import DistInfo, all_reduce_sum
-
-# Parameters never decayed even when a model does not list them in no_weight_decay(): QnA's relative
-# position bias and attention scales, windowed attention's position tables, position embeddings.
-NO_DECAY_NAME_PARTS = ("rpe_bias", "attn_scale", "relative_position_bias_table", "pos_embed")
 
 
 class NonFiniteLossError(RuntimeError):
@@ -58,93 +56,57 @@ def parse_model_kwargs(items: Sequence[str]) -> Dict[str, Any]:
 
 
 # ----------------------------------------------------------------------------------- optimisation
-def param_groups(model: nn.Module, weight_decay: float) -> List[Dict[str, Any]]:
-    """AdamW groups: decay on weight matrices; none on ``model.no_weight_decay()`` names, on 1-D
-    parameters (norms, biases, layer scales) and on position tables / attention scales by name."""
-    exempt = set(model.no_weight_decay()) if hasattr(model, "no_weight_decay") else set()
-    decay, no_decay = [], []
-    for name, p in model.named_parameters():
-        if not p.requires_grad:
-            continue
-        if name in exempt or p.ndim <= 1 or name.endswith(".bias") or any(s in name for s in NO_DECAY_NAME_PARTS):
-            no_decay.append(p)
-        else:
-            decay.append(p)
-    return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+def build_optimizer(
+    model: nn.Module,
+    lr: float,
+    weight_decay: float,
+    betas: Tuple[float, float] = (0.9, 0.999),
+    eps: float = 1e-8,
+    layer_decay: Optional[float] = None,
+    fused: bool = False,
+) -> torch.optim.Optimizer:
+    """AdamW from timm's optimizer factory: weight decay on weight matrices, none on 1-D parameters
+    (norms, biases, layer scales) nor on ``model.no_weight_decay()`` (QnA-ViT lists its position tables
+    and attention scales there); ``layer_decay`` scales each layer's learning rate by depth (timm's
+    layer-wise decay through the model's ``group_matcher``, for fine-tuning)."""
+    kwargs: Dict[str, Any] = {"betas": tuple(betas), "eps": eps}
+    if fused:
+        kwargs["fused"] = True
+    return create_optimizer_v2(model, opt="adamw", lr=lr, weight_decay=weight_decay, layer_decay=layer_decay, **kwargs)
 
 
-class CosineSchedule:
-    """Per-step learning rate: linear warm-up from ``warmup_lr`` to ``base_lr`` over ``warmup_steps``,
-    then a cosine from ``base_lr`` down to ``min_lr`` at ``total_steps``. A pure function of the step,
-    so resuming needs nothing but the step (the state is saved to check that the run is the same)."""
-
-    def __init__(
-        self, base_lr: float, total_steps: int, warmup_steps: int = 0, warmup_lr: float = 1e-6, min_lr: float = 1e-5
-    ) -> None:
-        self.base_lr, self.total_steps, self.warmup_steps = float(base_lr), int(total_steps), int(warmup_steps)
-        self.warmup_lr, self.min_lr = float(warmup_lr), float(min_lr)
-
-    def lr(self, step: int) -> float:
-        """Learning rate of optimizer step ``step`` (0-based)."""
-        if step < self.warmup_steps:
-            return self.warmup_lr + (self.base_lr - self.warmup_lr) * step / self.warmup_steps
-        span = max(1, self.total_steps - self.warmup_steps)
-        t = min(1.0, (step - self.warmup_steps) / span)
-        return self.min_lr + 0.5 * (self.base_lr - self.min_lr) * (1.0 + math.cos(math.pi * t))
-
-    def apply(self, optimizer: torch.optim.Optimizer, step: int) -> float:
-        lr = self.lr(step)
-        for group in optimizer.param_groups:
-            group["lr"] = lr
-        return lr
-
-    def state_dict(self) -> Dict[str, float]:
-        return {
-            "base_lr": self.base_lr,
-            "total_steps": self.total_steps,
-            "warmup_steps": self.warmup_steps,
-            "warmup_lr": self.warmup_lr,
-            "min_lr": self.min_lr,
-        }
-
-    def load_state_dict(self, state: Dict[str, float]) -> None:
-        self.__init__(**state)
+def decayed_parameter_count(optimizer: torch.optim.Optimizer) -> int:
+    """Number of parameter elements the optimizer applies weight decay to."""
+    return sum(p.numel() for g in optimizer.param_groups if g.get("weight_decay", 0.0) > 0 for p in g["params"])
 
 
-class ModelEma:
-    """Exponential moving average of a model's parameters and buffers (timm's ModelEmaV3, simplified).
+def build_scheduler(
+    optimizer: torch.optim.Optimizer,
+    total_steps: int,
+    warmup_steps: int = 0,
+    warmup_lr: float = 1e-6,
+    min_lr: float = 1e-5,
+) -> CosineLRScheduler:
+    """timm's cosine schedule per optimizer step (``step_update(step)``): a linear warm-up from
+    ``warmup_lr`` to the optimizer's lr over ``warmup_steps``, then a cosine down to ``min_lr`` at
+    ``total_steps`` (``min_lr`` equal to the lr: constant). A pure function of the step, so resuming
+    needs nothing but the step; its state is saved to check that a resumed run is the same."""
+    return CosineLRScheduler(
+        optimizer,
+        t_initial=max(1, total_steps - warmup_steps),
+        lr_min=min_lr,
+        warmup_t=warmup_steps,
+        warmup_lr_init=warmup_lr,
+        warmup_prefix=True,
+        t_in_epochs=False,
+    )
 
-    ``ema = decay * ema + (1 - decay) * model`` after every optimizer step; with ``warmup`` the decay is
-    ``min(decay, (1 + step) / (10 + step))`` so early averages do not drag the random initialisation.
-    """
 
-    def __init__(self, model: nn.Module, decay: float = 0.9998, warmup: bool = False) -> None:
-        self.module = copy.deepcopy(model).eval().requires_grad_(False)
-        self.decay, self.warmup = float(decay), warmup
-        self._pairs: Optional[List[Any]] = None
-
-    def _bind(self, model: nn.Module) -> None:
-        ema_state, state = self.module.state_dict(), model.state_dict()
-        floats = [(ema_state[k], state[k]) for k in ema_state if ema_state[k].is_floating_point()]
-        others = [(ema_state[k], state[k]) for k in ema_state if not ema_state[k].is_floating_point()]
-        self._pairs = [[e for e, _ in floats], [m for _, m in floats], others]
-
-    @torch.no_grad()
-    def update(self, model: nn.Module, step: int) -> None:
-        if self._pairs is None:
-            self._bind(model)
-        decay = min(self.decay, (1.0 + step) / (10.0 + step)) if self.warmup else self.decay
-        ema_f, model_f, others = self._pairs
-        if ema_f:
-            torch._foreach_lerp_(ema_f, model_f, 1.0 - decay)
-        for e, m in others:
-            e.copy_(m)
-
-    def state_dict(self) -> Dict[str, torch.Tensor]:
-        return self.module.state_dict()
-
-    def load_state_dict(self, state: Dict[str, torch.Tensor]) -> None:
-        self.module.load_state_dict(state)
+def set_step_lr(scheduler: CosineLRScheduler, optimizer: torch.optim.Optimizer, step: int) -> float:
+    """Sets the learning rates of optimizer step ``step`` (0-based); returns the largest (the one of
+    the layers that layer-wise decay leaves unscaled)."""
+    scheduler.step_update(step)
+    return max(g["lr"] for g in optimizer.param_groups)
 
 
 # ----------------------------------------------------------------------------------- evaluation

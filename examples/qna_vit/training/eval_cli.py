@@ -29,14 +29,12 @@ from torch.utils.data import DataLoader
 from qna_vit import MODEL_CONFIGS, QnAViTConfig, create_model
 from qna_vit.training.checkpoint import CheckpointError, load_newest
 from qna_vit.training.data import (
-    DATA_BACKENDS,
     AugConfig,
     DataSpec,
     SeededDataset,
     build_dataset,
     build_transform,
     image_folder,
-    resolve_data_backend,
 )
 from qna_vit.training.distributed import DistInfo
 from qna_vit.training.engine import evaluate, parse_model_kwargs
@@ -63,7 +61,6 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--synthetic-val-size", type=int, default=None)
     p.add_argument("--synthetic-image-size", type=int, default=None)
     p.add_argument("--synthetic-seed", type=int, default=None)
-    p.add_argument("--data-backend", default="auto", choices=DATA_BACKENDS)
     p.add_argument("--img-size", type=int, default=None, help="default: the checkpoint's training size, or 224")
     p.add_argument("--crop-pct", type=float, default=None, help="default: the checkpoint's, or 0.875")
     p.add_argument("--interpolation", default=None, choices=("bicubic", "bilinear"))
@@ -184,7 +181,6 @@ def run(argv: Optional[Sequence[str]] = None) -> Dict[str, Any]:
         crop_pct=args.crop_pct or saved_aug.get("crop_pct") or 0.875,
         interpolation=args.interpolation or saved_aug.get("interpolation") or "bicubic",
     )
-    backend = resolve_data_backend(args.data_backend)
     if args.synthetic:
 
         def pick(flag: Optional[int], key: str, default: int) -> int:
@@ -197,7 +193,7 @@ def run(argv: Optional[Sequence[str]] = None) -> Dict[str, Any]:
             synthetic_image_size=pick(args.synthetic_image_size, "synthetic_image_size", img_size),
             synthetic_seed=pick(args.synthetic_seed, "synthetic_seed", 0),
         )
-        dataset, _ = build_dataset(spec, "val", as_pil=backend == "timm")
+        dataset, _ = build_dataset(spec, "val", as_pil=True)
         source = (
             f"generated shapes (val, {spec.synthetic_classes} classes, {spec.synthetic_image_size}px, "
             f"seed {spec.synthetic_seed})"
@@ -208,7 +204,7 @@ def run(argv: Optional[Sequence[str]] = None) -> Dict[str, Any]:
         dataset = image_folder(folder)
         source = folder
     loader = DataLoader(
-        SeededDataset(dataset, build_transform(aug, False, backend)),
+        SeededDataset(dataset, build_transform(aug, False)),
         batch_size=args.batch_size,
         shuffle=False,
         num_workers=args.workers,

@@ -63,6 +63,8 @@ from typing import Any, Dict, List, Optional, Sequence, Tuple
 
 import torch
 import torch.nn as nn
+from timm.scheduler import CosineLRScheduler
+from timm.utils import ModelEmaV3
 from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import DataLoader
 
@@ -84,7 +86,6 @@ from qna_vit.training.checkpoint import (
     truncate_csv,
 )
 from qna_vit.training.data import (
-    DATA_BACKENDS,
     AugConfig,
     DataSpec,
     ResumableSampler,
@@ -92,7 +93,6 @@ from qna_vit.training.data import (
     ShardSampler,
     build_dataset,
     build_transform,
-    resolve_data_backend,
 )
 from qna_vit.training.distributed import (
     DistInfo,
@@ -103,18 +103,19 @@ from qna_vit.training.distributed import (
     same_on_all_ranks,
 )
 from qna_vit.training.engine import (
-    CosineSchedule,
     CsvLog,
-    ModelEma,
     NonFiniteLossError,
     Progress,
     TensorBoard,
+    build_optimizer,
+    build_scheduler,
+    decayed_parameter_count,
     derive_seed,
     evaluate,
-    param_groups,
     parse_model_kwargs,
+    set_step_lr,
 )
-from qna_vit.training.mixup import Mixup, TimmMixup, cross_entropy
+from qna_vit.training.mixup import SeededMixup, cross_entropy
 from qna_vit.training.preemption import (
     StopAgreement,
     StopRequest,
@@ -170,12 +171,6 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--synthetic-val-size", type=int, default=500)
     g.add_argument("--synthetic-image-size", type=int, default=None, help="generated side (default: --img-size)")
     g.add_argument("--synthetic-seed", type=int, default=0)
-    g.add_argument(
-        "--data-backend",
-        default="auto",
-        choices=DATA_BACKENDS,
-        help="transforms/mixup from timm, or the builtin torch versions (auto: timm when it imports)",
-    )
     g.add_argument("-j", "--workers", type=int, default=8, help="data loader processes per training process")
     g.add_argument("--img-size", type=int, default=224)
     g.add_argument("--crop-pct", type=float, default=0.875, help="evaluation centre-crop fraction")
@@ -221,6 +216,12 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--weight-decay", type=float, default=0.05)
     g.add_argument("--opt-eps", type=float, default=1e-8)
     g.add_argument("--opt-betas", type=float, nargs=2, default=(0.9, 0.999))
+    g.add_argument(
+        "--layer-decay",
+        type=float,
+        default=None,
+        help="layer-wise lr decay (timm's): each layer's lr scaled by this per layer below the head",
+    )
     g.add_argument("--warmup-epochs", type=float, default=None, help="default 5 (qna_vit_base: 20)")
     g.add_argument("--warmup-lr", type=float, default=1e-6)
     g.add_argument("--min-lr", type=float, default=1e-5)
@@ -255,7 +256,9 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--amp-dtype", default="bf16", choices=("bf16", "fp16"))
     g.add_argument("--model-ema", action="store_true")
     g.add_argument("--model-ema-decay", type=float, default=0.9998)
-    g.add_argument("--model-ema-warmup", action="store_true")
+    g.add_argument(
+        "--model-ema-warmup", action="store_true", help="timm's ModelEmaV3 warm-up: a lower decay in early steps"
+    )
 
     g = p.add_argument_group("run")
     g.add_argument(
@@ -321,6 +324,8 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
     for name in ("batch_size", "grad_accum_steps", "epochs", "log_interval", "keep_checkpoints"):
         if getattr(args, name) < 1:
             p.error(f"--{name.replace('_', '-')} must be >= 1")
+    if args.layer_decay is not None and not 0.0 < args.layer_decay <= 1.0:
+        p.error(f"--layer-decay must be in (0, 1], got {args.layer_decay}")
     if args.mixup > 0 or args.cutmix > 0:
         if args.batch_size % 2:
             p.error("mixup/cutmix mix a batch with its reverse: --batch-size must be even")
@@ -429,7 +434,6 @@ def _train(args: argparse.Namespace, info: DistInfo) -> Dict[str, Any]:
     amp_dtype = _amp_dtype(args, device)
 
     # --- data
-    backend = resolve_data_backend(args.data_backend)
     spec = DataSpec(
         args.data_dir,
         args.train_split,
@@ -441,8 +445,8 @@ def _train(args: argparse.Namespace, info: DistInfo) -> Dict[str, Any]:
         args.synthetic_image_size or args.img_size,
         args.synthetic_seed,
     )
-    train_base, n_classes = build_dataset(spec, "train", as_pil=backend == "timm")
-    val_base = None if args.no_eval else build_dataset(spec, "val", as_pil=backend == "timm")[0]
+    train_base, n_classes = build_dataset(spec, "train", as_pil=True)
+    val_base = None if args.no_eval else build_dataset(spec, "val", as_pil=True)[0]
     num_classes = args.num_classes or n_classes
     aa = None if (args.aa or "none").lower() == "none" else args.aa
     aug = AugConfig(
@@ -466,7 +470,7 @@ def _train(args: argparse.Namespace, info: DistInfo) -> Dict[str, Any]:
         worker_init_fn=ignore_stop_signals,  # the main process decides when to stop (preemption.py)
     )
     loader = DataLoader(
-        SeededDataset(train_base, build_transform(aug, True, backend), torch_only=backend != "timm"),
+        SeededDataset(train_base, build_transform(aug, True)),
         batch_size=args.batch_size,
         sampler=sampler,
         **loader_kw,
@@ -474,7 +478,7 @@ def _train(args: argparse.Namespace, info: DistInfo) -> Dict[str, Any]:
     val_loader = None
     if val_base is not None:
         val_loader = DataLoader(
-            SeededDataset(val_base, build_transform(aug, False, backend)),
+            SeededDataset(val_base, build_transform(aug, False)),
             batch_size=args.eval_batch_size or args.batch_size,
             sampler=ShardSampler(len(val_base), info.world_size, info.rank),
             **loader_kw,
@@ -486,8 +490,7 @@ def _train(args: argparse.Namespace, info: DistInfo) -> Dict[str, Any]:
 
     mixup_fn = None
     if args.mixup > 0 or args.cutmix > 0:
-        cls = TimmMixup if backend == "timm" else Mixup
-        mixup_fn = cls(
+        mixup_fn = SeededMixup(
             mixup_alpha=args.mixup,
             cutmix_alpha=args.cutmix,
             prob=args.mixup_prob,
@@ -510,22 +513,28 @@ def _train(args: argparse.Namespace, info: DistInfo) -> Dict[str, Any]:
     model = model.to(device)
     if args.channels_last:
         model = model.to(memory_format=torch.channels_last)
-    groups = param_groups(model, args.weight_decay)
     lr = args.lr if args.lr is not None else args.lr_base * global_batch / args.lr_base_size
-    opt_kw = {"fused": True} if device.type == "cuda" else {}
-    optimizer = torch.optim.AdamW(groups, lr=lr, betas=tuple(args.opt_betas), eps=args.opt_eps, **opt_kw)
+    optimizer = build_optimizer(
+        model,
+        lr,
+        args.weight_decay,
+        betas=tuple(args.opt_betas),
+        eps=args.opt_eps,
+        layer_decay=args.layer_decay,
+        fused=device.type == "cuda",
+    )
     scaler = torch.amp.GradScaler(device.type, enabled=amp_dtype == torch.float16)
     warmup_epochs = (
         args.warmup_epochs if args.warmup_epochs is not None else (20.0 if args.model == "qna_vit_base" else 5.0)
     )
-    schedule = CosineSchedule(
-        lr,
+    schedule = build_scheduler(
+        optimizer,
         total_steps,
         warmup_steps=round(warmup_epochs * steps_per_epoch),
         warmup_lr=args.warmup_lr,
         min_lr=lr if args.sched == "constant" else args.min_lr,
     )
-    ema = ModelEma(model, args.model_ema_decay, args.model_ema_warmup) if args.model_ema else None
+    ema = ModelEmaV3(model, args.model_ema_decay, use_warmup=args.model_ema_warmup) if args.model_ema else None
     data_order = {
         "seed": args.seed,
         "global_batch": global_batch,
@@ -578,7 +587,7 @@ def _train(args: argparse.Namespace, info: DistInfo) -> Dict[str, Any]:
     from qna_triton.ops import resolve_backend
 
     n_params = sum(p.numel() for p in model.parameters())
-    n_decay = sum(p.numel() for p in groups[0]["params"])
+    n_decay = decayed_parameter_count(optimizer)
     gpu = f" ({torch.cuda.get_device_name(device)})" if device.type == "cuda" else ""
     say(
         f"model: {args.model} ({_fmt_count(n_params)} parameters, {num_classes} classes, "
@@ -591,7 +600,7 @@ def _train(args: argparse.Namespace, info: DistInfo) -> Dict[str, Any]:
     )
     say(
         f"data: {'generated shapes' if args.synthetic else spec.data_dir}, {len(train_base)} train / "
-        f"{len(val_base) if val_base is not None else 0} val images | transforms: {backend} | aa {aa} | "
+        f"{len(val_base) if val_base is not None else 0} val images | aa {aa} | "
         f"reprob {args.reprob} | mixup {args.mixup} cutmix {args.cutmix} smoothing {args.smoothing} | "
         f"color jitter {args.color_jitter}"
     )
@@ -602,6 +611,7 @@ def _train(args: argparse.Namespace, info: DistInfo) -> Dict[str, Any]:
         f"epochs | "
         f"{args.epochs} epochs x {steps_per_epoch} steps"
         + (f", stopping at step {max_steps}" if max_steps < total_steps else "")
+        + (f" | layer decay {args.layer_decay}" if args.layer_decay else "")
         + (f" | EMA {args.model_ema_decay}" if ema else "")
         + (f" | clip {args.clip_grad}" if args.clip_grad else "")
     )
@@ -704,7 +714,7 @@ def _train(args: argparse.Namespace, info: DistInfo) -> Dict[str, Any]:
                 "num_classes": num_classes,
                 "optimizer": optimizer.state_dict(),
                 "scaler": scaler.state_dict() if scaler.is_enabled() else None,
-                "ema": ema.state_dict() if ema else None,
+                "ema": ema.module.state_dict() if ema else None,
                 "schedule": schedule.state_dict(),
                 "step": run.step,
                 "epoch": run.step // steps_per_epoch,
@@ -924,8 +934,8 @@ def _train_step(
     batches: Any,
     optimizer: torch.optim.Optimizer,
     scaler: torch.amp.GradScaler,
-    schedule: CosineSchedule,
-    ema: Optional[ModelEma],
+    schedule: CosineLRScheduler,
+    ema: Optional[ModelEmaV3],
     mixup_fn: Any,
     params: List[torch.Tensor],
     amp_dtype: Optional[torch.dtype],
@@ -933,7 +943,7 @@ def _train_step(
     """One optimizer step over ``grad_accum_steps`` micro-batches; queues its loss in ``run.pending``
     (fetched later, so the GPU is not synchronised every step)."""
     device = info.device
-    lr = schedule.apply(optimizer, run.step)
+    lr = set_step_lr(schedule, optimizer, run.step)
     # Model randomness (stochastic depth) is seeded per step and rank: a resumed run draws the same
     # masks without replaying the steps before it.
     torch.manual_seed(derive_seed(args.seed, run.step, info.rank, 1))
@@ -998,8 +1008,8 @@ def _restore(
     model: nn.Module,
     optimizer: torch.optim.Optimizer,
     scaler: torch.amp.GradScaler,
-    ema: Optional[ModelEma],
-    schedule: CosineSchedule,
+    ema: Optional[ModelEmaV3],
+    schedule: CosineLRScheduler,
     data_order: Dict[str, int],
     say: Any,
 ) -> None:
@@ -1015,7 +1025,7 @@ def _restore(
         scaler.load_state_dict(ckpt["scaler"])
     if ema is not None:
         if ckpt.get("ema") is not None:
-            ema.load_state_dict(ckpt["ema"])
+            ema.module.load_state_dict(ckpt["ema"])
         else:
             say("warning: the checkpoint has no EMA weights; the EMA restarts from the current model")
             ema.module.load_state_dict(model.state_dict())
