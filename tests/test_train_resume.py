@@ -210,7 +210,7 @@ def test_a_signal_mid_epoch_saves_exits_by_it_and_resume_repeats_the_run(referen
     assert_same_run(out, reference)
 
 
-def test_a_signal_during_an_evaluation_stops_the_run_after_it(reference, tmp_path, monkeypatch):
+def test_a_signal_during_an_evaluation_stops_the_run_after_it(reference, tmp_path, monkeypatch, capsys):
     from qna_vit.training import train_cli
 
     evaluate = train_cli.evaluate
@@ -224,6 +224,8 @@ def test_a_signal_during_an_evaluation_stops_the_run_after_it(reference, tmp_pat
     summary = run_train(tiny_args(out, *COMMON))
     monkeypatch.undo()
     assert summary["stopped_by"] == "SIGUSR1" and summary["steps"] == 6  # no step after the evaluation
+    text = capsys.readouterr().out
+    assert "SIGUSR1 received: stopping after step 6 (epoch 1, batch 6 of 6), its checkpoint written already" in text
     ckpt = load_checkpoint(str(out))
     assert ckpt["step"] == 6 and not ckpt["epoch_end_pending"]
     assert len(read_csv(out / "summary.csv", SUMMARY_COLUMNS)) == 1

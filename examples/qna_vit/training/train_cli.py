@@ -840,8 +840,9 @@ def _train(args: argparse.Namespace, info: DistInfo) -> Dict[str, Any]:
                     if run.step < max_steps:
                         stopper.poll()
                 if stopper.signum is not None:
-                    _stop(stopper, run, epoch, steps_per_epoch, info, say)
-                    if run.last_ckpt is None or run.last_ckpt[1] != run.step:
+                    saved = run.last_ckpt is not None and run.last_ckpt[1] == run.step
+                    _stop(stopper, run, epoch, steps_per_epoch, info, saved, say)
+                    if not saved:
                         save(epoch, evaluated=False, epoch_end_pending=run.step % steps_per_epoch == 0)
                     break
                 epoch += 1
@@ -878,7 +879,8 @@ def _train(args: argparse.Namespace, info: DistInfo) -> Dict[str, Any]:
         "checkpoint": run.last_ckpt[0] if run.last_ckpt else None,
         "stopped_by": signal_name(stopper.signum) if stopper.signum is not None else None,
         "stopped_signal": stopper.signum,
-        "environment": _environment(info, amp_dtype, args, global_batch),
+        # (not worth the time of a run that has a grace period to keep)
+        "environment": _environment(info, amp_dtype, args, global_batch) if stopper.signum is None else None,
     }
     if stopper.signum is not None:
         return summary  # no summary.json: it marks a finished run
@@ -983,13 +985,16 @@ def _train_step(
     run.pending.append(_Pending(run.step, epoch, loss_sum / args.grad_accum_steps, lr, grad_norm, data_wait))
 
 
-def _stop(stopper: StopAgreement, run: _Run, epoch: int, steps_per_epoch: int, info: DistInfo, say: Any) -> None:
+def _stop(
+    stopper: StopAgreement, run: _Run, epoch: int, steps_per_epoch: int, info: DistInfo, saved: bool, say: Any
+) -> None:
     """Says that (and where) the run stops for a signal; in a group, every rank names its step."""
     name = signal_name(stopper.signum or 0)
     origin = f" (on rank {stopper.source_rank})" if info.enabled else ""
     say(
         f"{name} received{origin}: stopping after step {run.step} (epoch {epoch + 1}, batch "
-        f"{run.step - epoch * steps_per_epoch} of {steps_per_epoch}) and saving a checkpoint"
+        f"{run.step - epoch * steps_per_epoch} of {steps_per_epoch})"
+        + (", its checkpoint written already" if saved else " and saving a checkpoint")
     )
     if info.enabled:
         print(f"[rank {info.rank}] stopping after step {run.step} ({name})", file=sys.stderr, flush=True)
