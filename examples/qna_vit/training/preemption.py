@@ -88,9 +88,11 @@ class StopAgreement:
 
     One process polls :class:`StopRequest` directly. In a group, each call all-reduces (max) this
     process's signal number and rank with one step of lag: the reduction launched after step k is read
-    after step k + 1, so it overlaps a step instead of stalling the GPU queue, and every rank reads the
-    same value after the same step. :meth:`close` completes the reduction still in flight, which every
-    rank launched, so none is left waiting in it.
+    after step k + 1, so every rank reads the same value after the same step, and waiting for it never
+    waits for the step just queued. On a GPU the flag is filled in on the device and the result copied
+    into pinned memory right behind the reduction, in stream order: reading it synchronises with step k
+    and the reduction only, while step k + 1 runs. :meth:`close` completes the reduction still in
+    flight, which every rank launched, so none is left waiting in it.
     """
 
     def __init__(self, request: StopRequest, info: DistInfo) -> None:
@@ -99,12 +101,12 @@ class StopAgreement:
         self.signum: Optional[int] = None  # the agreed signal, once agreed
         self.source_rank: Optional[int] = None  # the highest rank that received it
         self._work: Any = None
-        self._buf: Optional[torch.Tensor] = None
-
-    def _local(self) -> torch.Tensor:
-        signalled = self.request.signum is not None
-        values = [self.request.signum or 0, self.info.rank + 1 if signalled else 0]
-        return torch.tensor(values, dtype=torch.int64, device=self.info.device)
+        self._cuda = info.enabled and info.device.type == "cuda"
+        self._buf = torch.zeros(2, dtype=torch.int64, device=info.device) if info.enabled else None
+        # A blocking host-to-device copy would wait for the queued steps: the device buffer is filled
+        # by kernels, and read back through pinned memory and an event.
+        self._host = torch.zeros(2, dtype=torch.int64).pin_memory() if self._cuda else None
+        self._event = torch.cuda.Event() if self._cuda else None
 
     def poll(self) -> bool:
         """Called by every rank after every step; True when all ranks are to stop now."""
@@ -116,10 +118,20 @@ class StopAgreement:
             return self.signum is not None
         agreed = None
         if self._work is not None:
-            self._work.wait()
-            agreed = self._buf.tolist()
-        self._buf = self._local()
+            if self._cuda:
+                self._event.synchronize()
+                agreed = self._host.tolist()
+            else:
+                self._work.wait()
+                agreed = self._buf.tolist()
+        signalled = self.request.signum is not None
+        self._buf[0].fill_(self.request.signum or 0)
+        self._buf[1].fill_(self.info.rank + 1 if signalled else 0)
         self._work = dist.all_reduce(self._buf, op=dist.ReduceOp.MAX, async_op=True)
+        if self._cuda:
+            self._work.wait()  # on a GPU: the current stream waits for the reduction, the host does not
+            self._host.copy_(self._buf, non_blocking=True)
+            self._event.record()
         if agreed is not None and agreed[0] > 0:
             self.signum, self.source_rank = int(agreed[0]), int(agreed[1]) - 1
             return True
@@ -129,6 +141,8 @@ class StopAgreement:
         """Completes the reduction in flight (every rank must call it, at the same point)."""
         if self._work is not None:
             self._work.wait()
+            if self._cuda:
+                self._event.synchronize()
             self._work = None
 
 
