@@ -34,6 +34,8 @@ from qna_vit.training.checkpoint import (
     load_newest,
     save_rotating,
 )
+from qna_vit.training.distributed import DistInfo
+from qna_vit.training.preemption import STOP_SIGNALS, StopAgreement, StopRequest
 
 # 6 steps per epoch, 2 epochs; checkpoints every 4 steps and at each epoch's end; every step logged.
 COMMON = ["--log-interval", "1", "--ckpt-interval", "4", "--model-ema", "--model-ema-decay", "0.9"]
@@ -155,6 +157,25 @@ def test_history_keeps_the_newest_and_load_newest_skips_what_does_not_load(tmp_p
 
 
 # ----------------------------------------------------------------------------------- signals
+def test_stop_request_records_signals_and_a_second_ctrl_c_interrupts():
+    before = {sig: signal.getsignal(sig) for sig in STOP_SIGNALS}
+    with StopRequest() as request:
+        assert not request.requested
+        os.kill(os.getpid(), signal.SIGUSR1)
+        os.kill(os.getpid(), signal.SIGTERM)  # a second, different signal changes nothing
+        assert request.signum == signal.SIGUSR1
+        agreement = StopAgreement(request, DistInfo(1, 0, 0, torch.device("cpu"), None))
+        assert agreement.poll() and agreement.signum == signal.SIGUSR1
+    assert {sig: signal.getsignal(sig) for sig in STOP_SIGNALS} == before
+    with StopRequest() as request:
+        os.kill(os.getpid(), signal.SIGINT)
+        assert request.signum == signal.SIGINT
+        with pytest.raises(KeyboardInterrupt):
+            os.kill(os.getpid(), signal.SIGINT)
+            time.sleep(1)  # the handler runs between bytecodes; this gives it one
+    assert {sig: signal.getsignal(sig) for sig in STOP_SIGNALS} == before
+
+
 @pytest.mark.parametrize(
     "sig, whole_group",
     [(signal.SIGTERM, True), (signal.SIGUSR1, False), (signal.SIGINT, True)],
