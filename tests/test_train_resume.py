@@ -28,6 +28,7 @@ from test_train import (
     tiny_args,
 )
 
+from qna_vit.training import train_cli
 from qna_vit.training.checkpoint import (
     CheckpointError,
     load_checkpoint,
@@ -152,8 +153,12 @@ def test_history_keeps_the_newest_and_load_newest_skips_what_does_not_load(tmp_p
     (tmp_path / "checkpoint-00000008.pth").write_bytes(b"not a zip")
     with pytest.raises(CheckpointError, match=r"no usable checkpoint in .*: last\.pth \(.*checkpoint-00000008"):
         load_newest(str(tmp_path))
+    (tmp_path / "empty").mkdir()
     with pytest.raises(CheckpointError, match="no checkpoint"):
         load_newest(str(tmp_path / "empty"))
+    with pytest.raises(SystemExit):  # a path that does not exist is a usage error, before anything runs
+        train_cli.parse_args(tiny_args(tmp_path / "out", "--resume", str(tmp_path / "missing")))
+    assert not (tmp_path / "out").exists()
 
 
 # ----------------------------------------------------------------------------------- signals
@@ -232,7 +237,6 @@ def test_a_signal_mid_epoch_saves_exits_by_it_and_resume_repeats_the_run(referen
 
 
 def test_a_signal_during_an_evaluation_stops_the_run_after_it(reference, tmp_path, monkeypatch, capsys):
-    from qna_vit.training import train_cli
 
     evaluate = train_cli.evaluate
 

@@ -337,6 +337,8 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
         args.model_kwargs.setdefault("lsa_window", FINETUNE_384["lsa_window"])
     if args.initial_checkpoint and args.resume:
         p.error("--initial-checkpoint starts a new run; --resume continues one: give one of them")
+    if args.resume and not os.path.exists(args.resume):
+        p.error(f"--resume {args.resume}: no such file or folder")
     if args.initial_checkpoint and not os.path.isfile(args.initial_checkpoint):
         p.error(f"--initial-checkpoint {args.initial_checkpoint}: no such file")
     return args
