@@ -8,13 +8,15 @@ but unusual ones (CMYK, greyscale, palette, 16-bit, a PNG named ``.jpg``), and t
 import io
 import json
 import re
+import subprocess
+import sys
 import tarfile
 
 import numpy as np
 import pytest
 import torch
 from PIL import Image
-from test_train import STEP_COLUMNS, read_csv, run_train, tiny_args
+from test_train import EXAMPLES, ROOT, STEP_COLUMNS, read_csv, run_train, subprocess_env, tiny_args
 from torch.utils.data import DataLoader
 
 from qna_vit.training import eval_cli as eval_script
@@ -359,3 +361,45 @@ def test_ranks_and_workers_cover_each_shard_sample_exactly_once(tmp_path):
         assert sorted(seen) == list(range(n)), (world, workers)
         assert sorted(evaluated) == list(range(n)), (world, workers)
     assert verify_dataset(ds, workers=2) == []
+
+
+def test_two_processes_merge_their_unreadable_files_and_stop_together(tmp_path):
+    # The same global batch (2 x 4 vs 1 x 8): the two processes meet different unreadable files, and
+    # the merged counts (and the losses) are the single process's.
+    data = tmp_path / "shards"
+    data.mkdir()
+    _write_shards(data, "train", 24, per_shard=7, bad=(2, 9, 17))
+    _write_shards(data, "val", 8, per_shard=8, bad=(3,))
+    common = ["--mixup", "0", "--cutmix", "0", "--drop-path", "0"]
+    single = run_train(_data_args(tmp_path / "one", data, *common, batch=8))
+    procs = {}
+    for name, extra in (("two", []), ("stop", ["--max-bad-samples", "1", "--log-interval", "1"])):
+        procs[name] = subprocess.Popen(
+            [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2"]
+            + [str(EXAMPLES / "train.py"), *_data_args(tmp_path / name, data, *common, *extra, batch=4)],
+            cwd=ROOT,
+            env=subprocess_env(),
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
+    results = {name: (p.communicate(timeout=300), p.returncode) for name, p in procs.items()}
+    (out, err), code = results["two"]
+    assert code == 0, err[-3000:]
+    two = json.loads((tmp_path / "two" / "summary.json").read_text())
+    assert two["bad_samples"]["train"] == json.loads(json.dumps(single["bad_samples"]["train"]))
+    assert two["bad_samples"]["train"]["per_epoch"] == {"0": 3, "1": 3}
+    assert two["metrics"]["images"] == single["metrics"]["images"] == 7
+    assert re.search(r"^\[rank [01]\] warning: unreadable image train-000000\.tar:sample00002\.jpg", err, re.M)
+    for (s1, l1), (s2, l2) in zip(
+        read_csv(tmp_path / "one" / "steps.csv", ("step", "loss")),
+        read_csv(tmp_path / "two" / "steps.csv", ("step", "loss")),
+    ):
+        assert s1 == s2 and float(l1) == pytest.approx(float(l2), rel=1e-4, abs=1e-5)
+
+    (out, err), code = results["stop"]
+    assert code != 0 and "exitcode  : 4" in err, err[-3000:]  # torchrun exits 1, naming the rank's status
+    errors = [line for line in err.splitlines() if line.startswith("error: ")]
+    assert len(errors) == 1 and "unreadable training images, more than --max-bad-samples 1" in errors[0]
+    step = int(re.search(r"\(step (\d+)\)", errors[0]).group(1))
+    assert load_checkpoint(str(tmp_path / "stop"))["step"] == step

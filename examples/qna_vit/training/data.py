@@ -48,7 +48,12 @@ class BadSampleError(Exception):
 
 
 class TooManyBadSamplesError(RuntimeError):
-    """More unreadable training images than ``--max-bad-samples`` allows."""
+    """More unreadable training images than ``--max-bad-samples`` allows; ``reported``: the message was
+    already printed."""
+
+    def __init__(self, message: str, reported: bool = False) -> None:
+        super().__init__(message)
+        self.reported = reported
 
 
 def to_rgb(img: Any) -> Any:

@@ -92,7 +92,7 @@ from qna_vit.training.data import (
     split_dataset,
     verify_dataset,
 )
-from qna_vit.training.distributed import DistInfo, all_reduce_mean, cleanup, init_distributed
+from qna_vit.training.distributed import DistInfo, all_reduce_mean, barrier, cleanup, init_distributed
 from qna_vit.training.engine import (
     CsvLog,
     NonFiniteLossError,
@@ -687,11 +687,17 @@ def _train(args: argparse.Namespace, info: DistInfo) -> Dict[str, Any]:
             return
         if not saved:
             save(epoch, evaluated=False)
-        raise TooManyBadSamplesError(
+        message = (
             f"{bad_train.count()} unreadable training images, more than --max-bad-samples {max_bad}: "
             f"{bad_train.listing()}; progress saved in {run.last_ckpt[0] if run.last_ckpt else '(nothing)'} "
             f"(step {run.step}): fix or remove the files and --resume, or raise --max-bad-samples"
         )
+        # Said here, before the processes part: under torchrun the first process to exit gets the
+        # others killed, so rank 0 finishes the checkpoint (the barrier) and the message first.
+        if main:
+            print(f"error: {message}", file=sys.stderr, flush=True)
+        barrier(info)
+        raise TooManyBadSamplesError(message, reported=main)
 
     def save(epoch: int, evaluated: bool) -> None:
         """Writes last.pth (and best.pth after an improving evaluation), never from a non-finite state."""
@@ -1047,7 +1053,7 @@ def main(argv: Optional[Sequence[str]] = None) -> Dict[str, Any]:
             print(f"error: {e}", file=sys.stderr, flush=True)
         raise SystemExit(3) from e
     except TooManyBadSamplesError as e:
-        if int(os.environ.get("RANK", "0")) == 0:
+        if int(os.environ.get("RANK", "0")) == 0 and not e.reported:
             print(f"error: {e}", file=sys.stderr, flush=True)
         raise SystemExit(BAD_SAMPLES_EXIT_CODE) from e
 
