@@ -134,11 +134,12 @@ def test_unusual_valid_images_load_as_rgb_and_unreadable_ones_name_the_file(tmp_
 
 def test_folder_readers_raise_for_unreadable_files_and_seeded_dataset_replaces_them(tmp_path):
     bad = _image_folder(tmp_path, train=12, val=2, bad_val=False)
-    for ds in (ImageFolderDataset(str(tmp_path / "train")), image_folder(str(tmp_path / "train"))):
-        names = [p for p, _ in ds.samples]
-        i = names.index(str(bad["train_truncated"]))
-        with pytest.raises(BadSampleError, match=re.escape(str(bad["train_truncated"]))):
-            ds[i]
+    ds = image_folder(str(tmp_path / "train"))
+    assert isinstance(ds, ImageFolderDataset) and ds.classes == ["class_0", "class_1", "class_2"]
+    names = [p for p, _ in ds.samples]
+    i = names.index(str(bad["train_truncated"]))
+    with pytest.raises(BadSampleError, match=re.escape(str(bad["train_truncated"]))):
+        ds[i]
     seeded = SeededDataset(ds, lambda img: torch.from_numpy(np.asarray(img).copy()))
     a = seeded[(i, 12345)]
     assert a[0] is not None and a[2][0][0] == str(bad["train_truncated"])
@@ -164,6 +165,27 @@ def test_folder_readers_raise_for_unreadable_files_and_seeded_dataset_replaces_t
     again = BadSampleLog()
     again.load_state_dict(json.loads(json.dumps(log.state_dict())))
     assert again.summary() == log.summary() == {"per_epoch": {0: 1, 1: 2}, "files": {"a.jpg": "x", "b.jpg": "y"}}
+
+
+def test_image_folder_is_listed_by_timms_reader(tmp_path):
+    # timm's find_images_and_targets: the class is the folder holding the image, in natural order.
+    arr = _shapes(1)[0][0]
+    for rel in ("c10/a.jpg", "c2/b.JPEG", "c2/sub/c.png", "c1/d.webp", "c1/notes.txt"):
+        (tmp_path / rel).parent.mkdir(parents=True, exist_ok=True)
+        (tmp_path / rel).write_bytes(_jpeg_bytes(arr, fmt="WEBP" if rel.endswith("webp") else "PNG"))
+    ds = image_folder(str(tmp_path))
+    assert ds.classes == ["c1", "c2", "c10", "sub"]
+    assert [(p[len(str(tmp_path)) + 1 :], t) for p, t in ds.samples] == [
+        ("c1/d.webp", 0),
+        ("c2/b.JPEG", 1),
+        ("c2/sub/c.png", 3),
+        ("c10/a.jpg", 2),
+    ]
+    assert all(ds[i][0].mode == "RGB" for i in range(len(ds)))
+    with pytest.raises(FileNotFoundError, match="no class sub-folders"):
+        image_folder(str(tmp_path / "c2"))
+    with pytest.raises(FileNotFoundError, match="does not exist"):
+        image_folder(str(tmp_path / "missing"))
 
 
 # ----------------------------------------------------------------------------------- training

@@ -10,8 +10,10 @@ batches, and exactly the augmentations, an uninterrupted run would. So
   number of loader workers, on which worker got the sample, or on how many processes share the batch.
 
 The transforms are timm's (``create_transform``: RandAugment, random erasing, the exact ImageNet
-recipe). The ImageFolder reader is torchvision's when importable and an equivalent PIL reader
-otherwise.
+recipe); an ImageFolder is listed by timm's folder reader. WebDataset tar shards are indexed with
+``tarfile`` and read by index, so they serve the same sampler. An image that cannot be decoded raises
+:class:`BadSampleError`, which :class:`SeededDataset` turns into a deterministic replacement (training)
+or a left-out item (evaluation), reported with the batch (:class:`BadSampleLog`).
 """
 
 from __future__ import annotations
@@ -91,8 +93,7 @@ def decode_image(source: Any, name: str) -> Any:
 
 
 def load_image_file(path: str) -> Any:
-    """A path -> RGB PIL image (torchvision's ``ImageFolder(loader=...)`` signature); raises
-    :class:`BadSampleError` naming ``path``."""
+    """A path -> RGB PIL image; raises :class:`BadSampleError` naming ``path``."""
     if os.path.getsize(path) == 0:
         raise BadSampleError(path, "empty file")
     return decode_image(path, path)
@@ -264,26 +265,31 @@ class SyntheticShapes(Dataset):
 
 # ----------------------------------------------------------------------------------- image folders
 class ImageFolderDataset(Dataset):
-    """``root/<class>/**/<image>`` -> ``(PIL RGB image, class index)``; torchvision's ImageFolder without
-    torchvision. Classes are the sorted sub-folder names; files are sorted and filtered by extension."""
+    """``root/<class>/<image>`` -> ``(PIL RGB image, class index)``.
+
+    The files are listed by timm's ``find_images_and_targets`` (what timm's ``ImageDataset`` reads an
+    ImageFolder with): a class is the name of the folder holding the image, classes and files in natural
+    order (ImageNet's synsets: plain sorted order, as torchvision's ImageFolder has them). The images are
+    decoded here (:func:`load_image_file`) rather than by timm's dataset, which steps over an unreadable
+    file to the next index silently; an unreadable file raises :class:`BadSampleError` naming it, for
+    :class:`SeededDataset` to replace and count.
+    """
 
     def __init__(self, root: str, extensions: Sequence[str] = IMG_EXTENSIONS) -> None:
+        from timm.data.readers.reader_image_folder import find_images_and_targets
+
         if not os.path.isdir(root):
             raise FileNotFoundError(f"image folder {root!r} does not exist")
         self.root = root
-        self.classes = sorted(e.name for e in os.scandir(root) if e.is_dir())
-        if not self.classes:
-            raise FileNotFoundError(f"no class sub-folders in {root!r} (expected root/<class>/<image>)")
-        self.class_to_idx = {c: i for i, c in enumerate(self.classes)}
         exts = tuple(e.lower() for e in extensions)
-        self.samples: List[Tuple[str, int]] = []
-        for cls in self.classes:
-            files = []
-            for dirpath, _, names in os.walk(os.path.join(root, cls), followlinks=True):
-                files += [os.path.join(dirpath, n) for n in names if n.lower().endswith(exts)]
-            self.samples += [(f, self.class_to_idx[cls]) for f in sorted(files)]
+        self.samples, self.class_to_idx = find_images_and_targets(root, types=exts)
         if not self.samples:
             raise FileNotFoundError(f"no images with extensions {exts} under {root!r}")
+        if "" in self.class_to_idx:  # timm's label for an image directly in root
+            raise FileNotFoundError(
+                f"no class sub-folders in {root!r}: images lie in it (expected root/<class>/<image>)"
+            )
+        self.classes = sorted(self.class_to_idx, key=self.class_to_idx.__getitem__)
         self.targets = [t for _, t in self.samples]
 
     def __len__(self) -> int:
@@ -294,13 +300,8 @@ class ImageFolderDataset(Dataset):
         return load_image_file(path), target
 
 
-def image_folder(root: str, prefer_torchvision: bool = True) -> Dataset:
-    """torchvision's ``ImageFolder`` when it imports, :class:`ImageFolderDataset` otherwise (same
-    classes, same order, same ``(PIL image, target)`` items)."""
-    if prefer_torchvision:
-        from torchvision.datasets import ImageFolder
-
-        return ImageFolder(root, loader=load_image_file)
+def image_folder(root: str) -> Dataset:
+    """The ImageFolder ``root`` (:class:`ImageFolderDataset`)."""
     return ImageFolderDataset(root)
 
 
