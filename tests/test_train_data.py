@@ -186,6 +186,8 @@ def test_image_folder_is_listed_by_timms_reader(tmp_path):
         image_folder(str(tmp_path / "c2"))
     with pytest.raises(FileNotFoundError, match="does not exist"):
         image_folder(str(tmp_path / "missing"))
+    with pytest.raises(FileNotFoundError, match=r"holds neither train-\*\.tar shards nor an ImageFolder train/"):
+        split_dataset(str(tmp_path), "train")
 
 
 # ----------------------------------------------------------------------------------- training
@@ -383,6 +385,10 @@ def test_ranks_and_workers_cover_each_shard_sample_exactly_once(tmp_path):
         assert sorted(seen) == list(range(n)), (world, workers)
         assert sorted(evaluated) == list(range(n)), (world, workers)
     assert verify_dataset(ds, workers=2) == []
+    with tarfile.open(tmp_path / "zipped-000.tar", "w:gz") as tar:
+        _add(tar, "k0.cls", b"0")
+    with pytest.raises(ValueError, match=r"zipped-000\.tar: not a readable uncompressed tar file"):
+        TarShardDataset(shard_files(str(tmp_path), "zipped"))
 
 
 def test_two_processes_merge_their_unreadable_files_and_stop_together(tmp_path):
