@@ -360,6 +360,7 @@ def test_ranks_and_workers_cover_each_shard_sample_exactly_once(tmp_path):
                 _add(tar, f"k{i}.cls", str(i).encode())
     ds = TarShardDataset(shard_files(str(tmp_path), "train"))
     assert ds.targets == list(range(n))
+    ds.max_open = 2  # 5 shards: files are closed and reopened as the reads move between them
     for world, workers in ((1, 0), (2, 2), (3, 0), (3, 2)):
         seen = []
         evaluated = []
@@ -383,6 +384,7 @@ def test_ranks_and_workers_cover_each_shard_sample_exactly_once(tmp_path):
             )
             evaluated += [t for _, y, _ in val for t in y.tolist()]
         assert sorted(seen) == list(range(n)), (world, workers)
+        assert len(ds._files) <= 2
         assert sorted(evaluated) == list(range(n)), (world, workers)
     assert verify_dataset(ds, workers=2) == []
     with tarfile.open(tmp_path / "zipped-000.tar", "w:gz") as tar:

@@ -326,6 +326,8 @@ class TarShardDataset(Dataset):
         shards: paths of uncompressed ``.tar`` files (random access needs them uncompressed).
     """
 
+    max_open = 32  # open shard files per process
+
     def __init__(self, shards: Sequence[str]) -> None:
         if not shards:
             raise FileNotFoundError("no tar shards given")
@@ -383,9 +385,12 @@ class TarShardDataset(Dataset):
         # file position with the workers.
         if self._pid != os.getpid():
             self._files, self._pid = {}, os.getpid()
-        f = self._files.get(shard)
+        f = self._files.pop(shard, None)
         if f is None:
-            f = self._files[shard] = open(self.shards[shard], "rb")
+            if len(self._files) >= self.max_open:  # ImageNet comes in ~1000 shards: stay under ulimit -n
+                self._files.pop(next(iter(self._files))).close()
+            f = open(self.shards[shard], "rb")
+        self._files[shard] = f  # re-inserted: the dict's order is least recently used first
         f.seek(offset)
         return f.read(size)
 
