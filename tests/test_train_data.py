@@ -323,6 +323,14 @@ def test_tar_shards_train_and_evaluate_with_no_other_flag(tmp_path, capsys):
     assert summary["bad_samples"]["train"]["per_epoch"] == {0: 1, 1: 1}
     assert set(summary["bad_samples"]["val"]["files"]) == {"val-000099.tar:orphan.jpg", "val-000099.tar:lonely"}
 
+    # Resume from shards is exact too, with loader workers: stopped mid-epoch 1, resumed, the same losses.
+    cut = _data_args(tmp_path / "cut", data)
+    cut[cut.index("--workers") + 1] = "2"
+    assert run_train(cut + ["--max-steps", "4"])["steps"] == 4
+    assert run_train(cut + ["--resume", str(tmp_path / "cut")])["steps"] == 6
+    assert read_csv(tmp_path / "cut" / "steps.csv", STEP_COLUMNS) == read_csv(out / "steps.csv", STEP_COLUMNS)
+    capsys.readouterr()
+
     threads = torch.get_num_threads()
     try:
         result = eval_script.run(
