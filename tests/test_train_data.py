@@ -267,6 +267,9 @@ def test_verify_data_lists_unreadable_files_without_training(tmp_path, capsys):
     with pytest.raises(SystemExit):
         train_script.parse_args(["--synthetic", "--verify-data"])
     assert "--verify-data checks the files of --data-dir" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        train_script.parse_args(["--synthetic", "--max-bad-samples", "-1"])
+    assert "--max-bad-samples must be >= 0, got -1" in capsys.readouterr().err
 
 
 # ----------------------------------------------------------------------------------- tar shards
