@@ -3,7 +3,9 @@
 Checkpoints: those of ``examples/train.py`` (``last.pth``/``best.pth``, or a run folder: its newest
 readable checkpoint, naming any it skipped; ``--ema`` takes the EMA weights) and those of ``examples/convert_flax.py`` (``{'model': state_dict, 'model_name': name}``).
 Data: an ImageFolder validation split (``--data-dir``: the split folder itself, or a root holding
-``--split``) or the generated set (``--synthetic``; a checkpoint trained on it supplies its parameters).
+``--split``), WebDataset tar shards (``--data-dir`` holding ``<split>-*.tar``) or the generated set
+(``--synthetic``; a checkpoint trained on it supplies its parameters). Images that cannot be decoded
+are left out with a warning naming each, and counted.
 
     python examples/eval.py --checkpoint runs/train/<run>/best.pth --data-dir /data/imagenet
     python examples/eval.py --checkpoint qna_vit_tiny.pth --data-dir /data/imagenet/val --amp --channels-last
@@ -20,7 +22,7 @@ import json
 import os
 import sys
 import time
-from typing import Any, Dict, Optional, Sequence, Tuple
+from typing import Any, Dict, List, Optional, Sequence, Tuple
 
 import torch
 import torch.nn as nn
@@ -30,11 +32,16 @@ from qna_vit import MODEL_CONFIGS, QnAViTConfig, create_model
 from qna_vit.training.checkpoint import CheckpointError, load_newest
 from qna_vit.training.data import (
     AugConfig,
+    BadSampleLog,
     DataSpec,
     SeededDataset,
+    TarShardDataset,
+    TrackedLoader,
     build_dataset,
     build_transform,
+    collate_samples,
     image_folder,
+    shard_files,
 )
 from qna_vit.training.distributed import DistInfo
 from qna_vit.training.engine import evaluate, parse_model_kwargs
@@ -54,7 +61,11 @@ def build_parser() -> argparse.ArgumentParser:
         metavar="KEY=VALUE",
         help="QnAViTConfig overrides (default: the checkpoint's)",
     )
-    p.add_argument("--data-dir", default=None, help="ImageFolder split folder, or a root holding --split")
+    p.add_argument(
+        "--data-dir",
+        default=None,
+        help="ImageFolder split folder, a root holding --split, or a folder of <split>-*.tar shards",
+    )
     p.add_argument("--split", default="val")
     p.add_argument("--synthetic", action="store_true", help="the generated set (its val split)")
     p.add_argument("--synthetic-classes", type=int, default=None)
@@ -198,17 +209,26 @@ def run(argv: Optional[Sequence[str]] = None) -> Dict[str, Any]:
             f"generated shapes (val, {spec.synthetic_classes} classes, {spec.synthetic_image_size}px, "
             f"seed {spec.synthetic_seed})"
         )
+    elif shard_files(args.data_dir, args.split):
+        dataset = TarShardDataset(shard_files(args.data_dir, args.split))
+        source = f"{args.data_dir} ({len(dataset.shards)} tar shard(s) {args.split}-*.tar)"
     else:
         folder = os.path.join(args.data_dir, args.split)
         folder = folder if os.path.isdir(folder) else args.data_dir
         dataset = image_folder(folder)
         source = folder
-    loader = DataLoader(
-        SeededDataset(dataset, build_transform(aug, False)),
-        batch_size=args.batch_size,
-        shuffle=False,
-        num_workers=args.workers,
-        pin_memory=use_cuda,
+    tf_dataset = SeededDataset(dataset, build_transform(aug, False), replace_bad=False)
+    unreadable = BadSampleLog("left out of the evaluation")
+    loader = TrackedLoader(
+        DataLoader(
+            tf_dataset,
+            batch_size=args.batch_size,
+            shuffle=False,
+            num_workers=args.workers,
+            pin_memory=use_cuda,
+            collate_fn=collate_samples,
+        ),
+        unreadable,
     )
 
     from qna_triton.env import capture_environment
@@ -230,14 +250,25 @@ def run(argv: Optional[Sequence[str]] = None) -> Dict[str, Any]:
     print(f"data: {source}: {len(dataset)} images at {img_size}x{img_size} (crop {aug.crop_pct})")
     # One batch, transformed in this process: warms the model up (lazy imports, compilation, kernel
     # configs) so the timed pass measures steady state, then serves the model-only rate.
-    tf_dataset = loader.dataset
-    x = torch.stack([tf_dataset[i][0] for i in range(min(args.batch_size, len(tf_dataset)))]).to(device)
+    first: List[torch.Tensor] = []
+    for i in range(len(tf_dataset)):
+        if len(first) == args.batch_size:
+            break
+        image = tf_dataset[i][0]  # None for an unreadable image, which the loader pass reports
+        if image is not None:
+            first.append(image)
+    if not first:
+        raise SystemExit(f"no readable image in {source}")
+    x = torch.stack(first).to(device)
     if args.channels_last:
         x = x.contiguous(memory_format=torch.channels_last)
     with torch.no_grad(), torch.autocast(device.type, dtype=amp_dtype or torch.float32, enabled=amp_dtype is not None):
         run_model(x)
     info = DistInfo(1, 0, 0, device, None)
     metrics = evaluate(run_model, loader, device, info, amp_dtype, args.channels_last)
+    unreadable.sync()
+    if unreadable.count():
+        print(f"{unreadable.count()} unreadable image(s) left out: {unreadable.listing()}")
     print(
         f"top-1 {metrics['top1']:.3f}% | top-5 {metrics['top5']:.3f}% | loss {metrics['loss']:.4f} | "
         f"{metrics['images']} images"
@@ -251,6 +282,7 @@ def run(argv: Optional[Sequence[str]] = None) -> Dict[str, Any]:
         "batch_size": args.batch_size,
         "precision": args.amp_dtype if amp_dtype else "float32",
         **metrics,
+        "bad_samples": unreadable.summary()["files"],
         "environment": env.as_dict(),
     }
     line = f"throughput: {metrics['images_per_s']:.1f} images/s end-to-end"

@@ -1,4 +1,5 @@
-"""Train a QnA-ViT on ImageNet (or any ImageFolder tree, or a generated set) with the paper's recipe.
+"""Train a QnA-ViT on ImageNet (any ImageFolder tree, WebDataset tar shards, or a generated set) with the
+paper's recipe.
 
 Defaults are the recipe of Arar et al. (CVPR 2022, docs/spec.md section 3): 300 epochs, global batch
 1024, AdamW with lr 5e-4 per 1024 images (scaled linearly with the global batch), weight decay 0.05
@@ -87,12 +88,19 @@ from qna_vit.training.checkpoint import (
 )
 from qna_vit.training.data import (
     AugConfig,
+    BadSampleLog,
     DataSpec,
     ResumableSampler,
     SeededDataset,
     ShardSampler,
+    TooManyBadSamplesError,
+    TrackedLoader,
     build_dataset,
     build_transform,
+    collate_samples,
+    describe_dataset,
+    split_dataset,
+    verify_dataset,
 )
 from qna_vit.training.distributed import (
     DistInfo,
@@ -138,9 +146,11 @@ SUMMARY_FIELDS = (
     "ema_top5",
     "images_per_s",
     "epoch_s",
+    "bad_samples",
 )
 DEBUG_EXIT_CODE = 75  # what --debug-exit-after-step exits with (a simulated kill)
 CHECKPOINT_ERROR_EXIT_CODE = 2  # --resume names no usable checkpoint (like a bad command line)
+BAD_SAMPLES_EXIT_CODE = 4  # more unreadable images than --max-bad-samples, or --verify-data found some
 
 # --recipe finetune: the original's fine-tuning config (docs/spec.md, section Fine-tuning); defaults only,
 # so an explicit flag still wins.
@@ -162,7 +172,12 @@ def build_parser() -> argparse.ArgumentParser:
     """The command line (timm's flag names where timm has the flag)."""
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     g = p.add_argument_group("data")
-    g.add_argument("--data-dir", default=None, help="ImageFolder root holding the train and val splits")
+    g.add_argument(
+        "--data-dir",
+        default=None,
+        help="ImageFolder root holding the train and val splits, or a folder of WebDataset shards "
+        "train-*.tar / val-*.tar (<key>.jpg + <key>.cls)",
+    )
     g.add_argument("--train-split", default="train")
     g.add_argument("--val-split", default="val")
     g.add_argument("--synthetic", action="store_true", help="train on the generated shapes dataset")
@@ -172,6 +187,20 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--synthetic-image-size", type=int, default=None, help="generated side (default: --img-size)")
     g.add_argument("--synthetic-seed", type=int, default=0)
     g.add_argument("-j", "--workers", type=int, default=8, help="data loader processes per training process")
+    g.add_argument(
+        "--max-bad-samples",
+        type=int,
+        default=None,
+        metavar="N",
+        help="stop (after saving) once more than N distinct training images could not be decoded; each is "
+        "replaced by another, drawn from its seed (default: 0.1%% of the training set, at least 10)",
+    )
+    g.add_argument(
+        "--verify-data",
+        action="store_true",
+        help="decode every image of the train and val splits, list the unreadable ones and exit "
+        f"(status {BAD_SAMPLES_EXIT_CODE} if there are any) without training",
+    )
     g.add_argument("--img-size", type=int, default=224)
     g.add_argument("--crop-pct", type=float, default=0.875, help="evaluation centre-crop fraction")
     g.add_argument("--interpolation", default="bicubic", choices=("bicubic", "bilinear"))
@@ -321,6 +350,10 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
     args = p.parse_args(argv)
     if not args.synthetic and not args.data_dir:
         p.error("give --data-dir (an ImageFolder tree) or --synthetic")
+    if args.verify_data and args.synthetic:
+        p.error("--verify-data checks the files of --data-dir; --synthetic has none")
+    if args.max_bad_samples is not None and args.max_bad_samples < 0:
+        p.error(f"--max-bad-samples must be >= 0, got {args.max_bad_samples}")
     for name in ("batch_size", "grad_accum_steps", "epochs", "log_interval", "keep_checkpoints"):
         if getattr(args, name) < 1:
             p.error(f"--{name.replace('_', '-')} must be >= 1")
@@ -475,15 +508,30 @@ def _train(args: argparse.Namespace, info: DistInfo) -> Dict[str, Any]:
         SeededDataset(train_base, build_transform(aug, True)),
         batch_size=args.batch_size,
         sampler=sampler,
+        collate_fn=collate_samples,
         **loader_kw,
     )
+    # Unreadable images: every process warns about those it meets; the counts are merged at each log
+    # flush and checkpoint (bad_check), where all processes meet anyway.
+    rank_tag = f"[rank {info.rank}] " if info.enabled else ""
+
+    def warn(line: str) -> None:
+        print(rank_tag + line, file=sys.stderr, flush=True)
+
+    bad_train = BadSampleLog("replaced by another image", warn)
+    bad_val = BadSampleLog("left out of the evaluation", warn)
+    max_bad = args.max_bad_samples if args.max_bad_samples is not None else max(10, len(train_base) // 1000)
     val_loader = None
     if val_base is not None:
-        val_loader = DataLoader(
-            SeededDataset(val_base, build_transform(aug, False)),
-            batch_size=args.eval_batch_size or args.batch_size,
-            sampler=ShardSampler(len(val_base), info.world_size, info.rank),
-            **loader_kw,
+        val_loader = TrackedLoader(
+            DataLoader(
+                SeededDataset(val_base, build_transform(aug, False), replace_bad=False),
+                batch_size=args.eval_batch_size or args.batch_size,
+                sampler=ShardSampler(len(val_base), info.world_size, info.rank),
+                collate_fn=collate_samples,
+                **loader_kw,
+            ),
+            bad_val,
         )
     steps_per_epoch = sampler.steps_per_epoch
     global_batch = sampler.global_batch
@@ -569,6 +617,7 @@ def _train(args: argparse.Namespace, info: DistInfo) -> Dict[str, Any]:
         run.last_ckpt = (os.path.abspath(path), run.step)
         resumed_from = path
         epoch_end_pending = bool(ckpt.get("epoch_end_pending"))
+        bad_train.load_state_dict(ckpt.get("bad_samples") or {})
         if main:
             # A killed run may have logged steps past its last checkpoint; those are redone now.
             truncate_csv(steps_csv.path, lambda r: int(r["step"]) <= run.step)
@@ -601,7 +650,8 @@ def _train(args: argparse.Namespace, info: DistInfo) -> Dict[str, Any]:
         f"compile: {args.compile} | processes: {info.world_size}" + (f" ({info.backend})" if info.enabled else "")
     )
     say(
-        f"data: {'generated shapes' if args.synthetic else spec.data_dir}, {len(train_base)} train / "
+        f"data: {'generated shapes' if args.synthetic else f'{spec.data_dir} ({describe_dataset(train_base)})'}, "
+        f"{len(train_base)} train / "
         f"{len(val_base) if val_base is not None else 0} val images | aa {aa} | "
         f"reprob {args.reprob} | mixup {args.mixup} cutmix {args.cutmix} smoothing {args.smoothing} | "
         f"color jitter {args.color_jitter}"
@@ -688,10 +738,31 @@ def _train(args: argparse.Namespace, info: DistInfo) -> Dict[str, Any]:
             last["step"],
         )
 
+    def bad_check(epoch: int, saved: bool) -> None:
+        """Merges the unreadable-image counts of all processes; past --max-bad-samples, saves (unless
+        ``saved``: the state on disk is current) and stops with the list of files."""
+        bad_train.sync(info)
+        if bad_train.count() <= max_bad:
+            return
+        if not saved:
+            save(epoch, evaluated=False)
+        message = (
+            f"{bad_train.count()} unreadable training images, more than --max-bad-samples {max_bad}: "
+            f"{bad_train.listing()}; progress saved in {run.last_ckpt[0] if run.last_ckpt else '(nothing)'} "
+            f"(step {run.step}): fix or remove the files and --resume, or raise --max-bad-samples"
+        )
+        # Said here, before the processes part: under torchrun the first process to exit gets the
+        # others killed, so rank 0 finishes the checkpoint (the barrier) and the message first.
+        if main:
+            print(f"error: {message}", file=sys.stderr, flush=True)
+        barrier(info)
+        raise TooManyBadSamplesError(message, reported=main)
+
     def save(epoch: int, evaluated: bool, epoch_end_pending: bool = False) -> None:
         """Writes last.pth (keeping the --keep-checkpoints before it, and best.pth after an improving
         evaluation), never from a non-finite state."""
         flush()
+        bad_train.sync(info)  # a collective: every process saves at the same steps
         tensors = list(model.parameters()) + (list(ema.module.parameters()) if ema else [])
         if not all_finite(tensors):
             where = (
@@ -728,6 +799,7 @@ def _train(args: argparse.Namespace, info: DistInfo) -> Dict[str, Any]:
                 "ema_metrics": run.ema_metrics,
                 "args": plain(vars(args)),
                 "data": plain({"spec": vars(spec), "aug": vars(aug)}),
+                "bad_samples": bad_train.state_dict(),
             }
             # The last.pth being replaced is kept when it is this run's (its step known).
             previous = run.last_ckpt[1] if run.last_ckpt and run.last_ckpt[0] == last_path else None
@@ -742,6 +814,8 @@ def _train(args: argparse.Namespace, info: DistInfo) -> Dict[str, Any]:
             run.metrics = evaluate(train_model, val_loader, device, info, amp_dtype, args.channels_last)
             if ema is not None:
                 run.ema_metrics = evaluate(ema.module, val_loader, device, info, amp_dtype, args.channels_last)
+            bad_val.sync(info)
+        bad_train.sync(info)
         m, e = run.metrics or {}, run.ema_metrics or {}
         row = {
             "epoch": epoch,
@@ -756,6 +830,7 @@ def _train(args: argparse.Namespace, info: DistInfo) -> Dict[str, Any]:
             "ema_top5": e.get("top5"),
             "images_per_s": round(sum(epoch_rates) / len(epoch_rates), 2) if epoch_rates else None,
             "epoch_s": round(epoch_s, 3) if epoch_s is not None else None,
+            "bad_samples": bad_train.count(epoch),
         }
         summary_csv.write([row])
         tb.scalars(
@@ -774,7 +849,13 @@ def _train(args: argparse.Namespace, info: DistInfo) -> Dict[str, Any]:
                 f"{m['loss']:.4f} top-1 {m['top1']:.2f}% top-5 {m['top5']:.2f}%"
                 + (f" | EMA top-1 {e['top1']:.2f}% top-5 {e['top5']:.2f}%" if e else "")
             )
+        if bad_train.count(epoch) or bad_val.count():
+            say(
+                f"epoch {epoch + 1}/{args.epochs}: {bad_train.count(epoch)} unreadable training image(s) "
+                f"replaced, {bad_val.count()} unreadable validation image(s) left out"
+            )
         save(epoch, evaluated=val_loader is not None)
+        bad_check(epoch, saved=True)
 
     ddp_model.train()
     run.last_flush = time.perf_counter()
@@ -797,7 +878,7 @@ def _train(args: argparse.Namespace, info: DistInfo) -> Dict[str, Any]:
                 progress = Progress(
                     steps_per_epoch, f"epoch {epoch + 1}/{args.epochs}", enabled=main, mode=args.progress, initial=first
                 )
-                batches = iter(loader)
+                batches = bad_train.batches(iter(loader), epoch)
                 for in_epoch in range(first + 1, stop + 1):
                     _train_step(
                         args,
@@ -826,8 +907,11 @@ def _train(args: argparse.Namespace, info: DistInfo) -> Dict[str, Any]:
                     if run.step < max_steps and stopper.poll():
                         break
                     # Mid-epoch checkpoints only: the epoch's last step is saved after its evaluation.
-                    if args.ckpt_interval and run.step % args.ckpt_interval == 0 and in_epoch < stop:
+                    saved = bool(args.ckpt_interval) and run.step % args.ckpt_interval == 0 and in_epoch < stop
+                    if saved:
                         save(epoch, evaluated=False)
+                    if in_epoch < stop and (saved or run.step % args.log_interval == 0):
+                        bad_check(epoch, saved=saved)
                     if args.debug_exit_after_step == run.step:
                         flush()
                         progress.close()
@@ -879,6 +963,7 @@ def _train(args: argparse.Namespace, info: DistInfo) -> Dict[str, Any]:
         "ema_metrics": run.ema_metrics,
         "best": run.best,
         "checkpoint": run.last_ckpt[0] if run.last_ckpt else None,
+        "bad_samples": {"train": bad_train.summary(), "val": bad_val.summary(), "max_bad_samples": max_bad},
         "stopped_by": signal_name(stopper.signum) if stopper.signum is not None else None,
         "stopped_signal": stopper.signum,
         # (not worth the time of a run that has a grace period to keep)
@@ -1050,15 +1135,36 @@ def _restore(
         set_rng_state(ckpt["rng"])
 
 
+def verify_data(args: argparse.Namespace) -> int:
+    """``--verify-data``: decodes every image of the train and val splits, prints each unreadable one
+    and a count per split; returns the number of unreadable images."""
+    total = 0
+    for split in (args.train_split, args.val_split):
+        try:
+            ds = split_dataset(args.data_dir, split)
+        except FileNotFoundError as e:
+            print(f"{split}: skipped ({e})", flush=True)
+            continue
+        bad = verify_dataset(ds, workers=args.workers)
+        for name, reason in bad:
+            print(f"unreadable: {name} ({reason})", flush=True)
+        print(f"{split}: {len(ds)} images ({describe_dataset(ds)}), {len(bad)} unreadable", flush=True)
+        total += len(bad)
+    return total
+
+
 def main(argv: Optional[Sequence[str]] = None) -> Dict[str, Any]:
     """Command-line entry point.
 
-    Exits with status 3 (and the message) on a non-finite loss, 2 when ``--resume`` finds no usable
-    checkpoint (a one-line message naming it), and, after a stop signal (SIGTERM, SIGINT, SIGUSR1) and
-    its checkpoint, by that same signal: the status a kill would have given (128 + its number), with a
-    line saying how to continue.
+    Exits with status 3 (and the message) on a non-finite loss, 4 on more unreadable images than
+    --max-bad-samples, 2 when ``--resume`` finds no usable checkpoint (a one-line message naming it),
+    and, after a stop signal (SIGTERM, SIGINT, SIGUSR1) and its checkpoint, by that same signal: the
+    status a kill would have given (128 + its number), with a line saying how to continue.
+    ``--verify-data`` checks the data and exits (status 4 if any image is unreadable).
     """
     args = parse_args(argv)
+    if args.verify_data:
+        raise SystemExit(BAD_SAMPLES_EXIT_CODE if verify_data(args) else 0)
     rank0 = int(os.environ.get("RANK", "0")) == 0
     try:
         summary = train(args)
@@ -1066,6 +1172,10 @@ def main(argv: Optional[Sequence[str]] = None) -> Dict[str, Any]:
         if rank0:
             print(f"error: {e}", file=sys.stderr, flush=True)
         raise SystemExit(3) from e
+    except TooManyBadSamplesError as e:
+        if rank0 and not e.reported:
+            print(f"error: {e}", file=sys.stderr, flush=True)
+        raise SystemExit(BAD_SAMPLES_EXIT_CODE) from e
     except CheckpointError as e:
         if rank0:
             print(f"error: {e}", file=sys.stderr, flush=True)
