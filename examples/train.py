@@ -1,4 +1,5 @@
-"""Train a QnA-ViT on ImageNet (or any ImageFolder tree, or a generated set) with the paper's recipe.
+"""Train a QnA-ViT on ImageNet (any ImageFolder tree, WebDataset tar shards, or a generated set) with the
+paper's recipe.
 
 Defaults are the recipe of Arar et al. (CVPR 2022, docs/spec.md section 3): 300 epochs, global batch
 1024, AdamW with lr 5e-4 per 1024 images (scaled linearly with the global batch), weight decay 0.05
