@@ -23,23 +23,26 @@ import os
 import subprocess
 import sys
 import time
-from typing import Callable, Dict
+from typing import Callable, Dict, Tuple
 
 __all__ = ["measure", "main"]
 
 
-def _best_us(fn: Callable[[], object], iters: int, repeats: int = 5) -> float:
-    """The smallest mean over ``repeats`` runs of ``iters`` calls, in microseconds (the least disturbed
-    by the other processes of a shared machine)."""
-    for _ in range(max(iters // 10, 3)):
-        fn()
-    best = float("inf")
-    for _ in range(repeats):
-        t0 = time.perf_counter()
-        for _ in range(iters):
+def _best_us(fns: Dict[str, Tuple[Callable[[], object], int]], repeats: int = 7) -> Dict[str, float]:
+    """Per name, the smallest mean over ``repeats`` runs of ``iters`` calls of its function, in
+    microseconds (the least disturbed by the other processes of a shared machine). The functions take
+    turns run by run, so that a floor and the time it is subtracted from see the same load."""
+    for fn, iters in fns.values():
+        for _ in range(max(iters // 10, 3)):
             fn()
-        best = min(best, (time.perf_counter() - t0) / iters)
-    return best * 1e6
+    best = dict.fromkeys(fns, float("inf"))
+    for _ in range(repeats):
+        for name, (fn, iters) in fns.items():
+            t0 = time.perf_counter()
+            for _ in range(iters):
+                fn()
+            best[name] = min(best[name], (time.perf_counter() - t0) / iters * 1e6)
+    return best
 
 
 def _floor_op() -> Callable:
@@ -139,20 +142,22 @@ def _measure_here(iters: int) -> Dict[str, float]:
         raise RuntimeError("the Triton path launched no kernel: is QNA_TRITON_BACKEND=triton in effect?")
     fb_iters = max(iters // 4, 10)
     leaf = torch.randn(1, requires_grad=True)
-    result = {
-        "trivial_op_us": _best_us(lambda: trivial(x), iters),
-        "autograd_floor_us": _best_us(lambda: leaf.sum().backward(), iters),
-        "floor_forward_us": _best_us(floor_forward, iters),
-        "floor_forward_backward_us": _best_us(floor_forward_backward, fb_iters),
-        "forward_us": _best_us(forward, iters),
-        "forward_backward_us": _best_us(forward_backward, fb_iters),
-    }
+    result = _best_us(
+        {
+            "trivial_op_us": (lambda: trivial(x), iters),
+            "autograd_floor_us": (lambda: leaf.sum().backward(), iters),
+            "floor_forward_us": (floor_forward, iters),
+            "floor_forward_backward_us": (floor_forward_backward, fb_iters),
+            "forward_us": (forward, iters),
+            "forward_backward_us": (forward_backward, fb_iters),
+        }
+    )
     result["own_forward_us"] = result["forward_us"] - result["floor_forward_us"]
     result["own_forward_backward_us"] = result["forward_backward_us"] - result["floor_forward_backward_us"]
     return result
 
 
-def measure(iters: int = 2000) -> Dict[str, float]:
+def measure(iters: int = 1000) -> Dict[str, float]:
     """Per-call host microseconds, measured in a fresh process with the launch stubbed out: of the
     Triton path (``forward_us``, ``forward_backward_us``), of the same custom-op machinery with bodies
     that only allocate the outputs (``floor_forward_us``, ``floor_forward_backward_us``), the library's
