@@ -52,7 +52,13 @@ __all__ = [
 
 def _table(t: Optional[torch.Tensor]) -> Optional[torch.Tensor]:
     """rpb / scale ``[K, N, h]`` as float32 in the kernels' query-minor order ``[K, h, N]`` (tiny)."""
-    return None if t is None else t.detach().to(torch.float32).transpose(-1, -2).contiguous()
+    if t is None:
+        return None
+    if t.requires_grad:
+        t = t.detach()
+    if t.dtype != torch.float32:
+        t = t.to(torch.float32)
+    return torch.permute_copy(t, (0, 2, 1))  # one contiguous copy, transposed
 
 
 def _layout(logits: torch.Tensor, values: torch.Tensor, wide: Optional[bool] = None) -> dict:
@@ -253,6 +259,11 @@ class Problem:
         args = _PROBLEM_ARGS.get(key)
         if args is None:
             args = _PROBLEM_ARGS.put(key, _problem_args(logits, values, scale is not None, ks, st, pd, wide))
+        return cls.with_args(logits, values, rpb, scale, ks, st, pd, args)
+
+    @classmethod
+    def with_args(cls, logits, values, rpb, scale, ks: Pair, st: Pair, pd: Pair, args: Dict[str, Any]) -> Problem:
+        """The problem of these inputs whose :attr:`args` are known (those of a cached plan)."""
         return cls(logits, values, _table(rpb), _table(scale), ks, st, pd, args)
 
     @property
@@ -665,13 +676,14 @@ def backward_launches(
     """The launches of :func:`qna_backward` (nothing launched yet; every check done). Where the configs
     are chosen (not given), the launches are described once per key (:func:`_plan_key`) and rebuilt
     from that description at later calls."""
-    p = Problem.of(logits, values, rpb, scale, ks, st, pd)
+    ks, st, pd = tuple(ks), tuple(st), tuple(pd)
     g = grad_out.contiguous()
     lse = query_minor(lse)
     explicit = config is not None or delta_config is not None
     key = None if explicit else _plan_key(("bwd", packed_grad), logits, values, rpb, scale, ks, st, pd)
     plan = _BACKWARD_PLANS.get(key)
     if plan is not None:
+        p = Problem.with_args(logits, values, rpb, scale, ks, st, pd, plan.args)
         cfg, dcfg = plan.main_cfg, plan.delta_cfg
         delta_out = empty_query_minor(plan.stats_shape, device=logits.device, dtype=torch.float32)
         dqv, dl, dv = _grad_buffers(logits, values, packed_grad)
@@ -679,6 +691,7 @@ def backward_launches(
         buffers = _buffers(p, g=g, lse=lse, delta=delta_out, dl=dl, dv=dv, **rows)
         delta, main = plan.delta.bind(buffers), plan.main.bind(buffers)
     else:
+        p = Problem.of(logits, values, rpb, scale, ks, st, pd)
         # explicit configs (the autotuner's candidates) run as given, or raise: only chosen ones fall back
         cfg = config or _direct_if_uncompilable("bwd", p, get_config("bwd", logits, values, ks, st, pd))
         dcfg = delta_config or _direct_if_uncompilable(
@@ -692,7 +705,7 @@ def backward_launches(
             templates = LaunchTemplate.of(delta, buffers), LaunchTemplate.of(main, buffers)
             if None not in templates:
                 shape = tuple(rows["dr_part"].shape)
-                _BACKWARD_PLANS.put(key, _BackwardPlan(dcfg, cfg, *templates, p.stats_shape, shape))
+                _BACKWARD_PLANS.put(key, _BackwardPlan(p.args, dcfg, cfg, *templates, p.stats_shape, shape))
     return BackwardLaunches(
         p,
         delta,
@@ -729,6 +742,7 @@ def _grad_buffers(
 # ---------------------------------------------------------------------- launches described once per key
 @dataclass(frozen=True, eq=False)
 class _ForwardPlan:
+    args: Dict[str, Any]  # Problem.args
     cfg: KernelConfig
     launch: LaunchTemplate
     out_shape: Tuple[int, ...]
@@ -737,6 +751,7 @@ class _ForwardPlan:
 
 @dataclass(frozen=True, eq=False)
 class _BackwardPlan:
+    args: Dict[str, Any]  # Problem.args
     delta_cfg: KernelConfig
     main_cfg: KernelConfig
     delta: LaunchTemplate
@@ -852,23 +867,25 @@ def qna_forward(
 ) -> Tuple[torch.Tensor, torch.Tensor]:
     """Fused forward: ``(out [B,Ho,Wo,h,d] in the values' dtype, lse [B,Ho,Wo,N,h] float32)``; ``lse``
     is stored query-minor (:func:`query_minor`)."""
-    p = Problem.of(logits, values, rpb, scale, ks, st, pd)
     if config is not None:  # an explicit config (the autotuner's candidates) runs as given, or raises
-        launch, out, lse = forward_launch(p, config)
+        launch, out, lse = forward_launch(Problem.of(logits, values, rpb, scale, ks, st, pd), config)
         launch()
         return out, lse
+    ks, st, pd = tuple(ks), tuple(st), tuple(pd)
     key = _plan_key("fwd", logits, values, rpb, scale, ks, st, pd)
     plan = _FORWARD_PLANS.get(key)
     if plan is not None:
+        p = Problem.with_args(logits, values, rpb, scale, ks, st, pd, plan.args)
         cfg = plan.cfg
         out, lse = _forward_outputs(plan.out_shape, plan.stats_shape, logits, values)
         launch = plan.launch.bind(_buffers(p, out=out, lse=lse))
     else:
+        p = Problem.of(logits, values, rpb, scale, ks, st, pd)
         cfg = _direct_if_uncompilable("fwd", p, get_config("fwd", logits, values, ks, st, pd))
         launch, out, lse = forward_launch(p, cfg)
         template = LaunchTemplate.of(launch, _buffers(p, out=out, lse=lse))
         if template is not None:
-            _FORWARD_PLANS.put(key, _ForwardPlan(cfg, template, p.out_shape, p.stats_shape))
+            _FORWARD_PLANS.put(key, _ForwardPlan(p.args, cfg, template, p.out_shape, p.stats_shape))
     if not _launched("fwd", launch, p, cfg):
         launch, out, lse = forward_launch(p, heuristic_config("fwd", p.sizes["h"], p.sizes["d"]))
         launch()
