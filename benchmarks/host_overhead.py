@@ -18,14 +18,15 @@ Recorded results: ``benchmarks/results/host_overhead.md``.
 
 from __future__ import annotations
 
+import argparse
 import json
 import os
 import subprocess
 import sys
 import time
-from typing import Callable, Dict, Tuple
+from typing import Callable, Dict, Optional, Sequence, Tuple
 
-__all__ = ["measure", "main"]
+__all__ = ["measure", "main", "record_row", "RESULTS", "TARGETS_US"]
 
 
 def _best_us(fns: Dict[str, Tuple[Callable[[], object], int]], repeats: int = 7) -> Dict[str, float]:
@@ -171,9 +172,45 @@ def measure(iters: int = 1000) -> Dict[str, float]:
     return json.loads(done.stdout.strip().splitlines()[-1])
 
 
-def main() -> int:
-    """Print the measurement as one JSON object."""
-    print(json.dumps(measure(), indent=1))
+# The targets of the library's own work per call on such a CPU (issue 26).
+TARGETS_US = {"own_forward_us": 20.0, "own_forward_backward_us": 60.0}
+RESULTS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results", "host_overhead.md")
+_COLUMNS = (
+    "forward_us",
+    "floor_forward_us",
+    "own_forward_us",
+    "forward_backward_us",
+    "floor_forward_backward_us",
+    "own_forward_backward_us",
+    "trivial_op_us",
+    "autograd_floor_us",
+)
+
+
+def record_row(result: Dict[str, float], note: str = "") -> str:
+    """One Markdown table row of :data:`RESULTS`: the date, the machine and versions
+    (:func:`qna_triton.env.capture_environment` on the CPU, the cores), the microseconds, a note."""
+    from qna_triton.env import capture_environment
+
+    e = capture_environment("cpu")
+    machine = f"{e.device_name}, {os.cpu_count()} cores"
+    cells = [e.date[:10], machine, e.torch, str(e.triton), *(f"{result[c]:.1f}" for c in _COLUMNS), note]
+    return "| " + " | ".join(cells) + " |"
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    """Print the measurement as one JSON object; ``--record NOTE`` also appends it to :data:`RESULTS`."""
+    parser = argparse.ArgumentParser(prog="python -m benchmarks.host_overhead", description=__doc__.split("\n")[0])
+    parser.add_argument("--iters", type=int, default=1000, help="calls per timed run (default 1000)")
+    parser.add_argument("--record", metavar="NOTE", help=f"append a row to {os.path.relpath(RESULTS)} with NOTE")
+    args = parser.parse_args(argv)
+    result = measure(args.iters)
+    print(json.dumps(result, indent=1))
+    for name, target in TARGETS_US.items():
+        print(f"{name}: {result[name]:.1f} us ({'within' if result[name] <= target else 'above'} {target:g} us)")
+    if args.record is not None:
+        with open(RESULTS, "a", encoding="utf-8") as f:
+            f.write(record_row(result, args.record) + "\n")
     return 0
 
 

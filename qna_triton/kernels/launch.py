@@ -61,6 +61,11 @@ def _table(t: Optional[torch.Tensor]) -> Optional[torch.Tensor]:
     return torch.permute_copy(t, (0, 2, 1))  # one contiguous copy, transposed
 
 
+def _untable(t: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """A ``[K, h, N]`` float32 table back in the tables' ``[K, N, h]`` order and ``dtype``, contiguous."""
+    return torch.permute_copy(t, (0, 2, 1)).to(dtype)
+
+
 def _layout(logits: torch.Tensor, values: torch.Tensor, wide: Optional[bool] = None) -> dict:
     """The kernels' layout constants for these inputs, computed once per launcher call:
 
@@ -534,37 +539,37 @@ class BackwardLaunches:
     def reduce(self) -> Tuple[torch.Tensor, Optional[torch.Tensor]]:
         """``(drpb, dscale or None)`` in the tables' ``[K, N, h]`` layout: the partial rows summed in
         a fixed order."""
-        drpb = self.dr_part.sum(0).transpose(-1, -2).to(self.rpb_dtype)
-        dscale = self.da_part.sum(0).transpose(-1, -2).to(self.scale_dtype) if self.da_part is not None else None
+        drpb = _untable(self.dr_part.sum(0), self.rpb_dtype)
+        dscale = _untable(self.da_part.sum(0), self.scale_dtype) if self.da_part is not None else None
         return drpb, dscale
 
     def run(self) -> Tuple[torch.Tensor, ...]:
         """Both launches, then the results of :func:`qna_backward` (a banded launch that does not
         compile is replaced by the direct kernel's, see :func:`_launched`)."""
-        p, z = self.p, self.p.sizes
+        p = self.p
+        _, _, _, _, h = p.logits.shape
+        d = p.values.shape[-1]
         if self.delta_cfg is None or not _launched("bwd_delta", self.delta, p, self.delta_cfg):
             if self.delta_cfg is None:
                 self.delta()
             else:
-                self.delta = delta_launch(
-                    p, heuristic_config("bwd_delta", z["h"], z["d"]), self.g, self.lse, self.delta_out
-                )[0]
+                self.delta = delta_launch(p, heuristic_config("bwd_delta", h, d), self.g, self.lse, self.delta_out)[0]
                 self.delta()
         if self.main_cfg is None or not _launched("bwd", self.main, p, self.main_cfg):
             if self.main_cfg is None:
                 self.main()
             else:
                 self.main, self.dr_part, self.da_part = main_backward_launch(
-                    p, heuristic_config("bwd", z["h"], z["d"]), self.g, self.lse, self.delta_out, self.dl, self.dv
+                    p, heuristic_config("bwd", h, d), self.g, self.lse, self.delta_out, self.dl, self.dv
                 )
                 self.main()
         drpb, dscale = self.reduce()
         if self.dqv is not None:
             return self.dqv, drpb, dscale
-        B, H, W, N, h = self.p.logits.shape
+        B, H, W, N, _ = p.logits.shape
         return (
             self.dl.view(B, H, W, h, N).transpose(-1, -2),
-            self.dv.view(B, H, W, h, self.p.sizes["d"]),
+            self.dv.view(B, H, W, h, d),
             drpb,
             dscale,
         )
