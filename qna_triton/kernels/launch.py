@@ -63,7 +63,8 @@ def _table(t: Optional[torch.Tensor]) -> Optional[torch.Tensor]:
 
 def _untable(t: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
     """A ``[K, h, N]`` float32 table back in the tables' ``[K, N, h]`` order and ``dtype``, contiguous."""
-    return torch.permute_copy(t, (0, 2, 1)).to(dtype)
+    t = torch.permute_copy(t, (0, 2, 1))
+    return t if t.dtype == dtype else t.to(dtype)
 
 
 def _layout(logits: torch.Tensor, values: torch.Tensor, wide: Optional[bool] = None) -> dict:
