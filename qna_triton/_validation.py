@@ -50,9 +50,9 @@ def check_float(t: torch.Tensor, name: str) -> None:
         raise TypeError(f"{name} must be float16, bfloat16, float32 or float64, got {t.dtype}")
 
 
-# Inputs found valid, by what the checks read of them (types, dims, dtypes, shapes, devices; the strides
-# too, which the checks do not read, since the key is the launch plans' one): a valid key's next call
-# skips them, and any other input runs them all, so bad input raises as before.
+# Inputs found valid, keyed by all the checks read of them (which tensors are None, dims, dtypes, shapes,
+# devices, the geometry; the strides too, as tensor_key gives them): a key found valid skips the checks,
+# and any other input runs them all, so bad input raises as before. Errors are never cached.
 _VALID = KeyedCache("valid inputs")
 
 
