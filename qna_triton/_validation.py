@@ -7,6 +7,7 @@ from typing import Optional, Sequence, Tuple, Union
 
 import torch
 
+from ._cache import KeyedCache, tensor_key
 from .layout import output_size
 
 IntOrPair = Union[int, Sequence[int]]
@@ -49,6 +50,23 @@ def check_float(t: torch.Tensor, name: str) -> None:
         raise TypeError(f"{name} must be float16, bfloat16, float32 or float64, got {t.dtype}")
 
 
+# Inputs found valid, keyed by all the checks read of them (which tensors are None, dims, dtypes, shapes,
+# devices, the geometry; the strides too, as tensor_key gives them): a key found valid skips the checks,
+# and any other input runs them all, so bad input raises as before. Errors are never cached.
+_VALID = KeyedCache("valid inputs")
+
+
+def _inputs_key(logits, values, rpb, scale, kernel_size, stride, padding) -> Optional[tuple]:
+    """The cache key of these inputs, or None where the checks must run (an argument that is not a
+    tensor; while torch.compile traces, whose symbolic sizes are not to be hashed or guarded on)."""
+    for t in (logits, values, rpb, scale):
+        if t is not None and not isinstance(t, torch.Tensor):
+            return None
+    if logits is None or values is None or torch.compiler.is_compiling():
+        return None
+    return (*map(tensor_key, (logits, values, rpb, scale)), kernel_size, stride, padding)
+
+
 def check_core_inputs(
     logits: torch.Tensor,
     values: torch.Tensor,
@@ -59,6 +77,14 @@ def check_core_inputs(
     padding: Tuple[int, int],
 ) -> Tuple[int, int]:
     """Validates the core op's tensors against each other; returns the output size."""
+    key = _inputs_key(logits, values, rpb, scale, kernel_size, stride, padding)
+    out = _VALID.get(key)
+    if out is None:
+        out = _VALID.put(key, _check_core_inputs(logits, values, rpb, scale, kernel_size, stride, padding))
+    return out
+
+
+def _check_core_inputs(logits, values, rpb, scale, kernel_size, stride, padding) -> Tuple[int, int]:
     check_float(logits, "logits")
     check_float(values, "values")
     if logits.dim() != 5:

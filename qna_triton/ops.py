@@ -17,12 +17,14 @@ float64 tensors always take the reference (the kernels accumulate in float32).
 
 from __future__ import annotations
 
+import functools
 import os
 from typing import List, Optional, Tuple
 
 import torch
 
 from . import reference
+from ._cache import settings
 from .layout import compute_dtype, empty_query_minor, is_query_minor, output_size, query_minor, split_packed
 
 BACKENDS = ("auto", "triton", "reference")
@@ -45,9 +47,20 @@ def resolve_backend(device: torch.device, dtype: torch.dtype = torch.float32) ->
     return choice
 
 
+@functools.lru_cache(maxsize=256)
+def _backend_under(env: tuple, device: torch.device, dtype: torch.dtype) -> str:
+    return resolve_backend(device, dtype)
+
+
+def _backend(t: torch.Tensor) -> str:
+    """:func:`resolve_backend` for ``t``'s device and dtype, cached under the environment's settings
+    (an error is not cached: a bad ``QNA_TRITON_BACKEND`` raises at every call)."""
+    return _backend_under(settings(), t.device, t.dtype)
+
+
 def _forward_impl(logits, values, rpb, scale, kernel_size, stride, padding):
     ks, st, pd = tuple(kernel_size), tuple(stride), tuple(padding)
-    if resolve_backend(logits.device, logits.dtype) == "triton":
+    if _backend(logits) == "triton":
         from .kernels import qna_forward
 
         return qna_forward(logits, values, rpb, scale, ks, st, pd)
@@ -59,7 +72,7 @@ def _backward_impl(grad_out, logits, values, rpb, scale, lse, kernel_size, strid
     """``(dlogits, dvalues, drpb, dscale)``, or ``(dqv, drpb, dscale)`` when ``packed``; ``dscale``
     is empty when ``scale`` is None (custom ops cannot return None)."""
     ks, st, pd = tuple(kernel_size), tuple(stride), tuple(padding)
-    if resolve_backend(logits.device, logits.dtype) == "triton":
+    if _backend(logits) == "triton":
         from .kernels import qna_backward
 
         grads = qna_backward(grad_out, logits, values, rpb, scale, lse, ks, st, pd, packed_grad=packed)

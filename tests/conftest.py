@@ -30,6 +30,18 @@ def pytest_collection_modifyitems(config, items):
             item.add_marker(skip_gpu)
 
 
+@pytest.fixture(autouse=True)
+def _fresh_launch_caches():
+    """The launch descriptions cached per key hold the kernels and helpers as they were when made: every
+    test starts from empty caches, so that one that replaces those (monkeypatch) is not served another
+    test's. A test that replaces them after a call clears the caches itself (``tuning.clear_cache``)."""
+    from qna_triton import _cache
+
+    _cache.clear_all()
+    yield
+    _cache.clear_all()
+
+
 @pytest.fixture
 def nan_poison(monkeypatch):
     """Every float ``torch.empty`` is filled with NaN, so an element a kernel forgets to write fails."""

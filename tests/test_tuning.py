@@ -405,6 +405,37 @@ def test_tuned_config_reaches_the_launcher_and_results_do_not_change(tmp_path, m
         torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
 
 
+def test_a_cached_launch_follows_the_tuned_files(tmp_path, monkeypatch):
+    """Launches are described once per key; the tuned files they were chosen from are part of it: a file
+    rewritten in this process is used after ``tuning.clear_cache()`` (as the autotuner calls), and
+    another config folder (``QNA_TRITON_CONFIG_DIR``) at the next call."""
+    if torch.cuda.is_available():
+        pytest.skip("exercises the CPU interpreter path")
+    monkeypatch.setattr(tuning.selection, "_TUNED_DEVICE_TYPES", ("cuda", "cpu"))
+    monkeypatch.setattr(tuning.selection, "_gpu_name", lambda index: GPU)
+    spy = Spy(kernels.qna_fwd_kernel)
+    monkeypatch.setattr(kernels, "qna_fwd_kernel", spy)
+    logits, values, rpb, scale, geom = _inputs()
+    first, other = tmp_path / "first", tmp_path / "other"
+    for folder, c in ((first, cfg(8, 4, 2, 1)), (other, cfg(4, 1, 1, 1))):
+        folder.mkdir()
+        write(folder, {key("fwd", "float32", 2, 1, 3, 4, 2, 4): c})
+    monkeypatch.setenv(tuning.CONFIG_DIR_ENV, str(first))
+    out, _ = qna_forward(logits, values, rpb, scale, *geom)
+    qna_forward(logits, values, rpb, scale, *geom)
+    assert spy.launches == [KernelConfig(8, 4, 2, 1)] * 2
+
+    (first / tuning.config_file_name(GPU)).unlink()  # the file rewritten: read again after clear_cache()
+    write(first, {key("fwd", "float32", 2, 1, 3, 4, 2, 4): cfg(16, 2, 1, 1)})
+    tuning.clear_cache()
+    again, _ = qna_forward(logits, values, rpb, scale, *geom)
+    assert spy.launches[-1] == KernelConfig(16, 2, 1, 1)
+    monkeypatch.setenv(tuning.CONFIG_DIR_ENV, str(other))
+    qna_forward(logits, values, rpb, scale, *geom)
+    assert spy.launches[-1] == KernelConfig(4, 1, 1, 1)
+    torch.testing.assert_close(again, out, rtol=1e-6, atol=1e-6)  # tiles change speed, not results
+
+
 @pytest.mark.gpu
 def test_tuned_file_for_this_gpu_is_used_on_cuda(tmp_path, monkeypatch):
     name = torch.cuda.get_device_name()

@@ -19,9 +19,10 @@ from typing import Any, Dict, Optional, Tuple
 import torch
 import triton
 
+from .._cache import KeyedCache, clear_all, settings, tensor_key
 from ..layout import Pair, empty_query_minor, output_size, query_minor
 from ..tuning import KernelConfig, check_banded_tiles, get_config, halo_chunk, heuristic_config
-from ..tuning.selection import target_of
+from ..tuning.selection import forced_algorithm, target_of
 from ..tuning.targets import is_rocm
 from .backward import qna_bwd_delta_kernel, qna_bwd_kernel
 from .banded import (
@@ -51,7 +52,19 @@ __all__ = [
 
 def _table(t: Optional[torch.Tensor]) -> Optional[torch.Tensor]:
     """rpb / scale ``[K, N, h]`` as float32 in the kernels' query-minor order ``[K, h, N]`` (tiny)."""
-    return None if t is None else t.detach().to(torch.float32).transpose(-1, -2).contiguous()
+    if t is None:
+        return None
+    if t.requires_grad:
+        t = t.detach()
+    if t.dtype != torch.float32:
+        t = t.to(torch.float32)
+    return torch.permute_copy(t, (0, 2, 1))  # one contiguous copy, transposed
+
+
+def _untable(t: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """A ``[K, h, N]`` float32 table back in the tables' ``[K, N, h]`` order and ``dtype``, contiguous."""
+    t = torch.permute_copy(t, (0, 2, 1))
+    return t if t.dtype == dtype else t.to(dtype)
 
 
 def _layout(logits: torch.Tensor, values: torch.Tensor, wide: Optional[bool] = None) -> dict:
@@ -244,25 +257,20 @@ class Problem:
         pd: Pair,
         wide: Optional[bool] = None,
     ) -> Problem:
-        """The problem of these inputs (``wide`` forces the 64-bit offset variant, see :func:`_layout`)."""
-        B, H, W, N, h = logits.shape
-        d = values.shape[-1]
-        layout = _layout(logits, values, wide)
-        sl = _pixel_strides(logits, layout["L_ALIGN"])
-        sv = _pixel_strides(values, layout["V_ALIGN"])
-        a = _table(scale)
-        Ho, Wo = output_size(H, ks[0], st[0], pd[0]), output_size(W, ks[1], st[1], pd[1])
-        args = dict(
-            SIZES=(B, H, W, Ho, Wo, h),
-            NQ=N,
-            D=d,
-            L_STRIDES=sl,
-            V_STRIDES=sv,
-            WINDOW=(*ks, *st, *pd),
-            HAS_SCALE=a is not None,
-            **layout,
-        )
-        return cls(logits, values, _table(rpb), a, tuple(ks), tuple(st), tuple(pd), args)
+        """The problem of these inputs (``wide`` forces the 64-bit offset variant, see :func:`_layout`).
+        Its :attr:`args` are computed once per key of the inputs' shapes, strides and dtypes (shared:
+        never modified), its tables at every call."""
+        ks, st, pd = tuple(ks), tuple(st), tuple(pd)
+        key = (tensor_key(logits), tensor_key(values), scale is None, ks, st, pd, wide)
+        args = _PROBLEM_ARGS.get(key)
+        if args is None:
+            args = _PROBLEM_ARGS.put(key, _problem_args(logits, values, scale is not None, ks, st, pd, wide))
+        return cls.with_args(logits, values, rpb, scale, ks, st, pd, args)
+
+    @classmethod
+    def with_args(cls, logits, values, rpb, scale, ks: Pair, st: Pair, pd: Pair, args: Dict[str, Any]) -> Problem:
+        """The problem of these inputs whose :attr:`args` are known (those of a cached plan)."""
+        return cls(logits, values, _table(rpb), _table(scale), ks, st, pd, args)
 
     @property
     def sizes(self) -> Dict[str, int]:
@@ -287,6 +295,29 @@ class Problem:
         return dict(L=self.logits, V=self.values, R=self.r, A=self.a if self.a is not None else self.r)
 
 
+def _problem_args(
+    logits: torch.Tensor, values: torch.Tensor, has_scale: bool, ks: Pair, st: Pair, pd: Pair, wide: Optional[bool]
+) -> Dict[str, Any]:
+    """:attr:`Problem.args` of these inputs."""
+    B, H, W, N, h = logits.shape
+    d = values.shape[-1]
+    layout = _layout(logits, values, wide)
+    Ho, Wo = output_size(H, ks[0], st[0], pd[0]), output_size(W, ks[1], st[1], pd[1])
+    return dict(
+        SIZES=(B, H, W, Ho, Wo, h),
+        NQ=N,
+        D=d,
+        L_STRIDES=_pixel_strides(logits, layout["L_ALIGN"]),
+        V_STRIDES=_pixel_strides(values, layout["V_ALIGN"]),
+        WINDOW=(*ks, *st, *pd),
+        HAS_SCALE=has_scale,
+        **layout,
+    )
+
+
+_PROBLEM_ARGS = KeyedCache("problem arguments")
+
+
 @dataclass(eq=False)
 class KernelLaunch:
     """One kernel launch: the kernel, its grid and its keyword arguments (tensors, sizes, compile-time
@@ -304,11 +335,58 @@ class KernelLaunch:
             self.fn[self.grid](**self.kwargs)
 
 
+@dataclass(frozen=True, eq=False)
+class LaunchTemplate:
+    """A :class:`KernelLaunch` with its tensors taken out: each tensor argument is named by the buffer
+    it was (``logits``, ``out``, ``dr_part``, ...), so that a later call of the same key rebuilds the
+    launch from its own buffers (:meth:`bind`) without redoing what the builder derived."""
+
+    fn: Any
+    grid: Tuple[int, ...]
+    constants: Dict[str, Any]
+    slots: Tuple[Tuple[str, str], ...]  # (keyword argument, buffer name)
+    zeroed: Tuple[str, ...]
+
+    @classmethod
+    def of(cls, launch: KernelLaunch, buffers: Dict[str, Optional[torch.Tensor]]) -> Optional[LaunchTemplate]:
+        """The template of ``launch``, built from ``buffers``; None where a tensor cannot be named
+        (two buffers are one tensor, e.g. the same tensor passed as logits and values, or an argument
+        is none of them): such a launch is not cached."""
+        named = {id(t): name for name, t in buffers.items() if t is not None}
+        if len(named) != sum(t is not None for t in buffers.values()):
+            return None
+        tensors = [(k, v) for k, v in launch.kwargs.items() if isinstance(v, torch.Tensor)]
+        if any(id(v) not in named for _, v in tensors) or any(id(t) not in named for t in launch.zeroed):
+            return None
+        constants = {k: v for k, v in launch.kwargs.items() if not isinstance(v, torch.Tensor)}
+        slots = tuple((k, named[id(v)]) for k, v in tensors)
+        return cls(launch.fn, launch.grid, constants, slots, tuple(named[id(t)] for t in launch.zeroed))
+
+    def bind(self, buffers: Dict[str, Optional[torch.Tensor]]) -> KernelLaunch:
+        """The launch on ``buffers`` (named as when the template was made)."""
+        kwargs = dict(self.constants)
+        for k, name in self.slots:
+            kwargs[k] = buffers[name]
+        return KernelLaunch(self.fn, self.grid, kwargs, tuple(buffers[name] for name in self.zeroed))
+
+
+def _buffers(p: Problem, **more: Optional[torch.Tensor]) -> Dict[str, Optional[torch.Tensor]]:
+    """The tensors a launch of ``p`` reads or writes, by the names :class:`LaunchTemplate` files them under."""
+    return dict(logits=p.logits, values=p.values, r=p.r, a=p.a, **more)
+
+
+def _forward_outputs(
+    out_shape: Tuple[int, ...], stats_shape: Tuple[int, ...], logits: torch.Tensor, values: torch.Tensor
+) -> Tuple[torch.Tensor, torch.Tensor]:
+    """The forward's ``out`` (the values' dtype) and ``lse`` (float32, query-minor), uninitialised."""
+    out = torch.empty(out_shape, device=values.device, dtype=values.dtype)
+    return out, empty_query_minor(stats_shape, device=logits.device, dtype=torch.float32)
+
+
 def forward_launch(p: Problem, cfg: KernelConfig) -> Tuple[KernelLaunch, torch.Tensor, torch.Tensor]:
     """The forward's launch and its outputs: ``(launch, out [B,Ho,Wo,h,d] in the values' dtype, lse
     [B,Ho,Wo,N,h] float32, query-minor)``."""
-    out = torch.empty(p.out_shape, device=p.values.device, dtype=p.values.dtype)
-    lse = empty_query_minor(p.stats_shape, device=p.logits.device, dtype=torch.float32)
+    out, lse = _forward_outputs(p.out_shape, p.stats_shape, p.logits, p.values)
     if cfg.algo == "banded":
         return _banded_launch(p, cfg, False, out, lse, None), out, lse
     z = p.sizes
@@ -462,37 +540,37 @@ class BackwardLaunches:
     def reduce(self) -> Tuple[torch.Tensor, Optional[torch.Tensor]]:
         """``(drpb, dscale or None)`` in the tables' ``[K, N, h]`` layout: the partial rows summed in
         a fixed order."""
-        drpb = self.dr_part.sum(0).transpose(-1, -2).to(self.rpb_dtype)
-        dscale = self.da_part.sum(0).transpose(-1, -2).to(self.scale_dtype) if self.da_part is not None else None
+        drpb = _untable(self.dr_part.sum(0), self.rpb_dtype)
+        dscale = _untable(self.da_part.sum(0), self.scale_dtype) if self.da_part is not None else None
         return drpb, dscale
 
     def run(self) -> Tuple[torch.Tensor, ...]:
         """Both launches, then the results of :func:`qna_backward` (a banded launch that does not
         compile is replaced by the direct kernel's, see :func:`_launched`)."""
-        p, z = self.p, self.p.sizes
+        p = self.p
+        _, _, _, _, h = p.logits.shape
+        d = p.values.shape[-1]
         if self.delta_cfg is None or not _launched("bwd_delta", self.delta, p, self.delta_cfg):
             if self.delta_cfg is None:
                 self.delta()
             else:
-                self.delta = delta_launch(
-                    p, heuristic_config("bwd_delta", z["h"], z["d"]), self.g, self.lse, self.delta_out
-                )[0]
+                self.delta = delta_launch(p, heuristic_config("bwd_delta", h, d), self.g, self.lse, self.delta_out)[0]
                 self.delta()
         if self.main_cfg is None or not _launched("bwd", self.main, p, self.main_cfg):
             if self.main_cfg is None:
                 self.main()
             else:
                 self.main, self.dr_part, self.da_part = main_backward_launch(
-                    p, heuristic_config("bwd", z["h"], z["d"]), self.g, self.lse, self.delta_out, self.dl, self.dv
+                    p, heuristic_config("bwd", h, d), self.g, self.lse, self.delta_out, self.dl, self.dv
                 )
                 self.main()
         drpb, dscale = self.reduce()
         if self.dqv is not None:
             return self.dqv, drpb, dscale
-        B, H, W, N, h = self.p.logits.shape
+        B, H, W, N, _ = p.logits.shape
         return (
             self.dl.view(B, H, W, h, N).transpose(-1, -2),
-            self.dv.view(B, H, W, h, self.p.sizes["d"]),
+            self.dv.view(B, H, W, h, d),
             drpb,
             dscale,
         )
@@ -510,6 +588,36 @@ def main_backward_launch(
     """The main backward kernel's launch (direct, or banded at stride 1) writing ``dl`` ``[B,H,W,h*N]``
     and ``dv`` ``[B,H,W,h*d]`` (pixel-strided views), and its ``dr`` / ``da`` partial-sum rows
     ``[programs, K, h, N]`` (``da`` None without a scale): ``(launch, dr_part, da_part)``."""
+    launch, rows = _main_backward_launch(p, cfg, g, lse, delta, dl, dv)
+    return launch, rows["dr_part"], rows["da_part"]
+
+
+def _partial_rows(
+    shape: Tuple[int, ...], device: torch.device, has_scale: bool, banded: bool
+) -> Dict[str, Optional[torch.Tensor]]:
+    """The main backward kernel's float32 rows ``[programs, K, h, N]``: the ``dr`` / ``da`` partial sums
+    (``da_part`` None without a scale) and, for the banded kernel, its scratch rows (``dr_tile``,
+    ``da_tile``; else None)."""
+    dr_part = torch.empty(shape, device=device, dtype=torch.float32)  # zeroed by the launch
+    dr_tile = torch.empty_like(dr_part) if banded else None
+    return dict(
+        dr_part=dr_part,
+        da_part=torch.empty_like(dr_part) if has_scale else None,
+        dr_tile=dr_tile,
+        da_tile=torch.empty_like(dr_part) if banded and has_scale else None,
+    )
+
+
+def _main_backward_launch(
+    p: Problem,
+    cfg: KernelConfig,
+    g: torch.Tensor,
+    lse: torch.Tensor,
+    delta: torch.Tensor,
+    dl: torch.Tensor,
+    dv: torch.Tensor,
+) -> Tuple[KernelLaunch, Dict[str, Optional[torch.Tensor]]]:
+    """:func:`main_backward_launch`, with every row of :func:`_partial_rows` it writes."""
     banded = cfg.algo == "banded"
     if banded and p.st != (1, 1):
         raise ValueError(f"the banded backward kernel needs stride 1, got stride={p.st}")
@@ -546,14 +654,15 @@ def main_backward_launch(
         with _on_device(p.logits):
             resident = _resident_per_sm(fn, parts(dict.fromkeys(names, delta), 1), p.logits.device)
     progs = _num_programs(num_tiles, p.logits.device, cfg.num_warps, head_blocks, row_elems, resident)
-    dr_part = torch.empty((progs, K, h, N), device=p.logits.device, dtype=torch.float32)  # zeroed by the launch
-    da_part = torch.empty_like(dr_part) if p.a is not None else None
-    rows = dict(DR_PART=dr_part, DA_PART=da_part if da_part is not None else dr_part)
-    if banded:  # the scratch rows
-        dr_tile = torch.empty_like(dr_part)
-        rows.update(DR_TILE=dr_tile, DA_TILE=torch.empty_like(dr_part) if p.a is not None else dr_tile)
+    rows = _partial_rows((progs, K, h, N), p.logits.device, p.a is not None, banded)
+    dr_part, da_part = rows["dr_part"], rows["da_part"]
+    # without a scale, the rows of da stand in by those of dr (never written then)
+    args = dict(DR_PART=dr_part, DA_PART=da_part if da_part is not None else dr_part)
+    if banded:
+        dr_tile = rows["dr_tile"]
+        args.update(DR_TILE=dr_tile, DA_TILE=rows["da_tile"] if rows["da_tile"] is not None else dr_tile)
     zeroed = (dr_part,) if da_part is None else (dr_part, da_part)
-    return KernelLaunch(fn, (progs, head_blocks), parts(rows, progs), zeroed), dr_part, da_part
+    return KernelLaunch(fn, (progs, head_blocks), parts(args, progs), zeroed), rows
 
 
 def backward_launches(
@@ -570,24 +679,39 @@ def backward_launches(
     delta_config: Optional[KernelConfig] = None,
     packed_grad: bool = False,
 ) -> BackwardLaunches:
-    """The launches of :func:`qna_backward` (nothing launched yet; every check done)."""
-    p = Problem.of(logits, values, rpb, scale, ks, st, pd)
+    """The launches of :func:`qna_backward` (nothing launched yet; every check done). Where the configs
+    are chosen (not given), the launches are described once per key (:func:`_plan_key`) and rebuilt
+    from that description at later calls."""
+    ks, st, pd = tuple(ks), tuple(st), tuple(pd)
     g = grad_out.contiguous()
     lse = query_minor(lse)
-    # explicit configs (the autotuner's candidates) run as given, or raise: only chosen ones fall back
-    cfg = config or _direct_if_uncompilable("bwd", p, get_config("bwd", logits, values, ks, st, pd))
-    dcfg = delta_config or _direct_if_uncompilable("bwd_delta", p, get_config("bwd_delta", logits, values, ks, st, pd))
-    delta, delta_out = delta_launch(p, dcfg, g, lse)
-    B, H, W, N, h = logits.shape
-    d = values.shape[-1]
-    dqv = None
-    if packed_grad:
-        dqv = torch.empty((B, H, W, N * h + h * d), device=logits.device, dtype=logits.dtype)
-        dl, dv = dqv[..., : N * h], dqv[..., N * h :]
+    explicit = config is not None or delta_config is not None
+    key = None if explicit else _plan_key(("bwd", packed_grad), logits, values, rpb, scale, ks, st, pd)
+    plan = _BACKWARD_PLANS.get(key)
+    if plan is not None:
+        p = Problem.with_args(logits, values, rpb, scale, ks, st, pd, plan.args)
+        cfg, dcfg = plan.main_cfg, plan.delta_cfg
+        delta_out = empty_query_minor(plan.stats_shape, device=logits.device, dtype=torch.float32)
+        dqv, dl, dv = _grad_buffers(logits, values, packed_grad)
+        rows = _partial_rows(plan.rows_shape, logits.device, scale is not None, plan.main_cfg.algo == "banded")
+        buffers = _buffers(p, g=g, lse=lse, delta=delta_out, dl=dl, dv=dv, **rows)
+        delta, main = plan.delta.bind(buffers), plan.main.bind(buffers)
     else:
-        dl = torch.empty((B, H, W, h * N), device=logits.device, dtype=logits.dtype)
-        dv = torch.empty((B, H, W, h * d), device=values.device, dtype=values.dtype)
-    main, dr_part, da_part = main_backward_launch(p, cfg, g, lse, delta_out, dl, dv)
+        p = Problem.of(logits, values, rpb, scale, ks, st, pd)
+        # explicit configs (the autotuner's candidates) run as given, or raise: only chosen ones fall back
+        cfg = config or _direct_if_uncompilable("bwd", p, get_config("bwd", logits, values, ks, st, pd))
+        dcfg = delta_config or _direct_if_uncompilable(
+            "bwd_delta", p, get_config("bwd_delta", logits, values, ks, st, pd)
+        )
+        delta, delta_out = delta_launch(p, dcfg, g, lse)
+        dqv, dl, dv = _grad_buffers(logits, values, packed_grad)
+        main, rows = _main_backward_launch(p, cfg, g, lse, delta_out, dl, dv)
+        if key is not None:
+            buffers = _buffers(p, g=g, lse=lse, delta=delta_out, dl=dl, dv=dv, **rows)
+            templates = LaunchTemplate.of(delta, buffers), LaunchTemplate.of(main, buffers)
+            if None not in templates:
+                shape = tuple(rows["dr_part"].shape)
+                _BACKWARD_PLANS.put(key, _BackwardPlan(p.args, dcfg, cfg, *templates, p.stats_shape, shape))
     return BackwardLaunches(
         p,
         delta,
@@ -595,8 +719,8 @@ def backward_launches(
         dl,
         dv,
         dqv,
-        dr_part,
-        da_part,
+        rows["dr_part"],
+        rows["da_part"],
         rpb.dtype,
         scale.dtype if scale is not None else None,
         None if delta_config else dcfg,
@@ -605,6 +729,54 @@ def backward_launches(
         lse,
         delta_out,
     )
+
+
+def _grad_buffers(
+    logits: torch.Tensor, values: torch.Tensor, packed: bool
+) -> Tuple[Optional[torch.Tensor], torch.Tensor, torch.Tensor]:
+    """``(dqv, dl [B,H,W,h*N], dv [B,H,W,h*d])``: with ``packed``, ``dl`` and ``dv`` are the two parts of
+    one ``dqv [B,H,W,h*N + h*d]``; else two tensors (``dqv`` None)."""
+    B, H, W, N, h = logits.shape
+    d = values.shape[-1]
+    if packed:
+        dqv = torch.empty((B, H, W, N * h + h * d), device=logits.device, dtype=logits.dtype)
+        return dqv, dqv[..., : N * h], dqv[..., N * h :]
+    dl = torch.empty((B, H, W, h * N), device=logits.device, dtype=logits.dtype)
+    return None, dl, torch.empty((B, H, W, h * d), device=values.device, dtype=values.dtype)
+
+
+# ---------------------------------------------------------------------- launches described once per key
+@dataclass(frozen=True, eq=False)
+class _ForwardPlan:
+    args: Dict[str, Any]  # Problem.args
+    cfg: KernelConfig
+    launch: LaunchTemplate
+    out_shape: Tuple[int, ...]
+    stats_shape: Tuple[int, ...]
+
+
+@dataclass(frozen=True, eq=False)
+class _BackwardPlan:
+    args: Dict[str, Any]  # Problem.args
+    delta_cfg: KernelConfig
+    main_cfg: KernelConfig
+    delta: LaunchTemplate
+    main: LaunchTemplate
+    stats_shape: Tuple[int, ...]
+    rows_shape: Tuple[int, ...]  # of the main kernel's partial-sum rows: [programs, K, h, N]
+
+
+_FORWARD_PLANS = KeyedCache("forward launches")
+_BACKWARD_PLANS = KeyedCache("backward launches")
+
+
+def _plan_key(kind: Any, logits, values, rpb, scale, ks: Pair, st: Pair, pd: Pair) -> tuple:
+    """What a chosen launch depends on: the tensors (:func:`tensor_key`), the geometry, the environment's
+    settings and a forced algorithm (:func:`~qna_triton.tuning.kernel_algorithm`). The tuned files, the
+    variants found not to compile and the GPU are read when a plan is made; a change of the first two
+    empties the plans (``tuning.clear_cache``, :func:`_launched`)."""
+    metas = tuple(map(tensor_key, (logits, values, rpb, scale)))
+    return (kind, settings(), forced_algorithm(), metas, tuple(ks), tuple(st), tuple(pd))
 
 
 # ------------------------------------------------------------- a banded variant that does not compile
@@ -673,6 +845,7 @@ def _launched(kernel: str, launch: KernelLaunch, p: Problem, cfg: KernelConfig) 
         if cfg.algo != "banded" or not _is_compile_error(exc):
             raise
         _UNCOMPILABLE[_variant_key(kernel, p, cfg)] = f"{type(exc).__name__}: {exc}"
+        clear_all()  # the launches described with this variant: chosen afresh, without it
         target = target_of(p.logits.device).describe()
         tag = (kernel, target, triton.__version__)
         if tag not in _WARNED:
@@ -700,13 +873,25 @@ def qna_forward(
 ) -> Tuple[torch.Tensor, torch.Tensor]:
     """Fused forward: ``(out [B,Ho,Wo,h,d] in the values' dtype, lse [B,Ho,Wo,N,h] float32)``; ``lse``
     is stored query-minor (:func:`query_minor`)."""
-    p = Problem.of(logits, values, rpb, scale, ks, st, pd)
     if config is not None:  # an explicit config (the autotuner's candidates) runs as given, or raises
-        launch, out, lse = forward_launch(p, config)
+        launch, out, lse = forward_launch(Problem.of(logits, values, rpb, scale, ks, st, pd), config)
         launch()
         return out, lse
-    cfg = _direct_if_uncompilable("fwd", p, get_config("fwd", logits, values, ks, st, pd))
-    launch, out, lse = forward_launch(p, cfg)
+    ks, st, pd = tuple(ks), tuple(st), tuple(pd)
+    key = _plan_key("fwd", logits, values, rpb, scale, ks, st, pd)
+    plan = _FORWARD_PLANS.get(key)
+    if plan is not None:
+        p = Problem.with_args(logits, values, rpb, scale, ks, st, pd, plan.args)
+        cfg = plan.cfg
+        out, lse = _forward_outputs(plan.out_shape, plan.stats_shape, logits, values)
+        launch = plan.launch.bind(_buffers(p, out=out, lse=lse))
+    else:
+        p = Problem.of(logits, values, rpb, scale, ks, st, pd)
+        cfg = _direct_if_uncompilable("fwd", p, get_config("fwd", logits, values, ks, st, pd))
+        launch, out, lse = forward_launch(p, cfg)
+        template = LaunchTemplate.of(launch, _buffers(p, out=out, lse=lse))
+        if template is not None:
+            _FORWARD_PLANS.put(key, _ForwardPlan(p.args, cfg, template, p.out_shape, p.stats_shape))
     if not _launched("fwd", launch, p, cfg):
         launch, out, lse = forward_launch(p, heuristic_config("fwd", p.sizes["h"], p.sizes["d"]))
         launch()

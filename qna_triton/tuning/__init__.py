@@ -18,6 +18,7 @@ operations and a dictionary hit.
 
 from __future__ import annotations
 
+from .. import _cache
 from . import config, heuristics, lookup, selection, targets
 from .config import (
     ALGOS,
@@ -108,8 +109,9 @@ __all__ = [
 
 
 def clear_cache() -> None:
-    """Forgets parsed files, cached look-ups and issued warnings (after writing a config file in this
-    process, or in tests)."""
+    """Forgets parsed files, cached look-ups, issued warnings and the launches described with them (after
+    writing a config file in this process, or in tests)."""
     for cache in (heuristic_config, *lookup.CACHES, *selection.CACHES):
         cache.cache_clear()
     lookup._warned.clear()
+    _cache.clear_all()  # the launches described with what was chosen

@@ -54,6 +54,11 @@ def kernel_algorithm(algo: str) -> Iterator[None]:
         _algo_forced = previous
 
 
+def forced_algorithm() -> Optional[str]:
+    """The algorithm :func:`kernel_algorithm` forces now (None outside its block)."""
+    return _algo_forced
+
+
 def _algo_override() -> str:
     """:func:`kernel_algorithm` if active, else ``QNA_TRITON_ALGO``: ``auto`` (default: the tuned
     entry, else the heuristic), ``direct`` or ``banded`` (forces the algorithm of every kernel with a
