@@ -22,13 +22,14 @@ import torch
 from qna_triton.env import utc_now
 
 from . import SMOKE_LABEL
+from .deploy import DEFAULT_ENGINES, DEPLOY_ENGINES, DEPLOY_MODELS, run_deploy
 from .env import Env, detect_env, sanitise
 from .layers import LAYER_PROVIDERS, build_layer
 from .model_bench import MODEL_PROVIDERS, model_shape, run_model
 from .providers import CORE_PROVIDERS, CoreShape, Options, build_core, dtype_name
 from .report import COLUMNS, read_rows, write_reports
 from .runner import Deadline, run_workload
-from .suites import SUITES, layer_shapes, resolve_suites, vit_tiny_shapes, window_shapes
+from .suites import CPU_SUITES, SUITES, layer_shapes, resolve_suites, vit_tiny_shapes, window_shapes
 from .timing import TimingConfig
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -70,6 +71,15 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
     p.add_argument("--no-compile", action="store_true", help="skip torch.compile (compiled providers: unsupported)")
     p.add_argument("--compile-mode", default="max-autotune", help="torch.compile mode of paper_compiled")
     p.add_argument("--model-compile-mode", default="default", help="torch.compile mode of the model-level runs")
+    p.add_argument(
+        "--engines",
+        nargs="+",
+        default=None,
+        help=f"deploy suite: engines (default {' '.join(DEFAULT_ENGINES)}; known: {' '.join(DEPLOY_ENGINES)})",
+    )
+    p.add_argument("--batches", type=int, nargs="+", default=None, help="deploy suite: batch sizes (default 1 8)")
+    p.add_argument("--rounds", type=int, default=5, help="deploy suite: round-robin rounds")
+    p.add_argument("--min-time", type=float, default=2.0, help="deploy suite: seconds per measurement")
     p.add_argument("--warmup-ms", type=float, default=25.0)
     p.add_argument("--rep-ms", type=float, default=100.0)
     p.add_argument(
@@ -230,10 +240,12 @@ def _run_shapes(
 
 def measure(args: argparse.Namespace) -> int:
     smoke = args.smoke
-    if not smoke and not torch.cuda.is_available():
+    suites = resolve_suites(args.suite)
+    cpu_only = all(s in CPU_SUITES for s in suites)  # the deploy suite measures the CPU itself
+    if not smoke and not cpu_only and not torch.cuda.is_available():
         print("no CUDA GPU here: measurements need one. Use --smoke for a CPU run of the harness.", file=sys.stderr)
         return 2
-    device = torch.device("cpu") if smoke else torch.device("cuda")
+    device = torch.device("cpu") if (smoke or cpu_only) else torch.device("cuda")
     env = detect_env(device, smoke)
     if smoke:
         out = args.out or tempfile.mkdtemp(prefix="qna_bench_smoke_")
@@ -244,7 +256,6 @@ def measure(args: argparse.Namespace) -> int:
         out = args.out or os.path.join(RESULTS, sanitise(env.gpu))
     os.makedirs(out, exist_ok=True)
     _configure_torch()
-    suites = resolve_suites(args.suite)
     cfg = TimingConfig(warmup_ms=args.warmup_ms, rep_ms=args.rep_ms, cpu_warmup=1, cpu_reps=2)
     opts = Options(device, compile=not args.no_compile, compile_mode=args.compile_mode)
     deadline = Deadline(args.time_budget)
@@ -297,6 +308,18 @@ def measure(args: argparse.Namespace) -> int:
                 )
                 shape = ("qna_vit_tiny" if name != "swin_tiny" else "swin_tiny") + f" B{B} {img}x{img}"
                 rec.emit(suite, shape, "bf16-autocast", name, "train_step", res, notes, {"batch": B})
+        elif kind == "deploy":
+            run_deploy(
+                rec.emit,
+                smoke,
+                deadline,
+                engines=args.engines or DEFAULT_ENGINES,
+                models=chosen(DEPLOY_MODELS),
+                batches=args.batches or (),
+                rounds=args.rounds,
+                min_time=args.min_time,
+                host_iters=200 if smoke else 2000,
+            )
     rows = read_rows([rec.path])
     summary, _ = write_reports(rows, out)
     print("\n" + summary)

@@ -71,6 +71,7 @@ TARGETS = OrderedDict(
         ("layermem", "QnA layer uses less fwd+bwd peak memory than the FlexAttention NA layer"),
         ("naive10", "core op uses >= 10x less fwd+bwd peak memory than the window-materialising form at window >= 7"),
         ("model13", "qna_vit_tiny training step >= 1.3x the images/s of the paper's formulation compiled"),
+        ("deploy13", "qna_vit_tiny on onnxruntime (CPU) >= 1.3x the images/s of ConvNeXt-T and of Swin-T"),
     ]
 )
 
@@ -486,6 +487,27 @@ def summary_markdown(rows: Sequence[dict], meta: dict) -> Tuple[str, Dict[str, L
         out.append(_table(body, ["provider", "shape", "images/s", "p50 ms", "peak MB", "vs paper_compiled"]) + "\n")
         out.append(f"\n>= 1.3x the paper's formulation compiled: {_verdict(v, smoke)}\n")
 
+    deploy = deploy_table(rows)
+    if deploy:
+        body, vs = deploy
+        verdicts["deploy13"].extend(vs)
+        out.append("\n## Deploy: CPU inference, float32 (ratios measured side by side in one run)\n")
+        out.append(
+            _table(body, ["engine", "batch", "model", "images/s", "p50 ms", "vs Swin-T", "vs ConvNeXt-T", "note"])
+            + "\n"
+        )
+        v = [x for x in vs if x is not None]
+        out.append("\n>= 1.3x ConvNeXt-T and Swin-T on onnxruntime: " + _verdict(all(v) if v else None, smoke) + "\n")
+        host = [r for r in rows if r["suite"] == "deploy" and r.get("provider") == "host_overhead"]
+        if host:
+            out.append("\nHost overhead per call (Triton launch stubbed out): ")
+            out.append(
+                "; ".join(
+                    f"{r['shape']} {_f(r['p50_ms'] * 1e3)} us" if _ok(r) else f"{r['shape']} {_fail(r)}" for r in host
+                )
+                + "\n"
+            )
+
     out.append("\n## Targets\n")
     body = []
     for key, text in TARGETS.items():
@@ -506,6 +528,80 @@ def summary_markdown(rows: Sequence[dict], meta: dict) -> Tuple[str, Dict[str, L
         )
     out.append(_table(body, ["target", "verdict", "cases"]) + "\n")
     return "".join(out), verdicts
+
+
+def _deploy_model(r: dict) -> str:
+    return str(r["shape"]).split()[0]
+
+
+def deploy_table(rows: Sequence[dict]) -> Optional[Tuple[List[List[str]], List[Optional[bool]]]]:
+    """The deploy suite's rows as (table body, ``deploy13`` verdicts): images/s of every (engine, batch,
+    model) and its ratio to Swin-T's and ConvNeXt-T's in the same engine at the same batch."""
+    rs = [r for r in rows if r["suite"] == "deploy" and r.get("provider") != "host_overhead"]
+    if not rs:
+        return None
+    by = {(r["provider"], r.get("batch"), _deploy_model(r)): r for r in rs}
+    body, verdicts = [], []
+    for r in rs:
+        key = (r["provider"], r.get("batch"))
+        ratios = []
+        for peer in ("swin_tiny", "convnext_tiny"):
+            p = by.get(key + (peer,))
+            ok = _ok(r) and _ok(p) and r.get("images_s") and p.get("images_s")
+            ratios.append(r["images_s"] / p["images_s"] if ok else None)
+        if _deploy_model(r) == "qna_vit_tiny" and r["provider"] == "onnxruntime":
+            verdicts.append(None if None in ratios else all(x >= 1.3 for x in ratios))
+        note = next((n for n in str(r.get("note") or "").split("; ") if "nodes" in n), "")
+        body.append(
+            [
+                r["provider"],
+                _f(r.get("batch")),
+                _deploy_model(r),
+                _f(r.get("images_s")) if _ok(r) else _fail(r),
+                _f(r.get("p50_ms")),
+                _fmt_ratio(ratios[0]),
+                _fmt_ratio(ratios[1]),
+                note,
+            ]
+        )
+    return body, verdicts
+
+
+def _plot_deploy(rows: Sequence[dict], meta: dict, path: str) -> None:
+    """Images/s per engine and batch, one bar per model."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    rs = [r for r in rows if r["suite"] == "deploy" and r.get("provider") != "host_overhead" and _ok(r)]
+    groups = list(OrderedDict.fromkeys((r["provider"], r.get("batch")) for r in rs))
+    models = list(OrderedDict.fromkeys(_deploy_model(r) for r in rs))
+    fig, ax = plt.subplots(figsize=(max(6, 1.6 * len(groups)), 4.5))
+    width = 0.8 / max(len(models), 1)
+    for i, m in enumerate(models):
+        xs, ys = [], []
+        for g, key in enumerate(groups):
+            r = next((r for r in rs if (r["provider"], r.get("batch")) == key and _deploy_model(r) == m), None)
+            if r is not None and r.get("images_s"):
+                xs.append(g + (i - (len(models) - 1) / 2) * width)
+                ys.append(r["images_s"])
+        ax.bar(xs, ys, width, label=m, color=f"C{i % 10}")
+    ax.set_xticks(range(len(groups)))
+    ax.set_xticklabels([f"{e}\nbatch {b}" for e, b in groups])
+    ax.set_ylabel("images/s (float32, CPU)")
+    if not rs:
+        ax.text(0.5, 0.5, "no measurement", ha="center", va="center", transform=ax.transAxes)
+    else:
+        ax.legend(fontsize=8)
+    ax.grid(True, axis="y", alpha=0.3)
+    label = f"deploy on {meta['gpu']}"
+    if meta["smoke"]:
+        label = f"{SMOKE_LABEL.upper()}: {label}"
+    ax.set_title(label)
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
 
 
 # ----------------------------------------------------------------------------------- plots
@@ -585,4 +681,6 @@ def write_reports(rows: Sequence[dict], out_dir: str) -> Tuple[str, dict]:
     for suite in OrderedDict.fromkeys(r["suite"] for r in derived):
         if suite.startswith(("window_", "layer_")):
             _plot_suite(derived, suite, meta, os.path.join(plots, f"{suite}.png"))
+        elif suite == "deploy":
+            _plot_deploy(derived, meta, os.path.join(plots, "deploy.png"))
     return summary, meta

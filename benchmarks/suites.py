@@ -9,7 +9,7 @@ import torch
 
 from .providers import DTYPES, CoreShape
 
-__all__ = ["SUITES", "Suite", "WINDOWS", "resolve_suites", "vit_tiny_layers", "SPEC_VIT_TINY_LAYERS"]
+__all__ = ["CPU_SUITES", "SUITES", "Suite", "WINDOWS", "resolve_suites", "vit_tiny_layers", "SPEC_VIT_TINY_LAYERS"]
 
 WINDOWS = (3, 5, 7, 9, 11, 13, 15, 21, 31)
 SMOKE_WINDOWS = (3, 5)
@@ -65,15 +65,22 @@ SUITES: Dict[str, Suite] = {
             "training step of qna_vit_tiny (bf16 autocast, torch.compile): our kernels vs the "
             "paper's formulation, and Swin-T (timm), batch 128, 224x224",
         ),
+        Suite(
+            "deploy",
+            "deploy",
+            "CPU inference, float32: qna_vit_tiny vs Swin-T and ConvNeXt-T (timm) in eager, torch.compile "
+            "and onnxruntime, batch 1 and 8, 224x224, and the library's host overhead per call",
+        ),
     )
 }
+CPU_SUITES = ("deploy",)  # run on the CPU, never part of the default (GPU) run
 GROUPS = {"window": [n for n in SUITES if n.startswith("window_")], "layer": ["layer_d16", "layer_d32"]}
 
 
 def resolve_suites(names: Sequence[str]) -> List[str]:
-    """Suite names in the order given, groups (``window``, ``layer``) expanded; empty means all."""
+    """Suite names in the order given, groups (``window``, ``layer``) expanded; empty means all GPU suites."""
     if not names:
-        return list(SUITES)
+        return [n for n in SUITES if n not in CPU_SUITES]
     out: List[str] = []
     for n in names:
         for m in GROUPS.get(n, [n]):

@@ -277,9 +277,9 @@ def test_smoke_end_to_end(tmp_path, capsys):
 
 
 def test_suites_and_groups():
-    from benchmarks.suites import SUITES, resolve_suites, window_shapes
+    from benchmarks.suites import CPU_SUITES, SUITES, resolve_suites, window_shapes
 
-    assert resolve_suites([]) == list(SUITES)
+    assert resolve_suites([]) == [s for s in SUITES if s not in CPU_SUITES]
     assert resolve_suites(["layer", "window_bf16_d8"]) == ["layer_d16", "layer_d32", "window_bf16_d8"]
     with pytest.raises(ValueError):
         resolve_suites(["nope"])
@@ -393,3 +393,37 @@ def test_workload_context_covers_forward_and_backward():
     assert tuning._algo_override() == "auto"
     with qna_triton_direct(CoreShape(1, 6, 6, 8, 2, 3, torch.float32), CPU).context():
         assert tuning._algo_override() == "direct"
+
+
+def test_deploy_suite_is_cpu_only_and_not_default():
+    from benchmarks.suites import resolve_suites
+
+    assert "deploy" not in resolve_suites([])
+    assert resolve_suites(["deploy"]) == ["deploy"]
+
+
+def test_deploy_smoke_writes_rows_table_and_plot(tmp_path, capsys):
+    pytest.importorskip("timm")
+    pytest.importorskip("onnxruntime")
+    pytest.importorskip("onnxscript")
+    out = str(tmp_path / "deploy")
+    args = ["--smoke", "--out", out, "--suite", "deploy", "--engines", "eager", "onnxruntime"]
+    rc = main(args + ["--batches", "1", "--rounds", "1", "--min-time", "0.01"])
+    assert rc == 0
+    printed = capsys.readouterr().out
+    assert SMOKE_LABEL.upper() in printed
+    rows = [r for r in read_rows([out]) if r["suite"] == "deploy"]
+    measured = {(r["shape"].split()[0], r["provider"]) for r in rows if r["status"] == "ok"}
+    for model in ("qna_vit_tiny", "swin_tiny", "convnext_tiny"):
+        for engine in ("eager", "onnxruntime"):
+            assert (model, engine) in measured, (model, engine)
+    ours = next(r for r in rows if r["shape"].startswith("qna_vit_tiny") and r["provider"] == "onnxruntime")
+    assert ours["images_s"] > 0 and ours["batch"] == 1 and "nodes in the main graph" in ours["note"]
+    host = {r["shape"] for r in rows if r["provider"] == "host_overhead" and r["status"] == "ok"}
+    assert {"qna_attention forward", "trivial torch.library op"} <= host
+    summary = open(os.path.join(out, "summary.md")).read()
+    assert "## Deploy" in summary and "vs ConvNeXt-T" in summary
+    assert "qna_vit_tiny on onnxruntime (CPU) >= 1.3x" in summary  # the target is listed, smoke verdict
+    files = ["rows.jsonl", "results.csv", "results.md"] + (["plots/deploy.png"] if HAVE_MATPLOTLIB else [])
+    for name in files:
+        assert os.path.getsize(os.path.join(out, name)) > 0, name
