@@ -406,6 +406,10 @@ def test_deploy_smoke_writes_rows_table_and_plot(tmp_path, capsys):
     pytest.importorskip("timm")
     pytest.importorskip("onnxruntime")
     pytest.importorskip("onnxscript")
+    from qna_triton import export
+
+    if not export.LEAN_ONNX:  # the harness is the same; only its ONNX export (~1-2 min of CI) differs
+        pytest.skip("the deploy suite's runs use torch >= 2.15's exporter (test_onnx covers the older one)")
     out = str(tmp_path / "deploy")
     args = ["--smoke", "--out", out, "--suite", "deploy", "--engines", "eager", "onnxruntime"]
     rc = main(args + ["--batches", "1", "--rounds", "1", "--min-time", "0.01"])
