@@ -431,7 +431,9 @@ def test_two_processes_merge_their_unreadable_files_and_stop_together(tmp_path):
     assert two["bad_samples"]["train"] == json.loads(json.dumps(single["bad_samples"]["train"]))
     assert two["bad_samples"]["train"]["per_epoch"] == {"0": 3, "1": 3}
     assert two["metrics"]["images"] == single["metrics"]["images"] == 7
-    assert re.search(r"^\[rank [01]\] warning: unreadable image train-000000\.tar:sample00002\.jpg", err, re.M)
+    # not anchored at a line start: the other process (or torch's C++ logging) may have written part of
+    # a line to the shared stderr just before
+    assert re.search(r"\[rank [01]\] warning: unreadable image train-000000\.tar:sample00002\.jpg", err), err
     for (s1, l1), (s2, l2) in zip(
         read_csv(tmp_path / "one" / "steps.csv", ("step", "loss")),
         read_csv(tmp_path / "two" / "steps.csv", ("step", "loss")),
