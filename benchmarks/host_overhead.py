@@ -5,13 +5,16 @@ small CPU tensors with ``QNA_TRITON_BACKEND=triton`` and every ``@triton.jit`` l
 no-op that counts the launches: what remains is validation, dispatch, config choice, launch
 description and allocation, the Python that bounds eager inference at small batches.
 
-Two floors are measured in the same process: a trivial ``torch.library`` op (one ``empty_like``), and
-*the same op machinery without the library*: custom ops of the same schemas, registered the same way
-(``torch.library.custom_op``, ``register_autograd`` whose backward calls a second custom op), whose
-bodies only allocate the outputs their schema returns. The library's own work is the time less that
-floor (``own_forward_us``, ``own_forward_backward_us``): what torch's custom-op dispatch and autograd
-cost is torch's, the rest is ours. The environment must be set before Triton is imported, so the
-measurement runs in a fresh process (:func:`measure`).
+A plain eager call runs the op's implementation directly (``qna_triton.ops.plain_eager``); what it
+cannot avoid is measured in the same process as *the floor*: a function of the same arguments whose
+body only allocates the outputs (forward), and a ``torch.autograd.Function`` whose forward and backward
+only allocate theirs (forward and backward: the autograd engine, the ``sum``, the gradients' accumulation
+into the four leaves). The library's own work is the time less that floor (``own_forward_us``,
+``own_forward_backward_us``). Measured beside them: the same bodies behind ``torch.library.custom_op``
+registrations of the op's schemas (``custom_op_floor_*``: what a call through torch's dispatcher costs
+before any work, the route of compiled and exported graphs), a trivial ``torch.library`` op and a
+trivial autograd step. The environment must be set before Triton is imported, so the measurement runs
+in a fresh process (:func:`measure`).
 
 Recorded results: ``benchmarks/results/host_overhead.md``.
 """
@@ -89,6 +92,36 @@ def _floor_op() -> Callable:
     return attention
 
 
+def _floor_function() -> Callable:
+    """The eager route's floor: a ``torch.autograd.Function`` whose forward allocates ``(out, lse)`` and
+    whose backward allocates the four gradients, called as :func:`qna_triton.ops.attention_eager` calls
+    its implementation (directly when no gradient is needed)."""
+    import torch
+
+    def outputs(logits, values):
+        return torch.empty_like(values), torch.empty_like(logits)
+
+    class Floor(torch.autograd.Function):
+        @staticmethod
+        def forward(ctx, logits, values, rpb, scale):
+            out, lse = outputs(logits, values)
+            ctx.save_for_backward(logits, values, rpb, scale, lse)
+            ctx.mark_non_differentiable(lse)
+            ctx.set_materialize_grads(False)
+            return out, lse
+
+        @staticmethod
+        def backward(ctx, grad_out, _grad_lse):
+            return tuple(torch.empty_like(t) for t in ctx.saved_tensors[:4])
+
+    def call(logits, values, rpb, scale):
+        if torch.is_grad_enabled():
+            return Floor.apply(logits, values, rpb, scale)
+        return outputs(logits, values)
+
+    return call
+
+
 def _measure_here(iters: int) -> Dict[str, float]:
     """The measurement itself; needs ``TRITON_INTERPRET=1`` and ``QNA_TRITON_BACKEND=triton`` set before
     Triton was imported."""
@@ -114,6 +147,7 @@ def _measure_here(iters: int) -> Dict[str, float]:
     torch.library.impl("qna_host_floor::trivial", "CPU", lambda x: torch.empty_like(x), lib=lib)
     trivial = torch.ops.qna_host_floor.trivial
     floor_op = _floor_op()
+    floor_fn = _floor_function()
 
     torch.manual_seed(0)
     B, H, W, N, h, d = 1, 14, 14, 2, 4, 16
@@ -133,9 +167,16 @@ def _measure_here(iters: int) -> Dict[str, float]:
 
     def floor_forward():
         with torch.no_grad():
-            return floor_op(logits, values, rpb, scale, *geometry)[0]
+            return floor_fn(logits, values, rpb, scale)[0]
 
     def floor_forward_backward():
+        floor_fn(logits, values, rpb, scale)[0].sum().backward()
+
+    def custom_op_forward():
+        with torch.no_grad():
+            return floor_op(logits, values, rpb, scale, *geometry)[0]
+
+    def custom_op_forward_backward():
         floor_op(logits, values, rpb, scale, *geometry)[0].sum().backward()
 
     forward()
@@ -149,6 +190,8 @@ def _measure_here(iters: int) -> Dict[str, float]:
             "autograd_floor_us": (lambda: leaf.sum().backward(), iters),
             "floor_forward_us": (floor_forward, iters),
             "floor_forward_backward_us": (floor_forward_backward, fb_iters),
+            "custom_op_floor_forward_us": (custom_op_forward, iters),
+            "custom_op_floor_forward_backward_us": (custom_op_forward_backward, fb_iters),
             "forward_us": (forward, iters),
             "forward_backward_us": (forward_backward, fb_iters),
         }
@@ -160,10 +203,12 @@ def _measure_here(iters: int) -> Dict[str, float]:
 
 def measure(iters: int = 1000) -> Dict[str, float]:
     """Per-call host microseconds, measured in a fresh process with the launch stubbed out: of the
-    Triton path (``forward_us``, ``forward_backward_us``), of the same custom-op machinery with bodies
-    that only allocate the outputs (``floor_forward_us``, ``floor_forward_backward_us``), the library's
-    own work (``own_forward_us``, ``own_forward_backward_us``: the first less the second), of a trivial
-    ``torch.library`` op (``trivial_op_us``) and of a trivial autograd step (``autograd_floor_us``)."""
+    Triton path (``forward_us``, ``forward_backward_us``), of the eager route's floor, bodies that only
+    allocate the outputs (``floor_forward_us``, ``floor_forward_backward_us``), the library's own work
+    (``own_forward_us``, ``own_forward_backward_us``: the first less the second), of the same bodies
+    behind the custom-op registrations (``custom_op_floor_forward_us``,
+    ``custom_op_floor_forward_backward_us``), of a trivial ``torch.library`` op (``trivial_op_us``) and
+    of a trivial autograd step (``autograd_floor_us``)."""
     env = dict(os.environ, TRITON_INTERPRET="1", QNA_TRITON_BACKEND="triton")
     code = f"import json; from benchmarks.host_overhead import _measure_here; print(json.dumps(_measure_here({iters})))"
     done = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, check=False)
@@ -182,6 +227,8 @@ _COLUMNS = (
     "forward_backward_us",
     "floor_forward_backward_us",
     "own_forward_backward_us",
+    "custom_op_floor_forward_us",
+    "custom_op_floor_forward_backward_us",
     "trivial_op_us",
     "autograd_floor_us",
 )

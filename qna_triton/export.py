@@ -13,7 +13,7 @@ finite logits). Only the chosen branch runs, so the usual input pays for the con
 (see :func:`_streaming`).
 
 * ``torch.onnx.export(model, (x,), dynamo=True)`` needs nothing: while the exporter traces the model,
-  the layer calls the decomposition instead of the op (:func:`traced`).
+  the layer calls the decomposition instead of the op (:func:`route`).
 * An :class:`torch.export.ExportedProgram` that holds the op (``torch.export.export(model, ...)``) is
   rewritten by :func:`decompose`, e.g. before ``torch._inductor.aoti_compile_and_package``.
 """
@@ -27,7 +27,7 @@ import torch
 from . import ops, reference
 from .layout import split_packed
 
-__all__ = ["LEAN_ONNX", "decompose", "decompositions", "traced"]
+__all__ = ["LEAN_ONNX", "decompose", "decompositions", "route"]
 
 
 def _branches(split: Callable, scale, kernel_size, stride, padding):
@@ -123,7 +123,27 @@ def decompose(program: torch.export.ExportedProgram) -> torch.export.ExportedPro
     return program.run_decompositions(decompositions())
 
 
-def traced(op: Callable) -> Callable:
-    """``op`` (:func:`qna_triton.ops.attention` or ``attention_packed``), or its decomposition while
-    ``torch.onnx.export`` traces the model (ONNX has no QnA operator)."""
-    return _DECOMPOSITIONS[op] if torch.onnx.is_in_onnx_export() else op
+def _router(op: Callable, eager: Callable, decomposition: Callable, n_tensors: int) -> Callable:
+    def call(*args):
+        if ops.plain_eager(*args[:n_tensors]):
+            return eager(*args)
+        return decomposition(*args) if torch.onnx.is_in_onnx_export() else op(*args)
+
+    return call
+
+
+_ROUTES: Dict[Callable, Callable] = {
+    ops.attention: _router(ops.attention, ops.attention_eager, _DECOMPOSITIONS[ops.attention], 4),
+    ops.attention_packed: _router(
+        ops.attention_packed, ops.attention_packed_eager, _DECOMPOSITIONS[ops.attention_packed], 3
+    ),
+}
+
+
+def route(op: Callable) -> Callable:
+    """How the public entry points call ``op`` (:func:`qna_triton.ops.attention` or
+    ``attention_packed``): in plain eager execution its implementation directly
+    (:func:`qna_triton.ops.plain_eager`: no dispatcher); while ``torch.onnx.export`` traces the model its
+    decomposition (ONNX has no QnA operator); otherwise (compiling, exporting, under a dispatch mode)
+    the custom op itself."""
+    return _ROUTES[op]

@@ -8,7 +8,7 @@ import torch
 
 from . import ops
 from ._validation import IntOrPair, as_pair, check_core_inputs
-from .export import traced
+from .export import route
 from .layout import default_padding
 
 __all__ = ["qna_attention"]
@@ -55,5 +55,5 @@ def qna_attention(
     check_core_inputs(logits, values, rpb, scale, ks, st, pd)
     if rpb is None:
         rpb = logits.new_zeros((ks[0] * ks[1],) + tuple(logits.shape[3:]))
-    out, _ = traced(ops.attention)(logits, values, rpb, scale, list(ks), list(st), list(pd))
+    out, _ = route(ops.attention)(logits, values, rpb, scale, list(ks), list(st), list(pd))
     return out

@@ -11,7 +11,7 @@ import torch.nn.functional as F
 
 from . import ops
 from ._validation import IntOrPair, as_pair, check_window
-from .export import traced
+from .export import route
 from .flax_params import load_qna_params, qna_param_shapes
 from .layout import default_padding
 
@@ -201,7 +201,7 @@ class QnA(nn.Module):
         N, h = self.n_queries, self.heads
         weight, bias = self.fused_projection_weight()
         qv = F.linear(x, weight, bias)  # [B, H, W, h*N + C]: logits and values in one pass over x
-        out, _ = traced(ops.attention_packed)(
+        out, _ = route(ops.attention_packed)(
             qv,
             self.rpe_bias.reshape(-1, N, h),
             self.scale_tensor(),

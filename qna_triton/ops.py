@@ -13,6 +13,12 @@ Device dispatch, chosen at run time by ``QNA_TRITON_BACKEND``:
 * ``reference``: the PyTorch reference on every device.
 
 float64 tensors always take the reference (the kernels accumulate in float32).
+
+In plain eager execution the public entry points (:func:`qna_triton.qna_attention`, the QnA layer) call
+the ops' implementation directly, through :func:`eager_route`, skipping torch's dispatcher and its
+custom-op autograd (most of a small call's host time); anything that must see the op as one node
+(``torch.compile``, ``torch.export``, the ONNX exporter, ``make_fx``, a ``TorchDispatchMode``, a
+functorch transform, a tensor subclass) gets the custom op, whose results are the same.
 """
 
 from __future__ import annotations
@@ -223,3 +229,78 @@ def _packed_backward(ctx, grad_out, _grad_lse):
 
 
 attention_packed.register_autograd(_packed_backward, setup_context=_setup_context)
+
+
+# ----------------------------------------------------- plain eager calls: the same work, no dispatcher
+_PLAIN_TYPES = (torch.Tensor, torch.nn.Parameter)
+
+
+def plain_eager(*tensors: Optional[torch.Tensor]) -> bool:
+    """Whether a call on ``tensors`` may run the ops' implementation directly: eager execution of plain
+    CPU or CUDA tensors, with nothing that must see the op as one node. Not while ``torch.compile`` or
+    ``torch.export`` trace (the ONNX exporter's too), not under jit tracing, a ``TorchDispatchMode``
+    (``FakeTensorMode``, ``make_fx``, ``FlopCounterMode``, ...) or a functorch transform (``vmap``,
+    ``grad``), and not for tensor subclasses."""
+    if torch.compiler.is_compiling():  # first: under dynamo the rest is never traced
+        return False
+    if (
+        torch._C._len_torch_dispatch_stack()
+        or torch._C._get_tracing_state() is not None
+        or torch._C._functorch.peek_interpreter_stack() is not None
+    ):
+        return False
+    for t in tensors:
+        if t is not None and type(t) not in _PLAIN_TYPES:
+            return False
+    return tensors[0].device.type in ("cpu", "cuda")
+
+
+class _EagerAttention(torch.autograd.Function):
+    """:func:`attention` (``packed`` False: ``first`` the logits) or :func:`attention_packed` (``packed``
+    True: ``first`` the packed ``qv``, ``values`` None) as a plain autograd function: the forward and
+    backward implementations of the custom ops, called without the dispatcher. Like the custom ops'
+    backward, its backward is not differentiable."""
+
+    @staticmethod
+    def forward(ctx, packed, first, values, rpb, scale, kernel_size, stride, padding):
+        logits, values = split_packed(first, rpb) if packed else (first, values)
+        out, lse = _forward_impl(logits, values, rpb, scale, kernel_size, stride, padding)
+        ctx.save_for_backward(first, values if not packed else None, rpb, scale, lse)
+        ctx.packed, ctx.geometry = packed, (kernel_size, stride, padding)
+        ctx.mark_non_differentiable(lse)
+        ctx.set_materialize_grads(False)
+        return out, lse
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, grad_out, _grad_lse):
+        if grad_out is None:  # the output's gradient is undefined (grads are not materialised): zero
+            return (None,) * 8
+        first, values, rpb, scale, lse = ctx.saved_tensors
+        if ctx.packed:
+            logits, values = split_packed(first, rpb)
+        else:
+            logits = first
+        grads = _backward_impl(grad_out.contiguous(), logits, values, rpb, scale, lse, *ctx.geometry, ctx.packed)
+        *inputs, dr, da = grads
+        if ctx.packed:
+            inputs.append(None)
+        return (None, *inputs, dr, None if scale is None else da, None, None, None)
+
+
+def _needs_grad(*tensors: Optional[torch.Tensor]) -> bool:
+    return torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors)
+
+
+def attention_eager(logits, values, rpb, scale, kernel_size, stride, padding):
+    """:func:`attention` for a plain eager call (see :func:`plain_eager`)."""
+    if _needs_grad(logits, values, rpb, scale):
+        return _EagerAttention.apply(False, logits, values, rpb, scale, kernel_size, stride, padding)
+    return _forward_impl(logits, values, rpb, scale, kernel_size, stride, padding)
+
+
+def attention_packed_eager(qv, rpb, scale, kernel_size, stride, padding):
+    """:func:`attention_packed` for a plain eager call (see :func:`plain_eager`)."""
+    if _needs_grad(qv, rpb, scale):
+        return _EagerAttention.apply(True, qv, None, rpb, scale, kernel_size, stride, padding)
+    return _forward_impl(*split_packed(qv, rpb), rpb, scale, kernel_size, stride, padding)

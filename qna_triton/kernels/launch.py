@@ -54,8 +54,8 @@ def _table(t: Optional[torch.Tensor]) -> Optional[torch.Tensor]:
     """rpb / scale ``[K, N, h]`` as float32 in the kernels' query-minor order ``[K, h, N]`` (tiny)."""
     if t is None:
         return None
-    if t.requires_grad:
-        t = t.detach()
+    # no detach: the ops run their implementation with autograd off (inside a custom op, or an
+    # autograd.Function's forward and backward)
     if t.dtype != torch.float32:
         t = t.to(torch.float32)
     return torch.permute_copy(t, (0, 2, 1))  # one contiguous copy, transposed
@@ -331,7 +331,11 @@ class KernelLaunch:
     def __call__(self) -> None:
         for t in self.zeroed:
             t.zero_()
-        with _on_device(self.kwargs["L"]):
+        logits = self.kwargs["L"]
+        if logits.is_cuda and logits.device.index != torch.cuda.current_device():
+            with torch.cuda.device(logits.device):  # Triton launches on the current device
+                self.fn[self.grid](**self.kwargs)
+        else:
             self.fn[self.grid](**self.kwargs)
 
 
@@ -527,8 +531,7 @@ class BackwardLaunches:
     dl: torch.Tensor
     dv: torch.Tensor
     dqv: Optional[torch.Tensor]
-    dr_part: torch.Tensor
-    da_part: Optional[torch.Tensor]
+    partial_sums: torch.Tensor  # [1 or 2, programs, K, h, N]: the dr (and da) partial-sum rows
     rpb_dtype: torch.dtype
     scale_dtype: Optional[torch.dtype]
     delta_cfg: Optional[KernelConfig] = None  # the chosen configs, None where given explicitly (no fallback)
@@ -540,9 +543,9 @@ class BackwardLaunches:
     def reduce(self) -> Tuple[torch.Tensor, Optional[torch.Tensor]]:
         """``(drpb, dscale or None)`` in the tables' ``[K, N, h]`` layout: the partial rows summed in
         a fixed order."""
-        drpb = _untable(self.dr_part.sum(0), self.rpb_dtype)
-        dscale = _untable(self.da_part.sum(0), self.scale_dtype) if self.da_part is not None else None
-        return drpb, dscale
+        sums = self.partial_sums.sum(1)
+        drpb = _untable(sums[0], self.rpb_dtype)
+        return drpb, (_untable(sums[1], self.scale_dtype) if self.scale_dtype is not None else None)
 
     def run(self) -> Tuple[torch.Tensor, ...]:
         """Both launches, then the results of :func:`qna_backward` (a banded launch that does not
@@ -560,9 +563,10 @@ class BackwardLaunches:
             if self.main_cfg is None:
                 self.main()
             else:
-                self.main, self.dr_part, self.da_part = main_backward_launch(
+                self.main, rows = _main_backward_launch(
                     p, heuristic_config("bwd", h, d), self.g, self.lse, self.delta_out, self.dl, self.dv
                 )
+                self.partial_sums = rows["partial_sums"]
                 self.main()
         drpb, dscale = self.reduce()
         if self.dqv is not None:
@@ -595,16 +599,18 @@ def main_backward_launch(
 def _partial_rows(
     shape: Tuple[int, ...], device: torch.device, has_scale: bool, banded: bool
 ) -> Dict[str, Optional[torch.Tensor]]:
-    """The main backward kernel's float32 rows ``[programs, K, h, N]``: the ``dr`` / ``da`` partial sums
-    (``da_part`` None without a scale) and, for the banded kernel, its scratch rows (``dr_tile``,
-    ``da_tile``; else None)."""
-    dr_part = torch.empty(shape, device=device, dtype=torch.float32)  # zeroed by the launch
-    dr_tile = torch.empty_like(dr_part) if banded else None
+    """The main backward kernel's float32 rows ``[programs, K, h, N]``, views of one allocation: the
+    ``dr`` / ``da`` partial sums (``da_part`` None without a scale), ``partial_sums`` both of them as one
+    ``[1 or 2, programs, K, h, N]`` view (zeroed by the launch, summed by :meth:`BackwardLaunches.reduce`)
+    and, for the banded kernel, its scratch rows (``dr_tile``, ``da_tile``; else None)."""
+    parts = 2 if has_scale else 1
+    rows = torch.empty((2 * parts if banded else parts, *shape), device=device, dtype=torch.float32)
     return dict(
-        dr_part=dr_part,
-        da_part=torch.empty_like(dr_part) if has_scale else None,
-        dr_tile=dr_tile,
-        da_tile=torch.empty_like(dr_part) if banded and has_scale else None,
+        partial_sums=rows[:parts] if banded else rows,
+        dr_part=rows[0],
+        da_part=rows[1] if has_scale else None,
+        dr_tile=rows[parts] if banded else None,
+        da_tile=rows[parts + 1] if banded and has_scale else None,
     )
 
 
@@ -661,8 +667,7 @@ def _main_backward_launch(
     if banded:
         dr_tile = rows["dr_tile"]
         args.update(DR_TILE=dr_tile, DA_TILE=rows["da_tile"] if rows["da_tile"] is not None else dr_tile)
-    zeroed = (dr_part,) if da_part is None else (dr_part, da_part)
-    return KernelLaunch(fn, (progs, head_blocks), parts(args, progs), zeroed), rows
+    return KernelLaunch(fn, (progs, head_blocks), parts(args, progs), (rows["partial_sums"],)), rows
 
 
 def backward_launches(
@@ -719,8 +724,7 @@ def backward_launches(
         dl,
         dv,
         dqv,
-        rows["dr_part"],
-        rows["da_part"],
+        rows["partial_sums"],
         rpb.dtype,
         scale.dtype if scale is not None else None,
         None if delta_config else dcfg,
