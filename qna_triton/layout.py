@@ -19,6 +19,7 @@ __all__ = [
     "default_padding",
     "compute_dtype",
     "empty_query_minor",
+    "query_minor_strides",
     "query_minor",
     "is_query_minor",
     "split_packed",
@@ -41,27 +42,29 @@ def compute_dtype(dtype: torch.dtype) -> torch.dtype:
     return torch.float64 if dtype == torch.float64 else torch.float32
 
 
-def empty_query_minor(shape, **kwargs) -> torch.Tensor:
-    """An uninitialised ``[..., N, h]`` tensor stored query-minor: each pixel holds ``h`` rows of
-    ``N`` queries (the order the kernels keep their statistics and the logits gradient in)."""
+def query_minor_strides(shape) -> Tuple[int, ...]:
+    """The strides of a ``[..., N, h]`` tensor stored query-minor: those of a contiguous ``[..., h, N]``,
+    transposed."""
     *lead, N, h = shape
-    strides = [1, N]  # one allocation with the transposed strides (not empty + transpose: half the host time)
+    strides = [1, N]
     step = h * N
     for size in reversed(lead):
         strides.insert(0, step)
         step *= size
-    return torch.empty_strided((*lead, N, h), strides, **kwargs)
+    return tuple(strides)
+
+
+def empty_query_minor(shape, **kwargs) -> torch.Tensor:
+    """An uninitialised ``[..., N, h]`` tensor stored query-minor: each pixel holds ``h`` rows of
+    ``N`` queries (the order the kernels keep their statistics and the logits gradient in). One
+    allocation with the strides (``empty`` then ``transpose`` costs twice the host time)."""
+    return torch.empty_strided(tuple(shape), query_minor_strides(shape), **kwargs)
 
 
 def query_minor(t: torch.Tensor) -> torch.Tensor:
     """``t`` (``[..., N, h]``) with exactly the strides of :func:`empty_query_minor`; a copy only
     when it has other strides."""
-    *lead, N, h = t.shape
-    want, step = [1, N], h * N  # the last two dims of a contiguous [..., h, N], transposed
-    for size in reversed(lead):
-        want.insert(0, step)
-        step *= size
-    if t.stride() == tuple(want):
+    if t.stride() == query_minor_strides(t.shape):
         return t
     return empty_query_minor(t.shape, dtype=t.dtype, device=t.device).copy_(t)
 
