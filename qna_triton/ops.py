@@ -64,24 +64,27 @@ def _backend(t: torch.Tensor) -> str:
     return _backend_under(settings(), t.device, t.dtype)
 
 
-def _forward_impl(logits, values, rpb, scale, kernel_size, stride, padding):
+def _forward_impl(logits, values, rpb, scale, kernel_size, stride, padding, tables=None):
+    """``(out, lse)``; ``tables``: the Triton path's converted ``rpb`` and ``scale`` where the caller made
+    them (:func:`_kernel_tables`)."""
     ks, st, pd = tuple(kernel_size), tuple(stride), tuple(padding)
     if _backend(logits) == "triton":
         from .kernels import qna_forward
 
-        return qna_forward(logits, values, rpb, scale, ks, st, pd)
+        return qna_forward(logits, values, rpb, scale, ks, st, pd, tables=tables)
     out, lse = reference.paper_qna_attention(logits, values, rpb, scale, ks, st, pd)
     return out.contiguous(), query_minor(lse)
 
 
-def _backward_impl(grad_out, logits, values, rpb, scale, lse, kernel_size, stride, padding, packed):
+def _backward_impl(grad_out, logits, values, rpb, scale, lse, kernel_size, stride, padding, packed, tables=None):
     """``(dlogits, dvalues, drpb, dscale)``, or ``(dqv, drpb, dscale)`` when ``packed``; ``dscale``
-    is empty when ``scale`` is None (custom ops cannot return None)."""
+    is empty when ``scale`` is None (custom ops cannot return None). ``tables``: as for
+    :func:`_forward_impl` (the forward's, kept)."""
     ks, st, pd = tuple(kernel_size), tuple(stride), tuple(padding)
     if _backend(logits) == "triton":
         from .kernels import qna_backward
 
-        grads = qna_backward(grad_out, logits, values, rpb, scale, lse, ks, st, pd, packed_grad=packed)
+        grads = qna_backward(grad_out, logits, values, rpb, scale, lse, ks, st, pd, packed_grad=packed, tables=tables)
     else:
         dl, dv, dr, da = reference.direct_qna_attention_backward(grad_out, logits, values, rpb, scale, lse, ks, st, pd)
         grads = (
@@ -264,9 +267,12 @@ class _EagerAttention(torch.autograd.Function):
     @staticmethod
     def forward(ctx, packed, first, values, rpb, scale, kernel_size, stride, padding):
         logits, values = split_packed(first, rpb) if packed else (first, values)
-        out, lse = _forward_impl(logits, values, rpb, scale, kernel_size, stride, padding)
+        tables = _kernel_tables(logits, rpb, scale)
+        out, lse = _forward_impl(logits, values, rpb, scale, kernel_size, stride, padding, tables)
         ctx.save_for_backward(first, values if not packed else None, rpb, scale, lse)
-        ctx.packed, ctx.geometry = packed, (kernel_size, stride, padding)
+        # the tables as the kernels read them, made once for both passes (the saved rpb and scale are
+        # checked unmodified by autograd, so they still hold what the tables were made of)
+        ctx.packed, ctx.geometry, ctx.tables = packed, (kernel_size, stride, padding), tables
         ctx.mark_non_differentiable(lse)
         ctx.set_materialize_grads(False)
         return out, lse
@@ -281,11 +287,23 @@ class _EagerAttention(torch.autograd.Function):
             logits, values = split_packed(first, rpb)
         else:
             logits = first
-        grads = _backward_impl(grad_out.contiguous(), logits, values, rpb, scale, lse, *ctx.geometry, ctx.packed)
+        grads = _backward_impl(
+            grad_out.contiguous(), logits, values, rpb, scale, lse, *ctx.geometry, ctx.packed, ctx.tables
+        )
         *inputs, dr, da = grads
         if ctx.packed:
             inputs.append(None)
         return (None, *inputs, dr, None if scale is None else da, None, None, None)
+
+
+def _kernel_tables(logits: torch.Tensor, rpb: torch.Tensor, scale: Optional[torch.Tensor]):
+    """The Triton path's ``rpb`` and ``scale`` tables (``kernels.launch.kernel_tables``) where that path
+    runs for ``logits``, else None."""
+    if _backend(logits) != "triton":
+        return None
+    from .kernels.launch import kernel_tables
+
+    return kernel_tables(rpb, scale)
 
 
 def _needs_grad(*tensors: Optional[torch.Tensor]) -> bool:

@@ -167,3 +167,19 @@ def test_empty_query_minor_strides(shape):
     assert t.shape == shape
     assert t.stride() == torch.empty((*shape[:-2], shape[-1], shape[-2])).transpose(-1, -2).stride()
     assert query_minor(t) is t
+
+
+def test_eager_route_converts_the_tables_once(triton_backend, monkeypatch):
+    """With gradients, the eager route converts ``rpb`` and ``scale`` into the kernels' order once, in the
+    forward, and its backward reuses them (the custom op converts them in each pass)."""
+    import qna_triton.kernels.launch as launch
+
+    converted = []
+    table = launch._table
+    monkeypatch.setattr(launch, "_table", lambda t: converted.append(t) or table(t))
+    inputs = _leaves(make_inputs(CASE, dtype=torch.float32))
+    qna_attention(*inputs).sum().backward()
+    assert len(converted) == 2
+    converted.clear()
+    ops.attention(*_leaves(inputs), *GEOMETRY)[0].sum().backward()
+    assert len(converted) == 4

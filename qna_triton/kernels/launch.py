@@ -38,6 +38,7 @@ from .banded_bwd import qna_banded_bwd_kernel
 from .forward import qna_fwd_kernel
 
 __all__ = [
+    "kernel_tables",
     "qna_forward",
     "qna_backward",
     "Problem",
@@ -59,6 +60,15 @@ def _table(t: Optional[torch.Tensor]) -> Optional[torch.Tensor]:
     if t.dtype != torch.float32:
         t = t.to(torch.float32)
     return torch.permute_copy(t, (0, 2, 1))  # one contiguous copy, transposed
+
+
+Tables = Tuple[torch.Tensor, Optional[torch.Tensor]]
+
+
+def kernel_tables(rpb: torch.Tensor, scale: Optional[torch.Tensor]) -> Tables:
+    """``rpb`` and ``scale`` (None stays None) as the kernels read them (:func:`_table`): made once per
+    forward; the eager route keeps them for the backward (``qna_triton.ops``)."""
+    return _table(rpb), _table(scale)
 
 
 def _untable(t: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
@@ -256,6 +266,7 @@ class Problem:
         st: Pair,
         pd: Pair,
         wide: Optional[bool] = None,
+        tables: Optional[Tables] = None,
     ) -> Problem:
         """The problem of these inputs (``wide`` forces the 64-bit offset variant, see :func:`_layout`).
         Its :attr:`args` are computed once per key of the inputs' shapes, strides and dtypes (shared:
@@ -265,12 +276,16 @@ class Problem:
         args = _PROBLEM_ARGS.get(key)
         if args is None:
             args = _PROBLEM_ARGS.put(key, _problem_args(logits, values, scale is not None, ks, st, pd, wide))
-        return cls.with_args(logits, values, rpb, scale, ks, st, pd, args)
+        return cls.with_args(logits, values, rpb, scale, ks, st, pd, args, tables)
 
     @classmethod
-    def with_args(cls, logits, values, rpb, scale, ks: Pair, st: Pair, pd: Pair, args: Dict[str, Any]) -> Problem:
-        """The problem of these inputs whose :attr:`args` are known (those of a cached plan)."""
-        return cls(logits, values, _table(rpb), _table(scale), ks, st, pd, args)
+    def with_args(
+        cls, logits, values, rpb, scale, ks: Pair, st: Pair, pd: Pair, args: Dict[str, Any], tables=None
+    ) -> Problem:
+        """The problem of these inputs whose :attr:`args` are known (those of a cached plan); ``tables``
+        (:func:`kernel_tables` of ``rpb`` and ``scale``) where the caller has them already."""
+        r, a = kernel_tables(rpb, scale) if tables is None else tables
+        return cls(logits, values, r, a, ks, st, pd, args)
 
     @property
     def sizes(self) -> Dict[str, int]:
@@ -371,7 +386,8 @@ class LaunchTemplate:
         kwargs = dict(self.constants)
         for k, name in self.slots:
             kwargs[k] = buffers[name]
-        return KernelLaunch(self.fn, self.grid, kwargs, tuple(buffers[name] for name in self.zeroed))
+        zeroed = tuple([buffers[name] for name in self.zeroed]) if self.zeroed else ()
+        return KernelLaunch(self.fn, self.grid, kwargs, zeroed)
 
 
 def _buffers(p: Problem, **more: Optional[torch.Tensor]) -> Dict[str, Optional[torch.Tensor]]:
@@ -683,6 +699,7 @@ def backward_launches(
     config: Optional[KernelConfig] = None,
     delta_config: Optional[KernelConfig] = None,
     packed_grad: bool = False,
+    tables: Optional[Tables] = None,
 ) -> BackwardLaunches:
     """The launches of :func:`qna_backward` (nothing launched yet; every check done). Where the configs
     are chosen (not given), the launches are described once per key (:func:`_plan_key`) and rebuilt
@@ -694,7 +711,7 @@ def backward_launches(
     key = None if explicit else _plan_key(("bwd", packed_grad), logits, values, rpb, scale, ks, st, pd)
     plan = _BACKWARD_PLANS.get(key)
     if plan is not None:
-        p = Problem.with_args(logits, values, rpb, scale, ks, st, pd, plan.args)
+        p = Problem.with_args(logits, values, rpb, scale, ks, st, pd, plan.args, tables)
         cfg, dcfg = plan.main_cfg, plan.delta_cfg
         delta_out = torch.empty_strided(*plan.delta_out, device=logits.device, dtype=torch.float32)
         dqv, dl, dv = _grad_buffers(logits, values, packed_grad)
@@ -702,7 +719,7 @@ def backward_launches(
         buffers = _buffers(p, g=g, lse=lse, delta=delta_out, dl=dl, dv=dv, **rows)
         delta, main = plan.delta.bind(buffers), plan.main.bind(buffers)
     else:
-        p = Problem.of(logits, values, rpb, scale, ks, st, pd)
+        p = Problem.of(logits, values, rpb, scale, ks, st, pd, tables=tables)
         # explicit configs (the autotuner's candidates) run as given, or raise: only chosen ones fall back
         cfg = config or _direct_if_uncompilable("bwd", p, get_config("bwd", logits, values, ks, st, pd))
         dcfg = delta_config or _direct_if_uncompilable(
@@ -875,25 +892,27 @@ def qna_forward(
     st: Pair,
     pd: Pair,
     config: Optional[KernelConfig] = None,
+    tables: Optional[Tables] = None,
 ) -> Tuple[torch.Tensor, torch.Tensor]:
     """Fused forward: ``(out [B,Ho,Wo,h,d] in the values' dtype, lse [B,Ho,Wo,N,h] float32)``; ``lse``
-    is stored query-minor (:func:`query_minor`)."""
+    is stored query-minor (:func:`query_minor`). ``tables``: :func:`kernel_tables` of ``rpb`` and
+    ``scale``, where the caller made them."""
     if config is not None:  # an explicit config (the autotuner's candidates) runs as given, or raises
-        launch, out, lse = forward_launch(Problem.of(logits, values, rpb, scale, ks, st, pd), config)
+        launch, out, lse = forward_launch(Problem.of(logits, values, rpb, scale, ks, st, pd, tables=tables), config)
         launch()
         return out, lse
     ks, st, pd = tuple(ks), tuple(st), tuple(pd)
     key = _plan_key("fwd", logits, values, rpb, scale, ks, st, pd)
     plan = _FORWARD_PLANS.get(key)
     if plan is not None:
-        p = Problem.with_args(logits, values, rpb, scale, ks, st, pd, plan.args)
+        p = Problem.with_args(logits, values, rpb, scale, ks, st, pd, plan.args, tables)
         cfg = plan.cfg
         # empty_strided with the strides known: a third of torch.empty's host time
         out = torch.empty_strided(*plan.out, device=values.device, dtype=values.dtype)
         lse = torch.empty_strided(*plan.lse, device=logits.device, dtype=torch.float32)
         launch = plan.launch.bind(_buffers(p, out=out, lse=lse))
     else:
-        p = Problem.of(logits, values, rpb, scale, ks, st, pd)
+        p = Problem.of(logits, values, rpb, scale, ks, st, pd, tables=tables)
         cfg = _direct_if_uncompilable("fwd", p, get_config("fwd", logits, values, ks, st, pd))
         launch, out, lse = forward_launch(p, cfg)
         template = LaunchTemplate.of(launch, _buffers(p, out=out, lse=lse))
@@ -919,12 +938,14 @@ def qna_backward(
     config: Optional[KernelConfig] = None,
     delta_config: Optional[KernelConfig] = None,
     packed_grad: bool = False,
+    tables: Optional[Tables] = None,
 ) -> Tuple[torch.Tensor, ...]:
     """Fused backward, deterministic: ``(dlogits, dvalues, drpb, dscale or None)``, or with
     ``packed_grad`` ``(dqv, drpb, dscale or None)`` where ``dqv [B, H, W, h*N + h*d]`` holds both
     gradients side by side (the gradient of a fused logits-and-values projection, written once; the
     logits part query-minor, as in the QnA layer's packed projection). ``dlogits`` is a query-minor
-    ``[B, H, W, N, h]`` view."""
+    ``[B, H, W, N, h]`` view. ``tables``: :func:`kernel_tables` of ``rpb`` and ``scale``, where the
+    caller kept the forward's."""
     return backward_launches(
-        grad_out, logits, values, rpb, scale, lse, ks, st, pd, config, delta_config, packed_grad
+        grad_out, logits, values, rpb, scale, lse, ks, st, pd, config, delta_config, packed_grad, tables
     ).run()
