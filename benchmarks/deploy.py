@@ -66,6 +66,9 @@ def _onnx(model: torch.nn.Module, x: torch.Tensor) -> Tuple[Callable, str]:
     proto = program.model_proto
     opts = ort.SessionOptions()
     opts.intra_op_num_threads = torch.get_num_threads()
+    # idle workers sleep instead of spinning: spinning threads of one session would otherwise keep the
+    # cores busy while the next (model, engine) of the round runs
+    opts.add_session_config_entry("session.intra_op.allow_spinning", "0")
     sess = ort.InferenceSession(proto.SerializeToString(), opts, providers=["CPUExecutionProvider"])
     name = sess.get_inputs()[0].name
     note = f"onnxruntime {ort.__version__}, {len(proto.graph.node)} nodes in the main graph"

@@ -2,15 +2,17 @@
 
 The core op (``torch.ops.qna.attention`` and ``attention_packed``, :mod:`qna_triton.ops`) is a custom
 op: ``torch.export`` keeps it as one node, whose implementation is this library's Python code. Where
-the graph must leave Python, the op is replaced by its decomposition into standard PyTorch operators:
-the paper's two depthwise convolutions (:func:`qna_triton.reference.paper_qna_attention`, a few dozen
-nodes that run like a convolution), stabilised by the maximum logit per (image, query, head). That
-shared maximum is exact unless a window's logits lie far below it (a range wider than ~60 in float32);
-a window max-pool detects such inputs and a ``torch.cond`` (ONNX ``If``) then runs the streaming form
-of :func:`qna_triton.reference.direct_qna_attention` instead (a maximum per window, stable for any
-finite logits). Only the chosen branch runs, so the usual input pays for the convolutions alone.
-:func:`decompose` (an exported program's route, e.g. to AOTInductor) still uses the streaming form alone
-(see :func:`_streaming`).
+the graph must leave Python, the op is replaced by its decomposition into standard PyTorch operators.
+From torch 2.15 on, ONNX gets the paper's two depthwise convolutions
+(:func:`qna_triton.reference.paper_attention_channels_first`, computed channels-first so that every
+step is a convolution-network operator: a few dozen nodes that run like a convolution), stabilised by
+the maximum logit per (image, query, head). That shared maximum is exact unless a window's logits lie
+far below it (a range wider than ~60 in float32); a window max-pool detects such inputs and a
+``torch.cond`` (ONNX ``If``) then replaces the result by the streaming form of
+:func:`qna_triton.reference.direct_qna_attention` (a maximum per window, stable for any finite logits).
+The convolutions run in the main graph (inside an ``If`` branch onnxruntime ran them ~2x slower), the
+streaming form only for inputs at risk. :func:`decompose` (an exported program's route, e.g. to
+AOTInductor) and ONNX before torch 2.15 use the streaming form alone (see :func:`_streaming`).
 
 * ``torch.onnx.export(model, (x,), dynamo=True)`` needs nothing: while the exporter traces the model,
   the layer calls the decomposition instead of the op (:func:`route`).
@@ -25,48 +27,55 @@ from typing import Callable, Dict
 import torch
 
 from . import ops, reference
-from .layout import split_packed
+from .layout import compute_dtype, split_packed
 
 __all__ = ["LEAN_ONNX", "decompose", "decompositions", "route"]
 
 
-def _branches(split: Callable, scale, kernel_size, stride, padding):
-    """The two forms of the op as ``torch.cond`` branches of the operands ``split`` unpacks. The outputs
-    are cloned: a branch of ``torch.cond`` may not return a view of its inputs."""
+def _lean(split: Callable, operands, rpb, scale, kernel_size, stride, padding):
+    """The paper form, replaced by the streaming form where its shared maximum would underflow a window.
 
-    def paper(*operands):
-        logits, values, rpb = split(*operands)
-        out, lse = reference.paper_qna_attention(
-            logits, values, rpb, scale, kernel_size, stride, padding, exact_fallback=False
-        )
-        return out.clone(), lse.clone()
-
-    def direct(*operands):
-        logits, values, rpb = split(*operands)
-        out, lse = reference.direct_qna_attention(logits, values, rpb, scale, kernel_size, stride, padding)
-        return out.clone(), lse.clone()
-
-    return paper, direct
-
-
-def _lean(split: Callable, operands, scale, kernel_size, stride, padding):
-    """The paper form, or the streaming form where its shared maximum would underflow a window."""
+    ``split(*operands)`` gives the channels-first logits ``[B, h*N, H, W]`` and values ``[B, h*d, H, W]``
+    (:func:`qna_triton.reference.paper_attention_channels_first`): the paper form runs on them as
+    standard convolution-network operators, one transpose before and one after the whole op. It runs
+    unconditionally, outside the ``torch.cond``: inside a branch (an ONNX ``If`` subgraph) onnxruntime
+    ran it ~2x slower at batch 1. The ``cond`` then only keeps its result, or computes the streaming
+    form for the rare input at risk. Branch outputs are new tensors (a branch may not return a view of
+    its inputs) of the same strides.
+    """
     kernel_size, stride, padding = tuple(kernel_size), tuple(stride), tuple(padding)
-    logits, _, rpb = split(*operands)
-    at_risk = reference.shared_max_at_risk(logits, rpb, kernel_size, stride, padding)
-    paper, direct = _branches(split, scale, kernel_size, stride, padding)
-    out, lse = torch.cond(at_risk, direct, paper, operands)
+    K, N, h = rpb.shape
+    l, v = split(*operands)
+    paper = reference.paper_attention_channels_first(l, v, rpb, scale, kernel_size, stride, padding)
+    paper = tuple(t.contiguous() for t in paper)  # the convolutions keep a channels-last input's strides
+
+    def keep(operands, paper):
+        return tuple(t.clone() for t in paper)
+
+    def direct(operands, paper):
+        l, v = split(*operands)
+        B, _, H, W = l.shape
+        logits = l.reshape(B, h, N, H, W).permute(0, 3, 4, 2, 1)
+        values = v.reshape(B, h, -1, H, W).permute(0, 3, 4, 1, 2)
+        out, lse = reference.direct_qna_attention(logits, values, rpb, scale, kernel_size, stride, padding)
+        Ho, Wo = out.shape[1], out.shape[2]
+        out = out.permute(0, 3, 4, 1, 2).reshape(B, -1, Ho, Wo).contiguous()
+        return out, lse.permute(0, 4, 3, 1, 2).reshape(B, -1, Ho, Wo).contiguous()
+
+    at_risk = reference.shared_max_at_risk_channels_first(l, rpb, kernel_size, stride, padding)
+    out, lse = torch.cond(at_risk, direct, keep, (operands, paper))
+    B, _, Ho, Wo = out.shape
+    out = out.permute(0, 2, 3, 1).reshape(B, Ho, Wo, h, -1)
     # lse in the op's query-minor layout, by out-of-place ops only (decompositions run functionalised)
-    return out, lse.transpose(-1, -2).contiguous().transpose(-1, -2)
-
-
-def _unpacked(logits, values, rpb):
-    return logits, values, rpb
+    return out, lse.permute(0, 2, 3, 1).reshape(B, Ho, Wo, h, N).transpose(-1, -2)
 
 
 def _attention(logits, values, rpb, scale, kernel_size, stride, padding):
     """``qna::attention`` in standard operators: ``(out, lse)`` as the op returns them."""
-    return _lean(_unpacked, (logits, values, rpb), scale, kernel_size, stride, padding)
+    l, v = reference.logits_channels_first(logits), reference.values_channels_first(values)
+    dtype = compute_dtype(logits.dtype)
+    out, lse = _lean(lambda l, v: (l, v), (l.to(dtype), v.to(dtype)), rpb, scale, kernel_size, stride, padding)
+    return out.to(values.dtype), lse
 
 
 def _streaming(logits, values, rpb, scale, kernel_size, stride, padding):
@@ -85,13 +94,15 @@ def _streaming_packed(qv, rpb, scale, kernel_size, stride, padding):
 
 
 def _attention_packed(qv, rpb, scale, kernel_size, stride, padding):
-    """``qna::attention_packed`` in standard operators (the packed tensor is the branches' operand: the
-    logits and values views of it would alias, which ``torch.cond`` refuses)."""
-
-    def split(qv, rpb):
-        return (*split_packed(qv, rpb), rpb)
-
-    return _lean(split, (qv, rpb), scale, kernel_size, stride, padding)
+    """``qna::attention_packed`` in standard operators: the packed ``[B, H, W, h*N + h*d]`` tensor is
+    already channel-ordered as the channels-first form wants it (logits channel ``j*N + n``), so one
+    transpose makes both maps. It is the branches' one operand (logits and values as two views of it
+    would alias, which ``torch.cond`` refuses)."""
+    nh = rpb.shape[1] * rpb.shape[2]
+    dtype = compute_dtype(qv.dtype)
+    qc = qv.permute(0, 3, 1, 2).to(dtype)
+    out, lse = _lean(lambda qc: (qc[:, :nh], qc[:, nh:]), (qc,), rpb, scale, kernel_size, stride, padding)
+    return out.to(qv.dtype), lse
 
 
 # torch.cond becomes an ONNX ``If`` in torch 2.15's exporter (checked); torch 2.11's rejects the traced

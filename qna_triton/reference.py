@@ -40,7 +40,11 @@ __all__ = [
     "RESULT_TOLERANCE",
     "naive_qna_attention",
     "paper_qna_attention",
+    "paper_attention_channels_first",
+    "logits_channels_first",
+    "values_channels_first",
     "shared_max_at_risk",
+    "shared_max_at_risk_channels_first",
     "direct_qna_attention",
     "direct_qna_attention_backward",
 ]
@@ -203,12 +207,23 @@ def direct_qna_attention_backward(
     )
 
 
-def _depthwise(x: torch.Tensor, weight: torch.Tensor, kernel_size: Pair, stride: Pair, padding: Pair) -> torch.Tensor:
-    """Depthwise correlation of ``[B, H, W, c]`` with ``weight [K, c]`` (row-major window) -> ``[B, Ho, Wo, c]``."""
-    c = weight.shape[1]
-    wt = weight.t().reshape(c, 1, *kernel_size)
-    y = F.conv2d(x.permute(0, 3, 1, 2), wt, stride=stride, padding=padding, groups=c)
-    return y.permute(0, 2, 3, 1)
+def logits_channels_first(logits: torch.Tensor) -> torch.Tensor:
+    """``logits [B, H, W, N, h]`` as the ``[B, h*N, H, W]`` map of :func:`paper_attention_channels_first`
+    (channel ``j*N + n``)."""
+    B, H, W, N, h = logits.shape
+    return logits.permute(0, 4, 3, 1, 2).reshape(B, h * N, H, W)
+
+
+def values_channels_first(values: torch.Tensor) -> torch.Tensor:
+    """``values [B, H, W, h, d]`` as ``[B, h*d, H, W]``."""
+    B, H, W, h, d = values.shape
+    return values.permute(0, 3, 4, 1, 2).reshape(B, h * d, H, W)
+
+
+def _per_channel(t: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """A ``[K, N, h]`` table (``rpb``, ``scale``) as ``[h*N, K]``: one row per logits channel ``j*N + n``."""
+    K, N, h = t.shape
+    return t.to(dtype).permute(2, 1, 0).reshape(h * N, K)
 
 
 def shared_max_at_risk(
@@ -220,17 +235,69 @@ def shared_max_at_risk(
     logit per (image, query, head) and ``R`` the maximum bias per (query, head); the margin keeps it
     far above the smallest normal number (``exp(-87)`` in float32), so the sums keep full precision.
     """
+    l = logits_channels_first(logits.to(compute_dtype(logits.dtype)))
+    return shared_max_at_risk_channels_first(l, rpb, kernel_size, stride, padding)
+
+
+def shared_max_at_risk_channels_first(
+    l: torch.Tensor, rpb: torch.Tensor, kernel_size: Pair, stride: Pair, padding: Pair
+) -> torch.Tensor:
+    """:func:`shared_max_at_risk` of the channels-first logits ``l [B, h*N, H, W]``
+    (:func:`paper_attention_channels_first`'s layout)."""
     (kh, kw), (sh, sw), (ph, pw) = kernel_size, stride, padding
-    B, H, W, N, h = logits.shape
-    cdt = compute_dtype(logits.dtype)
-    l = logits.to(cdt).reshape(B, H, W, N * h)
-    r = rpb.to(cdt).reshape(kh * kw, N * h)
-    M = l.amax(dim=(1, 2), keepdim=True)
-    R = r.amax(dim=0, keepdim=True)
-    lpad = F.pad(l.permute(0, 3, 1, 2), (pw, pw, ph, ph), value=-math.inf)
-    wmax = F.max_pool2d(lpad, (kh, kw), (sh, sw)).permute(0, 2, 3, 1)
-    margin = 60.0 if cdt == torch.float32 else 600.0
-    return (torch.isfinite(wmax) & (wmax + r.amin(0) - M - R < -margin)).any()
+    r = _per_channel(rpb, l.dtype)  # [h*N, K]
+    M = l.amax(dim=(2, 3), keepdim=True)  # [B, h*N, 1, 1]
+    if 2 * ph <= kh and 2 * pw <= kw:
+        # max-pooling's own padding (never selected); every window then holds a pixel of the image
+        wmax = F.max_pool2d(l, (kh, kw), (sh, sw), (ph, pw))
+    else:
+        wmax = F.max_pool2d(F.pad(l, (pw, pw, ph, ph), value=-math.inf), (kh, kw), (sh, sw))
+        wmax = torch.where(wmax == -math.inf, math.inf, wmax)  # a window without a pixel is never at risk
+    margin = 60.0 if l.dtype == torch.float32 else 600.0
+    lowest = M + (r.amax(dim=1, keepdim=True) - r.amin(dim=1, keepdim=True))[:, :, None] - margin
+    # the smallest window maximum per channel first: the comparison then runs on [B, h*N, 1, 1] only
+    return (wmax.amin(dim=(2, 3), keepdim=True) < lowest).any()
+
+
+def paper_attention_channels_first(
+    l: torch.Tensor,
+    v: torch.Tensor,
+    rpb: torch.Tensor,
+    scale: Optional[torch.Tensor],
+    kernel_size: Pair,
+    stride: Pair,
+    padding: Pair,
+) -> Tuple[torch.Tensor, torch.Tensor]:
+    """The paper's formulation on channels-first maps, without the exact fallback: ``(out, lse)``.
+
+    ``l [B, h*N, H, W]`` (channel ``j*N + n``: query ``n`` of head ``j``), ``v [B, h*d, H, W]``,
+    ``rpb``/``scale`` ``[K, N, h]`` as the op takes them; ``out [B, h*d, Ho, Wo]``, ``lse [B, h*N, Ho, Wo]``.
+    In this layout every step is a standard convolution-network operator (no transposes): an exported
+    graph runs it like a depthwise convolution. :func:`paper_qna_attention` is the same on the op's layout.
+    """
+    K, N, h = rpb.shape
+    B, hN, H, W = l.shape
+    d = v.shape[1] // h
+    cdt = l.dtype
+    r = _per_channel(rpb, cdt)  # [h*N, K]
+    M = l.amax(dim=(2, 3), keepdim=True)  # [B, h*N, 1, 1]
+    R = r.amax(dim=1, keepdim=True)  # [h*N, 1]
+    E = torch.exp(l - M)  # in (0, 1]
+    er = torch.exp(r - R)  # in (0, 1]
+    den = F.conv2d(E, er.reshape(hN, 1, *kernel_size), stride=stride, padding=padding, groups=hN)
+    # numerator channels (j, n, t): exp-weighted values per query, as in the paper
+    Ev = (E.reshape(-1, h, N, 1, H, W) * v.reshape(-1, h, 1, d, H, W)).reshape(-1, hN * d, H, W)
+    wn = er if scale is None else er * _per_channel(scale, cdt)
+    wn = wn[:, None].expand(hN, d, K).reshape(hN * d, 1, *kernel_size)
+    num = F.conv2d(Ev, wn, stride=stride, padding=padding, groups=hN * d)
+    Ho, Wo = num.shape[2], num.shape[3]
+    # an empty window has den = num = 0: any positive floor keeps it 0; otherwise den >= tiny already,
+    # except a sum that underflowed below the smallest normal number (the exact fallback's inputs)
+    inv = 1.0 / den.clamp_min(torch.finfo(cdt).tiny)
+    out = (num.reshape(-1, h, N, d, Ho, Wo) * inv.reshape(-1, h, N, 1, Ho, Wo)).sum(dim=2)
+    out = out.reshape(-1, h * d, Ho, Wo)
+    lse = torch.log(den) + M + R[:, :, None]
+    return out, lse
 
 
 def paper_qna_attention(
@@ -248,35 +315,22 @@ def paper_qna_attention(
     ``den = conv(exp(l - M), exp(r - R))`` and, per query, ``num_n = conv(exp(l - M) * v, a * exp(r - R))``
     with ``M`` the maximum logit per (image, query, head) and ``R`` the maximum bias per (query, head);
     ``out = sum_n num_n / den_n``. Its memory grows with the number of queries (``N * C`` channels).
+    Computed channels-first (:func:`paper_attention_channels_first`).
 
     A shared maximum underflows for windows whose logits lie far below it (a logit range wider than
     ~60 in float32). With ``exact_fallback`` such inputs are detected (window maximum by max-pooling)
     and computed by :func:`direct_qna_attention` instead, so the result is finite wherever the exact
     one is; the benchmarks time the plain formulation (``exact_fallback=False``).
     """
-    kh, kw = kernel_size
     B, H, W, N, h = logits.shape
     d = values.shape[-1]
     cdt = compute_dtype(logits.dtype)
-    l = logits.to(cdt).reshape(B, H, W, N * h)
-    v = values.to(cdt)
-    r = rpb.to(cdt).reshape(kh * kw, N * h)
-    M = l.amax(dim=(1, 2), keepdim=True)  # [B, 1, 1, N*h]
-    R = r.amax(dim=0, keepdim=True)  # [1, N*h]
-    if exact_fallback and bool(shared_max_at_risk(logits, rpb, kernel_size, stride, padding)):
+    l = logits_channels_first(logits.to(cdt))
+    if exact_fallback and bool(shared_max_at_risk_channels_first(l, rpb, kernel_size, stride, padding)):
         return direct_qna_attention(logits, values, rpb, scale, kernel_size, stride, padding)
-    E = torch.exp(l - M)  # [B, H, W, N*h], in (0, 1]
-    er = torch.exp(r - R)  # [K, N*h], in (0, 1]
-    den = _depthwise(E, er, kernel_size, stride, padding)  # [B, Ho, Wo, N*h]
-    # numerator channels (n, j, t): exp-weighted values per query, as in the paper
-    Ev = (E.reshape(B, H, W, N, h, 1) * v[:, :, :, None]).reshape(B, H, W, N * h * d)
-    wn = er if scale is None else er * scale.to(cdt).reshape(kh * kw, N * h)
-    wn = wn[:, :, None].expand(kh * kw, N * h, d).reshape(kh * kw, N * h * d)
-    num = _depthwise(Ev, wn, kernel_size, stride, padding)  # [B, Ho, Wo, N*h*d]
-    Ho, Wo = num.shape[1], num.shape[2]
-    num = num.reshape(B, Ho, Wo, N, h, d)
-    den5 = den.reshape(B, Ho, Wo, N, h)
-    safe = torch.where(den5 > 0, den5, torch.ones_like(den5))
-    out = (num / safe[..., None]).sum(dim=3)
-    lse = torch.log(den5) + M.reshape(B, 1, 1, N, h) + R.reshape(1, 1, 1, N, h)
+    v = values_channels_first(values.to(cdt))
+    out, lse = paper_attention_channels_first(l, v, rpb, scale, kernel_size, stride, padding)
+    Ho, Wo = out.shape[2], out.shape[3]
+    out = out.reshape(B, h, d, Ho, Wo).permute(0, 3, 4, 1, 2)
+    lse = lse.reshape(B, h, N, Ho, Wo).permute(0, 3, 4, 2, 1)
     return out.to(values.dtype), lse

@@ -36,9 +36,10 @@ def assert_standard_onnx(program):
 
 
 def assert_lean(program, most_nodes=60):
-    """The lean translation: a short main graph whose ``If`` chooses the two depthwise convolutions
-    (``Conv``) or the streaming form, rather than the streaming form's per-offset nodes inline (from
-    torch 2.15, whose exporter turns ``torch.cond`` into ``If``; older ones get the streaming form)."""
+    """The lean translation: per layer, the two depthwise convolutions (``Conv``) in a short main graph
+    and an ``If`` that keeps their result or, for inputs at risk, runs the streaming form, rather than
+    the streaming form's per-offset nodes inline (from torch 2.15, whose exporter turns ``torch.cond``
+    into ``If``; older ones get the streaming form)."""
     from qna_triton.export import LEAN_ONNX
 
     graph = program.model_proto.graph
@@ -47,8 +48,11 @@ def assert_lean(program, most_nodes=60):
         return
     ifs = [n for n in graph.node if n.op_type == "If"]
     assert ifs and len(graph.node) <= most_nodes * len(ifs), (len(graph.node), len(ifs))
-    branches = {a.name: {n.op_type for n in a.g.node} for a in ifs[0].attribute}
-    assert "Conv" in branches["else_branch"] and "Conv" not in branches["then_branch"], branches
+    assert sum(n.op_type == "Conv" for n in graph.node) >= 2 * len(ifs)
+    for node in ifs:
+        branches = {a.name: [n.op_type for n in a.g.node] for a in node.attribute}
+        assert "Conv" not in branches["then_branch"] and "Exp" in branches["then_branch"], branches
+        assert len(branches["else_branch"]) <= 4 and "Conv" not in branches["else_branch"], branches
 
 
 class Modes(torch.nn.Module):
