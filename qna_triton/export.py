@@ -10,8 +10,8 @@ the maximum logit per (image, query, head). That shared maximum is exact unless 
 far below it (a range wider than ~60 in float32); a window max-pool detects such inputs and a
 ``torch.cond`` (ONNX ``If``) then replaces the result by the streaming form of
 :func:`qna_triton.reference.direct_qna_attention` (a maximum per window, stable for any finite logits).
-The convolutions run in the main graph (inside an ``If`` branch onnxruntime ran them ~2x slower), the
-streaming form only for inputs at risk. :func:`decompose` (an exported program's route, e.g. to
+The convolutions run in the main graph (inside an ``If`` branch onnxruntime ran them ~2x slower); the
+``If`` finishes the paper form from them or, for inputs at risk only, runs the streaming form. :func:`decompose` (an exported program's route, e.g. to
 AOTInductor) and ONNX before torch 2.15 use the streaming form alone (see :func:`_streaming`).
 
 * ``torch.onnx.export(model, (x,), dynamo=True)`` needs nothing: while the exporter traces the model,
@@ -37,33 +37,45 @@ def _lean(split: Callable, operands, rpb, scale, kernel_size, stride, padding):
 
     ``split(*operands)`` gives the channels-first logits ``[B, h*N, H, W]`` and values ``[B, h*d, H, W]``
     (:func:`qna_triton.reference.paper_attention_channels_first`): the paper form runs on them as
-    standard convolution-network operators, one transpose before and one after the whole op. It runs
-    unconditionally, outside the ``torch.cond``: inside a branch (an ONNX ``If`` subgraph) onnxruntime
-    ran it ~2x slower at batch 1. The ``cond`` then only keeps its result, or computes the streaming
-    form for the rare input at risk. Branch outputs are new tensors (a branch may not return a view of
-    its inputs) of the same strides.
+    standard convolution-network operators, one transpose before and one after the whole op. Its two
+    convolutions run unconditionally, outside any ``torch.cond``: inside a branch (an ONNX ``If``
+    subgraph) onnxruntime ran them ~2x slower at batch 1. One ``cond`` per result then finishes the
+    paper form from them, or computes the streaming form for the rare input at risk: ``out`` and ``lse``
+    apart, so that a graph which does not use ``lse`` (a model's) drops its ``cond`` and everything
+    only it needs. A branch returns new tensors (it may not return a view of its inputs).
     """
     kernel_size, stride, padding = tuple(kernel_size), tuple(stride), tuple(padding)
     K, N, h = rpb.shape
     l, v = split(*operands)
-    paper = reference.paper_attention_channels_first(l, v, rpb, scale, kernel_size, stride, padding)
-    paper = tuple(t.contiguous() for t in paper)  # the convolutions keep a channels-last input's strides
+    num, den, shift = reference.paper_sums_channels_first(l, v, rpb, scale, kernel_size, stride, padding)
+    at_risk = reference.shared_max_at_risk_channels_first(l, rpb, kernel_size, stride, padding)
 
-    def keep(operands, paper):
-        return tuple(t.clone() for t in paper)
-
-    def direct(operands, paper):
+    def direct(operands):
         l, v = split(*operands)
         B, _, H, W = l.shape
         logits = l.reshape(B, h, N, H, W).permute(0, 3, 4, 2, 1)
         values = v.reshape(B, h, -1, H, W).permute(0, 3, 4, 1, 2)
-        out, lse = reference.direct_qna_attention(logits, values, rpb, scale, kernel_size, stride, padding)
-        Ho, Wo = out.shape[1], out.shape[2]
-        out = out.permute(0, 3, 4, 1, 2).reshape(B, -1, Ho, Wo).contiguous()
-        return out, lse.permute(0, 4, 3, 1, 2).reshape(B, -1, Ho, Wo).contiguous()
+        return reference.direct_qna_attention(logits, values, rpb, scale, kernel_size, stride, padding)
 
-    at_risk = reference.shared_max_at_risk_channels_first(l, rpb, kernel_size, stride, padding)
-    out, lse = torch.cond(at_risk, direct, keep, (operands, paper))
+    def direct_out(operands, num, den):
+        out = direct(operands)[0]  # [B, Ho, Wo, h, d]
+        return out.permute(0, 3, 4, 1, 2).reshape(out.shape[0], -1, *out.shape[1:3]).contiguous()
+
+    def paper_out(operands, num, den):
+        return reference.paper_out_channels_first(num, den, h).contiguous()
+
+    def direct_lse(operands, lse):
+        lse = direct(operands)[1]  # [B, Ho, Wo, N, h]
+        return lse.permute(0, 4, 3, 1, 2).reshape(lse.shape[0], -1, *lse.shape[1:3]).contiguous()
+
+    def paper_lse(operands, lse):
+        return lse.clone()
+
+    out = torch.cond(at_risk, direct_out, paper_out, (operands, num, den))
+    # the paper form's lse outside the branch: a branch sees its operands' sizes as symbols, and
+    # broadcasting shift's size-1 dimensions there fails when the shapes are static
+    lse = reference.paper_lse_channels_first(den, shift)
+    lse = torch.cond(at_risk, direct_lse, paper_lse, (operands, lse))
     B, _, Ho, Wo = out.shape
     out = out.permute(0, 2, 3, 1).reshape(B, Ho, Wo, h, -1)
     # lse in the op's query-minor layout, by out-of-place ops only (decompositions run functionalised)
@@ -100,7 +112,8 @@ def _attention_packed(qv, rpb, scale, kernel_size, stride, padding):
     would alias, which ``torch.cond`` refuses)."""
     nh = rpb.shape[1] * rpb.shape[2]
     dtype = compute_dtype(qv.dtype)
-    qc = qv.permute(0, 3, 1, 2).to(dtype)
+    # contiguous: every map after it then is too, as both branches of a cond must return the same strides
+    qc = qv.permute(0, 3, 1, 2).to(dtype).contiguous()
     out, lse = _lean(lambda qc: (qc[:, :nh], qc[:, nh:]), (qc,), rpb, scale, kernel_size, stride, padding)
     return out.to(qv.dtype), lse
 

@@ -41,6 +41,9 @@ __all__ = [
     "naive_qna_attention",
     "paper_qna_attention",
     "paper_attention_channels_first",
+    "paper_sums_channels_first",
+    "paper_out_channels_first",
+    "paper_lse_channels_first",
     "logits_channels_first",
     "values_channels_first",
     "shared_max_at_risk",
@@ -274,9 +277,27 @@ def paper_attention_channels_first(
     ``rpb``/``scale`` ``[K, N, h]`` as the op takes them; ``out [B, h*d, Ho, Wo]``, ``lse [B, h*N, Ho, Wo]``.
     In this layout every step is a standard convolution-network operator (no transposes): an exported
     graph runs it like a depthwise convolution. :func:`paper_qna_attention` is the same on the op's layout.
+    Its three steps (:func:`paper_sums_channels_first`, :func:`paper_out_channels_first`,
+    :func:`paper_lse_channels_first`) are public for the ONNX translation, which places them apart.
     """
+    num, den, shift = paper_sums_channels_first(l, v, rpb, scale, kernel_size, stride, padding)
+    return paper_out_channels_first(num, den, rpb.shape[2]), paper_lse_channels_first(den, shift)
+
+
+def paper_sums_channels_first(
+    l: torch.Tensor,
+    v: torch.Tensor,
+    rpb: torch.Tensor,
+    scale: Optional[torch.Tensor],
+    kernel_size: Pair,
+    stride: Pair,
+    padding: Pair,
+) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The two depthwise convolutions of :func:`paper_attention_channels_first`: ``(num, den, shift)``
+    with ``num [B, h*N*d, Ho, Wo]`` (channel ``(j*N + n)*d + t``), ``den [B, h*N, Ho, Wo]`` and the
+    stabiliser ``shift = M + R`` ``[B, h*N, 1, 1]`` they were computed under."""
     K, N, h = rpb.shape
-    B, hN, H, W = l.shape
+    _, hN, H, W = l.shape
     d = v.shape[1] // h
     cdt = l.dtype
     r = _per_channel(rpb, cdt)  # [h*N, K]
@@ -290,14 +311,25 @@ def paper_attention_channels_first(
     wn = er if scale is None else er * _per_channel(scale, cdt)
     wn = wn[:, None].expand(hN, d, K).reshape(hN * d, 1, *kernel_size)
     num = F.conv2d(Ev, wn, stride=stride, padding=padding, groups=hN * d)
-    Ho, Wo = num.shape[2], num.shape[3]
+    return num, den, M + R[:, :, None]
+
+
+def paper_out_channels_first(num: torch.Tensor, den: torch.Tensor, heads: int) -> torch.Tensor:
+    """``out [B, h*d, Ho, Wo]`` from :func:`paper_sums_channels_first`'s ``num`` and ``den``: the sum
+    over queries of ``num_n / den_n``."""
+    _, hN, Ho, Wo = den.shape
+    N = hN // heads
+    d = num.shape[1] // hN
     # an empty window has den = num = 0: any positive floor keeps it 0; otherwise den >= tiny already,
     # except a sum that underflowed below the smallest normal number (the exact fallback's inputs)
-    inv = 1.0 / den.clamp_min(torch.finfo(cdt).tiny)
-    out = (num.reshape(-1, h, N, d, Ho, Wo) * inv.reshape(-1, h, N, 1, Ho, Wo)).sum(dim=2)
-    out = out.reshape(-1, h * d, Ho, Wo)
-    lse = torch.log(den) + M + R[:, :, None]
-    return out, lse
+    inv = 1.0 / den.clamp_min(torch.finfo(den.dtype).tiny)
+    out = (num.reshape(-1, heads, N, d, Ho, Wo) * inv.reshape(-1, heads, N, 1, Ho, Wo)).sum(dim=2)
+    return out.reshape(-1, heads * d, Ho, Wo)
+
+
+def paper_lse_channels_first(den: torch.Tensor, shift: torch.Tensor) -> torch.Tensor:
+    """``lse [B, h*N, Ho, Wo]`` from :func:`paper_sums_channels_first`'s ``den`` and ``shift``."""
+    return torch.log(den) + shift
 
 
 def paper_qna_attention(

@@ -3,6 +3,7 @@ strides 1 and 2, dynamic batch and size) and on QnA-ViT, run by onnxruntime agai
 for logits of any range; the ExportedProgram route through ``qna_triton.export.decompose``."""
 
 import dataclasses
+import math
 
 import pytest
 import torch
@@ -15,7 +16,9 @@ ort = pytest.importorskip("onnxruntime")
 from helpers import DEPLOY_VIT, Case, make_inputs, oracle  # noqa: E402
 
 from qna_triton import ATTN_SCALE_MODES, QnA, qna_attention  # noqa: E402
-from qna_triton.export import decompose  # noqa: E402
+from qna_triton import ops  # noqa: E402
+from qna_triton.export import LEAN_ONNX, decompose, route  # noqa: E402
+from qna_triton.reference import direct_qna_attention  # noqa: E402
 from qna_vit import create_model  # noqa: E402
 
 TOL = dict(rtol=1e-4, atol=1e-4)
@@ -37,22 +40,20 @@ def assert_standard_onnx(program):
 
 def assert_lean(program, most_nodes=60):
     """The lean translation: per layer, the two depthwise convolutions (``Conv``) in a short main graph
-    and an ``If`` that keeps their result or, for inputs at risk, runs the streaming form, rather than
-    the streaming form's per-offset nodes inline (from torch 2.15, whose exporter turns ``torch.cond``
-    into ``If``; older ones get the streaming form)."""
-    from qna_triton.export import LEAN_ONNX
-
+    and an ``If`` per result that finishes the paper form or, for inputs at risk, runs the streaming
+    form, rather than the streaming form's per-offset nodes inline (from torch 2.15, whose exporter
+    turns ``torch.cond`` into ``If``; older ones get the streaming form)."""
     graph = program.model_proto.graph
     if not LEAN_ONNX:
         assert not [n for n in graph.node if n.op_type == "If"]
         return
     ifs = [n for n in graph.node if n.op_type == "If"]
     assert ifs and len(graph.node) <= most_nodes * len(ifs), (len(graph.node), len(ifs))
-    assert sum(n.op_type == "Conv" for n in graph.node) >= 2 * len(ifs)
-    for node in ifs:
+    assert sum(n.op_type == "Conv" for n in graph.node) >= 2
+    for node in ifs:  # then: the streaming form; else: the paper form finished from the convolutions
         branches = {a.name: [n.op_type for n in a.g.node] for a in node.attribute}
         assert "Conv" not in branches["then_branch"] and "Exp" in branches["then_branch"], branches
-        assert len(branches["else_branch"]) <= 4 and "Conv" not in branches["else_branch"], branches
+        assert len(branches["else_branch"]) <= 8 and "Conv" not in branches["else_branch"], branches
 
 
 class Modes(torch.nn.Module):
@@ -102,12 +103,20 @@ def test_layer_all_modes_dynamic_batch_and_size():
 
 class Core(torch.nn.Module):
     """``qna_attention`` (``qna::attention``) with a stride-2 window; padding 2 on a width-2 window
-    leaves the first output column's windows without a pixel inside the image (output 0)."""
+    leaves the first output column's windows without a pixel inside the image (output 0).
+    ``with_lse``: the op's two results through the route the layers take (the translation of ``lse``
+    is a branch of its own, dropped from graphs that do not use it)."""
 
     GEOMETRY = ((3, 2), (2, 1), (1, 2))
 
+    def __init__(self, with_lse: bool = False):
+        super().__init__()
+        self.with_lse = with_lse
+
     def forward(self, logits, values, rpb, scale):
         ks, st, pd = self.GEOMETRY
+        if self.with_lse:
+            return route(ops.attention)(logits, values, rpb, scale, list(ks), list(st), list(pd))
         return qna_attention(logits, values, rpb, scale, kernel_size=ks, stride=st, padding=pd)
 
 
@@ -117,21 +126,40 @@ def test_core_op_stable_for_any_logit_range(logit_scale):
     case = Case(B=2, H=7, W=6, N=2, h=3, d=4, k=(3, 2), s=(2, 1), p=(1, 2))
     batch = Dim("batch")
     program = torch.onnx.export(
-        Core().eval(),
+        Core(with_lse=True).eval(),
         make_inputs(case, dtype=torch.float32),
         dynamo=True,
         dynamic_shapes=({0: batch}, {0: batch}, None, None),
     )
     assert_standard_onnx(program)
     assert_lean(program)
+    if LEAN_ONNX:  # one If per result
+        assert sum(n.op_type == "If" for n in program.model_proto.graph.node) == 2
     for B in (1, 3):
         inputs = make_inputs(dataclasses.replace(case, B=B), dtype=torch.float32, seed=B, logit_scale=logit_scale)
-        got = run_onnx(program, *inputs)[0]
+        got, got_lse = run_onnx(program, *inputs)
         expected = oracle(*inputs, Core.GEOMETRY).float()
         assert torch.isfinite(got).all()
         assert got[:, :, 0].abs().max() == 0  # the empty windows
         torch.testing.assert_close(got, expected, **TOL)
         torch.testing.assert_close(got, Core()(*inputs), **TOL)
+        lse = direct_qna_attention(*(t.double() for t in inputs), *Core.GEOMETRY)[1]
+        assert got_lse.stride() == got_lse.contiguous().stride()  # onnxruntime's own layout
+        assert (got_lse[:, :, 0] == -math.inf).all()  # no pixel in the window
+        torch.testing.assert_close(got_lse, lse.float(), rtol=1e-5, atol=1e-4)
+
+
+def test_lse_dropped_when_unused():
+    """A model that uses only the output (as the layers do) keeps one ``If`` per QnA op, no ``Log``
+    (from torch 2.15; the streaming form before)."""
+    case = Case(B=2, H=7, W=6, N=2, h=3, d=4, k=(3, 2), s=(2, 1), p=(1, 2))
+    with torch.no_grad():
+        program = torch.onnx.export(Core().eval(), make_inputs(case, dtype=torch.float32), dynamo=True)
+    ops_used = [n.op_type for n in program.model_proto.graph.node]
+    if LEAN_ONNX:
+        assert ops_used.count("If") == 1 and "Log" not in ops_used, ops_used
+    else:  # the streaming form, no branches
+        assert "If" not in ops_used and "Exp" in ops_used, ops_used
 
 
 @torch.no_grad()
