@@ -22,14 +22,14 @@ AOTInductor) and ONNX before torch 2.15 use the streaming form alone (see :func:
 
 from __future__ import annotations
 
-from typing import Callable, Dict
+from typing import Callable, Dict, Optional
 
 import torch
 
 from . import ops, reference
 from .layout import compute_dtype, split_packed
 
-__all__ = ["LEAN_ONNX", "decompose", "decompositions", "route"]
+__all__ = ["COMPILED_CPU_STREAMING", "LEAN_ONNX", "compiled_cpu_inference", "decompose", "decompositions", "route"]
 
 
 def _lean(split: Callable, operands, rpb, scale, kernel_size, stride, padding):
@@ -147,19 +147,45 @@ def decompose(program: torch.export.ExportedProgram) -> torch.export.ExportedPro
     return program.run_decompositions(decompositions())
 
 
-def _router(op: Callable, eager: Callable, decomposition: Callable, n_tensors: int) -> Callable:
+# torch 2.11's Dynamo answers ``is_exporting()`` True while compiling too (checked), so it cannot tell
+# ``torch.compile`` from ``torch.export``: there compiled CPU inference keeps the op. 2.12-2.14 unchecked.
+COMPILED_CPU_STREAMING = LEAN_ONNX
+
+
+def compiled_cpu_inference(*tensors: Optional[torch.Tensor]) -> bool:
+    """Whether ``torch.compile`` (not ``torch.export``) is tracing a call on CPU tensors that needs no
+    gradient: there the op is replaced by its streaming form, which Inductor fuses into its own loops
+    (the op itself would run the eager reference as an opaque call). Training keeps the op (its
+    backward is the library's), and so does every export (the op stays one node)."""
+    if not COMPILED_CPU_STREAMING or not torch.compiler.is_compiling() or torch.compiler.is_exporting():
+        return False
+    present = [t for t in tensors if t is not None]
+    if any(t.device.type != "cpu" for t in present):
+        return False
+    return not (torch.is_grad_enabled() and any(t.requires_grad for t in present))
+
+
+def _router(op: Callable, eager: Callable, decomposition: Callable, streaming: Callable, n_tensors: int) -> Callable:
     def call(*args):
         if ops.plain_eager(*args[:n_tensors]):
             return eager(*args)
-        return decomposition(*args) if torch.onnx.is_in_onnx_export() else op(*args)
+        if torch.onnx.is_in_onnx_export():
+            return decomposition(*args)
+        if compiled_cpu_inference(*args[:n_tensors]):
+            return streaming(*args)
+        return op(*args)
 
     return call
 
 
 _ROUTES: Dict[Callable, Callable] = {
-    ops.attention: _router(ops.attention, ops.attention_eager, _DECOMPOSITIONS[ops.attention], 4),
+    ops.attention: _router(ops.attention, ops.attention_eager, _DECOMPOSITIONS[ops.attention], _streaming, 4),
     ops.attention_packed: _router(
-        ops.attention_packed, ops.attention_packed_eager, _DECOMPOSITIONS[ops.attention_packed], 3
+        ops.attention_packed,
+        ops.attention_packed_eager,
+        _DECOMPOSITIONS[ops.attention_packed],
+        _streaming_packed,
+        3,
     ),
 }
 
@@ -168,6 +194,7 @@ def route(op: Callable) -> Callable:
     """How the public entry points call ``op`` (:func:`qna_triton.ops.attention` or
     ``attention_packed``): in plain eager execution its implementation directly
     (:func:`qna_triton.ops.plain_eager`: no dispatcher); while ``torch.onnx.export`` traces the model its
-    decomposition (ONNX has no QnA operator); otherwise (compiling, exporting, under a dispatch mode)
-    the custom op itself."""
+    decomposition (ONNX has no QnA operator); while ``torch.compile`` traces CPU inference the streaming
+    form (:func:`compiled_cpu_inference`); otherwise (compiling for CUDA or for training, exporting,
+    under a dispatch mode) the custom op itself."""
     return _ROUTES[op]

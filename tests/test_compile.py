@@ -133,3 +133,42 @@ def test_compile_fullgraph_no_recompile_on_batch_change(backend, monkeypatch):
             for n, p in model.named_parameters():
                 torch.testing.assert_close(grads[n], p.grad, rtol=1e-4, atol=1e-5, msg=n)
             model.zero_grad()
+
+
+def _compiled_graph_targets(model, x):
+    """``model`` compiled (fullgraph) with a backend that records Dynamo's graph: its call targets."""
+    targets = []
+
+    def backend(gm, example_inputs):
+        targets.extend(str(n.target) for n in gm.graph.nodes if n.op == "call_function")
+        return gm.forward
+
+    return torch.compile(model, backend=backend, fullgraph=True)(x), targets
+
+
+@pytest.mark.parametrize("rectangular", [False, True])
+def test_compile_cpu_inference_decomposes_the_op(rectangular, monkeypatch):
+    """CPU inference under torch.compile traces the op's streaming form (Inductor fuses it); a training
+    call and torch.export keep the op. Same results as eager either way."""
+    monkeypatch.setenv("QNA_TRITON_BACKEND", "auto")
+    torch._dynamo.reset()
+    torch.manual_seed(0)
+    layer = QnA(8, 8, 2, kernel_size=(3, 2) if rectangular else 3, stride=2).eval()
+    x = torch.randn(2, 7, 9, 8)
+    with torch.no_grad():
+        expected = layer(x)
+        got, targets = _compiled_graph_targets(layer, x)
+    from qna_triton.export import COMPILED_CPU_STREAMING
+
+    # torch 2.11 cannot tell compile from export while tracing: there the op stays
+    assert bool([t for t in targets if "qna" in t]) != COMPILED_CPU_STREAMING, targets
+    torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-5)
+
+    torch._dynamo.reset()
+    got, targets = _compiled_graph_targets(layer, x)  # gradients enabled: the op, its backward ours
+    assert [t for t in targets if "qna.attention_packed" in t], targets
+    torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-5)
+
+    with torch.no_grad():
+        program = torch.export.export(layer, (x,))
+    assert [n for n in program.graph.nodes if "qna.attention_packed" in str(n.target)]

@@ -132,8 +132,9 @@ def test_what_must_see_the_op_gets_the_op():
 
 
 def test_compiled_calls_take_the_custom_op():
-    """Under torch.compile the route is the custom op: one node, no graph break."""
-    logits, values, rpb, scale = make_inputs(CASE, dtype=torch.float32)
+    """Under torch.compile the route of a call that needs gradients is the custom op: one node, no
+    graph break (CPU inference takes the streaming form: tests/test_compile.py)."""
+    logits, values, rpb, scale = _leaves(make_inputs(CASE, dtype=torch.float32))
     seen = []
 
     def backend(gm, example_inputs):
