@@ -15,8 +15,7 @@ ort = pytest.importorskip("onnxruntime")
 
 from helpers import DEPLOY_VIT, Case, make_inputs, oracle  # noqa: E402
 
-from qna_triton import ATTN_SCALE_MODES, QnA, qna_attention  # noqa: E402
-from qna_triton import ops  # noqa: E402
+from qna_triton import ATTN_SCALE_MODES, QnA, ops, qna_attention  # noqa: E402
 from qna_triton.export import LEAN_ONNX, decompose, route  # noqa: E402
 from qna_triton.reference import direct_qna_attention  # noqa: E402
 from qna_vit import create_model  # noqa: E402
