@@ -11,8 +11,9 @@ far below it (a range wider than ~60 in float32); a window max-pool detects such
 ``torch.cond`` (ONNX ``If``) then replaces the result by the streaming form of
 :func:`qna_triton.reference.direct_qna_attention` (a maximum per window, stable for any finite logits).
 The convolutions run in the main graph (inside an ``If`` branch onnxruntime ran them ~2x slower); the
-``If`` finishes the paper form from them or, for inputs at risk only, runs the streaming form. :func:`decompose` (an exported program's route, e.g. to
-AOTInductor) and ONNX before torch 2.15 use the streaming form alone (see :func:`_streaming`).
+``If`` finishes the paper form from them or, for inputs at risk only, runs the streaming form.
+:func:`decompose` (an exported program's route, e.g. to AOTInductor) and ONNX before torch 2.15 use
+the streaming form alone (see :func:`_streaming`).
 
 * ``torch.onnx.export(model, (x,), dynamo=True)`` needs nothing: while the exporter traces the model,
   the layer calls the decomposition instead of the op (:func:`route`).
@@ -84,9 +85,12 @@ def _lean(split: Callable, operands, rpb, scale, kernel_size, stride, padding):
 
 def _attention(logits, values, rpb, scale, kernel_size, stride, padding):
     """``qna::attention`` in standard operators: ``(out, lse)`` as the op returns them."""
-    l, v = reference.logits_channels_first(logits), reference.values_channels_first(values)
     dtype = compute_dtype(logits.dtype)
-    out, lse = _lean(lambda l, v: (l, v), (l.to(dtype), v.to(dtype)), rpb, scale, kernel_size, stride, padding)
+    # contiguous: query-minor logits would otherwise give a channels-last view, and both branches of a
+    # cond must return the same strides
+    l = reference.logits_channels_first(logits).to(dtype).contiguous()
+    v = reference.values_channels_first(values).to(dtype).contiguous()
+    out, lse = _lean(lambda l, v: (l, v), (l, v), rpb, scale, kernel_size, stride, padding)
     return out.to(values.dtype), lse
 
 

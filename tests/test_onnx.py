@@ -119,14 +119,16 @@ class Core(torch.nn.Module):
         return qna_attention(logits, values, rpb, scale, kernel_size=ks, stride=st, padding=pd)
 
 
-@pytest.mark.parametrize("logit_scale", [2.0, 1e4], ids=["logits~2", "logits~1e4"])
+@pytest.mark.parametrize(
+    "logit_scale, query_minor", [(2.0, False), (1e4, False), (2.0, True)], ids=["logits~2", "logits~1e4", "query-minor"]
+)
 @torch.no_grad()
-def test_core_op_stable_for_any_logit_range(logit_scale):
+def test_core_op_stable_for_any_logit_range(logit_scale, query_minor):
     case = Case(B=2, H=7, W=6, N=2, h=3, d=4, k=(3, 2), s=(2, 1), p=(1, 2))
     batch = Dim("batch")
     program = torch.onnx.export(
         Core(with_lse=True).eval(),
-        make_inputs(case, dtype=torch.float32),
+        make_inputs(case, dtype=torch.float32, query_minor_logits=query_minor),
         dynamo=True,
         dynamic_shapes=({0: batch}, {0: batch}, None, None),
     )
@@ -135,7 +137,13 @@ def test_core_op_stable_for_any_logit_range(logit_scale):
     if LEAN_ONNX:  # one If per result
         assert sum(n.op_type == "If" for n in program.model_proto.graph.node) == 2
     for B in (1, 3):
-        inputs = make_inputs(dataclasses.replace(case, B=B), dtype=torch.float32, seed=B, logit_scale=logit_scale)
+        inputs = make_inputs(
+            dataclasses.replace(case, B=B),
+            dtype=torch.float32,
+            seed=B,
+            logit_scale=logit_scale,
+            query_minor_logits=query_minor,
+        )
         got, got_lse = run_onnx(program, *inputs)
         expected = oracle(*inputs, Core.GEOMETRY).float()
         assert torch.isfinite(got).all()
