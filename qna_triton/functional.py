@@ -52,6 +52,8 @@ def qna_attention(
     ks = as_pair(kernel_size, "kernel_size", 1)
     st = as_pair(stride, "stride", 1)
     pd = default_padding(ks) if padding is None else as_pair(padding, "padding", 0)
+    if ops.plain_eager(logits, values, rpb, scale):  # checked once per key of the inputs
+        return ops.eager_call(False, logits, values, rpb, scale, ks, st, pd)(logits, values, rpb, scale)[0]
     check_core_inputs(logits, values, rpb, scale, ks, st, pd)
     if rpb is None:
         rpb = logits.new_zeros((ks[0] * ks[1],) + tuple(logits.shape[3:]))

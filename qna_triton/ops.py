@@ -30,8 +30,10 @@ from typing import List, Optional, Tuple
 import torch
 
 from . import reference
-from ._cache import settings
+from ._cache import KeyedCache, settings, tensor_key
+from ._validation import check_core_inputs
 from .layout import compute_dtype, empty_query_minor, is_query_minor, output_size, query_minor, split_packed
+from .tuning.selection import forced_algorithm
 
 BACKENDS = ("auto", "triton", "reference")
 
@@ -255,70 +257,162 @@ def plain_eager(*tensors: Optional[torch.Tensor]) -> bool:
     for t in tensors:
         if t is not None and type(t) not in _PLAIN_TYPES:
             return False
-    return tensors[0].device.type in ("cpu", "cuda")
+    return tensors[0] is not None and tensors[0].device.type in ("cpu", "cuda")
+
+
+class EagerCall:
+    """A plain eager call of one key (:func:`eager_call`): its inputs' checks passed, its backend found
+    and, on the Triton path, its launch plans (``qna_triton.kernels.launch``) kept, so that a call
+    does no more than allocate and launch. ``packed``: the call is :func:`attention_packed`'s (``first``
+    the packed ``qv``, ``values`` None), else :func:`attention`'s (``first`` the logits)."""
+
+    __slots__ = ("packed", "geometry", "rpb_shape", "launch", "fwd_key", "bwd_key", "fwd_plan", "bwd_plan")
+
+    def __init__(self, packed: bool, first, values, rpb, scale, ks: Tuple[int, int], st, pd) -> None:
+        if rpb is None:  # the functional API's missing rpb: zeros, made at each call
+            self.rpb_shape = (ks[0] * ks[1], *first.shape[3:])
+            rpb = first.new_zeros(self.rpb_shape)
+        else:
+            self.rpb_shape = None
+        logits, values = split_packed(first, rpb) if packed else (first, values)
+        check_core_inputs(logits, values, rpb, scale, ks, st, pd)
+        self.packed, self.geometry = packed, (ks, st, pd)
+        # the Triton path's launchers (a module: imported once here, not at every call), or None
+        self.launch = self.fwd_plan = self.bwd_plan = self.fwd_key = self.bwd_key = None
+        if _backend(logits) == "triton":
+            from .kernels import launch
+
+            metas = tuple(map(tensor_key, (logits, values, rpb, scale)))
+            self.launch = launch
+            self.fwd_key = launch.plan_key("fwd", metas, ks, st, pd)
+            self.bwd_key = launch.plan_key(("bwd", packed), metas, ks, st, pd)
+
+    def __call__(self, first, values, rpb, scale) -> Tuple[torch.Tensor, torch.Tensor]:
+        """``(out, lse)``, through autograd where a gradient is needed."""
+        if rpb is None:
+            rpb = first.new_zeros(self.rpb_shape)
+        if torch.is_grad_enabled() and (
+            first.requires_grad
+            or rpb.requires_grad
+            or (values is not None and values.requires_grad)
+            or (scale is not None and scale.requires_grad)
+        ):
+            return _EagerAttention.apply(self, first, values, rpb, scale)
+        return self.forward(first, values, rpb, scale, None)
+
+    def tables(self, rpb: torch.Tensor, scale: Optional[torch.Tensor]):
+        """The Triton path's ``rpb`` and ``scale`` tables (``kernels.launch.kernel_tables``), else None."""
+        return None if self.launch is None else self.launch.kernel_tables(rpb, scale)
+
+    def forward(self, first, values, rpb, scale, tables) -> Tuple[torch.Tensor, torch.Tensor]:
+        """The op's forward; ``tables`` (:meth:`tables`) where the caller made them."""
+        logits, values = split_packed(first, rpb) if self.packed else (first, values)
+        launch = self.launch
+        if launch is None:
+            return _forward_impl(logits, values, rpb, scale, *self.geometry)
+        if tables is None:
+            tables = launch.kernel_tables(rpb, scale)
+        plan = self.fwd_plan
+        if plan is not None:
+            return plan.run(logits, values, *tables)
+        out_lse = launch.qna_forward(logits, values, rpb, scale, *self.geometry, tables=tables, key=self.fwd_key)
+        self.fwd_plan = launch.forward_plan(self.fwd_key)  # described by that call (None where it could not be)
+        return out_lse
+
+    def backward(self, grad_out, first, values, rpb, scale, lse, tables) -> Tuple[Optional[torch.Tensor], ...]:
+        """The op's backward: the gradients of ``first``, ``values`` (None when packed), ``rpb`` and
+        ``scale`` (None without one). On the Triton path ``drpb`` and ``dscale`` are two halves of one
+        tensor (:func:`~qna_triton.kernels.launch.qna_backward`'s ``shared``)."""
+        logits, values = split_packed(first, rpb) if self.packed else (first, values)
+        launch = self.launch
+        if launch is None:
+            g = grad_out.contiguous()
+            grads = _backward_impl(g, logits, values, rpb, scale, lse, *self.geometry, self.packed)
+        elif self.bwd_plan is not None:
+            grads = self.bwd_plan.run(grad_out, logits, values, rpb, scale, lse, tables, self.packed, True)
+        else:
+            grads = launch.qna_backward(
+                grad_out, logits, values, rpb, scale, lse, *self.geometry,
+                packed_grad=self.packed, tables=tables, key=self.bwd_key, shared=True,
+            )  # fmt: skip
+            self.bwd_plan = launch.backward_plan(self.bwd_key)
+        *inputs, dr, da = grads
+        if self.packed:
+            inputs.append(None)
+        return (*inputs, dr, None if scale is None else da)
+
+
+_EAGER_CALLS = KeyedCache("eager calls")
+
+
+def eager_call(packed: bool, first, values, rpb, scale, ks, st, pd) -> EagerCall:
+    """The :class:`EagerCall` of these arguments, made (and the inputs checked, raising by name) at the
+    first call of their key: the tensors' :func:`tensor_key`, the geometry and the environment's
+    settings (a forced algorithm too)."""
+    key = (
+        packed,
+        tensor_key(first),
+        tensor_key(values),
+        tensor_key(rpb),
+        tensor_key(scale),
+        ks,
+        st,
+        pd,
+        settings(),
+        forced_algorithm(),
+    )
+    call = _EAGER_CALLS.get(key)
+    if call is None:
+        call = _EAGER_CALLS.put(key, EagerCall(packed, first, values, rpb, scale, ks, st, pd))
+    return call
 
 
 class _EagerAttention(torch.autograd.Function):
-    """:func:`attention` (``packed`` False: ``first`` the logits) or :func:`attention_packed` (``packed``
-    True: ``first`` the packed ``qv``, ``values`` None) as a plain autograd function: the forward and
-    backward implementations of the custom ops, called without the dispatcher. Like the custom ops'
-    backward, its backward is not differentiable."""
+    """An :class:`EagerCall` as a plain autograd function: the forward and backward implementations of
+    the custom ops, called without the dispatcher. Like the custom ops' backward, its backward is not
+    differentiable."""
 
     @staticmethod
-    def forward(ctx, packed, first, values, rpb, scale, kernel_size, stride, padding):
-        logits, values = split_packed(first, rpb) if packed else (first, values)
-        tables = _kernel_tables(logits, rpb, scale)
-        out, lse = _forward_impl(logits, values, rpb, scale, kernel_size, stride, padding, tables)
-        ctx.save_for_backward(first, values if not packed else None, rpb, scale, lse)
+    def forward(ctx, call: EagerCall, first, values, rpb, scale):
         # the tables as the kernels read them, made once for both passes (the saved rpb and scale are
         # checked unmodified by autograd, so they still hold what the tables were made of)
-        ctx.packed, ctx.geometry, ctx.tables = packed, (kernel_size, stride, padding), tables
+        tables = call.tables(rpb, scale)
+        out, lse = call.forward(first, values, rpb, scale, tables)
+        ctx.save_for_backward(first, values, rpb, scale, lse)
+        ctx.call, ctx.tables = call, tables
         ctx.mark_non_differentiable(lse)
         ctx.set_materialize_grads(False)
         return out, lse
 
     @staticmethod
-    @torch.autograd.function.once_differentiable
     def backward(ctx, grad_out, _grad_lse):
-        if grad_out is None:  # the output's gradient is undefined (grads are not materialised): zero
-            return (None,) * 8
-        first, values, rpb, scale, lse = ctx.saved_tensors
-        if ctx.packed:
-            logits, values = split_packed(first, rpb)
-        else:
-            logits = first
-        grads = _backward_impl(
-            grad_out.contiguous(), logits, values, rpb, scale, lse, *ctx.geometry, ctx.packed, ctx.tables
-        )
-        *inputs, dr, da = grads
-        if ctx.packed:
-            inputs.append(None)
-        return (None, *inputs, dr, None if scale is None else da, None, None, None)
+        if torch.is_grad_enabled():  # a graph of the backward is asked for (create_graph): refused
+            return _backward_once(ctx, grad_out, _grad_lse)
+        return _eager_backward(ctx, grad_out, _grad_lse)
 
 
-def _kernel_tables(logits: torch.Tensor, rpb: torch.Tensor, scale: Optional[torch.Tensor]):
-    """The Triton path's ``rpb`` and ``scale`` tables (``kernels.launch.kernel_tables``) where that path
-    runs for ``logits``, else None."""
-    if _backend(logits) != "triton":
-        return None
-    from .kernels.launch import kernel_tables
-
-    return kernel_tables(rpb, scale)
+def _eager_backward(ctx, grad_out, _grad_lse):
+    if grad_out is None:  # the output's gradient is undefined (grads are not materialised): zero
+        return (None,) * 5
+    return (None, *ctx.call.backward(grad_out, *ctx.saved_tensors, ctx.tables))
 
 
-def _needs_grad(*tensors: Optional[torch.Tensor]) -> bool:
-    return torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors)
+# ``once_differentiable`` around every backward would cost a grad-mode context per call: only where a
+# graph of the backward is asked for does it run, and its result raises when differentiated
+_backward_once = torch.autograd.function.once_differentiable(_eager_backward)
+
+
+def _as_tuple(v) -> tuple:
+    return v if type(v) is tuple else tuple(v)
 
 
 def attention_eager(logits, values, rpb, scale, kernel_size, stride, padding):
     """:func:`attention` for a plain eager call (see :func:`plain_eager`)."""
-    if _needs_grad(logits, values, rpb, scale):
-        return _EagerAttention.apply(False, logits, values, rpb, scale, kernel_size, stride, padding)
-    return _forward_impl(logits, values, rpb, scale, kernel_size, stride, padding)
+    geometry = _as_tuple(kernel_size), _as_tuple(stride), _as_tuple(padding)
+    return eager_call(False, logits, values, rpb, scale, *geometry)(logits, values, rpb, scale)
 
 
 def attention_packed_eager(qv, rpb, scale, kernel_size, stride, padding):
     """:func:`attention_packed` for a plain eager call (see :func:`plain_eager`)."""
-    if _needs_grad(qv, rpb, scale):
-        return _EagerAttention.apply(True, qv, None, rpb, scale, kernel_size, stride, padding)
-    return _forward_impl(*split_packed(qv, rpb), rpb, scale, kernel_size, stride, padding)
+    geometry = _as_tuple(kernel_size), _as_tuple(stride), _as_tuple(padding)
+    return eager_call(True, qv, None, rpb, scale, *geometry)(qv, None, rpb, scale)

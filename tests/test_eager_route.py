@@ -58,7 +58,7 @@ def test_eager_route_equals_the_custom_op(backend, with_scale, monkeypatch):
     assert "qna.attention.default" in mode.names
 
     calls = []
-    monkeypatch.setattr(ops, "_backward_impl", lambda *a: calls.append(1) or _backward(*a))
+    monkeypatch.setattr(ops.EagerCall, "backward", lambda *a: calls.append(1) or _backward(*a))
     out, grads = _outputs_and_grads(lambda *t: qna_attention(*t, kernel_size=3), inputs, g)
     assert calls == [1]  # the route's own backward ran
     assert torch.equal(out, op_out)
@@ -68,7 +68,7 @@ def test_eager_route_equals_the_custom_op(backend, with_scale, monkeypatch):
             assert torch.equal(got, want)
 
 
-_backward = ops._backward_impl
+_backward = ops.EagerCall.backward
 
 
 @pytest.mark.parametrize("backend", ["reference", "triton"])

@@ -313,6 +313,7 @@ def qna_bwd_kernel(
     WIDE: tl.constexpr,
     L_HN: tl.constexpr,
     V_HD: tl.constexpr,
+    DL_QM: tl.constexpr,
     L_ALIGN: tl.constexpr,
     V_ALIGN: tl.constexpr,
     BLOCK_P: tl.constexpr,
@@ -333,6 +334,10 @@ def qna_bwd_kernel(
     NH = NQ * HEADS
     K = KH * KW
     part_row = pid.to(tl.int64) * K * NH
+    if DL_QM:  # dl stored query-minor, as the tables
+        nh_dl = nh_r
+    else:  # each pixel's [N, h] block contiguous (the gradient of contiguous logits)
+        nh_dl = tl.arange(0, BLOCK_N)[:, None] * HEADS + (pid_h * BLOCK_H + tl.arange(0, BLOCK_H))[None, :]
 
     for it in range(TILES_PER_PROGRAM):
         tile = pid + it * num_progs
@@ -391,7 +396,7 @@ def qna_bwd_kernel(
                     tl.atomic_add(DA_PART + part, tl.sum(pt, axis=0), mask=nh_mask, sem="relaxed")
         # dl and dv may be the two column ranges of one packed [B, H, W, N*h + h*d] gradient
         tl.store(
-            DL + offs_p[:, None, None] * DL_PIX_STRIDE + nh_r[None, :, :],
+            DL + offs_p[:, None, None] * DL_PIX_STRIDE + nh_dl[None, :, :],
             dl.to(DL.dtype.element_ty),
             mask=mask_p[:, None, None] & nh_mask[None, :, :],
         )

@@ -211,6 +211,7 @@ def _direct_tile_gradients(
     WIDE: tl.constexpr,
     L_HN: tl.constexpr,
     V_HD: tl.constexpr,
+    DL_QM: tl.constexpr,
     BLOCK_W: tl.constexpr,
     BLOCK_R: tl.constexpr,
     BLOCK_N: tl.constexpr,
@@ -229,6 +230,10 @@ def _direct_tile_gradients(
     nh_mask, nh_l, nh_r, hd_mask, hd_v, hd_g = _head_blocks(
         j, NQ, HEADS, D, sl_n, sl_j, sv_j, sv_t, BLOCK_N, 1, BLOCK_D, WIDE, L_HN, V_HD
     )
+    if DL_QM:  # dl stored query-minor, as the tables
+        nh_dl = nh_r
+    else:  # each pixel's [N, h] block contiguous (the gradient of contiguous logits)
+        nh_dl = tl.arange(0, BLOCK_N)[:, None] * HEADS + j
     for q0 in range(0, BLOCK_W * BLOCK_R, FALLBACK_P):
         py, px, mask_p, offs_p = _sub_tile(q0, b, rb, cb, H, W, BLOCK_R, BLOCK_W, FALLBACK_P)
         l_p = tl.load(
@@ -273,7 +278,7 @@ def _direct_tile_gradients(
                 if HAS_SCALE:
                     tl.store(DA_TILE + srow, tl.load(DA_TILE + srow, mask=nh_mask) + tl.sum(pt, axis=0), mask=nh_mask)
         tl.store(
-            DL + offs_p[:, None, None] * DL_PIX_STRIDE + nh_r[None, :, :],
+            DL + offs_p[:, None, None] * DL_PIX_STRIDE + nh_dl[None, :, :],
             dl.to(DL.dtype.element_ty),
             mask=mask_p[:, None, None] & nh_mask[None, :, :],
         )
@@ -314,6 +319,7 @@ def qna_banded_bwd_kernel(
     WIDE: tl.constexpr,
     L_HN: tl.constexpr,
     V_HD: tl.constexpr,
+    DL_QM: tl.constexpr,
     L_ALIGN: tl.constexpr,
     V_ALIGN: tl.constexpr,
     BLOCK_W: tl.constexpr,
@@ -470,7 +476,10 @@ def qna_banded_bwd_kernel(
                         mask=pix_ok[:, None, :] & (dd < D)[None, :, None],
                     )
                 redo = tl.maximum(redo, _any_nonfinite2(tl.reshape(dl_t, (BLOCK_N * BLOCK_R, BLOCK_W))))
-                dl_ptr = DL + pix[None, :, :] * DL_PIX_STRIDE + j * NQ + offs_n[:, None, None]
+                if DL_QM:
+                    dl_ptr = DL + pix[None, :, :] * DL_PIX_STRIDE + j * NQ + offs_n[:, None, None]
+                else:
+                    dl_ptr = DL + pix[None, :, :] * DL_PIX_STRIDE + j + offs_n[:, None, None] * HEADS
                 tl.store(dl_ptr, dl_t.to(DL.dtype.element_ty), mask=pix_ok[None, :, :] & (offs_n < NQ)[:, None, None])
             if redo > 0:
                 # the direct algorithm for this tile (backward.py's pairs), over sub-tiles of pixels; its
@@ -523,6 +532,7 @@ def qna_banded_bwd_kernel(
                     WIDE,
                     L_HN,
                     V_HD,
+                    DL_QM,
                     BLOCK_W,
                     BLOCK_R,
                     BLOCK_N,

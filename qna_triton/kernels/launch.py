@@ -20,7 +20,7 @@ import torch
 import triton
 
 from .._cache import KeyedCache, clear_all, settings, tensor_key
-from ..layout import Pair, empty_query_minor, output_size, query_minor
+from ..layout import Pair, empty_query_minor, is_query_minor, output_size, query_minor
 from ..tuning import KernelConfig, check_banded_tiles, get_config, halo_chunk, heuristic_config
 from ..tuning.selection import forced_algorithm, target_of
 from ..tuning.targets import is_rocm
@@ -39,6 +39,7 @@ from .forward import qna_fwd_kernel
 
 __all__ = [
     "kernel_tables",
+    "plan_key",
     "qna_forward",
     "qna_backward",
     "Problem",
@@ -556,16 +557,14 @@ class BackwardLaunches:
     lse: Optional[torch.Tensor] = None
     delta_out: Optional[torch.Tensor] = None
 
-    def reduce(self) -> Tuple[torch.Tensor, Optional[torch.Tensor]]:
-        """``(drpb, dscale or None)`` in the tables' ``[K, N, h]`` layout: the partial rows summed in
-        a fixed order."""
-        sums = self.partial_sums.sum(1)
-        drpb = _untable(sums[0], self.rpb_dtype)
-        return drpb, (_untable(sums[1], self.scale_dtype) if self.scale_dtype is not None else None)
+    def reduce(self, shared: bool = False) -> Tuple[torch.Tensor, Optional[torch.Tensor]]:
+        """``(drpb, dscale or None)`` (:func:`_reduce_rows`)."""
+        return _reduce_rows(self.partial_sums, self.rpb_dtype, self.scale_dtype, shared)
 
-    def run(self) -> Tuple[torch.Tensor, ...]:
+    def run(self, shared: bool = False) -> Tuple[torch.Tensor, ...]:
         """Both launches, then the results of :func:`qna_backward` (a banded launch that does not
-        compile is replaced by the direct kernel's, see :func:`_launched`)."""
+        compile is replaced by the direct kernel's, see :func:`_launched`; ``shared``: see
+        :func:`_reduce_rows`)."""
         p = self.p
         _, _, _, _, h = p.logits.shape
         d = p.values.shape[-1]
@@ -584,16 +583,26 @@ class BackwardLaunches:
                 )
                 self.partial_sums = rows["partial_sums"]
                 self.main()
-        drpb, dscale = self.reduce()
-        if self.dqv is not None:
-            return self.dqv, drpb, dscale
-        B, H, W, N, _ = p.logits.shape
-        return (
-            self.dl.view(B, H, W, h, N).transpose(-1, -2),
-            self.dv.view(B, H, W, h, d),
-            drpb,
-            dscale,
-        )
+        drpb, dscale = self.reduce(shared)
+        return (self.dqv, drpb, dscale) if self.dqv is not None else (self.dl, self.dv, drpb, dscale)
+
+
+def _reduce_rows(
+    partial_sums: torch.Tensor, rpb_dtype: torch.dtype, scale_dtype: Optional[torch.dtype], shared: bool
+) -> Tuple[torch.Tensor, Optional[torch.Tensor]]:
+    """``(drpb, dscale or None)``, contiguous in the tables' ``[K, N, h]`` order and dtypes: the
+    partial-sum rows ``[1 or 2, programs, K, h, N]`` summed over the programs in a fixed order (one
+    reduction, whose output is contiguous whatever the input's order). With ``shared``, float32
+    ``drpb`` and ``dscale`` are two halves of one tensor (the eager route's autograd takes them so);
+    else they never share memory (custom ops may not return aliases)."""
+    sums = partial_sums.permute(0, 1, 2, 4, 3).sum(1)
+    grads = sums.unbind(0)
+    dr = grads[0] if rpb_dtype == torch.float32 else grads[0].to(rpb_dtype)
+    if scale_dtype is None:
+        return dr, None
+    if scale_dtype != torch.float32:
+        return dr, grads[1].to(scale_dtype)
+    return dr, (grads[1] if shared or dr is not grads[0] else grads[1].clone())
 
 
 def main_backward_launch(
@@ -605,8 +614,9 @@ def main_backward_launch(
     dl: torch.Tensor,
     dv: torch.Tensor,
 ) -> Tuple[KernelLaunch, torch.Tensor, Optional[torch.Tensor]]:
-    """The main backward kernel's launch (direct, or banded at stride 1) writing ``dl`` ``[B,H,W,h*N]``
-    and ``dv`` ``[B,H,W,h*d]`` (pixel-strided views), and its ``dr`` / ``da`` partial-sum rows
+    """The main backward kernel's launch (direct, or banded at stride 1) writing ``dl`` and ``dv`` (each
+    pixel's ``[h, N]`` and ``[h, d]`` block at the tensor's pixel stride ``stride(2)``, e.g. the parts
+    of a packed gradient: :func:`_grad_buffers`), and its ``dr`` / ``da`` partial-sum rows
     ``[programs, K, h, N]`` (``da`` None without a scale): ``(launch, dr_part, da_part)``."""
     launch, rows = _main_backward_launch(p, cfg, g, lse, delta, dl, dv)
     return launch, rows["dr_part"], rows["da_part"]
@@ -621,13 +631,21 @@ def _partial_rows(
     and, for the banded kernel, its scratch rows (``dr_tile``, ``da_tile``; else None)."""
     parts = 2 if has_scale else 1
     rows = torch.empty((2 * parts if banded else parts, *shape), device=device, dtype=torch.float32)
+    views = rows.unbind(0)  # one call for every row (indexing costs a call each)
     return dict(
         partial_sums=rows[:parts] if banded else rows,
-        dr_part=rows[0],
-        da_part=rows[1] if has_scale else None,
-        dr_tile=rows[parts] if banded else None,
-        da_tile=rows[parts + 1] if banded and has_scale else None,
+        dr_part=views[0],
+        da_part=views[1] if has_scale else None,
+        dr_tile=views[parts] if banded else None,
+        da_tile=views[parts + 1] if banded and has_scale else None,
     )
+
+
+def _dl_query_minor(dl: torch.Tensor) -> bool:
+    """Whether the main backward kernel writes ``dl`` query-minor (a packed gradient's ``[B, H, W, h*N]``
+    part, or a query-minor ``[B, H, W, N, h]``; also where ``N`` or ``h`` is 1 and the two orders are
+    one) rather than with each pixel's ``[N, h]`` block contiguous."""
+    return dl.dim() == 4 or is_query_minor(dl) or dl.shape[-1] == 1 or dl.shape[-2] == 1
 
 
 def _main_backward_launch(
@@ -664,6 +682,7 @@ def _main_backward_launch(
         NUM_TILES=num_tiles,
         DL_PIX_STRIDE=dl.stride(2),
         DV_PIX_STRIDE=dv.stride(2),
+        DL_QM=_dl_query_minor(dl),
         **blocks,
     )
 
@@ -700,41 +719,27 @@ def backward_launches(
     delta_config: Optional[KernelConfig] = None,
     packed_grad: bool = False,
     tables: Optional[Tables] = None,
+    key: Optional[tuple] = None,
 ) -> BackwardLaunches:
-    """The launches of :func:`qna_backward` (nothing launched yet; every check done). Where the configs
-    are chosen (not given), the launches are described once per key (:func:`_plan_key`) and rebuilt
-    from that description at later calls."""
+    """The launches of :func:`qna_backward` (nothing launched yet; every check done), described afresh.
+    Where the configs are chosen (not given) and ``key`` (:func:`_plan_key`) is given, the description
+    is filed under it (:class:`_BackwardPlan`), which later calls of the key run instead."""
     ks, st, pd = tuple(ks), tuple(st), tuple(pd)
     g = grad_out.contiguous()
     lse = query_minor(lse)
-    explicit = config is not None or delta_config is not None
-    key = None if explicit else _plan_key(("bwd", packed_grad), logits, values, rpb, scale, ks, st, pd)
-    plan = _BACKWARD_PLANS.get(key)
-    if plan is not None:
-        p = Problem.with_args(logits, values, rpb, scale, ks, st, pd, plan.args, tables)
-        cfg, dcfg = plan.main_cfg, plan.delta_cfg
-        delta_out = torch.empty_strided(*plan.delta_out, device=logits.device, dtype=torch.float32)
-        dqv, dl, dv = _grad_buffers(logits, values, packed_grad)
-        rows = _partial_rows(plan.rows_shape, logits.device, scale is not None, plan.main_cfg.algo == "banded")
+    p = Problem.of(logits, values, rpb, scale, ks, st, pd, tables=tables)
+    # explicit configs (the autotuner's candidates) run as given, or raise: only chosen ones fall back
+    cfg = config or _direct_if_uncompilable("bwd", p, get_config("bwd", logits, values, ks, st, pd))
+    dcfg = delta_config or _direct_if_uncompilable("bwd_delta", p, get_config("bwd_delta", logits, values, ks, st, pd))
+    delta, delta_out = delta_launch(p, dcfg, g, lse)
+    dqv, dl, dv = _grad_buffers(logits, values, packed_grad)
+    main, rows = _main_backward_launch(p, cfg, g, lse, delta_out, dl, dv)
+    if key is not None and config is None and delta_config is None:
         buffers = _buffers(p, g=g, lse=lse, delta=delta_out, dl=dl, dv=dv, **rows)
-        delta, main = plan.delta.bind(buffers), plan.main.bind(buffers)
-    else:
-        p = Problem.of(logits, values, rpb, scale, ks, st, pd, tables=tables)
-        # explicit configs (the autotuner's candidates) run as given, or raise: only chosen ones fall back
-        cfg = config or _direct_if_uncompilable("bwd", p, get_config("bwd", logits, values, ks, st, pd))
-        dcfg = delta_config or _direct_if_uncompilable(
-            "bwd_delta", p, get_config("bwd_delta", logits, values, ks, st, pd)
-        )
-        delta, delta_out = delta_launch(p, dcfg, g, lse)
-        dqv, dl, dv = _grad_buffers(logits, values, packed_grad)
-        main, rows = _main_backward_launch(p, cfg, g, lse, delta_out, dl, dv)
-        if key is not None:
-            buffers = _buffers(p, g=g, lse=lse, delta=delta_out, dl=dl, dv=dv, **rows)
-            templates = LaunchTemplate.of(delta, buffers), LaunchTemplate.of(main, buffers)
-            if None not in templates:
-                shape = tuple(rows["dr_part"].shape)
-                shapes = (delta_out.shape, delta_out.stride()), shape
-                _BACKWARD_PLANS.put(key, _BackwardPlan(p.args, dcfg, cfg, *templates, *shapes))
+        templates = LaunchTemplate.of(delta, buffers), LaunchTemplate.of(main, buffers)
+        if None not in templates:
+            shapes = (delta_out.shape, delta_out.stride()), tuple(rows["dr_part"].shape)
+            _BACKWARD_PLANS.put(key, _BackwardPlan(p.args, (ks, st, pd), dcfg, cfg, *templates, *shapes))
     return BackwardLaunches(
         p,
         delta,
@@ -756,30 +761,57 @@ def backward_launches(
 def _grad_buffers(
     logits: torch.Tensor, values: torch.Tensor, packed: bool
 ) -> Tuple[Optional[torch.Tensor], torch.Tensor, torch.Tensor]:
-    """``(dqv, dl [B,H,W,h*N], dv [B,H,W,h*d])``: with ``packed``, ``dl`` and ``dv`` are the two parts of
-    one ``dqv [B,H,W,h*N + h*d]``; else two tensors (``dqv`` None)."""
+    """``(dqv, dl, dv)``, what the main backward kernel writes (each pixel's block at the tensor's
+    pixel stride): with ``packed``, ``dl`` and ``dv`` are the two parts of one ``dqv [B,H,W,h*N + h*d]``;
+    else ``dqv`` is None, ``dl`` a ``[B,H,W,N,h]`` in the logits' layout (query-minor for query-minor
+    logits, else contiguous) and ``dv`` a ``[B,H,W,h,d]``, the gradients as returned."""
     B, H, W, N, h = logits.shape
     d = values.shape[-1]
     if packed:
         dqv = torch.empty((B, H, W, N * h + h * d), device=logits.device, dtype=logits.dtype)
-        return dqv, dqv[..., : N * h], dqv[..., N * h :]
-    dl = torch.empty((B, H, W, h * N), device=logits.device, dtype=logits.dtype)
-    return None, dl, torch.empty((B, H, W, h * d), device=values.device, dtype=values.dtype)
+        return (dqv, *dqv.split((N * h, h * d), -1))
+    if is_query_minor(logits):
+        dl = empty_query_minor((B, H, W, N, h), device=logits.device, dtype=logits.dtype)
+    else:
+        dl = torch.empty((B, H, W, N, h), device=logits.device, dtype=logits.dtype)
+    return None, dl, torch.empty((B, H, W, h, d), device=values.device, dtype=values.dtype)
 
 
 # ---------------------------------------------------------------------- launches described once per key
 @dataclass(frozen=True, eq=False)
 class _ForwardPlan:
+    """The forward of one key (:func:`_plan_key`) as described at its first call: :meth:`run` allocates
+    the outputs and launches, with nothing derived again."""
+
     args: Dict[str, Any]  # Problem.args
+    geometry: Tuple[Pair, Pair, Pair]  # ks, st, pd
     cfg: KernelConfig
     launch: LaunchTemplate
     out: Tuple[Tuple[int, ...], Tuple[int, ...]]  # the output's shape and (contiguous) strides
     lse: Tuple[Tuple[int, ...], Tuple[int, ...]]  # lse's shape and (query-minor) strides
 
+    def run(self, logits: torch.Tensor, values: torch.Tensor, r: torch.Tensor, a: Optional[torch.Tensor]):
+        """:func:`qna_forward` of inputs of this key, ``r`` and ``a`` their tables."""
+        # empty_strided with the strides known: a third of torch.empty's host time
+        out = torch.empty_strided(*self.out, device=values.device, dtype=values.dtype)
+        lse = torch.empty_strided(*self.lse, device=logits.device, dtype=torch.float32)
+        launch = self.launch.bind(dict(logits=logits, values=values, r=r, a=a, out=out, lse=lse))
+        try:
+            launch()
+        except _compile_errors() as exc:
+            p = Problem(logits, values, r, a, *self.geometry, self.args)
+            _not_compiled("fwd", exc, p, self.cfg)
+            launch, out, lse = forward_launch(p, heuristic_config("fwd", p.sizes["h"], p.sizes["d"]))
+            launch()
+        return out, lse
+
 
 @dataclass(frozen=True, eq=False)
 class _BackwardPlan:
+    """The backward of one key, as :class:`_ForwardPlan` is the forward's."""
+
     args: Dict[str, Any]  # Problem.args
+    geometry: Tuple[Pair, Pair, Pair]
     delta_cfg: KernelConfig
     main_cfg: KernelConfig
     delta: LaunchTemplate
@@ -787,17 +819,67 @@ class _BackwardPlan:
     delta_out: Tuple[Tuple[int, ...], Tuple[int, ...]]  # D's shape and (query-minor) strides
     rows_shape: Tuple[int, ...]  # of the main kernel's partial-sum rows: [programs, K, h, N]
 
+    def run(
+        self,
+        grad_out: torch.Tensor,
+        logits: torch.Tensor,
+        values: torch.Tensor,
+        rpb: torch.Tensor,
+        scale: Optional[torch.Tensor],
+        lse: torch.Tensor,
+        tables: Tables,
+        packed: bool,
+        shared: bool,
+    ) -> Tuple[torch.Tensor, ...]:
+        """:func:`qna_backward` of inputs of this key, ``tables`` those of ``rpb`` and ``scale``."""
+        g = grad_out.contiguous()
+        if lse.stride() != self.delta_out[1]:  # D is stored as lse must be
+            lse = query_minor(lse)
+        r, a = tables
+        dev = logits.device
+        delta_out = torch.empty_strided(*self.delta_out, device=dev, dtype=torch.float32)
+        dqv, dl, dv = _grad_buffers(logits, values, packed)
+        rows = _partial_rows(self.rows_shape, dev, a is not None, self.main_cfg.algo == "banded")
+        buffers = dict(logits=logits, values=values, r=r, a=a, g=g, lse=lse, delta=delta_out, dl=dl, dv=dv, **rows)
+        for kernel, template, cfg in (("bwd_delta", self.delta, self.delta_cfg), ("bwd", self.main, self.main_cfg)):
+            try:
+                template.bind(buffers)()
+            except _compile_errors() as exc:
+                _not_compiled(kernel, exc, Problem(logits, values, r, a, *self.geometry, self.args), cfg)
+                # described afresh without that variant (the caches were emptied)
+                launches = backward_launches(
+                    g, logits, values, rpb, scale, lse, *self.geometry, None, None, packed, tables
+                )
+                return launches.run(shared)
+        drpb, dscale = _reduce_rows(rows["partial_sums"], rpb.dtype, None if scale is None else scale.dtype, shared)
+        return (dqv, drpb, dscale) if packed else (dl, dv, drpb, dscale)
+
 
 _FORWARD_PLANS = KeyedCache("forward launches")
 _BACKWARD_PLANS = KeyedCache("backward launches")
 
 
+def forward_plan(key: tuple) -> Optional[_ForwardPlan]:
+    """The forward's plan filed under ``key`` (:func:`plan_key`), where one is."""
+    return _FORWARD_PLANS.get(key)
+
+
+def backward_plan(key: tuple) -> Optional[_BackwardPlan]:
+    """The backward's plan filed under ``key`` (:func:`plan_key`), where one is."""
+    return _BACKWARD_PLANS.get(key)
+
+
 def _plan_key(kind: Any, logits, values, rpb, scale, ks: Pair, st: Pair, pd: Pair) -> tuple:
-    """What a chosen launch depends on: the tensors (:func:`tensor_key`), the geometry, the environment's
+    """:func:`plan_key` of these tensors."""
+    return plan_key(kind, tuple(map(tensor_key, (logits, values, rpb, scale))), ks, st, pd)
+
+
+def plan_key(kind: Any, metas: tuple, ks: Pair, st: Pair, pd: Pair) -> tuple:
+    """What a chosen launch depends on: ``kind`` (``"fwd"``, or ``("bwd", packed_grad)``), the
+    :func:`tensor_key` of logits, values, rpb and scale (``metas``), the geometry, the environment's
     settings and a forced algorithm (:func:`~qna_triton.tuning.kernel_algorithm`). The tuned files, the
     variants found not to compile and the GPU are read when a plan is made; a change of the first two
-    empties the plans (``tuning.clear_cache``, :func:`_launched`)."""
-    metas = tuple(map(tensor_key, (logits, values, rpb, scale)))
+    empties the plans (``tuning.clear_cache``, :func:`_not_compiled`)."""
     return (kind, settings(), forced_algorithm(), metas, tuple(ks), tuple(st), tuple(pd))
 
 
@@ -858,29 +940,37 @@ def _direct_if_uncompilable(kernel: str, p: Problem, cfg: KernelConfig) -> Kerne
 
 
 def _launched(kernel: str, launch: KernelLaunch, p: Problem, cfg: KernelConfig) -> bool:
-    """Runs ``launch``; False (and warns once) where it is a banded variant this target's compiler
+    """Runs ``launch``; False (:func:`_not_compiled`) where it is a banded variant this target's compiler
     rejects, so that the caller runs the direct algorithm instead. Other errors propagate."""
     try:
         launch()
         return True
     except _compile_errors() as exc:
-        if cfg.algo != "banded" or not _is_compile_error(exc):
-            raise
-        _UNCOMPILABLE[_variant_key(kernel, p, cfg)] = f"{type(exc).__name__}: {exc}"
-        clear_all()  # the launches described with this variant: chosen afresh, without it
-        target = target_of(p.logits.device).describe()
-        tag = (kernel, target, triton.__version__)
-        if tag not in _WARNED:
-            _WARNED.add(tag)
-            first = (str(exc).strip().splitlines() or [""])[0][:200]
-            warnings.warn(
-                f"qna_triton: the banded {kernel} kernel does not compile for {target} under Triton "
-                f"{triton.__version__} ({type(exc).__name__}: {first}); this problem runs the direct "
-                f"algorithm instead",
-                RuntimeWarning,
-                stacklevel=3,
-            )
+        _not_compiled(kernel, exc, p, cfg)
         return False
+
+
+def _not_compiled(kernel: str, exc: BaseException, p: Problem, cfg: KernelConfig) -> None:
+    """Handles ``exc``, raised by a launch of ``kernel`` with ``cfg``: re-raises it unless it says that a
+    banded variant does not compile (:func:`_is_compile_error`); then files the variant as uncompilable,
+    empties the caches (the launches described with it are chosen afresh, without it) and warns once
+    per (kernel, target, Triton release)."""
+    if cfg.algo != "banded" or not _is_compile_error(exc):
+        raise exc
+    _UNCOMPILABLE[_variant_key(kernel, p, cfg)] = f"{type(exc).__name__}: {exc}"
+    clear_all()
+    target = target_of(p.logits.device).describe()
+    tag = (kernel, target, triton.__version__)
+    if tag not in _WARNED:
+        _WARNED.add(tag)
+        first = (str(exc).strip().splitlines() or [""])[0][:200]
+        warnings.warn(
+            f"qna_triton: the banded {kernel} kernel does not compile for {target} under Triton "
+            f"{triton.__version__} ({type(exc).__name__}: {first}); this problem runs the direct "
+            f"algorithm instead",
+            RuntimeWarning,
+            stacklevel=4,
+        )
 
 
 def qna_forward(
@@ -893,32 +983,30 @@ def qna_forward(
     pd: Pair,
     config: Optional[KernelConfig] = None,
     tables: Optional[Tables] = None,
+    key: Optional[tuple] = None,
 ) -> Tuple[torch.Tensor, torch.Tensor]:
     """Fused forward: ``(out [B,Ho,Wo,h,d] in the values' dtype, lse [B,Ho,Wo,N,h] float32)``; ``lse``
     is stored query-minor (:func:`query_minor`). ``tables``: :func:`kernel_tables` of ``rpb`` and
-    ``scale``, where the caller made them."""
+    ``scale``, where the caller made them; ``key``: :func:`plan_key` of the inputs, where the caller
+    has it."""
     if config is not None:  # an explicit config (the autotuner's candidates) runs as given, or raises
         launch, out, lse = forward_launch(Problem.of(logits, values, rpb, scale, ks, st, pd, tables=tables), config)
         launch()
         return out, lse
     ks, st, pd = tuple(ks), tuple(st), tuple(pd)
-    key = _plan_key("fwd", logits, values, rpb, scale, ks, st, pd)
+    if key is None:
+        key = _plan_key("fwd", logits, values, rpb, scale, ks, st, pd)
     plan = _FORWARD_PLANS.get(key)
     if plan is not None:
-        p = Problem.with_args(logits, values, rpb, scale, ks, st, pd, plan.args, tables)
-        cfg = plan.cfg
-        # empty_strided with the strides known: a third of torch.empty's host time
-        out = torch.empty_strided(*plan.out, device=values.device, dtype=values.dtype)
-        lse = torch.empty_strided(*plan.lse, device=logits.device, dtype=torch.float32)
-        launch = plan.launch.bind(_buffers(p, out=out, lse=lse))
-    else:
-        p = Problem.of(logits, values, rpb, scale, ks, st, pd, tables=tables)
-        cfg = _direct_if_uncompilable("fwd", p, get_config("fwd", logits, values, ks, st, pd))
-        launch, out, lse = forward_launch(p, cfg)
-        template = LaunchTemplate.of(launch, _buffers(p, out=out, lse=lse))
-        if template is not None:
-            plan = _ForwardPlan(p.args, cfg, template, (out.shape, out.stride()), (lse.shape, lse.stride()))
-            _FORWARD_PLANS.put(key, plan)
+        return plan.run(logits, values, *(kernel_tables(rpb, scale) if tables is None else tables))
+    p = Problem.of(logits, values, rpb, scale, ks, st, pd, tables=tables)
+    cfg = _direct_if_uncompilable("fwd", p, get_config("fwd", logits, values, ks, st, pd))
+    launch, out, lse = forward_launch(p, cfg)
+    template = LaunchTemplate.of(launch, _buffers(p, out=out, lse=lse))
+    if template is not None:
+        geometry = (ks, st, pd)
+        plan = _ForwardPlan(p.args, geometry, cfg, template, (out.shape, out.stride()), (lse.shape, lse.stride()))
+        _FORWARD_PLANS.put(key, plan)
     if not _launched("fwd", launch, p, cfg):
         launch, out, lse = forward_launch(p, heuristic_config("fwd", p.sizes["h"], p.sizes["d"]))
         launch()
@@ -939,13 +1027,26 @@ def qna_backward(
     delta_config: Optional[KernelConfig] = None,
     packed_grad: bool = False,
     tables: Optional[Tables] = None,
+    key: Optional[tuple] = None,
+    shared: bool = False,
 ) -> Tuple[torch.Tensor, ...]:
     """Fused backward, deterministic: ``(dlogits, dvalues, drpb, dscale or None)``, or with
     ``packed_grad`` ``(dqv, drpb, dscale or None)`` where ``dqv [B, H, W, h*N + h*d]`` holds both
     gradients side by side (the gradient of a fused logits-and-values projection, written once; the
-    logits part query-minor, as in the QnA layer's packed projection). ``dlogits`` is a query-minor
-    ``[B, H, W, N, h]`` view. ``tables``: :func:`kernel_tables` of ``rpb`` and ``scale``, where the
-    caller kept the forward's."""
-    return backward_launches(
-        grad_out, logits, values, rpb, scale, lse, ks, st, pd, config, delta_config, packed_grad, tables
-    ).run()
+    logits part query-minor, as in the QnA layer's packed projection). ``dlogits`` has the logits'
+    layout: query-minor for query-minor logits, else contiguous.
+    ``tables``: :func:`kernel_tables` of ``rpb`` and ``scale``, where the caller kept the forward's;
+    ``key``: :func:`plan_key` of the inputs, where the caller has it; ``shared``: ``drpb`` and
+    ``dscale`` may share one tensor (:func:`_reduce_rows`)."""
+    if config is None and delta_config is None:
+        ks, st, pd = tuple(ks), tuple(st), tuple(pd)
+        if key is None:
+            key = _plan_key(("bwd", packed_grad), logits, values, rpb, scale, ks, st, pd)
+        plan = _BACKWARD_PLANS.get(key)
+        if plan is not None:
+            tables = kernel_tables(rpb, scale) if tables is None else tables
+            return plan.run(grad_out, logits, values, rpb, scale, lse, tables, packed_grad, shared)
+    launches = backward_launches(
+        grad_out, logits, values, rpb, scale, lse, ks, st, pd, config, delta_config, packed_grad, tables, key
+    )
+    return launches.run(shared)
