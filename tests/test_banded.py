@@ -460,3 +460,29 @@ def test_banded_backward_needs_stride_1():
     want = tuning.EntryKey("bwd", "bfloat16", 15, 15, 2, 2, 16, 8, 2, 65536)
     assert tuning._adapt(entry, BANDED_BWD, want) == tuning.heuristic_config("bwd", 16, 8)
     assert tuning._adapt(entry, BANDED_BWD, entry) == BANDED_BWD
+
+
+@pytest.mark.parametrize("algo", ["direct", "banded"])
+def test_dlogits_keeps_the_logits_layout(algo, monkeypatch):
+    """The main backward kernels write dlogits in the logits' own layout (each pixel's [N, h] block
+    contiguous, or query-minor), with no copy after: both equal the float64 direct backward."""
+    from qna_triton.layout import is_query_minor
+
+    monkeypatch.setenv(tuning.ALGO_ENV, algo)
+    case = Case(B=1, H=7, W=9, N=3, h=2, d=8, k=3, s=1, p=1)
+    geo = case.geometry
+    results = {}
+    for query_minor in (False, True):
+        logits, values, rpb, scale = make_inputs(case, dtype=torch.float32, device=DEVICE, query_minor_logits=query_minor)
+        assert is_query_minor(logits) == query_minor and logits.is_contiguous() != query_minor
+        out, lse = qna_forward(logits, values, rpb, scale, *geo)
+        g = torch.randn(out.shape, generator=torch.Generator().manual_seed(5)).to(out)
+        dl, dv, dr, da = qna_backward(g, logits, values, rpb, scale, lse, *geo)
+        assert (dl.is_contiguous(), is_query_minor(dl)) == (not query_minor, query_minor)
+        ref = [t.detach().double().requires_grad_() for t in (logits, values, rpb, scale)]
+        ref_out, _ = direct_qna_attention(*ref, *geo)
+        want = torch.autograd.grad(ref_out, ref, g.double())
+        for got, w in zip((dl, dv, dr, da), want):
+            torch.testing.assert_close(got.double(), w, rtol=1e-4, atol=1e-4)
+        results[query_minor] = dl
+    torch.testing.assert_close(results[False], results[True], rtol=0, atol=0)
