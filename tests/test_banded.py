@@ -473,7 +473,9 @@ def test_dlogits_keeps_the_logits_layout(algo, monkeypatch):
     geo = case.geometry
     results = {}
     for query_minor in (False, True):
-        logits, values, rpb, scale = make_inputs(case, dtype=torch.float32, device=DEVICE, query_minor_logits=query_minor)
+        logits, values, rpb, scale = make_inputs(
+            case, dtype=torch.float32, device=DEVICE, query_minor_logits=query_minor
+        )
         assert is_query_minor(logits) == query_minor and logits.is_contiguous() != query_minor
         out, lse = qna_forward(logits, values, rpb, scale, *geo)
         g = torch.randn(out.shape, generator=torch.Generator().manual_seed(5)).to(out)

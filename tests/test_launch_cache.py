@@ -22,13 +22,13 @@ CASE = Case(B=1, H=5, W=6, N=2, h=2, d=4, k=3, s=1, p=1)
 def launches(monkeypatch):
     """Every kernel launch of the test, as ``(kernel, grid, keyword arguments)``; the kernels still run."""
     seen = []
-    run = launch.KernelLaunch.__call__
+    run = launch._launch
 
-    def recording(self):
-        seen.append((self.fn, self.grid, dict(self.kwargs)))
-        return run(self)
+    def recording(fn, grid, kwargs):
+        seen.append((fn, grid, dict(kwargs)))
+        return run(fn, grid, kwargs)
 
-    monkeypatch.setattr(launch.KernelLaunch, "__call__", recording)
+    monkeypatch.setattr(launch, "_launch", recording)
     return seen
 
 

@@ -347,12 +347,18 @@ class KernelLaunch:
     def __call__(self) -> None:
         for t in self.zeroed:
             t.zero_()
-        logits = self.kwargs["L"]
-        if logits.is_cuda and logits.device.index != torch.cuda.current_device():
-            with torch.cuda.device(logits.device):  # Triton launches on the current device
-                self.fn[self.grid](**self.kwargs)
-        else:
-            self.fn[self.grid](**self.kwargs)
+        _launch(self.fn, self.grid, self.kwargs)
+
+
+def _launch(fn: Any, grid: Tuple[int, ...], kwargs: Dict[str, Any]) -> None:
+    """Launches ``fn`` on ``grid`` with ``kwargs``, on the device of its logits ``L`` (Triton launches on
+    the current device): every launch of the library goes through here."""
+    logits = kwargs["L"]
+    if logits.is_cuda and logits.device.index != torch.cuda.current_device():
+        with torch.cuda.device(logits.device):
+            fn[grid](**kwargs)
+    else:
+        fn[grid](**kwargs)
 
 
 @dataclass(frozen=True, eq=False)
@@ -389,6 +395,15 @@ class LaunchTemplate:
             kwargs[k] = buffers[name]
         zeroed = tuple([buffers[name] for name in self.zeroed]) if self.zeroed else ()
         return KernelLaunch(self.fn, self.grid, kwargs, zeroed)
+
+    def launch(self, buffers: Dict[str, Optional[torch.Tensor]]) -> None:
+        """``bind(buffers)()`` without the intermediate :class:`KernelLaunch` (a cached plan's path)."""
+        kwargs = self.constants.copy()
+        for k, name in self.slots:
+            kwargs[k] = buffers[name]
+        for name in self.zeroed:
+            buffers[name].zero_()
+        _launch(self.fn, self.grid, kwargs)
 
 
 def _buffers(p: Problem, **more: Optional[torch.Tensor]) -> Dict[str, Optional[torch.Tensor]]:
@@ -631,6 +646,12 @@ def _partial_rows(
     and, for the banded kernel, its scratch rows (``dr_tile``, ``da_tile``; else None)."""
     parts = 2 if has_scale else 1
     rows = torch.empty((2 * parts if banded else parts, *shape), device=device, dtype=torch.float32)
+    return _row_views(rows, has_scale, banded)
+
+
+def _row_views(rows: torch.Tensor, has_scale: bool, banded: bool) -> Dict[str, Optional[torch.Tensor]]:
+    """:func:`_partial_rows`'s views of ``rows``."""
+    parts = 2 if has_scale else 1
     views = rows.unbind(0)  # one call for every row (indexing costs a call each)
     return dict(
         partial_sums=rows[:parts] if banded else rows,
@@ -738,8 +759,15 @@ def backward_launches(
         buffers = _buffers(p, g=g, lse=lse, delta=delta_out, dl=dl, dv=dv, **rows)
         templates = LaunchTemplate.of(delta, buffers), LaunchTemplate.of(main, buffers)
         if None not in templates:
-            shapes = (delta_out.shape, delta_out.stride()), tuple(rows["dr_part"].shape)
-            _BACKWARD_PLANS.put(key, _BackwardPlan(p.args, (ks, st, pd), dcfg, cfg, *templates, *shapes))
+            # the one contiguous allocation the rows are views of (_partial_rows)
+            n_rows = sum(rows[k] is not None for k in ("dr_part", "da_part", "dr_tile", "da_tile"))
+            base = rows["dr_part"].new_empty((n_rows, *rows["dr_part"].shape), device="meta")
+            if dqv is not None:
+                grads = ((dqv.shape, dqv.stride()), (dl.shape[-1], dv.shape[-1]))
+            else:
+                grads = ((dl.shape, dl.stride()), (dv.shape, dv.stride()))
+            layouts = (delta_out.shape, delta_out.stride()), (base.shape, base.stride()), grads
+            _BACKWARD_PLANS.put(key, _BackwardPlan(p.args, (ks, st, pd), dcfg, cfg, *templates, *layouts))
     return BackwardLaunches(
         p,
         delta,
@@ -795,9 +823,8 @@ class _ForwardPlan:
         # empty_strided with the strides known: a third of torch.empty's host time
         out = torch.empty_strided(*self.out, device=values.device, dtype=values.dtype)
         lse = torch.empty_strided(*self.lse, device=logits.device, dtype=torch.float32)
-        launch = self.launch.bind(dict(logits=logits, values=values, r=r, a=a, out=out, lse=lse))
         try:
-            launch()
+            self.launch.launch(dict(logits=logits, values=values, r=r, a=a, out=out, lse=lse))
         except _compile_errors() as exc:
             p = Problem(logits, values, r, a, *self.geometry, self.args)
             _not_compiled("fwd", exc, p, self.cfg)
@@ -817,7 +844,8 @@ class _BackwardPlan:
     delta: LaunchTemplate
     main: LaunchTemplate
     delta_out: Tuple[Tuple[int, ...], Tuple[int, ...]]  # D's shape and (query-minor) strides
-    rows_shape: Tuple[int, ...]  # of the main kernel's partial-sum rows: [programs, K, h, N]
+    rows: Tuple[Tuple[int, ...], Tuple[int, ...]]  # the partial-sum rows' allocation (_partial_rows)
+    grads: Tuple[Tuple[Any, ...], Tuple[Any, ...]]  # dqv's layout and its split, or dl's and dv's layouts
 
     def run(
         self,
@@ -838,12 +866,20 @@ class _BackwardPlan:
         r, a = tables
         dev = logits.device
         delta_out = torch.empty_strided(*self.delta_out, device=dev, dtype=torch.float32)
-        dqv, dl, dv = _grad_buffers(logits, values, packed)
-        rows = _partial_rows(self.rows_shape, dev, a is not None, self.main_cfg.algo == "banded")
+        # every buffer allocated with its known strides (empty_strided: a third of torch.empty's host time)
+        if packed:
+            dqv = torch.empty_strided(*self.grads[0], device=dev, dtype=logits.dtype)
+            dl, dv = dqv.split(self.grads[1], -1)
+        else:
+            dqv = None
+            dl = torch.empty_strided(*self.grads[0], device=dev, dtype=logits.dtype)
+            dv = torch.empty_strided(*self.grads[1], device=dev, dtype=values.dtype)
+        rows = torch.empty_strided(*self.rows, device=dev, dtype=torch.float32)
+        rows = _row_views(rows, a is not None, self.main_cfg.algo == "banded")
         buffers = dict(logits=logits, values=values, r=r, a=a, g=g, lse=lse, delta=delta_out, dl=dl, dv=dv, **rows)
         for kernel, template, cfg in (("bwd_delta", self.delta, self.delta_cfg), ("bwd", self.main, self.main_cfg)):
             try:
-                template.bind(buffers)()
+                template.launch(buffers)
             except _compile_errors() as exc:
                 _not_compiled(kernel, exc, Problem(logits, values, r, a, *self.geometry, self.args), cfg)
                 # described afresh without that variant (the caches were emptied)
