@@ -336,10 +336,11 @@ class EagerCall:
                 packed_grad=self.packed, tables=tables, key=self.bwd_key, shared=True,
             )  # fmt: skip
             self.bwd_plan = launch.backward_plan(self.bwd_key)
-        *inputs, dr, da = grads
         if self.packed:
-            inputs.append(None)
-        return (*inputs, dr, None if scale is None else da)
+            dqv, dr, da = grads
+            return dqv, None, dr, None if scale is None else da
+        dl, dv, dr, da = grads
+        return dl, dv, dr, None if scale is None else da
 
 
 _EAGER_CALLS = KeyedCache("eager calls")
@@ -349,9 +350,13 @@ def eager_call(packed: bool, first, values, rpb, scale, ks, st, pd) -> EagerCall
     """The :class:`EagerCall` of these arguments, made (and the inputs checked, raising by name) at the
     first call of their key: the tensors' :func:`tensor_key`, the geometry and the environment's
     settings (a forced algorithm too)."""
+    # one flat tuple (nested ones cost an allocation each): what tensor_key gives of each tensor
     key = (
         packed,
-        tensor_key(first),
+        first.shape,
+        first.stride(),
+        first.dtype,
+        first.device,
         tensor_key(values),
         tensor_key(rpb),
         tensor_key(scale),
@@ -388,18 +393,19 @@ class _EagerAttention(torch.autograd.Function):
     def backward(ctx, grad_out, _grad_lse):
         if torch.is_grad_enabled():  # a graph of the backward is asked for (create_graph): refused
             return _backward_once(ctx, grad_out, _grad_lse)
-        return _eager_backward(ctx, grad_out, _grad_lse)
+        if grad_out is None:  # the output's gradient is undefined (grads are not materialised): zero
+            return (None,) * 5
+        return (None, *ctx.call.backward(grad_out, *ctx.saved_tensors, ctx.tables))
 
 
-def _eager_backward(ctx, grad_out, _grad_lse):
-    if grad_out is None:  # the output's gradient is undefined (grads are not materialised): zero
+@torch.autograd.function.once_differentiable
+def _backward_once(ctx, grad_out, _grad_lse):
+    """:meth:`_EagerAttention.backward` where a graph of it is asked for: computed, and its result raises
+    when differentiated (``once_differentiable`` around every backward would cost a grad-mode context
+    per call)."""
+    if grad_out is None:
         return (None,) * 5
     return (None, *ctx.call.backward(grad_out, *ctx.saved_tensors, ctx.tables))
-
-
-# ``once_differentiable`` around every backward would cost a grad-mode context per call: only where a
-# graph of the backward is asked for does it run, and its result raises when differentiated
-_backward_once = torch.autograd.function.once_differentiable(_eager_backward)
 
 
 def _as_tuple(v) -> tuple:

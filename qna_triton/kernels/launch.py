@@ -69,6 +69,9 @@ Tables = Tuple[torch.Tensor, Optional[torch.Tensor]]
 def kernel_tables(rpb: torch.Tensor, scale: Optional[torch.Tensor]) -> Tables:
     """``rpb`` and ``scale`` (None stays None) as the kernels read them (:func:`_table`): made once per
     forward; the eager route keeps them for the backward (``qna_triton.ops``)."""
+    if rpb.dtype == torch.float32 and (scale is None or scale.dtype == torch.float32):  # the usual case, inline
+        r = torch.permute_copy(rpb, (0, 2, 1))
+        return r, (None if scale is None else torch.permute_copy(scale, (0, 2, 1)))
     return _table(rpb), _table(scale)
 
 
@@ -875,19 +878,20 @@ class _BackwardPlan:
             dl = torch.empty_strided(*self.grads[0], device=dev, dtype=logits.dtype)
             dv = torch.empty_strided(*self.grads[1], device=dev, dtype=values.dtype)
         rows = torch.empty_strided(*self.rows, device=dev, dtype=torch.float32)
-        rows = _row_views(rows, a is not None, self.main_cfg.algo == "banded")
-        buffers = dict(logits=logits, values=values, r=r, a=a, g=g, lse=lse, delta=delta_out, dl=dl, dv=dv, **rows)
-        for kernel, template, cfg in (("bwd_delta", self.delta, self.delta_cfg), ("bwd", self.main, self.main_cfg)):
-            try:
-                template.launch(buffers)
-            except _compile_errors() as exc:
-                _not_compiled(kernel, exc, Problem(logits, values, r, a, *self.geometry, self.args), cfg)
-                # described afresh without that variant (the caches were emptied)
-                launches = backward_launches(
-                    g, logits, values, rpb, scale, lse, *self.geometry, None, None, packed, tables
-                )
-                return launches.run(shared)
-        drpb, dscale = _reduce_rows(rows["partial_sums"], rpb.dtype, None if scale is None else scale.dtype, shared)
+        buffers = dict(logits=logits, values=values, r=r, a=a, g=g, lse=lse, delta=delta_out, dl=dl, dv=dv)
+        buffers.update(_row_views(rows, a is not None, self.main_cfg.algo == "banded"))
+        kernel = "bwd_delta"
+        try:
+            self.delta.launch(buffers)
+            kernel = "bwd"
+            self.main.launch(buffers)
+        except _compile_errors() as exc:
+            cfg = self.delta_cfg if kernel == "bwd_delta" else self.main_cfg
+            _not_compiled(kernel, exc, Problem(logits, values, r, a, *self.geometry, self.args), cfg)
+            # described afresh without that variant (the caches were emptied)
+            launches = backward_launches(g, logits, values, rpb, scale, lse, *self.geometry, None, None, packed, tables)
+            return launches.run(shared)
+        drpb, dscale = _reduce_rows(buffers["partial_sums"], rpb.dtype, None if a is None else scale.dtype, shared)
         return (dqv, drpb, dscale) if packed else (dl, dv, drpb, dscale)
 
 
