@@ -26,6 +26,7 @@ from .forward import (
     _head_blocks,
     _interior,
     _load_v,
+    _nh_contiguous,
     _output_tile,
     _row_valid,
     _weights_and_values,
@@ -50,7 +51,7 @@ def _delta_window(
     KW,
     nh_mask,
     nh_l,
-    nh_r,
+    nh_t,
     hd_mask,
     hd_v,
     NH,
@@ -86,7 +87,7 @@ def _delta_window(
                 valid,
                 lse,
                 nh_l,
-                nh_r,
+                nh_t,
                 nh_mask,
                 hd_v,
                 hd_mask,
@@ -158,6 +159,7 @@ def qna_bwd_delta_kernel(
         BLOCK_D,
     )
     NH = NQ * HEADS
+    nh_t = _nh_contiguous(tl.program_id(1), HEADS, BLOCK_N, BLOCK_H)
     pnh_mask = mask_p[:, None, None] & nh_mask[None, :, :]
 
     g = tl.load(
@@ -185,7 +187,7 @@ def qna_bwd_delta_kernel(
             KW,
             nh_mask,
             nh_l,
-            nh_r,
+            nh_t,
             hd_mask,
             hd_v,
             NH,
@@ -219,7 +221,7 @@ def qna_bwd_delta_kernel(
             KW,
             nh_mask,
             nh_l,
-            nh_r,
+            nh_t,
             hd_mask,
             hd_v,
             NH,
@@ -252,6 +254,7 @@ def _bwd_pairs(
     valid,
     nh_mask,
     nh_r,
+    nh_t,
     hd_mask,
     hd_g,
     NH,
@@ -260,7 +263,7 @@ def _bwd_pairs(
     HAS_SCALE: tl.constexpr,
 ):
     """The pairs (input pixel p, offset o) of a tile, with ``i`` the output pixel reading p through o
-    (``valid`` where it exists): ``(dz = P (a t - D), a P, g[i], P t)`` as ``[P, N, H]``, ``[P, N, H]``,
+    (``valid`` where it exists; ``nh_r`` the offsets in lse and D, ``nh_t`` in the tables): ``(dz = P (a t - D), a P, g[i], P t)`` as ``[P, N, H]``, ``[P, N, H]``,
     ``[P, H, D]`` and ``[P, N, H]``."""
     i = tl.where(valid, i, 0)
     ivalid = valid[:, None, None] & nh_mask[None, :, :]
@@ -269,7 +272,7 @@ def _bwd_pairs(
     # a window whose every offset is masked by -inf logits or bias has lse = -inf and P = 0
     lse = tl.where(lse == float("-inf"), float("inf"), lse)
     delta = tl.load(DELTA + i[:, None, None] * NH + nh_r[None, :, :], mask=ivalid, other=0.0)
-    r = tl.load(R + o * NH + nh_r, mask=nh_mask, other=0.0)
+    r = tl.load(R + o * NH + nh_t, mask=nh_mask, other=0.0)
     p = _exp(l_p + r[None, :, :] - lse)
     g = tl.load(
         G + i[:, None, None] * (HEADS * D) + hd_g[None, :, :],
@@ -278,7 +281,7 @@ def _bwd_pairs(
     ).to(tl.float32)
     t = tl.sum(g * v_p, axis=2)[:, None, :]  # [P, 1, H]
     if HAS_SCALE:
-        a = tl.load(A + o * NH + nh_r, mask=nh_mask, other=0.0)[None, :, :]
+        a = tl.load(A + o * NH + nh_t, mask=nh_mask, other=0.0)[None, :, :]
         ap = a * p
     else:
         ap = p
@@ -334,10 +337,11 @@ def qna_bwd_kernel(
     NH = NQ * HEADS
     K = KH * KW
     part_row = pid.to(tl.int64) * K * NH
-    if DL_QM:  # dl stored query-minor, as the tables
+    nh_t = _nh_contiguous(pid_h, HEADS, BLOCK_N, BLOCK_H)
+    if DL_QM:  # dl stored query-minor, as lse
         nh_dl = nh_r
     else:  # each pixel's [N, h] block contiguous (the gradient of contiguous logits)
-        nh_dl = tl.arange(0, BLOCK_N)[:, None] * HEADS + (pid_h * BLOCK_H + tl.arange(0, BLOCK_H))[None, :]
+        nh_dl = nh_t
 
     for it in range(TILES_PER_PROGRAM):
         tile = pid + it * num_progs
@@ -380,6 +384,7 @@ def qna_bwd_kernel(
                     valid,
                     nh_mask,
                     nh_r,
+                    nh_t,
                     hd_mask,
                     hd_g,
                     NH,

@@ -42,7 +42,7 @@ import triton
 import triton.language as tl
 
 from .backward import _delta_window
-from .forward import _element_strides, _exp, _fwd_window, _head_blocks, _store_out_lse
+from .forward import _element_strides, _exp, _fwd_window, _head_blocks, _nh_contiguous, _store_out_lse
 
 # Largest spread (logits + bias, natural log units) one shift may cover: every term of the products then
 # stays above exp(-60) ~ 1e-26 of the shift, a normal number in float32, tf32 and bfloat16, so nothing
@@ -257,6 +257,7 @@ def _direct_delta_pixels(
     nh_mask,
     nh_l,
     nh_r,
+    nh_t,
     hd_mask,
     hd_v,
     hd_o,
@@ -300,7 +301,7 @@ def _direct_delta_pixels(
         KW,
         nh_mask,
         nh_l,
-        nh_r,
+        nh_t,
         hd_mask,
         hd_v,
         NH,
@@ -339,6 +340,7 @@ def _direct_forward_pixels(
     nh_mask,
     nh_l,
     nh_r,
+    nh_t,
     hd_mask,
     hd_v,
     hd_o,
@@ -373,7 +375,7 @@ def _direct_forward_pixels(
         KW,
         nh_mask,
         nh_l,
-        nh_r,
+        nh_t,
         hd_mask,
         hd_v,
         NH,
@@ -535,7 +537,7 @@ def qna_banded_kernel(
     for k0 in range(0, KH * KW, BLOCK_K):
         kk = k0 + offs_k
         rt = tl.load(
-            R + kk[:, None] * NH + j * NQ + offs_n[None, :],
+            R + kk[:, None] * NH + offs_n[None, :] * HEADS + j,
             mask=(kk < KH * KW)[:, None] & (offs_n < NQ)[None, :],
             other=float("-inf"),
         )
@@ -571,7 +573,7 @@ def qna_banded_kernel(
                     y_l = iy.to(tl.int64) * sl_y
                     lt = tl.load(l_img + y_l[:, None] + x_l[None, :] + ln, mask=m2, other=float("-inf"))
                     e = _exp(lt.to(tl.float32) - shift)  # [R, halo]: one exponential per source pixel
-                    tp, t = _band_t(R, A, dy, r_max, j * NQ + n, offs_i, offs_c, KW, SW, NH, HAS_SCALE)
+                    tp, t = _band_t(R, A, dy, r_max, n * HEADS + j, offs_i, offs_c, KW, SW, NH, HAS_SCALE)
                     if not DELTA_MODE:  # the delta normalises by the saved lse instead
                         s = _sdot(e, tp, s, VDOT)
                     v_ptr = v_img + (iy.to(tl.int64) * sv_y)[:, None, None] + d_v[None, :, None] + x_v[None, None, :]
@@ -595,6 +597,7 @@ def qna_banded_kernel(
         nh_mask, nh_l, nh_r, hd_mask, hd_v, hd_o = _head_blocks(
             j, NQ, HEADS, D, sl_n, sl_j, sv_j, sv_t, BLOCK_N, 1, BLOCK_D, WIDE, L_HN, V_HD
         )
+        nh_t = _nh_contiguous(j, HEADS, BLOCK_N, 1)
         for q0 in range(0, BLOCK_W * BLOCK_R, FALLBACK_P):
             py, px, mask_p, offs_p = _sub_tile(q0, b, rb, cb, Ho, Wo, BLOCK_R, BLOCK_W, FALLBACK_P)
             if DELTA_MODE:
@@ -618,6 +621,7 @@ def qna_banded_kernel(
                     nh_mask,
                     nh_l,
                     nh_r,
+                    nh_t,
                     hd_mask,
                     hd_v,
                     hd_o,
@@ -654,6 +658,7 @@ def qna_banded_kernel(
                     nh_mask,
                     nh_l,
                     nh_r,
+                    nh_t,
                     hd_mask,
                     hd_v,
                     hd_o,

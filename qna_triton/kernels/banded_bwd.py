@@ -42,7 +42,7 @@ from .banded import (
     _value_offsets,
     _vdot,
 )
-from .forward import _element_strides, _exp, _head_blocks, _load_v
+from .forward import _element_strides, _exp, _head_blocks, _load_v, _nh_contiguous
 
 
 @triton.jit
@@ -112,6 +112,7 @@ def _window_row(
     ``y``): the output pixels reading the tile through it (rows ``y + PH - dy``, the halo's columns
     from ``x_halo``) add to ``z = sum g F T`` and, in the first chunk, to ``u = sum (F D) T'``; the
     row's ``dr`` / ``da`` go to the scratch rows. Returns ``(z, u)``."""
+    qt = n * HEADS + j  # query n, head j in a row of the [K, N, h] tables (qh: in lse and D)
     yo = y + PH - dy
     row_ok = (yo >= 0) & (yo < Ho)
     orow = (b * Ho + yo.to(tl.int64)) * Wo
@@ -134,7 +135,7 @@ def _window_row(
             other=0.0,
         ).to(tl.float32)
         gf = tl.reshape(gt * f[:, None, :], (BLOCK_R * BLOCK_DC, HALO))
-        tp, t = _band(R, A, dy, r_max, qh, c, offs_x, KW, NH, HAS_SCALE)
+        tp, t = _band(R, A, dy, r_max, qt, c, offs_x, KW, NH, HAS_SCALE)
         z = _vdot(gf, t, z, VDOT)
         m = _vdot(tl.trans(gf), ev, tl.zeros((HALO, BLOCK_W), tl.float32), VDOT)
         da_acc += _diag(m, offs_kw, offs_x, KW, ci * HALO, HALO)
@@ -143,9 +144,9 @@ def _window_row(
             u = _sdot(hf, tp, u, VDOT)
             mh = _sdot(tl.trans(hf), e, tl.zeros((HALO, BLOCK_W), tl.float32), VDOT)
             pd_acc += _diag(mh, offs_kw, offs_x, KW, ci * HALO, HALO)
-    tpo = _exp(tl.load(R + (dy * KW + offs_kw) * NH + qh, mask=offs_kw < KW, other=float("-inf")) - r_max)
+    tpo = _exp(tl.load(R + (dy * KW + offs_kw) * NH + qt, mask=offs_kw < KW, other=float("-inf")) - r_max)
     if HAS_SCALE:
-        ao = tl.load(A + (dy * KW + offs_kw) * NH + qh, mask=offs_kw < KW, other=0.0)
+        ao = tl.load(A + (dy * KW + offs_kw) * NH + qt, mask=offs_kw < KW, other=0.0)
     else:
         ao = tl.full((BLOCK_KW,), 1.0, tl.float32)
     da_row = da_acc * tpo
@@ -230,10 +231,11 @@ def _direct_tile_gradients(
     nh_mask, nh_l, nh_r, hd_mask, hd_v, hd_g = _head_blocks(
         j, NQ, HEADS, D, sl_n, sl_j, sv_j, sv_t, BLOCK_N, 1, BLOCK_D, WIDE, L_HN, V_HD
     )
-    if DL_QM:  # dl stored query-minor, as the tables
+    nh_t = _nh_contiguous(j, HEADS, BLOCK_N, 1)
+    if DL_QM:  # dl stored query-minor, as lse
         nh_dl = nh_r
     else:  # each pixel's [N, h] block contiguous (the gradient of contiguous logits)
-        nh_dl = tl.arange(0, BLOCK_N)[:, None] * HEADS + j
+        nh_dl = nh_t
     for q0 in range(0, BLOCK_W * BLOCK_R, FALLBACK_P):
         py, px, mask_p, offs_p = _sub_tile(q0, b, rb, cb, H, W, BLOCK_R, BLOCK_W, FALLBACK_P)
         l_p = tl.load(
@@ -264,6 +266,7 @@ def _direct_tile_gradients(
                     valid,
                     nh_mask,
                     nh_r,
+                    nh_t,
                     hd_mask,
                     hd_g,
                     NH,
@@ -361,7 +364,7 @@ def qna_banded_bwd_kernel(
     rmin = tl.full((BLOCK_N,), float("inf"), tl.float32)
     for dy in range(KH):
         rt = tl.load(
-            R + (dy * KW + offs_kw[:, None]) * NH + j * NQ + offs_n[None, :],
+            R + (dy * KW + offs_kw[:, None]) * NH + offs_n[None, :] * HEADS + j,
             mask=(offs_kw < KW)[:, None] & (offs_n < NQ)[None, :],
             other=float("-inf"),
         )

@@ -44,13 +44,22 @@ def _src_coords(offs_p, Ho, Wo, SH, SW, PH, PW):
 
 
 @triton.jit
-def _load_z(L, R, o, b, y, x, valid, nh_l, nh_r, nh_mask, NH, sl_b, sl_y, sl_x):
-    """z = logits[b, y, x, n, j] + rpb[o, j, n] as [P, N, H] float32; -inf where the source is masked."""
+def _load_z(L, R, o, b, y, x, valid, nh_l, nh_t, nh_mask, NH, sl_b, sl_y, sl_x):
+    """z = logits[b, y, x, n, j] + rpb[o, n, j] as [P, N, H] float32; -inf where the source is masked
+    (``nh_t``: :func:`_nh_contiguous`, the offsets in a row of the tables)."""
     base = b * sl_b + y * sl_y + x * sl_x
     msk = valid[:, None, None] & nh_mask[None, :, :]
     z = tl.load(L + base[:, None, None] + nh_l[None, :, :], mask=msk, other=float("-inf")).to(tl.float32)
-    r = tl.load(R + o * NH + nh_r, mask=nh_mask, other=0.0)
+    r = tl.load(R + o * NH + nh_t, mask=nh_mask, other=0.0)
     return z + r[None, :, :]
+
+
+@triton.jit
+def _nh_contiguous(pid_h, HEADS, BLOCK_N: tl.constexpr, BLOCK_H: tl.constexpr):
+    """``[N, H]`` offsets of a program's (query, head) block in a contiguous ``[N, h]`` block: a row of
+    the rpb / scale tables ``[K, N, h]`` (read as the caller's tensors are laid out, with no copy), or
+    a pixel of a contiguous logits gradient. Masked like the other ``[N, H]`` blocks (``nh_mask``)."""
+    return tl.arange(0, BLOCK_N)[:, None] * HEADS + (pid_h * BLOCK_H + tl.arange(0, BLOCK_H))[None, :]
 
 
 @triton.jit
@@ -73,7 +82,7 @@ def _head_blocks(
     """Index blocks of one program's heads: ``[N, H]`` over (query, head) and ``[H, D]`` over (head, dim).
 
     Returns the masks and the offsets into the logits, the values, our own per-(query, head) buffers
-    (``[K, h, N]`` tables, ``lse`` and ``delta``: query-minor) and the output and its gradient
+    (``lse`` and ``delta``: query-minor) and the output and its gradient
     (``[h, d]``). ``L_HN`` / ``V_HD``: the logits / values of a pixel are laid out exactly like our
     buffers (the QnA layer's packed projection), so their offsets are compile-time multiples of
     ``NQ`` / ``D``: that lets the compiler vectorise the loads and give the logits, statistics and
@@ -160,7 +169,7 @@ def _weights_and_values(
     valid,
     lse,
     nh_l,
-    nh_r,
+    nh_t,
     nh_mask,
     hd_v,
     hd_mask,
@@ -175,9 +184,9 @@ def _weights_and_values(
 ):
     """At window offset ``o``: the scaled probabilities ``a[o] * exp(z - lse)`` ``[P, N, H]`` and the
     source values ``[P, H, D]`` (0 where masked), float32."""
-    p = _exp(_load_z(L, R, o, b, y, x, valid, nh_l, nh_r, nh_mask, NH, sl_b, sl_y, sl_x) - lse)
+    p = _exp(_load_z(L, R, o, b, y, x, valid, nh_l, nh_t, nh_mask, NH, sl_b, sl_y, sl_x) - lse)
     if HAS_SCALE:
-        p = p * tl.load(A + o * NH + nh_r, mask=nh_mask, other=0.0)[None, :, :]
+        p = p * tl.load(A + o * NH + nh_t, mask=nh_mask, other=0.0)[None, :, :]
     return p, _load_v(V, b, y, x, valid, hd_v, hd_mask, sv_b, sv_y, sv_x)
 
 
@@ -226,7 +235,7 @@ def _fwd_window(
     KW,
     nh_mask,
     nh_l,
-    nh_r,
+    nh_t,
     hd_mask,
     hd_v,
     NH,
@@ -253,7 +262,7 @@ def _fwd_window(
         for w in range(KW):
             x = x0 + w
             valid = _col_valid(vy, x, W, MASKED)
-            z = _load_z(L, R, u * KW + w, b, y, x, valid, nh_l, nh_r, nh_mask, NH, sl_b, sl_y, sl_x)
+            z = _load_z(L, R, u * KW + w, b, y, x, valid, nh_l, nh_t, nh_mask, NH, sl_b, sl_y, sl_x)
             m_new = tl.maximum(m, z)
             shift = tl.where(m_new == float("-inf"), 0.0, m_new)  # nothing seen yet: 0 keeps exp finite
             s = s * _exp(m - shift) + _exp(z - shift)
@@ -282,7 +291,7 @@ def _fwd_window(
                 valid,
                 lse_shift,
                 nh_l,
-                nh_r,
+                nh_t,
                 nh_mask,
                 hd_v,
                 hd_mask,
@@ -364,6 +373,7 @@ def qna_fwd_kernel(
         BLOCK_D,
     )
     NH = NQ * HEADS
+    nh_t = _nh_contiguous(tl.program_id(1), HEADS, BLOCK_N, BLOCK_H)
 
     if _interior(offs_p, mask_p, y0, x0, H, W, KH, KW):
         acc, lse = _fwd_window(
@@ -381,7 +391,7 @@ def qna_fwd_kernel(
             KW,
             nh_mask,
             nh_l,
-            nh_r,
+            nh_t,
             hd_mask,
             hd_v,
             NH,
@@ -414,7 +424,7 @@ def qna_fwd_kernel(
             KW,
             nh_mask,
             nh_l,
-            nh_r,
+            nh_t,
             hd_mask,
             hd_v,
             NH,

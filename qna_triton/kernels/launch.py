@@ -53,14 +53,15 @@ __all__ = [
 
 
 def _table(t: Optional[torch.Tensor]) -> Optional[torch.Tensor]:
-    """rpb / scale ``[K, N, h]`` as float32 in the kernels' query-minor order ``[K, h, N]`` (tiny)."""
+    """rpb / scale ``[K, N, h]`` as the kernels read it: float32, contiguous. A float32 contiguous
+    tensor (a parameter, the usual case) is read where it lies, with no copy."""
     if t is None:
         return None
     # no detach: the ops run their implementation with autograd off (inside a custom op, or an
     # autograd.Function's forward and backward)
     if t.dtype != torch.float32:
         t = t.to(torch.float32)
-    return torch.permute_copy(t, (0, 2, 1))  # one contiguous copy, transposed
+    return t.contiguous()
 
 
 Tables = Tuple[torch.Tensor, Optional[torch.Tensor]]
@@ -68,17 +69,8 @@ Tables = Tuple[torch.Tensor, Optional[torch.Tensor]]
 
 def kernel_tables(rpb: torch.Tensor, scale: Optional[torch.Tensor]) -> Tables:
     """``rpb`` and ``scale`` (None stays None) as the kernels read them (:func:`_table`): made once per
-    forward; the eager route keeps them for the backward (``qna_triton.ops``)."""
-    if rpb.dtype == torch.float32 and (scale is None or scale.dtype == torch.float32):  # the usual case, inline
-        r = torch.permute_copy(rpb, (0, 2, 1))
-        return r, (None if scale is None else torch.permute_copy(scale, (0, 2, 1)))
+    forward (the eager route keeps them for the backward, ``qna_triton.ops``)."""
     return _table(rpb), _table(scale)
-
-
-def _untable(t: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
-    """A ``[K, h, N]`` float32 table back in the tables' ``[K, N, h]`` order and ``dtype``, contiguous."""
-    t = torch.permute_copy(t, (0, 2, 1))
-    return t if t.dtype == dtype else t.to(dtype)
 
 
 def _layout(logits: torch.Tensor, values: torch.Tensor, wide: Optional[bool] = None) -> dict:
@@ -242,7 +234,7 @@ def banded_bwd_blocks(
 @dataclass(eq=False)
 class Problem:
     """One QnA problem as the kernels see it: the inputs (``logits [B,H,W,N,h]``, ``values
-    [B,H,W,h,d]``; ``r`` / ``a`` the rpb and scale tables in the kernels' float32 ``[K, h, N]`` order,
+    [B,H,W,h,d]``; ``r`` / ``a`` the rpb and scale tables, float32 contiguous ``[K, N, h]``,
     ``a`` None without a scale), the geometry, and :attr:`args`, the keyword arguments every kernel
     takes alike, grouped as Triton allows: ``SIZES = (B, H, W, H_out, W_out, h)``, the compile-time
     ``NQ`` and ``D``, ``L_STRIDES`` / ``V_STRIDES`` (:func:`_pixel_strides`), ``WINDOW = (k_h, k_w,
