@@ -49,8 +49,13 @@ def qna_attention(
         ``[B, H_out, W_out, h, d]`` in the dtype of ``values``, with
         ``H_out = floor((H + 2 p_h - k_h) / s_h) + 1`` (likewise ``W_out``).
     """
-    ks = as_pair(kernel_size, "kernel_size", 1)
-    st = as_pair(stride, "stride", 1)
+    # an int of the usual range is its pair (as_pair, whose checks it passes, is the slower way there)
+    ks = (
+        (kernel_size, kernel_size)
+        if type(kernel_size) is int and kernel_size >= 1
+        else as_pair(kernel_size, "kernel_size", 1)
+    )
+    st = (stride, stride) if type(stride) is int and stride >= 1 else as_pair(stride, "stride", 1)
     pd = default_padding(ks) if padding is None else as_pair(padding, "padding", 0)
     if ops.plain_eager(logits, values, rpb, scale):  # checked once per key of the inputs
         return ops.eager_call(False, logits, values, rpb, scale, ks, st, pd)(logits, values, rpb, scale)[0]

@@ -171,16 +171,30 @@ def test_empty_query_minor_strides(shape):
 
 
 def test_eager_route_converts_the_tables_once(triton_backend, monkeypatch):
-    """With gradients, the eager route converts ``rpb`` and ``scale`` into the kernels' order once, in the
-    forward, and its backward reuses them (the custom op converts them in each pass)."""
+    """float32 contiguous ``rpb`` and ``scale`` (parameters) reach the kernels as they are, unconverted;
+    others are converted into the kernels' form, on the eager route once, in the forward, whose
+    backward reuses them (the custom op converts them in each pass)."""
     import qna_triton.kernels.launch as launch
 
-    converted = []
-    table = launch._table
+    converted, seen = [], []
+    table, run = launch._table, launch._launch
     monkeypatch.setattr(launch, "_table", lambda t: converted.append(t) or table(t))
+    monkeypatch.setattr(launch, "_launch", lambda fn, grid, kw: seen.append(kw["R"]) or run(fn, grid, kw))
     inputs = _leaves(make_inputs(CASE, dtype=torch.float32))
     qna_attention(*inputs).sum().backward()
+    assert converted == [] and len(seen) == 3 and all(r is inputs[2] for r in seen)
+
+    def strided(t):  # the same values, [K, N, h] not contiguous
+        return t.detach().transpose(0, 1).contiguous().transpose(0, 1).requires_grad_()
+
+    logits, values, rpb, scale = _leaves(inputs)
+    want = [t.grad for t in inputs]
+    rpb, scale = strided(rpb), strided(scale)
+    assert not rpb.is_contiguous()
+    qna_attention(logits, values, rpb, scale).sum().backward()
     assert len(converted) == 2
+    for got, w in zip((logits.grad, values.grad, rpb.grad, scale.grad), want):
+        assert torch.equal(got, w)
     converted.clear()
-    ops.attention(*_leaves(inputs), *GEOMETRY)[0].sum().backward()
+    ops.attention(*_leaves((logits, values, rpb, scale)), *GEOMETRY)[0].sum().backward()
     assert len(converted) == 4

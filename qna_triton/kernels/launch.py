@@ -70,6 +70,9 @@ Tables = Tuple[torch.Tensor, Optional[torch.Tensor]]
 def kernel_tables(rpb: torch.Tensor, scale: Optional[torch.Tensor]) -> Tables:
     """``rpb`` and ``scale`` (None stays None) as the kernels read them (:func:`_table`): made once per
     forward (the eager route keeps them for the backward, ``qna_triton.ops``)."""
+    if rpb.dtype == torch.float32 and rpb.is_contiguous():  # the usual case: no call into torch
+        if scale is None or (scale.dtype == torch.float32 and scale.is_contiguous()):
+            return rpb, scale
     return _table(rpb), _table(scale)
 
 
@@ -365,7 +368,7 @@ class LaunchTemplate:
     fn: Any
     grid: Tuple[int, ...]
     constants: Dict[str, Any]
-    slots: Tuple[Tuple[str, str], ...]  # (keyword argument, buffer name)
+    slots: Tuple[Tuple[str, ...], Tuple[str, ...]]  # the tensor keyword arguments, and their buffers' names
     zeroed: Tuple[str, ...]
 
     @classmethod
@@ -380,25 +383,24 @@ class LaunchTemplate:
         if any(id(v) not in named for _, v in tensors) or any(id(t) not in named for t in launch.zeroed):
             return None
         constants = {k: v for k, v in launch.kwargs.items() if not isinstance(v, torch.Tensor)}
-        slots = tuple((k, named[id(v)]) for k, v in tensors)
+        slots = tuple(k for k, _ in tensors), tuple(named[id(v)] for _, v in tensors)
         return cls(launch.fn, launch.grid, constants, slots, tuple(named[id(t)] for t in launch.zeroed))
+
+    def _kwargs(self, buffers: Dict[str, Optional[torch.Tensor]]) -> Dict[str, Any]:
+        kwargs = self.constants.copy()
+        kwargs.update(zip(self.slots[0], map(buffers.__getitem__, self.slots[1])))
+        return kwargs
 
     def bind(self, buffers: Dict[str, Optional[torch.Tensor]]) -> KernelLaunch:
         """The launch on ``buffers`` (named as when the template was made)."""
-        kwargs = dict(self.constants)
-        for k, name in self.slots:
-            kwargs[k] = buffers[name]
         zeroed = tuple([buffers[name] for name in self.zeroed]) if self.zeroed else ()
-        return KernelLaunch(self.fn, self.grid, kwargs, zeroed)
+        return KernelLaunch(self.fn, self.grid, self._kwargs(buffers), zeroed)
 
     def launch(self, buffers: Dict[str, Optional[torch.Tensor]]) -> None:
         """``bind(buffers)()`` without the intermediate :class:`KernelLaunch` (a cached plan's path)."""
-        kwargs = self.constants.copy()
-        for k, name in self.slots:
-            kwargs[k] = buffers[name]
         for name in self.zeroed:
             buffers[name].zero_()
-        _launch(self.fn, self.grid, kwargs)
+        _launch(self.fn, self.grid, self._kwargs(buffers))
 
 
 def _buffers(p: Problem, **more: Optional[torch.Tensor]) -> Dict[str, Optional[torch.Tensor]]:
@@ -841,6 +843,10 @@ class _BackwardPlan:
     delta_out: Tuple[Tuple[int, ...], Tuple[int, ...]]  # D's shape and (query-minor) strides
     rows: Tuple[Tuple[int, ...], Tuple[int, ...]]  # the partial-sum rows' allocation (_partial_rows)
     grads: Tuple[Tuple[Any, ...], Tuple[Any, ...]]  # dqv's layout and its split, or dl's and dv's layouts
+    banded: bool = False  # the main kernel is the banded one (scratch rows beside the partial sums)
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "banded", self.main_cfg.algo == "banded")
 
     def run(
         self,
@@ -855,7 +861,7 @@ class _BackwardPlan:
         shared: bool,
     ) -> Tuple[torch.Tensor, ...]:
         """:func:`qna_backward` of inputs of this key, ``tables`` those of ``rpb`` and ``scale``."""
-        g = grad_out.contiguous()
+        g = grad_out if grad_out.is_contiguous() else grad_out.contiguous()
         if lse.stride() != self.delta_out[1]:  # D is stored as lse must be
             lse = query_minor(lse)
         r, a = tables
@@ -871,7 +877,7 @@ class _BackwardPlan:
             dv = torch.empty_strided(*self.grads[1], device=dev, dtype=values.dtype)
         rows = torch.empty_strided(*self.rows, device=dev, dtype=torch.float32)
         buffers = dict(logits=logits, values=values, r=r, a=a, g=g, lse=lse, delta=delta_out, dl=dl, dv=dv)
-        buffers.update(_row_views(rows, a is not None, self.main_cfg.algo == "banded"))
+        buffers.update(_row_views(rows, a is not None, self.banded))
         kernel = "bwd_delta"
         try:
             self.delta.launch(buffers)
@@ -883,7 +889,11 @@ class _BackwardPlan:
             # described afresh without that variant (the caches were emptied)
             launches = backward_launches(g, logits, values, rpb, scale, lse, *self.geometry, None, None, packed, tables)
             return launches.run(shared)
-        drpb, dscale = _reduce_rows(buffers["partial_sums"], rpb.dtype, None if a is None else scale.dtype, shared)
+        if shared and not self.banded and rpb.dtype == torch.float32 and (a is None or scale.dtype == torch.float32):
+            sums = rows.permute(0, 1, 2, 4, 3).sum(1).unbind(0)  # _reduce_rows' usual case, inline
+            drpb, dscale = sums[0], (None if a is None else sums[1])
+        else:
+            drpb, dscale = _reduce_rows(buffers["partial_sums"], rpb.dtype, None if a is None else scale.dtype, shared)
         return (dqv, drpb, dscale) if packed else (dl, dv, drpb, dscale)
 
 
