@@ -876,8 +876,12 @@ class _BackwardPlan:
             dl = torch.empty_strided(*self.grads[0], device=dev, dtype=logits.dtype)
             dv = torch.empty_strided(*self.grads[1], device=dev, dtype=values.dtype)
         rows = torch.empty_strided(*self.rows, device=dev, dtype=torch.float32)
-        buffers = dict(logits=logits, values=values, r=r, a=a, g=g, lse=lse, delta=delta_out, dl=dl, dv=dv)
-        buffers.update(_row_views(rows, a is not None, self.banded))
+        if self.banded:
+            views = _row_views(rows, a is not None, True)
+        else:  # _row_views' direct-kernel case, inline
+            parts = rows.unbind(0)
+            views = dict(partial_sums=rows, dr_part=parts[0], da_part=parts[1] if a is not None else None)
+        buffers = dict(logits=logits, values=values, r=r, a=a, g=g, lse=lse, delta=delta_out, dl=dl, dv=dv, **views)
         kernel = "bwd_delta"
         try:
             self.delta.launch(buffers)
