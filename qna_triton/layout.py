@@ -23,6 +23,7 @@ __all__ = [
     "query_minor",
     "is_query_minor",
     "split_packed",
+    "split_packed_strided",
 ]
 
 
@@ -88,3 +89,16 @@ def split_packed(qv: torch.Tensor, rpb: torch.Tensor) -> Tuple[torch.Tensor, tor
         qv[..., :nh].unflatten(-1, (h, N)).transpose(-1, -2),
         qv[..., nh:].unflatten(-1, (h, (qv.shape[-1] - nh) // h)),
     )
+
+
+def split_packed_strided(qv: torch.Tensor, rpb: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
+    """:func:`split_packed`'s views made by two ``as_strided`` calls instead of five view operations: for
+    the eager route, which is never traced (graphs keep :func:`split_packed`, which every exporter
+    knows)."""
+    _, N, h = rpb.shape
+    B, H, W, C = qv.shape
+    s0, s1, s2, s3 = qv.stride()
+    off = qv.storage_offset()
+    logits = qv.as_strided((B, H, W, N, h), (s0, s1, s2, s3, N * s3), off)
+    values = qv.as_strided((B, H, W, h, (C - N * h) // h), (s0, s1, s2, (C - N * h) // h * s3, s3), off + N * h * s3)
+    return logits, values

@@ -32,7 +32,15 @@ import torch
 from . import reference
 from ._cache import KeyedCache, settings, tensor_key
 from ._validation import check_core_inputs
-from .layout import compute_dtype, empty_query_minor, is_query_minor, output_size, query_minor, split_packed
+from .layout import (
+    compute_dtype,
+    empty_query_minor,
+    is_query_minor,
+    output_size,
+    query_minor,
+    split_packed,
+    split_packed_strided,
+)
 from .tuning.selection import forced_algorithm
 
 BACKENDS = ("auto", "triton", "reference")
@@ -306,7 +314,7 @@ class EagerCall:
 
     def forward(self, first, values, rpb, scale, tables) -> Tuple[torch.Tensor, torch.Tensor]:
         """The op's forward; ``tables`` (:meth:`tables`) where the caller made them."""
-        logits, values = split_packed(first, rpb) if self.packed else (first, values)
+        logits, values = split_packed_strided(first, rpb) if self.packed else (first, values)
         launch = self.launch
         if launch is None:
             return _forward_impl(logits, values, rpb, scale, *self.geometry)
@@ -323,7 +331,7 @@ class EagerCall:
         """The op's backward: the gradients of ``first``, ``values`` (None when packed), ``rpb`` and
         ``scale`` (None without one). On the Triton path ``drpb`` and ``dscale`` are two halves of one
         tensor (:func:`~qna_triton.kernels.launch.qna_backward`'s ``shared``)."""
-        logits, values = split_packed(first, rpb) if self.packed else (first, values)
+        logits, values = split_packed_strided(first, rpb) if self.packed else (first, values)
         launch = self.launch
         if launch is None:
             g = grad_out.contiguous()

@@ -198,3 +198,22 @@ def test_eager_route_converts_the_tables_once(triton_backend, monkeypatch):
     converted.clear()
     ops.attention(*_leaves((logits, values, rpb, scale)), *GEOMETRY)[0].sum().backward()
     assert len(converted) == 4
+
+
+def test_split_packed_strided_gives_split_packed_views():
+    """The eager route's split of a packed projection (two as_strided calls) gives exactly
+    split_packed's views: shapes, strides, storage offsets, for packed tensors of any strides."""
+    from qna_triton.layout import split_packed, split_packed_strided
+
+    N, h, d = 3, 2, 5
+    rpb = torch.zeros(9, N, h)
+    wide = torch.randn(2, 6, 7, N * h + h * d + 4)
+    for qv in (
+        torch.randn(2, 6, 7, N * h + h * d),
+        wide[..., 3 : 3 + N * h + h * d],  # a slice of a wider tensor: offset and pixel strides
+        torch.randn(2, 7, 6, N * h + h * d).transpose(1, 2),  # spatially transposed
+        torch.randn(N * h + h * d, 2, 6, 7).permute(1, 2, 3, 0),  # channels outermost
+    ):
+        for got, want in zip(split_packed_strided(qv, rpb), split_packed(qv, rpb)):
+            assert (got.shape, got.stride(), got.storage_offset()) == (want.shape, want.stride(), want.storage_offset())
+            assert torch.equal(got, want)
