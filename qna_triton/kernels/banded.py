@@ -567,13 +567,14 @@ def qna_banded_kernel(
                 ln = _query_offsets(n, j, NQ, sl_n, jl, L_HN, WIDE)
                 s = tl.zeros((BLOCK_R, BLOCK_W), tl.float32)
                 y = tl.zeros((BLOCK_R * BLOCK_DC, BLOCK_W), tl.float32)
+                rq, aq = R + (n * HEADS + j), A + (n * HEADS + j)  # query n, head j's column of the tables
                 for dy in range(KH):
                     iy = oy * SH - PH + dy
                     m2 = ((iy >= 0) & (iy < H) & row_out)[:, None] & col_in[None, :]  # [R, halo]
                     y_l = iy.to(tl.int64) * sl_y
                     lt = tl.load(l_img + y_l[:, None] + x_l[None, :] + ln, mask=m2, other=float("-inf"))
                     e = _exp(lt.to(tl.float32) - shift)  # [R, halo]: one exponential per source pixel
-                    tp, t = _band_t(R, A, dy, r_max, n * HEADS + j, offs_i, offs_c, KW, SW, NH, HAS_SCALE)
+                    tp, t = _band_t(rq, aq, dy, r_max, 0, offs_i, offs_c, KW, SW, NH, HAS_SCALE)
                     if not DELTA_MODE:  # the delta normalises by the saved lse instead
                         s = _sdot(e, tp, s, VDOT)
                     v_ptr = v_img + (iy.to(tl.int64) * sv_y)[:, None, None] + d_v[None, :, None] + x_v[None, None, :]
