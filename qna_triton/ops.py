@@ -74,27 +74,25 @@ def _backend(t: torch.Tensor) -> str:
     return _backend_under(settings(), t.device, t.dtype)
 
 
-def _forward_impl(logits, values, rpb, scale, kernel_size, stride, padding, tables=None):
-    """``(out, lse)``; ``tables``: the Triton path's converted ``rpb`` and ``scale`` where the caller made
-    them (:func:`_kernel_tables`)."""
+def _forward_impl(logits, values, rpb, scale, kernel_size, stride, padding):
+    """``(out, lse)``."""
     ks, st, pd = tuple(kernel_size), tuple(stride), tuple(padding)
     if _backend(logits) == "triton":
         from .kernels import qna_forward
 
-        return qna_forward(logits, values, rpb, scale, ks, st, pd, tables=tables)
+        return qna_forward(logits, values, rpb, scale, ks, st, pd)
     out, lse = reference.paper_qna_attention(logits, values, rpb, scale, ks, st, pd)
     return out.contiguous(), query_minor(lse)
 
 
-def _backward_impl(grad_out, logits, values, rpb, scale, lse, kernel_size, stride, padding, packed, tables=None):
+def _backward_impl(grad_out, logits, values, rpb, scale, lse, kernel_size, stride, padding, packed):
     """``(dlogits, dvalues, drpb, dscale)``, or ``(dqv, drpb, dscale)`` when ``packed``; ``dscale``
-    is empty when ``scale`` is None (custom ops cannot return None). ``tables``: as for
-    :func:`_forward_impl` (the forward's, kept)."""
+    is empty when ``scale`` is None (custom ops cannot return None)."""
     ks, st, pd = tuple(kernel_size), tuple(stride), tuple(padding)
     if _backend(logits) == "triton":
         from .kernels import qna_backward
 
-        grads = qna_backward(grad_out, logits, values, rpb, scale, lse, ks, st, pd, packed_grad=packed, tables=tables)
+        grads = qna_backward(grad_out, logits, values, rpb, scale, lse, ks, st, pd, packed_grad=packed)
     else:
         dl, dv, dr, da = reference.direct_qna_attention_backward(grad_out, logits, values, rpb, scale, lse, ks, st, pd)
         grads = (
