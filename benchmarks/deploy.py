@@ -5,8 +5,8 @@ torch 2.15 the QnA op's streaming form traced and fused by Inductor,
 :func:`qna_triton.export.compiled_cpu_inference`) and onnxruntime's CPU provider
 (``torch.onnx.export(..., dynamo=True)``, dynamic batch; its sessions' idle workers sleep rather than
 spin, so they do not take the cores from the next measurement); ``aoti`` (AOTInductor on the
-decomposed program) is optional. Timing is round-robin: each round measures every (model, engine) once, one after another, so that all see the
-same machine load; on a shared machine the ratios within one run are the result, not the absolute
+decomposed program) is optional. Timing is round-robin: each round measures every (model, engine)
+once, one after another, so that all see the same machine load; on a shared machine the ratios within one run are the result, not the absolute
 times. The library's host overhead per call (:mod:`benchmarks.host_overhead`) is recorded beside them.
 """
 

@@ -263,8 +263,8 @@ def _bwd_pairs(
     HAS_SCALE: tl.constexpr,
 ):
     """The pairs (input pixel p, offset o) of a tile, with ``i`` the output pixel reading p through o
-    (``valid`` where it exists; ``nh_r`` the offsets in lse and D, ``nh_t`` in the tables): ``(dz = P (a t - D), a P, g[i], P t)`` as ``[P, N, H]``, ``[P, N, H]``,
-    ``[P, H, D]`` and ``[P, N, H]``."""
+    (``valid`` where it exists; ``nh_r`` the offsets in lse and D, ``nh_t`` in the tables):
+    ``(dz = P (a t - D), a P, g[i], P t)`` as ``[P, N, H]``, ``[P, N, H]``, ``[P, H, D]`` and ``[P, N, H]``."""
     i = tl.where(valid, i, 0)
     ivalid = valid[:, None, None] & nh_mask[None, :, :]
     # +inf for masked lanes: P = exp(z - inf) = 0 there, with no overflow on the way
