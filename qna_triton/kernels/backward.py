@@ -395,7 +395,7 @@ def qna_bwd_kernel(
                 dl += dz
                 dv += tl.sum(ap, axis=1)[:, :, None] * g
                 # these columns of the row belong to this program alone: relaxed ordering suffices
-                part = part_row + o * NH + nh_r
+                part = part_row + o * NH + nh_t
                 tl.atomic_add(DR_PART + part, tl.sum(dz, axis=0), mask=nh_mask, sem="relaxed")
                 if HAS_SCALE:
                     tl.atomic_add(DA_PART + part, tl.sum(pt, axis=0), mask=nh_mask, sem="relaxed")

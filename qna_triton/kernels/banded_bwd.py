@@ -153,7 +153,7 @@ def _window_row(
     dr_row = ao * da_row - tpo * pd_acc
     # the scratch rows: written by the first head-dim chunk, added to by the others
     # (always with this [k_w] mapping, so each element by the same threads)
-    srow = row + (dy * KW + offs_kw) * NH + n
+    srow = row + (dy * KW + offs_kw) * NH + n * HEADS
     if dc > 0:
         dr_row += tl.load(DR_TILE + srow, mask=offs_kw < KW, other=0.0)
         da_row += tl.load(DA_TILE + srow, mask=offs_kw < KW, other=0.0)
@@ -276,7 +276,7 @@ def _direct_tile_gradients(
                 )
                 dl += dz
                 dv += tl.sum(ap, axis=1)[:, :, None] * g
-                srow = row0 + o * NH + nh_r  # (nh_r holds j * NQ)
+                srow = row0 + o * NH + nh_t
                 tl.store(DR_TILE + srow, tl.load(DR_TILE + srow, mask=nh_mask) + tl.sum(dz, axis=0), mask=nh_mask)
                 if HAS_SCALE:
                     tl.store(DA_TILE + srow, tl.load(DA_TILE + srow, mask=nh_mask) + tl.sum(pt, axis=0), mask=nh_mask)
@@ -338,7 +338,7 @@ def qna_banded_bwd_kernel(
     RANGE_LIMIT: tl.constexpr,
 ):
     """``dl``, ``dv`` of the tile's source pixels (``DL``, ``DV``) and this program's row of the
-    ``[programs, k_h*k_w, h, N]`` partial sums of ``dr`` / ``da`` (``DR_PART``, ``DA_PART``; the
+    ``[programs, k_h*k_w, N, h]`` partial sums of ``dr`` / ``da`` (``DR_PART``, ``DA_PART``; the
     ``*_TILE`` buffers of the same shape are the scratch rows)."""
     B, H, W, Ho, Wo, HEADS = SIZES
     KH, KW, SH, SW, PH, PW = WINDOW
@@ -372,10 +372,10 @@ def qna_banded_bwd_kernel(
         rmin = tl.minimum(rmin, tl.min(_finite_min(rt), axis=0))
     rmax, rmin = _range_or_zero(rmax, rmin)
 
-    # this program's rows of the partial sums and of the scratch: [k_h*k_w, h, N], its head's columns
+    # this program's rows of the partial sums and of the scratch: [k_h*k_w, N, h], its head's columns
     row0 = pid.to(tl.int64) * KH * KW * NH
-    row = row0 + j * NQ
-    row_n = (offs_kw * NH)[None, :] + offs_n[:, None]  # one window row: [N, k_w]
+    row = row0 + j
+    row_n = (offs_kw * NH)[None, :] + (offs_n * HEADS)[:, None]  # one window row: [N, k_w]
     row_mask = (offs_n < NQ)[:, None] & (offs_kw < KW)[None, :]
     for it in range(TILES_PER_PROGRAM):
         tile = pid + it * num_progs

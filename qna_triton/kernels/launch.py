@@ -560,7 +560,7 @@ class BackwardLaunches:
     dl: torch.Tensor
     dv: torch.Tensor
     dqv: Optional[torch.Tensor]
-    partial_sums: torch.Tensor  # [1 or 2, programs, K, h, N]: the dr (and da) partial-sum rows
+    partial_sums: torch.Tensor  # [1 or 2, programs, K, N, h]: the dr (and da) partial-sum rows
     rpb_dtype: torch.dtype
     scale_dtype: Optional[torch.dtype]
     delta_cfg: Optional[KernelConfig] = None  # the chosen configs, None where given explicitly (no fallback)
@@ -603,11 +603,11 @@ def _reduce_rows(
     partial_sums: torch.Tensor, rpb_dtype: torch.dtype, scale_dtype: Optional[torch.dtype], shared: bool
 ) -> Tuple[torch.Tensor, Optional[torch.Tensor]]:
     """``(drpb, dscale or None)``, contiguous in the tables' ``[K, N, h]`` order and dtypes: the
-    partial-sum rows ``[1 or 2, programs, K, h, N]`` summed over the programs in a fixed order (one
-    reduction, whose output is contiguous whatever the input's order). With ``shared``, float32
+    partial-sum rows ``[1 or 2, programs, K, N, h]`` summed over the programs in a fixed order (one
+    reduction, whose output is contiguous). With ``shared``, float32
     ``drpb`` and ``dscale`` are two halves of one tensor (the eager route's autograd takes them so);
     else they never share memory (custom ops may not return aliases)."""
-    sums = partial_sums.permute(0, 1, 2, 4, 3).sum(1)
+    sums = partial_sums.sum(1)
     grads = sums.unbind(0)
     dr = grads[0] if rpb_dtype == torch.float32 else grads[0].to(rpb_dtype)
     if scale_dtype is None:
@@ -629,7 +629,7 @@ def main_backward_launch(
     """The main backward kernel's launch (direct, or banded at stride 1) writing ``dl`` and ``dv`` (each
     pixel's ``[h, N]`` and ``[h, d]`` block at the tensor's pixel stride ``stride(2)``, e.g. the parts
     of a packed gradient: :func:`_grad_buffers`), and its ``dr`` / ``da`` partial-sum rows
-    ``[programs, K, h, N]`` (``da`` None without a scale): ``(launch, dr_part, da_part)``."""
+    ``[programs, K, N, h]`` (``da`` None without a scale): ``(launch, dr_part, da_part)``."""
     launch, rows = _main_backward_launch(p, cfg, g, lse, delta, dl, dv)
     return launch, rows["dr_part"], rows["da_part"]
 
@@ -637,9 +637,9 @@ def main_backward_launch(
 def _partial_rows(
     shape: Tuple[int, ...], device: torch.device, has_scale: bool, banded: bool
 ) -> Dict[str, Optional[torch.Tensor]]:
-    """The main backward kernel's float32 rows ``[programs, K, h, N]``, views of one allocation: the
+    """The main backward kernel's float32 rows ``[programs, K, N, h]``, views of one allocation: the
     ``dr`` / ``da`` partial sums (``da_part`` None without a scale), ``partial_sums`` both of them as one
-    ``[1 or 2, programs, K, h, N]`` view (zeroed by the launch, summed by :meth:`BackwardLaunches.reduce`)
+    ``[1 or 2, programs, K, N, h]`` view (zeroed by the launch, summed by :meth:`BackwardLaunches.reduce`)
     and, for the banded kernel, its scratch rows (``dr_tile``, ``da_tile``; else None)."""
     parts = 2 if has_scale else 1
     rows = torch.empty((2 * parts if banded else parts, *shape), device=device, dtype=torch.float32)
@@ -713,7 +713,7 @@ def _main_backward_launch(
         with _on_device(p.logits):
             resident = _resident_per_sm(fn, parts(dict.fromkeys(names, delta), 1), p.logits.device)
     progs = _num_programs(num_tiles, p.logits.device, cfg.num_warps, head_blocks, row_elems, resident)
-    rows = _partial_rows((progs, K, h, N), p.logits.device, p.a is not None, banded)
+    rows = _partial_rows((progs, K, N, h), p.logits.device, p.a is not None, banded)
     dr_part, da_part = rows["dr_part"], rows["da_part"]
     # without a scale, the rows of da stand in by those of dr (never written then)
     args = dict(DR_PART=dr_part, DA_PART=da_part if da_part is not None else dr_part)
@@ -894,7 +894,7 @@ class _BackwardPlan:
             launches = backward_launches(g, logits, values, rpb, scale, lse, *self.geometry, None, None, packed, tables)
             return launches.run(shared)
         if shared and not self.banded and rpb.dtype == torch.float32 and (a is None or scale.dtype == torch.float32):
-            sums = rows.permute(0, 1, 2, 4, 3).sum(1).unbind(0)  # _reduce_rows' usual case, inline
+            sums = rows.sum(1).unbind(0)  # _reduce_rows' usual case, inline
             drpb, dscale = sums[0], (None if a is None else sums[1])
         else:
             drpb, dscale = _reduce_rows(buffers["partial_sums"], rpb.dtype, None if a is None else scale.dtype, shared)
