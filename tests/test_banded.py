@@ -488,3 +488,70 @@ def test_dlogits_keeps_the_logits_layout(algo, monkeypatch):
             torch.testing.assert_close(got.double(), w, rtol=1e-4, atol=1e-4)
         results[query_minor] = dl
     torch.testing.assert_close(results[False], results[True], rtol=0, atol=0)
+
+
+def _gradient_layouts(g):
+    """``(name, the same output gradient laid out so, whether the kernels read it in place)``."""
+    B, Ho, Wo, h, d = g.shape
+    wide = torch.zeros(B, Ho, Wo, h, 2 * d, dtype=g.dtype)
+    wide[..., :d] = g
+    return [
+        ("contiguous", g, True),
+        ("dims_then_heads", g.transpose(-1, -2).contiguous().transpose(-1, -2), True),
+        ("pixels_padded", wide[..., :d], True),
+        ("expanded", g[:1, :1, :1, :1, :1].expand(g.shape), True),  # a sum's gradient is stride 0 so
+        ("image_transposed", g.transpose(1, 2).contiguous().transpose(1, 2), False),
+        ("cropped", torch.zeros(B, Ho + 1, Wo, h, d, dtype=g.dtype)[:, :Ho].copy_(g), False),
+    ]
+
+
+@pytest.mark.parametrize("algo", ["direct", "banded"])
+def test_output_gradient_read_where_it_lies(algo, monkeypatch):
+    """The backward kernels read an output gradient of any layout with evenly spaced pixels in place
+    (its own strides, no copy: the delta and main kernels get that very tensor) and copy any other; every
+    layout gives the contiguous gradient's results bit for bit. Direct and banded kernels, the banded
+    ones with a tile in their exact fallback (logits too wide for one shift)."""
+    torch.manual_seed(0)
+    B, H, W, N, h, d, k = 2, 6, 19, 2, 2, 8, 3
+    logits = torch.randn(B, H, W, N, h)
+    logits[:, :, 17:] *= 3 * RANGE_LIMIT  # the second banded tile takes the fallback
+    inputs = (logits, torch.randn(B, H, W, h, d), torch.randn(k * k, N, h), torch.randn(k * k, N, h))
+    geo = ((k, k), (1, 1), (1, 1))
+    cfgs = (BANDED, BANDED_BWD) if algo == "banded" else (None, None)
+    out, lse = qna_forward(*inputs, *geo)
+    read = []
+    run = launch._launch
+
+    def recording(fn, grid, args, options):
+        read.append(args[fn.arg_names.index("G")])
+        return run(fn, grid, args, options)
+
+    monkeypatch.setattr(launch, "_launch", recording)
+    for name, g, in_place in _gradient_layouts(torch.randn(out.shape)):
+        assert torch.equal(g, g.contiguous()) and (launch.grad_strides(g) is not None) == in_place, name
+        read.clear()
+        got = _grads(inputs, geo, lse, g, *cfgs)
+        assert len(read) == 2 and all((t.data_ptr() == g.data_ptr()) == in_place for t in read), name
+        want = _grads(inputs, geo, lse, g.contiguous(), *cfgs)
+        for a, b in zip(got, want):
+            assert torch.equal(a, b), name
+
+
+def test_grad_strides():
+    """The (pixel, head, dim) strides the backward kernels read an output gradient with."""
+    g = torch.randn(2, 3, 4, 5, 6)
+    assert launch.grad_strides(g) == (30, 6, 1)
+    assert launch.grad_strides(g[:1, :1, :1].expand(g.shape)) == (0, 6, 1)  # one pixel, repeated
+    assert launch.grad_strides(torch.ones(()).expand(g.shape)) == (0, 0, 0)
+    assert launch.grad_strides(g[:, :, :1]) == (30 * 4, 6, 1)  # one column: the row stride
+    assert launch.grad_strides(g[:, :2]) is None  # a crop of the image
+    # the kernels' arguments: the pixel and head strides divided by their alignment (elements)
+    assert launch.grad_args(g) == ((15, 3, 1), 2)
+    assert launch.grad_args(torch.randn(1, 2, 2, 16, 8, dtype=torch.bfloat16)) == ((16, 1, 1), 8)
+    assert launch.grad_args(torch.ones(()).expand(g.shape)) == ((0, 0, 0), 4)
+    copy, args = launch.readable_grad(g[:, :2])
+    assert copy.is_contiguous() and args == ((15, 3, 1), 2) and torch.equal(copy, g[:, :2])
+    p = launch.Problem.of(*make_inputs(Case(B=2, H=3, W=4, N=1, h=5, d=6, k=3, s=1, p=1)), (3, 3), (1, 1), (1, 1))
+    lse = torch.zeros(p.stats_shape)
+    with pytest.raises(ValueError, match="grad_out"):
+        launch.delta_launch(p, tuning.heuristic_config("bwd_delta", 5, 6), torch.zeros(2, 4, 4, 5, 6)[:, :3], lse)

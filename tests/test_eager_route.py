@@ -179,7 +179,12 @@ def test_eager_route_converts_the_tables_once(triton_backend, monkeypatch):
     converted, seen = [], []
     table, run = launch._table, launch._launch
     monkeypatch.setattr(launch, "_table", lambda t: converted.append(t) or table(t))
-    monkeypatch.setattr(launch, "_launch", lambda fn, grid, kw: seen.append(kw["R"]) or run(fn, grid, kw))
+
+    def recording(fn, grid, args, options):  # the rpb table each launch reads
+        seen.append(args[fn.arg_names.index("R")])
+        return run(fn, grid, args, options)
+
+    monkeypatch.setattr(launch, "_launch", recording)
     inputs = _leaves(make_inputs(CASE, dtype=torch.float32))
     qna_attention(*inputs).sum().backward()
     assert converted == [] and len(seen) == 3 and all(r is inputs[2] for r in seen)

@@ -24,9 +24,9 @@ def launches(monkeypatch):
     seen = []
     run = launch._launch
 
-    def recording(fn, grid, kwargs):
-        seen.append((fn, grid, dict(kwargs)))
-        return run(fn, grid, kwargs)
+    def recording(fn, grid, args, options):
+        seen.append((fn, grid, dict(zip(fn.arg_names, args), **options)))
+        return run(fn, grid, args, options)
 
     monkeypatch.setattr(launch, "_launch", recording)
     return seen

@@ -23,6 +23,8 @@ from .forward import (
     _col_valid,
     _element_strides,
     _exp,
+    _grad_offsets,
+    _grad_strides,
     _head_blocks,
     _interior,
     _load_v,
@@ -119,6 +121,7 @@ def qna_bwd_delta_kernel(
     D: tl.constexpr,
     L_STRIDES,
     V_STRIDES,
+    G_STRIDES,
     WINDOW,
     HAS_SCALE: tl.constexpr,
     WIDE: tl.constexpr,
@@ -126,12 +129,14 @@ def qna_bwd_delta_kernel(
     V_HD: tl.constexpr,
     L_ALIGN: tl.constexpr,
     V_ALIGN: tl.constexpr,
+    G_ALIGN: tl.constexpr,
     BLOCK_P: tl.constexpr,
     BLOCK_N: tl.constexpr,
     BLOCK_H: tl.constexpr,
     BLOCK_D: tl.constexpr,
 ):
     B, H, W, Ho, Wo, HEADS = SIZES
+    sg_p, sg_j, sg_t = _grad_strides(G_STRIDES, G_ALIGN)
     KH, KW, SH, SW, PH, PW = WINDOW
     sl_b, sl_y, sl_x, sl_n, sl_j = _element_strides(L_STRIDES, L_ALIGN)
     sv_b, sv_y, sv_x, sv_j, sv_t = _element_strides(V_STRIDES, V_ALIGN)
@@ -163,7 +168,7 @@ def qna_bwd_delta_kernel(
     pnh_mask = mask_p[:, None, None] & nh_mask[None, :, :]
 
     g = tl.load(
-        G + offs_p[:, None, None] * (HEADS * D) + hd_o[None, :, :],
+        G + offs_p[:, None, None] * sg_p + _grad_offsets(tl.program_id(1), sg_j, sg_t, BLOCK_H, BLOCK_D)[None, :, :],
         mask=mask_p[:, None, None] & hd_mask[None, :, :],
         other=0.0,
     ).to(tl.float32)
@@ -256,14 +261,14 @@ def _bwd_pairs(
     nh_r,
     nh_t,
     hd_mask,
-    hd_g,
+    g_hd,
+    sg_p,
     NH,
-    HEADS,
-    D: tl.constexpr,
     HAS_SCALE: tl.constexpr,
 ):
     """The pairs (input pixel p, offset o) of a tile, with ``i`` the output pixel reading p through o
-    (``valid`` where it exists; ``nh_r`` the offsets in lse and D, ``nh_t`` in the tables):
+    (``valid`` where it exists; ``nh_r`` the offsets in lse and D, ``nh_t`` in the tables, ``g_hd``
+    and ``sg_p`` in the output gradient, :func:`_grad_offsets`):
     ``(dz = P (a t - D), a P, g[i], P t)`` as ``[P, N, H]``, ``[P, N, H]``, ``[P, H, D]`` and ``[P, N, H]``."""
     i = tl.where(valid, i, 0)
     ivalid = valid[:, None, None] & nh_mask[None, :, :]
@@ -275,7 +280,7 @@ def _bwd_pairs(
     r = tl.load(R + o * NH + nh_t, mask=nh_mask, other=0.0)
     p = _exp(l_p + r[None, :, :] - lse)
     g = tl.load(
-        G + i[:, None, None] * (HEADS * D) + hd_g[None, :, :],
+        G + i[:, None, None] * sg_p + g_hd[None, :, :],
         mask=valid[:, None, None] & hd_mask[None, :, :],
         other=0.0,
     ).to(tl.float32)
@@ -307,6 +312,7 @@ def qna_bwd_kernel(
     D: tl.constexpr,
     L_STRIDES,
     V_STRIDES,
+    G_STRIDES,
     WINDOW,
     NUM_TILES,
     TILES_PER_PROGRAM,
@@ -319,6 +325,7 @@ def qna_bwd_kernel(
     DL_QM: tl.constexpr,
     L_ALIGN: tl.constexpr,
     V_ALIGN: tl.constexpr,
+    G_ALIGN: tl.constexpr,
     BLOCK_P: tl.constexpr,
     BLOCK_N: tl.constexpr,
     BLOCK_H: tl.constexpr,
@@ -338,10 +345,19 @@ def qna_bwd_kernel(
     K = KH * KW
     part_row = pid.to(tl.int64) * K * NH
     nh_t = _nh_contiguous(pid_h, HEADS, BLOCK_N, BLOCK_H)
+    sg_p, sg_j, sg_t = _grad_strides(G_STRIDES, G_ALIGN)
+    g_hd = _grad_offsets(pid_h, sg_j, sg_t, BLOCK_H, BLOCK_D)
     if DL_QM:  # dl stored query-minor, as lse
         nh_dl = nh_r
     else:  # each pixel's [N, h] block contiguous (the gradient of contiguous logits)
         nh_dl = nh_t
+    # the rows are allocated uninitialised: each program zeroes its own columns of its row (no memset
+    # launch before the kernel); the barrier puts every thread's zeros before any thread's first addition
+    for o in range(K):
+        tl.store(DR_PART + part_row + o * NH + nh_t, tl.zeros((BLOCK_N, BLOCK_H), tl.float32), mask=nh_mask)
+        if HAS_SCALE:
+            tl.store(DA_PART + part_row + o * NH + nh_t, tl.zeros((BLOCK_N, BLOCK_H), tl.float32), mask=nh_mask)
+    tl.debug_barrier()
 
     for it in range(TILES_PER_PROGRAM):
         tile = pid + it * num_progs
@@ -386,10 +402,9 @@ def qna_bwd_kernel(
                     nh_r,
                     nh_t,
                     hd_mask,
-                    hd_g,
+                    g_hd,
+                    sg_p,
                     NH,
-                    HEADS,
-                    D,
                     HAS_SCALE,
                 )
                 dl += dz

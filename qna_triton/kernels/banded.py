@@ -42,7 +42,16 @@ import triton
 import triton.language as tl
 
 from .backward import _delta_window
-from .forward import _element_strides, _exp, _fwd_window, _head_blocks, _nh_contiguous, _store_out_lse
+from .forward import (
+    _element_strides,
+    _exp,
+    _fwd_window,
+    _grad_offsets,
+    _grad_strides,
+    _head_blocks,
+    _nh_contiguous,
+    _store_out_lse,
+)
 
 # Largest spread (logits + bias, natural log units) one shift may cover: every term of the products then
 # stays above exp(-60) ~ 1e-26 of the shift, a normal number in float32, tf32 and bfloat16, so nothing
@@ -260,10 +269,9 @@ def _direct_delta_pixels(
     nh_t,
     hd_mask,
     hd_v,
-    hd_o,
+    g_hd,
+    sg_p,
     NH,
-    HEADS,
-    D: tl.constexpr,
     sl_b,
     sl_y,
     sl_x,
@@ -275,10 +283,11 @@ def _direct_delta_pixels(
     BLOCK_N: tl.constexpr,
 ):
     """The backward's ``D`` of ``P`` output pixels (one head) by the direct algorithm: the banded
-    kernel's exact fallback in its delta mode."""
+    kernel's exact fallback in its delta mode (``g_hd``, ``sg_p``: the output gradient's offsets,
+    :func:`~qna_triton.kernels.forward._grad_offsets`)."""
     pnh = mask_p[:, None, None] & nh_mask[None, :, :]
     g = tl.load(
-        G + offs_p[:, None, None] * (HEADS * D) + hd_o[None, :, :],
+        G + offs_p[:, None, None] * sg_p + g_hd[None, :, :],
         mask=mask_p[:, None, None] & hd_mask[None, :, :],
         other=0.0,
     ).to(tl.float32)
@@ -396,10 +405,12 @@ def _direct_forward_pixels(
 
 
 @triton.jit
-def _delta_of_query(yt, dacc, redo, c, n, G, LSE, pix, pix_ok, j, dd, offs_n, NQ, NH, HEADS, D: tl.constexpr):
+def _delta_of_query(
+    yt, dacc, redo, c, n, G, LSE, pix, pix_ok, j, dd, offs_n, NQ, NH, sg_p, sg_j, sg_t, D: tl.constexpr
+):
     """The delta's epilogue for query ``n`` and one head-dim chunk: ``D += g . Y exp(c - lse)``, into
     row ``n`` of ``dacc``; ``redo`` set if the part is not finite. ``c`` is the tile's shift plus the
-    bias maximum.
+    bias maximum; ``sg_*`` the output gradient's pixel, head and dim strides.
 
     The saved lse, so that D is consistent with the P the main backward kernel recomputes (finite lse:
     the exponent is at most the tile's spread; an empty window has D = 0). The gradient tile is loaded
@@ -408,7 +419,8 @@ def _delta_of_query(yt, dacc, redo, c, n, G, LSE, pix, pix_ok, j, dd, offs_n, NQ
     """
     lse = tl.load(LSE + pix * NH + j * NQ + n, mask=pix_ok, other=float("-inf"))
     fac = tl.where(lse == float("-inf"), 0.0, _exp(c - lse))
-    gt = tl.load(G + _out_offsets(pix, j, dd, HEADS, D), mask=_out_mask(pix_ok, dd, D), other=0.0).to(tl.float32)
+    g_off = (pix * sg_p + j * sg_j)[:, None, :] + (dd * sg_t)[None, :, None]
+    gt = tl.load(G + g_off, mask=_out_mask(pix_ok, dd, D), other=0.0).to(tl.float32)
     part = tl.sum(yt * gt, axis=1) * fac
     redo = tl.maximum(redo, _any_nonfinite2(part))
     dacc += tl.where((offs_n == n)[:, None, None], part[None, :, :], 0.0)
@@ -466,6 +478,7 @@ def qna_banded_kernel(
     D: tl.constexpr,
     L_STRIDES,
     V_STRIDES,
+    G_STRIDES,
     WINDOW,
     HAS_SCALE: tl.constexpr,
     WIDE: tl.constexpr,
@@ -473,6 +486,7 @@ def qna_banded_kernel(
     V_HD: tl.constexpr,
     L_ALIGN: tl.constexpr,
     V_ALIGN: tl.constexpr,
+    G_ALIGN: tl.constexpr,
     BLOCK_W: tl.constexpr,
     BLOCK_R: tl.constexpr,
     HALO: tl.constexpr,
@@ -486,9 +500,11 @@ def qna_banded_kernel(
     DELTA_MODE: tl.constexpr,
 ):
     """The forward (``O``, ``LSE`` written; ``G``, ``DELTA`` unused) or, with ``DELTA_MODE``, the
-    backward's ``D = g . sum_o a P v`` per (pixel, query, head) (``G`` and the saved ``LSE`` read,
-    ``DELTA`` written; ``O`` unused): the same window sum, dotted with the output gradient."""
+    backward's ``D = g . sum_o a P v`` per (pixel, query, head) (``G`` with its ``G_STRIDES`` and the
+    saved ``LSE`` read, ``DELTA`` written; ``O`` unused): the same window sum, dotted with the output
+    gradient."""
     B, H, W, Ho, Wo, HEADS = SIZES
+    sg_p, sg_j, sg_t = _grad_strides(G_STRIDES, G_ALIGN)
     KH, KW, SH, SW, PH, PW = WINDOW
     sl_b, sl_y, sl_x, sl_n, sl_j = _element_strides(L_STRIDES, L_ALIGN)
     sv_b, sv_y, sv_x, sv_j, sv_t = _element_strides(V_STRIDES, V_ALIGN)
@@ -583,7 +599,24 @@ def qna_banded_kernel(
                 yt = tl.reshape(y, (BLOCK_R, BLOCK_DC, BLOCK_W))
                 if DELTA_MODE:
                     dacc, redo = _delta_of_query(
-                        yt, dacc, redo, shift + r_max, n, G, LSE, pix, pix_ok, j, dd, offs_n, NQ, NH, HEADS, D
+                        yt,
+                        dacc,
+                        redo,
+                        shift + r_max,
+                        n,
+                        G,
+                        LSE,
+                        pix,
+                        pix_ok,
+                        j,
+                        dd,
+                        offs_n,
+                        NQ,
+                        NH,
+                        sg_p,
+                        sg_j,
+                        sg_t,
+                        D,
                     )
                 else:
                     out = _output_of_query(yt, s, out, shift + r_max, n, LSE, pix, pix_ok, j, dc == 0, NQ, NH)
@@ -625,10 +658,9 @@ def qna_banded_kernel(
                     nh_t,
                     hd_mask,
                     hd_v,
-                    hd_o,
+                    _grad_offsets(j, sg_j, sg_t, 1, BLOCK_D),
+                    sg_p,
                     NH,
-                    HEADS,
-                    D,
                     sl_b,
                     sl_y,
                     sl_x,

@@ -42,7 +42,7 @@ from .banded import (
     _value_offsets,
     _vdot,
 )
-from .forward import _element_strides, _exp, _head_blocks, _load_v, _nh_contiguous
+from .forward import _element_strides, _exp, _grad_offsets, _grad_strides, _head_blocks, _load_v, _nh_contiguous
 
 
 @triton.jit
@@ -93,6 +93,9 @@ def _window_row(
     NH,
     HEADS,
     D: tl.constexpr,
+    sg_p,
+    sg_j,
+    sg_t,
     KW,
     PH,
     offs_c,
@@ -130,7 +133,7 @@ def _window_row(
         # exponent there); the clamp only keeps F finite where every pair's weight is 0
         f = tl.where(lse == float("-inf"), 0.0, _exp(tl.minimum(shift + r_max - lse, RANGE_LIMIT)))
         gt = tl.load(
-            G + (opix * (HEADS * D) + j * D)[:, None, :] + dd[None, :, None],
+            G + (opix * sg_p + j * sg_j)[:, None, :] + (dd * sg_t)[None, :, None],
             mask=ok[:, None, :] & (dd < D)[None, :, None],
             other=0.0,
         ).to(tl.float32)
@@ -208,6 +211,9 @@ def _direct_tile_gradients(
     sv_t,
     DL_PIX_STRIDE,
     DV_PIX_STRIDE,
+    sg_p,
+    sg_j,
+    sg_t,
     HAS_SCALE: tl.constexpr,
     WIDE: tl.constexpr,
     L_HN: tl.constexpr,
@@ -232,6 +238,7 @@ def _direct_tile_gradients(
         j, NQ, HEADS, D, sl_n, sl_j, sv_j, sv_t, BLOCK_N, 1, BLOCK_D, WIDE, L_HN, V_HD
     )
     nh_t = _nh_contiguous(j, HEADS, BLOCK_N, 1)
+    g_hd = _grad_offsets(j, sg_j, sg_t, 1, BLOCK_D)
     if DL_QM:  # dl stored query-minor, as lse
         nh_dl = nh_r
     else:  # each pixel's [N, h] block contiguous (the gradient of contiguous logits)
@@ -268,10 +275,9 @@ def _direct_tile_gradients(
                     nh_r,
                     nh_t,
                     hd_mask,
-                    hd_g,
+                    g_hd,
+                    sg_p,
                     NH,
-                    HEADS,
-                    D,
                     HAS_SCALE,
                 )
                 dl += dz
@@ -313,6 +319,7 @@ def qna_banded_bwd_kernel(
     D: tl.constexpr,
     L_STRIDES,
     V_STRIDES,
+    G_STRIDES,
     WINDOW,
     NUM_TILES,
     TILES_PER_PROGRAM,
@@ -325,6 +332,7 @@ def qna_banded_bwd_kernel(
     DL_QM: tl.constexpr,
     L_ALIGN: tl.constexpr,
     V_ALIGN: tl.constexpr,
+    G_ALIGN: tl.constexpr,
     BLOCK_W: tl.constexpr,
     BLOCK_R: tl.constexpr,
     HALO: tl.constexpr,
@@ -344,6 +352,7 @@ def qna_banded_bwd_kernel(
     KH, KW, SH, SW, PH, PW = WINDOW
     sl_b, sl_y, sl_x, sl_n, sl_j = _element_strides(L_STRIDES, L_ALIGN)
     sv_b, sv_y, sv_x, sv_j, sv_t = _element_strides(V_STRIDES, V_ALIGN)
+    sg_p, sg_j, sg_t = _grad_strides(G_STRIDES, G_ALIGN)
     NH = NQ * HEADS
     pid = tl.program_id(0)
     num_progs = tl.num_programs(0)
@@ -377,6 +386,12 @@ def qna_banded_bwd_kernel(
     row = row0 + j
     row_n = (offs_kw * NH)[None, :] + (offs_n * HEADS)[:, None]  # one window row: [N, k_w]
     row_mask = (offs_n < NQ)[:, None] & (offs_kw < KW)[None, :]
+    # the rows are allocated uninitialised: each program zeroes its own columns here (no memset launch
+    # before the kernel), with the mapping that adds to them below, after the tiles' barrier
+    for dy in range(KH):
+        tl.store(DR_PART + row + dy * KW * NH + row_n, tl.zeros((BLOCK_N, BLOCK_KW), tl.float32), mask=row_mask)
+        if HAS_SCALE:
+            tl.store(DA_PART + row + dy * KW * NH + row_n, tl.zeros((BLOCK_N, BLOCK_KW), tl.float32), mask=row_mask)
     for it in range(TILES_PER_PROGRAM):
         tile = pid + it * num_progs
         if tile < NUM_TILES:  # (the persistent loop's last round may have no tile)
@@ -451,6 +466,9 @@ def qna_banded_bwd_kernel(
                                 NH,
                                 HEADS,
                                 D,
+                                sg_p,
+                                sg_j,
+                                sg_t,
                                 KW,
                                 PH,
                                 offs_c,
@@ -531,6 +549,9 @@ def qna_banded_bwd_kernel(
                     sv_t,
                     DL_PIX_STRIDE,
                     DV_PIX_STRIDE,
+                    sg_p,
+                    sg_j,
+                    sg_t,
                     HAS_SCALE,
                     WIDE,
                     L_HN,

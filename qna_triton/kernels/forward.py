@@ -63,6 +63,23 @@ def _nh_contiguous(pid_h, HEADS, BLOCK_N: tl.constexpr, BLOCK_H: tl.constexpr):
 
 
 @triton.jit
+def _grad_strides(strides, ALIGN: tl.constexpr):
+    """The output gradient's ``(pixel, head, dim)`` strides in elements, the first two passed divided
+    by their alignment ``ALIGN`` (as :func:`_element_strides`: the compiler then knows each pixel's and
+    head's block starts ``ALIGN`` elements aligned, and vectorises the loads)."""
+    return strides[0] * ALIGN, strides[1] * ALIGN, strides[2]
+
+
+@triton.jit
+def _grad_offsets(pid_h, sg_j, sg_t, BLOCK_H: tl.constexpr, BLOCK_D: tl.constexpr):
+    """``[H, D]`` offsets of a program's (head, dim) block in one pixel of the output gradient, read with
+    its own strides (``sg_j``, ``sg_t``: the launcher passes ``d, 1`` for a contiguous one, ``0, 0`` for
+    the expanded gradient of a ``sum``; their span fits 32 bits). Masked like ``hd_mask``."""
+    offs_h = pid_h * BLOCK_H + tl.arange(0, BLOCK_H)
+    return offs_h[:, None] * sg_j + tl.arange(0, BLOCK_D)[None, :] * sg_t
+
+
+@triton.jit
 def _head_blocks(
     pid_h,
     NQ: tl.constexpr,

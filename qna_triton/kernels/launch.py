@@ -14,7 +14,7 @@ from __future__ import annotations
 import contextlib
 import warnings
 from dataclasses import dataclass, field
-from typing import Any, Dict, Optional, Tuple
+from typing import Any, Dict, List, Optional, Tuple
 
 import torch
 import triton
@@ -115,6 +115,64 @@ def _pixel_strides(t: torch.Tensor, align: Optional[int] = None) -> Tuple[int, .
     of size 1), then the two inner strides as they are."""
     a = _pixel_align(t) if align is None else align
     return (*(t.stride(i) // a if t.size(i) > 1 else 0 for i in range(3)), t.stride(3), t.stride(4))
+
+
+def grad_strides(g: torch.Tensor) -> Optional[Tuple[int, int, int]]:
+    """The ``(pixel, head, dim)`` element strides with which the backward kernels read an output
+    gradient ``[B, Ho, Wo, h, d]`` where it lies: any layout whose pixels are evenly spaced in (batch,
+    row, column) order, e.g. contiguous, the stride-0 expansion a ``sum``'s backward hands on, or heads
+    and dims permuted within each pixel. None for any other (a crop of a larger map, a transposed
+    image), which is copied contiguous first (:func:`readable_grad`)."""
+    B, Ho, Wo, h, d = g.shape
+    sb, sy, sx, sj, st = g.stride()
+    sp = sx if Wo > 1 else sy if Ho > 1 else sb if B > 1 else 0
+    if (Wo > 1 and sx != sp) or (Ho > 1 and sy != Wo * sp) or (B > 1 and sb != Ho * Wo * sp):
+        return None
+    # a pixel's offsets are computed in 32 bits, padded lanes too (masked)
+    if 2 * (h * abs(sj) + d * abs(st)) >= 2**31:
+        return None
+    return sp, sj, st
+
+
+GradArgs = Tuple[Tuple[int, int, int], int]  # the kernels' G_STRIDES and G_ALIGN
+
+
+def grad_args(g: torch.Tensor) -> Optional[GradArgs]:
+    """The kernels' ``G_STRIDES`` and ``G_ALIGN`` for the output gradient ``g``: its :func:`grad_strides`
+    with the pixel and head strides divided by the largest alignment (up to 16 bytes' worth of elements)
+    dividing both, as :func:`_pixel_align` does for the inputs, so a contiguous gradient's loads stay
+    vectorised; None where ``g`` is not read in place."""
+    strides = grad_strides(g)
+    if strides is None:
+        return None
+    sp, sj, st = strides
+    # a quotient that fits 32 bits but a stride that does not would wrap when multiplied back
+    a = 1 if max(sp, sj) >= 2**31 else max(1, 16 // g.element_size())
+    while a > 1 and (sp % a or sj % a):
+        a //= 2
+    return (sp // a, sj // a, st), a
+
+
+def readable_grad(grad_out: torch.Tensor) -> Tuple[torch.Tensor, GradArgs]:
+    """``(g, its grad_args)``: the output gradient itself where the kernels read it in place, else a
+    contiguous copy."""
+    args = grad_args(grad_out)
+    if args is None:
+        grad_out = grad_out.contiguous()
+        args = grad_args(grad_out)
+    return grad_out, args
+
+
+def _in_place(g: torch.Tensor) -> Dict[str, Any]:
+    """The ``G_STRIDES`` and ``G_ALIGN`` arguments (:func:`grad_args`) of an output gradient a launch is
+    built on; raises where ``g`` cannot be read in place."""
+    args = grad_args(g)
+    if args is None:
+        raise ValueError(
+            f"grad_out: strides {tuple(g.stride())} for shape {tuple(g.shape)} put its pixels unevenly;"
+            " pass readable_grad(grad_out)[0]"
+        )
+    return dict(G_STRIDES=args[0], G_ALIGN=args[1])
 
 
 def _on_device(t: torch.Tensor):
@@ -335,72 +393,81 @@ _PROBLEM_ARGS = KeyedCache("problem arguments")
 @dataclass(eq=False)
 class KernelLaunch:
     """One kernel launch: the kernel, its grid and its keyword arguments (tensors, sizes, compile-time
-    constants, launch options). ``zeroed``: buffers the kernel adds into, zeroed before every launch."""
+    constants, launch options)."""
 
     fn: Any
     grid: Tuple[int, ...]
     kwargs: Dict[str, Any]
-    zeroed: Tuple[torch.Tensor, ...] = ()
 
     def __call__(self) -> None:
-        for t in self.zeroed:
-            t.zero_()
-        _launch(self.fn, self.grid, self.kwargs)
+        _launch(self.fn, self.grid, *_positional(self.fn, self.kwargs))
 
 
-def _launch(fn: Any, grid: Tuple[int, ...], kwargs: Dict[str, Any]) -> None:
-    """Launches ``fn`` on ``grid`` with ``kwargs``, on the device of its logits ``L`` (Triton launches on
-    the current device): every launch of the library goes through here."""
-    logits = kwargs["L"]
+def _positional(fn: Any, kwargs: Dict[str, Any]) -> Tuple[List[Any], Dict[str, Any]]:
+    """``kwargs`` as ``fn`` takes them fastest: its parameters in order (every one is always given), and
+    the launch options (``num_warps``, ...) by name."""
+    names = fn.arg_names
+    return [kwargs[n] for n in names], {k: v for k, v in kwargs.items() if k not in names}
+
+
+def _launch(fn: Any, grid: Tuple[int, ...], args: List[Any], options: Dict[str, Any]) -> None:
+    """Launches ``fn`` on ``grid`` with its parameters ``args`` (in order; the first, ``L``, the logits)
+    and launch ``options``, on the logits' device (Triton launches on the current device): every launch
+    of the library goes through here."""
+    logits = args[0]
     if logits.is_cuda and logits.device.index != torch.cuda.current_device():
         with torch.cuda.device(logits.device):
-            fn[grid](**kwargs)
+            fn[grid](*args, **options)
     else:
-        fn[grid](**kwargs)
+        fn[grid](*args, **options)
 
 
 @dataclass(frozen=True, eq=False)
 class LaunchTemplate:
     """A :class:`KernelLaunch` with its tensors taken out: each tensor argument is named by the buffer
-    it was (``logits``, ``out``, ``dr_part``, ...), so that a later call of the same key rebuilds the
-    launch from its own buffers (:meth:`bind`) without redoing what the builder derived."""
+    it was (``logits``, ``out``, ``dr_part``, ...), so that a later call of the same key launches on its
+    own buffers (:meth:`launch`) without redoing what the builder derived. The arguments are kept in the
+    kernel's parameter order, so a launch fills in the tensors and passes them positionally (no
+    keyword dictionary per launch)."""
 
     fn: Any
     grid: Tuple[int, ...]
-    constants: Dict[str, Any]
-    slots: Tuple[Tuple[str, ...], Tuple[str, ...]]  # the tensor keyword arguments, and their buffers' names
-    zeroed: Tuple[str, ...]
+    args: Tuple[Any, ...]  # the kernel's parameters in order, None where a buffer goes
+    slots: Tuple[Tuple[int, ...], Tuple[str, ...]]  # the buffers' places in args, and their names
+    options: Dict[str, Any]  # the launch options
 
     @classmethod
-    def of(cls, launch: KernelLaunch, buffers: Dict[str, Optional[torch.Tensor]]) -> Optional[LaunchTemplate]:
+    def of(
+        cls, launch: KernelLaunch, buffers: Dict[str, Any], per_call: Optional[Dict[str, str]] = None
+    ) -> Optional[LaunchTemplate]:
         """The template of ``launch``, built from ``buffers``; None where a tensor cannot be named
         (two buffers are one tensor, e.g. the same tensor passed as logits and values, or an argument
-        is none of them): such a launch is not cached."""
-        named = {id(t): name for name, t in buffers.items() if t is not None}
-        if len(named) != sum(t is not None for t in buffers.values()):
+        is none of them): such a launch is not cached. ``per_call``: the other arguments that each
+        launch takes from its buffers, by name (kernel parameter: buffer)."""
+        per_call = per_call or {}
+        tensors = {name: t for name, t in buffers.items() if isinstance(t, torch.Tensor)}
+        named = {id(t): name for name, t in tensors.items()}
+        if len(named) != len(tensors):
             return None
-        tensors = [(k, v) for k, v in launch.kwargs.items() if isinstance(v, torch.Tensor)]
-        if any(id(v) not in named for _, v in tensors) or any(id(t) not in named for t in launch.zeroed):
+        args, options = _positional(launch.fn, launch.kwargs)
+        places = [i for i, v in enumerate(args) if isinstance(v, torch.Tensor)]
+        if any(id(args[i]) not in named for i in places):
             return None
-        constants = {k: v for k, v in launch.kwargs.items() if not isinstance(v, torch.Tensor)}
-        slots = tuple(k for k, _ in tensors), tuple(named[id(v)] for _, v in tensors)
-        return cls(launch.fn, launch.grid, constants, slots, tuple(named[id(t)] for t in launch.zeroed))
-
-    def _kwargs(self, buffers: Dict[str, Optional[torch.Tensor]]) -> Dict[str, Any]:
-        kwargs = self.constants.copy()
-        kwargs.update(zip(self.slots[0], map(buffers.__getitem__, self.slots[1])))
-        return kwargs
-
-    def bind(self, buffers: Dict[str, Optional[torch.Tensor]]) -> KernelLaunch:
-        """The launch on ``buffers`` (named as when the template was made)."""
-        zeroed = tuple([buffers[name] for name in self.zeroed]) if self.zeroed else ()
-        return KernelLaunch(self.fn, self.grid, self._kwargs(buffers), zeroed)
+        names = [named[id(args[i])] for i in places]
+        for i, param in enumerate(launch.fn.arg_names):
+            if param in per_call:
+                places.append(i)
+                names.append(per_call[param])
+        slots = tuple(places), tuple(names)
+        constants = tuple(None if i in slots[0] else v for i, v in enumerate(args))
+        return cls(launch.fn, launch.grid, constants, slots, options)
 
     def launch(self, buffers: Dict[str, Optional[torch.Tensor]]) -> None:
-        """``bind(buffers)()`` without the intermediate :class:`KernelLaunch` (a cached plan's path)."""
-        for name in self.zeroed:
-            buffers[name].zero_()
-        _launch(self.fn, self.grid, self._kwargs(buffers))
+        """The launch on ``buffers`` (named as when the template was made)."""
+        args = list(self.args)
+        for i, name in zip(*self.slots):
+            args[i] = buffers[name]
+        _launch(self.fn, self.grid, args, self.options)
 
 
 def _buffers(p: Problem, **more: Optional[torch.Tensor]) -> Dict[str, Optional[torch.Tensor]]:
@@ -439,7 +506,7 @@ def delta_launch(
         return _banded_launch(p, cfg, True, g, lse, delta), delta
     z = p.sizes
     grid = (triton.cdiv(z["B"] * z["Ho"] * z["Wo"], cfg.block_p), triton.cdiv(z["h"], cfg.block_h))
-    kwargs = dict(p.inputs(), G=g, LSE=lse, DELTA=delta, **p.args, **_blocks(cfg, z["N"], z["d"]))
+    kwargs = dict(p.inputs(), G=g, LSE=lse, DELTA=delta, **p.args, **_in_place(g), **_blocks(cfg, z["N"], z["d"]))
     return KernelLaunch(qna_bwd_delta_kernel, grid, kwargs), delta
 
 
@@ -464,6 +531,7 @@ def _banded_launch(
         G=out_or_g,
         DELTA=delta if delta_mode else lse,
         **p.args,
+        **_in_place(out_or_g),  # (in the forward, its contiguous output: never read as a gradient)
         DELTA_MODE=delta_mode,
         **blocks,
     )
@@ -639,8 +707,9 @@ def _partial_rows(
 ) -> Dict[str, Optional[torch.Tensor]]:
     """The main backward kernel's float32 rows ``[programs, K, N, h]``, views of one allocation: the
     ``dr`` / ``da`` partial sums (``da_part`` None without a scale), ``partial_sums`` both of them as one
-    ``[1 or 2, programs, K, N, h]`` view (zeroed by the launch, summed by :meth:`BackwardLaunches.reduce`)
-    and, for the banded kernel, its scratch rows (``dr_tile``, ``da_tile``; else None)."""
+    ``[1 or 2, programs, K, N, h]`` view (uninitialised: each program of the kernel zeroes its own
+    columns first; summed by :meth:`BackwardLaunches.reduce`) and, for the banded kernel, its scratch rows
+    (``dr_tile``, ``da_tile``; else None)."""
     parts = 2 if has_scale else 1
     rows = torch.empty((2 * parts if banded else parts, *shape), device=device, dtype=torch.float32)
     return _row_views(rows, has_scale, banded)
@@ -697,6 +766,7 @@ def _main_backward_launch(
         DL=dl,
         DV=dv,
         **p.args,
+        **_in_place(g),
         NUM_TILES=num_tiles,
         DL_PIX_STRIDE=dl.stride(2),
         DV_PIX_STRIDE=dv.stride(2),
@@ -720,7 +790,7 @@ def _main_backward_launch(
     if banded:
         dr_tile = rows["dr_tile"]
         args.update(DR_TILE=dr_tile, DA_TILE=rows["da_tile"] if rows["da_tile"] is not None else dr_tile)
-    return KernelLaunch(fn, (progs, head_blocks), parts(args, progs), (rows["partial_sums"],)), rows
+    return KernelLaunch(fn, (progs, head_blocks), parts(args, progs)), rows
 
 
 def backward_launches(
@@ -743,7 +813,7 @@ def backward_launches(
     Where the configs are chosen (not given) and ``key`` (:func:`_plan_key`) is given, the description
     is filed under it (:class:`_BackwardPlan`), which later calls of the key run instead."""
     ks, st, pd = tuple(ks), tuple(st), tuple(pd)
-    g = grad_out.contiguous()
+    g, g_args = readable_grad(grad_out)
     lse = query_minor(lse)
     p = Problem.of(logits, values, rpb, scale, ks, st, pd, tables=tables)
     # explicit configs (the autotuner's candidates) run as given, or raise: only chosen ones fall back
@@ -753,8 +823,11 @@ def backward_launches(
     dqv, dl, dv = _grad_buffers(logits, values, packed_grad)
     main, rows = _main_backward_launch(p, cfg, g, lse, delta_out, dl, dv)
     if key is not None and config is None and delta_config is None:
-        buffers = _buffers(p, g=g, lse=lse, delta=delta_out, dl=dl, dv=dv, **rows)
-        templates = LaunchTemplate.of(delta, buffers), LaunchTemplate.of(main, buffers)
+        buffers = _buffers(
+            p, g=g, lse=lse, delta=delta_out, dl=dl, dv=dv, **rows, g_strides=g_args[0], g_align=g_args[1]
+        )
+        per_call = {"G_STRIDES": "g_strides", "G_ALIGN": "g_align"}  # the output gradient's layout, each call's
+        templates = LaunchTemplate.of(delta, buffers, per_call), LaunchTemplate.of(main, buffers, per_call)
         if None not in templates:
             # the one contiguous allocation the rows are views of (_partial_rows)
             n_rows = sum(rows[k] is not None for k in ("dr_part", "da_part", "dr_tile", "da_tile"))
@@ -764,7 +837,9 @@ def backward_launches(
             else:
                 grads = ((dl.shape, dl.stride()), (dv.shape, dv.stride()))
             layouts = (delta_out.shape, delta_out.stride()), (base.shape, base.stride()), grads
-            _BACKWARD_PLANS.put(key, _BackwardPlan(p.args, (ks, st, pd), dcfg, cfg, *templates, *layouts))
+            contiguous = torch.empty(p.out_shape, device="meta", dtype=g.dtype)
+            g_layout = contiguous.stride(), grad_args(contiguous)
+            _BACKWARD_PLANS.put(key, _BackwardPlan(p.args, (ks, st, pd), dcfg, cfg, *templates, *layouts, g_layout))
     return BackwardLaunches(
         p,
         delta,
@@ -843,6 +918,7 @@ class _BackwardPlan:
     delta_out: Tuple[Tuple[int, ...], Tuple[int, ...]]  # D's shape and (query-minor) strides
     rows: Tuple[Tuple[int, ...], Tuple[int, ...]]  # the partial-sum rows' allocation (_partial_rows)
     grads: Tuple[Tuple[Any, ...], Tuple[Any, ...]]  # dqv's layout and its split, or dl's and dv's layouts
+    g_layout: Tuple[Tuple[int, ...], GradArgs]  # a contiguous output gradient's strides, its grad_args
     banded: bool = False  # the main kernel is the banded one (scratch rows beside the partial sums)
 
     def __post_init__(self) -> None:
@@ -861,7 +937,10 @@ class _BackwardPlan:
         shared: bool,
     ) -> Tuple[torch.Tensor, ...]:
         """:func:`qna_backward` of inputs of this key, ``tables`` those of ``rpb`` and ``scale``."""
-        g = grad_out if grad_out.is_contiguous() else grad_out.contiguous()
+        if grad_out.stride() == self.g_layout[0]:  # contiguous: the usual case
+            g, g_args = grad_out, self.g_layout[1]
+        else:  # read in place where it can be (e.g. the stride-0 gradient of a sum), else copied
+            g, g_args = readable_grad(grad_out)
         if lse.stride() != self.delta_out[1]:  # D is stored as lse must be
             lse = query_minor(lse)
         r, a = tables
@@ -881,7 +960,20 @@ class _BackwardPlan:
         else:  # _row_views' direct-kernel case, inline
             parts = rows.unbind(0)
             views = dict(partial_sums=rows, dr_part=parts[0], da_part=parts[1] if a is not None else None)
-        buffers = dict(logits=logits, values=values, r=r, a=a, g=g, lse=lse, delta=delta_out, dl=dl, dv=dv, **views)
+        buffers = dict(
+            logits=logits,
+            values=values,
+            r=r,
+            a=a,
+            g=g,
+            lse=lse,
+            delta=delta_out,
+            dl=dl,
+            dv=dv,
+            **views,
+            g_strides=g_args[0],
+            g_align=g_args[1],
+        )
         kernel = "bwd_delta"
         try:
             self.delta.launch(buffers)
