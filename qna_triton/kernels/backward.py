@@ -305,8 +305,7 @@ def qna_bwd_kernel(
     DELTA,
     DL,
     DV,
-    DR_PART,
-    DA_PART,
+    ROWS,
     SIZES,
     NQ: tl.constexpr,
     D: tl.constexpr,
@@ -343,7 +342,9 @@ def qna_bwd_kernel(
     )
     NH = NQ * HEADS
     K = KH * KW
-    part_row = pid.to(tl.int64) * K * NH
+    # this program's row of the dr partial sums, and of da's (the block of rows after dr's)
+    dr_row = ROWS + pid.to(tl.int64) * K * NH
+    da_row = dr_row + num_progs.to(tl.int64) * K * NH
     nh_t = _nh_contiguous(pid_h, HEADS, BLOCK_N, BLOCK_H)
     sg_p, sg_j, sg_t = _grad_strides(G_STRIDES, G_ALIGN)
     g_hd = _grad_offsets(pid_h, sg_j, sg_t, BLOCK_H, BLOCK_D)
@@ -354,9 +355,9 @@ def qna_bwd_kernel(
     # the rows are allocated uninitialised: each program zeroes its own columns of its row (no memset
     # launch before the kernel); the barrier puts every thread's zeros before any thread's first addition
     for o in range(K):
-        tl.store(DR_PART + part_row + o * NH + nh_t, tl.zeros((BLOCK_N, BLOCK_H), tl.float32), mask=nh_mask)
+        tl.store(dr_row + o * NH + nh_t, tl.zeros((BLOCK_N, BLOCK_H), tl.float32), mask=nh_mask)
         if HAS_SCALE:
-            tl.store(DA_PART + part_row + o * NH + nh_t, tl.zeros((BLOCK_N, BLOCK_H), tl.float32), mask=nh_mask)
+            tl.store(da_row + o * NH + nh_t, tl.zeros((BLOCK_N, BLOCK_H), tl.float32), mask=nh_mask)
     tl.debug_barrier()
 
     for it in range(TILES_PER_PROGRAM):
@@ -410,10 +411,10 @@ def qna_bwd_kernel(
                 dl += dz
                 dv += tl.sum(ap, axis=1)[:, :, None] * g
                 # these columns of the row belong to this program alone: relaxed ordering suffices
-                part = part_row + o * NH + nh_t
-                tl.atomic_add(DR_PART + part, tl.sum(dz, axis=0), mask=nh_mask, sem="relaxed")
+                part = o * NH + nh_t
+                tl.atomic_add(dr_row + part, tl.sum(dz, axis=0), mask=nh_mask, sem="relaxed")
                 if HAS_SCALE:
-                    tl.atomic_add(DA_PART + part, tl.sum(pt, axis=0), mask=nh_mask, sem="relaxed")
+                    tl.atomic_add(da_row + part, tl.sum(pt, axis=0), mask=nh_mask, sem="relaxed")
         # dl and dv may be the two column ranges of one packed [B, H, W, N*h + h*d] gradient
         tl.store(
             DL + offs_p[:, None, None] * DL_PIX_STRIDE + nh_dl[None, :, :],

@@ -310,10 +310,7 @@ def qna_banded_bwd_kernel(
     DELTA,
     DL,
     DV,
-    DR_PART,
-    DA_PART,
-    DR_TILE,
-    DA_TILE,
+    ROWS,
     SIZES,
     NQ: tl.constexpr,
     D: tl.constexpr,
@@ -346,8 +343,8 @@ def qna_banded_bwd_kernel(
     RANGE_LIMIT: tl.constexpr,
 ):
     """``dl``, ``dv`` of the tile's source pixels (``DL``, ``DV``) and this program's row of the
-    ``[programs, k_h*k_w, N, h]`` partial sums of ``dr`` / ``da`` (``DR_PART``, ``DA_PART``; the
-    ``*_TILE`` buffers of the same shape are the scratch rows)."""
+    ``[programs, k_h*k_w, N, h]`` partial sums of ``dr`` / ``da``, in ``ROWS`` with the scratch rows of
+    the same shape after them."""
     B, H, W, Ho, Wo, HEADS = SIZES
     KH, KW, SH, SW, PH, PW = WINDOW
     sl_b, sl_y, sl_x, sl_n, sl_j = _element_strides(L_STRIDES, L_ALIGN)
@@ -381,7 +378,13 @@ def qna_banded_bwd_kernel(
         rmin = tl.minimum(rmin, tl.min(_finite_min(rt), axis=0))
     rmax, rmin = _range_or_zero(rmax, rmin)
 
-    # this program's rows of the partial sums and of the scratch: [k_h*k_w, N, h], its head's columns
+    # ROWS holds blocks of [programs, k_h*k_w, N, h] rows: dr's partial sums, da's (with a scale), then
+    # the scratch rows of each; this program's are row pid of each block, its head's columns
+    block = num_progs.to(tl.int64) * KH * KW * NH
+    if HAS_SCALE:
+        dr_part, da_part, dr_tile, da_tile = ROWS, ROWS + block, ROWS + 2 * block, ROWS + 3 * block
+    else:  # (da's pointers stand in by dr's: never written then)
+        dr_part, da_part, dr_tile, da_tile = ROWS, ROWS, ROWS + block, ROWS + block
     row0 = pid.to(tl.int64) * KH * KW * NH
     row = row0 + j
     row_n = (offs_kw * NH)[None, :] + (offs_n * HEADS)[:, None]  # one window row: [N, k_w]
@@ -389,9 +392,9 @@ def qna_banded_bwd_kernel(
     # the rows are allocated uninitialised: each program zeroes its own columns here (no memset launch
     # before the kernel), with the mapping that adds to them below, after the tiles' barrier
     for dy in range(KH):
-        tl.store(DR_PART + row + dy * KW * NH + row_n, tl.zeros((BLOCK_N, BLOCK_KW), tl.float32), mask=row_mask)
+        tl.store(dr_part + row + dy * KW * NH + row_n, tl.zeros((BLOCK_N, BLOCK_KW), tl.float32), mask=row_mask)
         if HAS_SCALE:
-            tl.store(DA_PART + row + dy * KW * NH + row_n, tl.zeros((BLOCK_N, BLOCK_KW), tl.float32), mask=row_mask)
+            tl.store(da_part + row + dy * KW * NH + row_n, tl.zeros((BLOCK_N, BLOCK_KW), tl.float32), mask=row_mask)
     for it in range(TILES_PER_PROGRAM):
         tile = pid + it * num_progs
         if tile < NUM_TILES:  # (the persistent loop's last round may have no tile)
@@ -443,8 +446,8 @@ def qna_banded_bwd_kernel(
                                 G,
                                 LSE,
                                 DELTA,
-                                DR_TILE,
-                                DA_TILE,
+                                dr_tile,
+                                da_tile,
                                 b,
                                 y,
                                 dy,
@@ -515,8 +518,8 @@ def qna_banded_bwd_kernel(
                     DELTA,
                     DL,
                     DV,
-                    DR_TILE,
-                    DA_TILE,
+                    dr_tile,
+                    da_tile,
                     b,
                     rb,
                     cb,
@@ -570,10 +573,10 @@ def qna_banded_bwd_kernel(
             for dy in range(KH):
                 off = row + dy * KW * NH + row_n
                 tl.store(
-                    DR_PART + off,
-                    tl.load(DR_PART + off, mask=row_mask) + tl.load(DR_TILE + off, mask=row_mask),
+                    dr_part + off,
+                    tl.load(dr_part + off, mask=row_mask) + tl.load(dr_tile + off, mask=row_mask),
                     mask=row_mask,
                 )
                 if HAS_SCALE:
-                    da = tl.load(DA_PART + off, mask=row_mask) + tl.load(DA_TILE + off, mask=row_mask)
-                    tl.store(DA_PART + off, da, mask=row_mask)
+                    da = tl.load(da_part + off, mask=row_mask) + tl.load(da_tile + off, mask=row_mask)
+                    tl.store(da_part + off, da, mask=row_mask)

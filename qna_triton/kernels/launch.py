@@ -425,7 +425,7 @@ def _launch(fn: Any, grid: Tuple[int, ...], args: List[Any], options: Dict[str, 
 @dataclass(frozen=True, eq=False)
 class LaunchTemplate:
     """A :class:`KernelLaunch` with its tensors taken out: each tensor argument is named by the buffer
-    it was (``logits``, ``out``, ``dr_part``, ...), so that a later call of the same key launches on its
+    it was (``logits``, ``out``, ``rows``, ...), so that a later call of the same key launches on its
     own buffers (:meth:`launch`) without redoing what the builder derived. The arguments are kept in the
     kernel's parameter order, so a launch fills in the tensors and passes them positionally (no
     keyword dictionary per launch)."""
@@ -628,7 +628,7 @@ class BackwardLaunches:
     dl: torch.Tensor
     dv: torch.Tensor
     dqv: Optional[torch.Tensor]
-    partial_sums: torch.Tensor  # [1 or 2, programs, K, N, h]: the dr (and da) partial-sum rows
+    partial_sums: torch.Tensor  # [1 or 2, programs, K, N, h]: the dr (and da) partial-sum rows (_partial_rows)
     rpb_dtype: torch.dtype
     scale_dtype: Optional[torch.dtype]
     delta_cfg: Optional[KernelConfig] = None  # the chosen configs, None where given explicitly (no fallback)
@@ -658,10 +658,9 @@ class BackwardLaunches:
             if self.main_cfg is None:
                 self.main()
             else:
-                self.main, rows = _main_backward_launch(
+                self.main, self.partial_sums = main_backward_launch(
                     p, heuristic_config("bwd", h, d), self.g, self.lse, self.delta_out, self.dl, self.dv
                 )
-                self.partial_sums = rows["partial_sums"]
                 self.main()
         drpb, dscale = self.reduce(shared)
         return (self.dqv, drpb, dscale) if self.dqv is not None else (self.dl, self.dv, drpb, dscale)
@@ -693,39 +692,27 @@ def main_backward_launch(
     delta: torch.Tensor,
     dl: torch.Tensor,
     dv: torch.Tensor,
-) -> Tuple[KernelLaunch, torch.Tensor, Optional[torch.Tensor]]:
+) -> Tuple[KernelLaunch, torch.Tensor]:
     """The main backward kernel's launch (direct, or banded at stride 1) writing ``dl`` and ``dv`` (each
     pixel's ``[h, N]`` and ``[h, d]`` block at the tensor's pixel stride ``stride(2)``, e.g. the parts
-    of a packed gradient: :func:`_grad_buffers`), and its ``dr`` / ``da`` partial-sum rows
-    ``[programs, K, N, h]`` (``da`` None without a scale): ``(launch, dr_part, da_part)``."""
+    of a packed gradient: :func:`_grad_buffers`), and its ``dr`` (and ``da``) partial-sum rows
+    ``[1 or 2, programs, K, N, h]``: ``(launch, partial_sums)``."""
     launch, rows = _main_backward_launch(p, cfg, g, lse, delta, dl, dv)
-    return launch, rows["dr_part"], rows["da_part"]
+    return launch, _partial_sums(rows, p.a is not None, cfg.algo == "banded")
 
 
-def _partial_rows(
-    shape: Tuple[int, ...], device: torch.device, has_scale: bool, banded: bool
-) -> Dict[str, Optional[torch.Tensor]]:
-    """The main backward kernel's float32 rows ``[programs, K, N, h]``, views of one allocation: the
-    ``dr`` / ``da`` partial sums (``da_part`` None without a scale), ``partial_sums`` both of them as one
-    ``[1 or 2, programs, K, N, h]`` view (uninitialised: each program of the kernel zeroes its own
-    columns first; summed by :meth:`BackwardLaunches.reduce`) and, for the banded kernel, its scratch rows
-    (``dr_tile``, ``da_tile``; else None)."""
+def _partial_rows(shape: Tuple[int, ...], device: torch.device, has_scale: bool, banded: bool) -> torch.Tensor:
+    """The main backward kernel's float32 rows, one allocation ``[rows, programs, K, N, h]`` passed as
+    ``ROWS``: the ``dr`` partial sums, ``da``'s (with a scale) and, for the banded kernel, the scratch
+    rows of each after them. Uninitialised: each program of the kernel zeroes its own columns first."""
     parts = 2 if has_scale else 1
-    rows = torch.empty((2 * parts if banded else parts, *shape), device=device, dtype=torch.float32)
-    return _row_views(rows, has_scale, banded)
+    return torch.empty((2 * parts if banded else parts, *shape), device=device, dtype=torch.float32)
 
 
-def _row_views(rows: torch.Tensor, has_scale: bool, banded: bool) -> Dict[str, Optional[torch.Tensor]]:
-    """:func:`_partial_rows`'s views of ``rows``."""
-    parts = 2 if has_scale else 1
-    views = rows.unbind(0)  # one call for every row (indexing costs a call each)
-    return dict(
-        partial_sums=rows[:parts] if banded else rows,
-        dr_part=views[0],
-        da_part=views[1] if has_scale else None,
-        dr_tile=views[parts] if banded else None,
-        da_tile=views[parts + 1] if banded and has_scale else None,
-    )
+def _partial_sums(rows: torch.Tensor, has_scale: bool, banded: bool) -> torch.Tensor:
+    """The partial sums of :func:`_partial_rows`'s ``rows``, ``[1 or 2, programs, K, N, h]``, summed by
+    :func:`_reduce_rows`."""
+    return rows[: 2 if has_scale else 1] if banded else rows
 
 
 def _dl_query_minor(dl: torch.Tensor) -> bool:
@@ -744,7 +731,7 @@ def _main_backward_launch(
     dl: torch.Tensor,
     dv: torch.Tensor,
 ) -> Tuple[KernelLaunch, Dict[str, Optional[torch.Tensor]]]:
-    """:func:`main_backward_launch`, with every row of :func:`_partial_rows` it writes."""
+    """:func:`main_backward_launch`, with the whole allocation of :func:`_partial_rows` it writes."""
     banded = cfg.algo == "banded"
     if banded and p.st != (1, 1):
         raise ValueError(f"the banded backward kernel needs stride 1, got stride={p.st}")
@@ -777,20 +764,13 @@ def _main_backward_launch(
     def parts(rows: Dict[str, torch.Tensor], progs: int) -> dict:
         return dict(kwargs, **rows, TILES_PER_PROGRAM=triton.cdiv(num_tiles, progs))
 
-    names = ("DR_PART", "DA_PART", "DR_TILE", "DA_TILE")[: 4 if banded else 2]
     resident = None
     if p.logits.is_cuda:  # the compiled kernel's registers bound the programs resident at once
         with _on_device(p.logits):
-            resident = _resident_per_sm(fn, parts(dict.fromkeys(names, delta), 1), p.logits.device)
+            resident = _resident_per_sm(fn, parts(dict(ROWS=delta), 1), p.logits.device)
     progs = _num_programs(num_tiles, p.logits.device, cfg.num_warps, head_blocks, row_elems, resident)
     rows = _partial_rows((progs, K, N, h), p.logits.device, p.a is not None, banded)
-    dr_part, da_part = rows["dr_part"], rows["da_part"]
-    # without a scale, the rows of da stand in by those of dr (never written then)
-    args = dict(DR_PART=dr_part, DA_PART=da_part if da_part is not None else dr_part)
-    if banded:
-        dr_tile = rows["dr_tile"]
-        args.update(DR_TILE=dr_tile, DA_TILE=rows["da_tile"] if rows["da_tile"] is not None else dr_tile)
-    return KernelLaunch(fn, (progs, head_blocks), parts(args, progs)), rows
+    return KernelLaunch(fn, (progs, head_blocks), parts(dict(ROWS=rows), progs)), rows
 
 
 def backward_launches(
@@ -822,21 +802,19 @@ def backward_launches(
     delta, delta_out = delta_launch(p, dcfg, g, lse)
     dqv, dl, dv = _grad_buffers(logits, values, packed_grad)
     main, rows = _main_backward_launch(p, cfg, g, lse, delta_out, dl, dv)
+    partial_sums = _partial_sums(rows, scale is not None, cfg.algo == "banded")
     if key is not None and config is None and delta_config is None:
         buffers = _buffers(
-            p, g=g, lse=lse, delta=delta_out, dl=dl, dv=dv, **rows, g_strides=g_args[0], g_align=g_args[1]
+            p, g=g, lse=lse, delta=delta_out, dl=dl, dv=dv, rows=rows, g_strides=g_args[0], g_align=g_args[1]
         )
         per_call = {"G_STRIDES": "g_strides", "G_ALIGN": "g_align"}  # the output gradient's layout, each call's
         templates = LaunchTemplate.of(delta, buffers, per_call), LaunchTemplate.of(main, buffers, per_call)
         if None not in templates:
-            # the one contiguous allocation the rows are views of (_partial_rows)
-            n_rows = sum(rows[k] is not None for k in ("dr_part", "da_part", "dr_tile", "da_tile"))
-            base = rows["dr_part"].new_empty((n_rows, *rows["dr_part"].shape), device="meta")
             if dqv is not None:
                 grads = ((dqv.shape, dqv.stride()), (dl.shape[-1], dv.shape[-1]))
             else:
                 grads = ((dl.shape, dl.stride()), (dv.shape, dv.stride()))
-            layouts = (delta_out.shape, delta_out.stride()), (base.shape, base.stride()), grads
+            layouts = (delta_out.shape, delta_out.stride()), (rows.shape, rows.stride()), grads
             contiguous = torch.empty(p.out_shape, device="meta", dtype=g.dtype)
             g_layout = contiguous.stride(), grad_args(contiguous)
             _BACKWARD_PLANS.put(key, _BackwardPlan(p.args, (ks, st, pd), dcfg, cfg, *templates, *layouts, g_layout))
@@ -847,7 +825,7 @@ def backward_launches(
         dl,
         dv,
         dqv,
-        rows["partial_sums"],
+        partial_sums,
         rpb.dtype,
         scale.dtype if scale is not None else None,
         None if delta_config else dcfg,
@@ -955,11 +933,6 @@ class _BackwardPlan:
             dl = torch.empty_strided(*self.grads[0], device=dev, dtype=logits.dtype)
             dv = torch.empty_strided(*self.grads[1], device=dev, dtype=values.dtype)
         rows = torch.empty_strided(*self.rows, device=dev, dtype=torch.float32)
-        if self.banded:
-            views = _row_views(rows, a is not None, True)
-        else:  # _row_views' direct-kernel case, inline
-            parts = rows.unbind(0)
-            views = dict(partial_sums=rows, dr_part=parts[0], da_part=parts[1] if a is not None else None)
         buffers = dict(
             logits=logits,
             values=values,
@@ -970,7 +943,7 @@ class _BackwardPlan:
             delta=delta_out,
             dl=dl,
             dv=dv,
-            **views,
+            rows=rows,
             g_strides=g_args[0],
             g_align=g_args[1],
         )
@@ -989,7 +962,8 @@ class _BackwardPlan:
             sums = rows.sum(1).unbind(0)  # _reduce_rows' usual case, inline
             drpb, dscale = sums[0], (None if a is None else sums[1])
         else:
-            drpb, dscale = _reduce_rows(buffers["partial_sums"], rpb.dtype, None if a is None else scale.dtype, shared)
+            sums = _partial_sums(rows, a is not None, self.banded)
+            drpb, dscale = _reduce_rows(sums, rpb.dtype, None if a is None else scale.dtype, shared)
         return (dqv, drpb, dscale) if packed else (dl, dv, drpb, dscale)
 
 
