@@ -555,3 +555,48 @@ def test_grad_strides():
     lse = torch.zeros(p.stats_shape)
     with pytest.raises(ValueError, match="grad_out"):
         launch.delta_launch(p, tuning.heuristic_config("bwd_delta", 5, 6), torch.zeros(2, 4, 4, 5, 6)[:, :3], lse)
+
+
+@pytest.mark.parametrize("algo", ["direct", "banded"])
+@pytest.mark.parametrize("with_scale", [True, False], ids=["scale", "no_scale"])
+def test_backward_buffers_need_no_initialisation(algo, with_scale, monkeypatch):
+    """Every buffer of the backward is written before it is read: the partial-sum rows the main kernels
+    add into are zeroed by the launch, the rest written whole. Buffers handed over full of NaN give the
+    usual gradients bit for bit, on the launcher's path (explicit configs: the rows of _partial_rows)
+    and on a cached plan's (every float buffer it allocates). Several tiles per program, a padded head
+    block (3 heads in blocks of 2), and a banded tile in the exact fallback."""
+    torch.manual_seed(0)
+    B, H, W, N, h, d, k = 2, 5, 19, 2, 3, 4, 3
+    logits = torch.randn(B, H, W, N, h)
+    logits[:, :, 17:] *= 3 * RANGE_LIMIT
+    scale = torch.randn(k * k, N, h) if with_scale else None
+    inputs = (logits, torch.randn(B, H, W, h, d), torch.randn(k * k, N, h), scale)
+    geo = ((k, k), (1, 1), (1, 1))
+    out, lse = qna_forward(*inputs, *geo)
+    g = torch.randn(out.shape)
+    cfg = BANDED_BWD if algo == "banded" else KernelConfig(16, 2, 4, 1, "direct")
+    dcfg = tuning.heuristic_config("bwd_delta", h, d)
+    want = _grads(inputs, geo, lse, g, dcfg, cfg)
+    assert (want[3] is None) != with_scale and all(torch.isfinite(t).all() for t in want if t is not None)
+
+    def same(got):
+        return all((a is None and b is None) or torch.equal(a, b) for a, b in zip(got, want))
+
+    allocate = launch._partial_rows
+    monkeypatch.setattr(launch, "_partial_rows", lambda *a: allocate(*a).fill_(float("nan")))
+    assert same(_grads(inputs, geo, lse, g, dcfg, cfg))
+    monkeypatch.undo()
+
+    monkeypatch.setenv(tuning.ALGO_ENV, algo)
+    with tuning.kernel_algorithm(algo):
+        cached = qna_backward(g, *inputs, lse, *geo)  # describes and files the plan
+        empty = torch.empty_strided
+
+        def nan_filled(*args, **kwargs):
+            t = empty(*args, **kwargs)
+            return t.fill_(float("nan")) if t.is_floating_point() else t
+
+        monkeypatch.setattr(torch, "empty_strided", nan_filled)
+        assert all(
+            (a is None and b is None) or torch.equal(a, b) for a, b in zip(qna_backward(g, *inputs, lse, *geo), cached)
+        )

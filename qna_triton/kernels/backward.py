@@ -352,13 +352,6 @@ def qna_bwd_kernel(
         nh_dl = nh_r
     else:  # each pixel's [N, h] block contiguous (the gradient of contiguous logits)
         nh_dl = nh_t
-    # the rows are allocated uninitialised: each program zeroes its own columns of its row (no memset
-    # launch before the kernel); the barrier puts every thread's zeros before any thread's first addition
-    for o in range(K):
-        tl.store(dr_row + o * NH + nh_t, tl.zeros((BLOCK_N, BLOCK_H), tl.float32), mask=nh_mask)
-        if HAS_SCALE:
-            tl.store(da_row + o * NH + nh_t, tl.zeros((BLOCK_N, BLOCK_H), tl.float32), mask=nh_mask)
-    tl.debug_barrier()
 
     for it in range(TILES_PER_PROGRAM):
         tile = pid + it * num_progs

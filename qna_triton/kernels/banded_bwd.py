@@ -389,12 +389,6 @@ def qna_banded_bwd_kernel(
     row = row0 + j
     row_n = (offs_kw * NH)[None, :] + (offs_n * HEADS)[:, None]  # one window row: [N, k_w]
     row_mask = (offs_n < NQ)[:, None] & (offs_kw < KW)[None, :]
-    # the rows are allocated uninitialised: each program zeroes its own columns here (no memset launch
-    # before the kernel), with the mapping that adds to them below, after the tiles' barrier
-    for dy in range(KH):
-        tl.store(dr_part + row + dy * KW * NH + row_n, tl.zeros((BLOCK_N, BLOCK_KW), tl.float32), mask=row_mask)
-        if HAS_SCALE:
-            tl.store(da_part + row + dy * KW * NH + row_n, tl.zeros((BLOCK_N, BLOCK_KW), tl.float32), mask=row_mask)
     for it in range(TILES_PER_PROGRAM):
         tile = pid + it * num_progs
         if tile < NUM_TILES:  # (the persistent loop's last round may have no tile)

@@ -160,6 +160,8 @@ def readable_grad(grad_out: torch.Tensor) -> Tuple[torch.Tensor, GradArgs]:
     if args is None:
         grad_out = grad_out.contiguous()
         args = grad_args(grad_out)
+        if args is None:  # a pixel of over 2^30 elements
+            raise ValueError(f"grad_out: a pixel of {tuple(grad_out.shape[3:])} elements is too large for the kernels")
     return grad_out, args
 
 
@@ -393,13 +395,16 @@ _PROBLEM_ARGS = KeyedCache("problem arguments")
 @dataclass(eq=False)
 class KernelLaunch:
     """One kernel launch: the kernel, its grid and its keyword arguments (tensors, sizes, compile-time
-    constants, launch options)."""
+    constants, launch options). ``zeroed``: buffers the kernel adds into, zeroed before every launch."""
 
     fn: Any
     grid: Tuple[int, ...]
     kwargs: Dict[str, Any]
+    zeroed: Tuple[torch.Tensor, ...] = ()
 
     def __call__(self) -> None:
+        for t in self.zeroed:
+            t.zero_()
         _launch(self.fn, self.grid, *_positional(self.fn, self.kwargs))
 
 
@@ -435,6 +440,7 @@ class LaunchTemplate:
     args: Tuple[Any, ...]  # the kernel's parameters in order, None where a buffer goes
     slots: Tuple[Tuple[int, ...], Tuple[str, ...]]  # the buffers' places in args, and their names
     options: Dict[str, Any]  # the launch options
+    zeroed: Tuple[str, ...]  # the buffers zeroed before each launch (KernelLaunch.zeroed), by name
 
     @classmethod
     def of(
@@ -451,7 +457,7 @@ class LaunchTemplate:
             return None
         args, options = _positional(launch.fn, launch.kwargs)
         places = [i for i, v in enumerate(args) if isinstance(v, torch.Tensor)]
-        if any(id(args[i]) not in named for i in places):
+        if any(id(args[i]) not in named for i in places) or any(id(t) not in named for t in launch.zeroed):
             return None
         names = [named[id(args[i])] for i in places]
         for i, param in enumerate(launch.fn.arg_names):
@@ -460,10 +466,12 @@ class LaunchTemplate:
                 names.append(per_call[param])
         slots = tuple(places), tuple(names)
         constants = tuple(None if i in slots[0] else v for i, v in enumerate(args))
-        return cls(launch.fn, launch.grid, constants, slots, options)
+        return cls(launch.fn, launch.grid, constants, slots, options, tuple(named[id(t)] for t in launch.zeroed))
 
     def launch(self, buffers: Dict[str, Optional[torch.Tensor]]) -> None:
         """The launch on ``buffers`` (named as when the template was made)."""
+        for name in self.zeroed:
+            buffers[name].zero_()
         args = list(self.args)
         for i, name in zip(*self.slots):
             args[i] = buffers[name]
@@ -704,7 +712,7 @@ def main_backward_launch(
 def _partial_rows(shape: Tuple[int, ...], device: torch.device, has_scale: bool, banded: bool) -> torch.Tensor:
     """The main backward kernel's float32 rows, one allocation ``[rows, programs, K, N, h]`` passed as
     ``ROWS``: the ``dr`` partial sums, ``da``'s (with a scale) and, for the banded kernel, the scratch
-    rows of each after them. Uninitialised: each program of the kernel zeroes its own columns first."""
+    rows of each after them. The partial sums are zeroed by the launch (``KernelLaunch.zeroed``)."""
     parts = 2 if has_scale else 1
     return torch.empty((2 * parts if banded else parts, *shape), device=device, dtype=torch.float32)
 
@@ -770,7 +778,9 @@ def _main_backward_launch(
             resident = _resident_per_sm(fn, parts(dict(ROWS=delta), 1), p.logits.device)
     progs = _num_programs(num_tiles, p.logits.device, cfg.num_warps, head_blocks, row_elems, resident)
     rows = _partial_rows((progs, K, N, h), p.logits.device, p.a is not None, banded)
-    return KernelLaunch(fn, (progs, head_blocks), parts(dict(ROWS=rows), progs)), rows
+    # the kernel adds into its partial sums (the banded kernel's scratch rows it writes before reading)
+    zeroed = (_partial_sums(rows, p.a is not None, banded),)
+    return KernelLaunch(fn, (progs, head_blocks), parts(dict(ROWS=rows), progs), zeroed), rows
 
 
 def backward_launches(
@@ -802,11 +812,13 @@ def backward_launches(
     delta, delta_out = delta_launch(p, dcfg, g, lse)
     dqv, dl, dv = _grad_buffers(logits, values, packed_grad)
     main, rows = _main_backward_launch(p, cfg, g, lse, delta_out, dl, dv)
-    partial_sums = _partial_sums(rows, scale is not None, cfg.algo == "banded")
+    partial_sums = main.zeroed[0]  # the rows themselves, or (banded) the view of them without the scratch
     if key is not None and config is None and delta_config is None:
         buffers = _buffers(
             p, g=g, lse=lse, delta=delta_out, dl=dl, dv=dv, rows=rows, g_strides=g_args[0], g_align=g_args[1]
         )
+        if partial_sums is not rows:
+            buffers["partial_sums"] = partial_sums
         per_call = {"G_STRIDES": "g_strides", "G_ALIGN": "g_align"}  # the output gradient's layout, each call's
         templates = LaunchTemplate.of(delta, buffers, per_call), LaunchTemplate.of(main, buffers, per_call)
         if None not in templates:
@@ -947,6 +959,8 @@ class _BackwardPlan:
             g_strides=g_args[0],
             g_align=g_args[1],
         )
+        if self.banded:  # the main launch zeroes the partial sums, not the scratch rows after them
+            buffers["partial_sums"] = _partial_sums(rows, a is not None, True)
         kernel = "bwd_delta"
         try:
             self.delta.launch(buffers)
@@ -962,7 +976,7 @@ class _BackwardPlan:
             sums = rows.sum(1).unbind(0)  # _reduce_rows' usual case, inline
             drpb, dscale = sums[0], (None if a is None else sums[1])
         else:
-            sums = _partial_sums(rows, a is not None, self.banded)
+            sums = buffers["partial_sums"] if self.banded else rows
             drpb, dscale = _reduce_rows(sums, rpb.dtype, None if a is None else scale.dtype, shared)
         return (dqv, drpb, dscale) if packed else (dl, dv, drpb, dscale)
 
