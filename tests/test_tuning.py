@@ -351,11 +351,14 @@ class Spy:
     """Stands in for a jitted kernel in qna_triton.kernels; records each launch's block sizes."""
 
     def __init__(self, kernel):
-        self.kernel, self.launches = kernel, []
+        self.kernel, self.launches, self.arg_names = kernel, [], kernel.arg_names
 
     def __getitem__(self, grid):
         def launch(*args, **kw):
-            self.launches.append(KernelConfig(kw["BLOCK_P"], kw["BLOCK_H"], kw["num_warps"], kw["num_stages"]))
+            named = dict(zip(self.arg_names, args), **kw)  # the parameters come in order, options by name
+            self.launches.append(
+                KernelConfig(named["BLOCK_P"], named["BLOCK_H"], named["num_warps"], named["num_stages"])
+            )
             return self.kernel[grid](*args, **kw)
 
         return launch

@@ -410,8 +410,11 @@ class KernelLaunch:
 
 def _positional(fn: Any, kwargs: Dict[str, Any]) -> Tuple[List[Any], Dict[str, Any]]:
     """``kwargs`` as ``fn`` takes them fastest: its parameters in order (every one is always given), and
-    the launch options (``num_warps``, ...) by name."""
-    names = fn.arg_names
+    the launch options (``num_warps``, ...) by name. A kernel-like object that does not list its
+    parameters (``arg_names``, as Triton's kernels and autotuners do) gets them all by name."""
+    names = getattr(fn, "arg_names", None)
+    if names is None:
+        return [], dict(kwargs)
     return [kwargs[n] for n in names], {k: v for k, v in kwargs.items() if k not in names}
 
 
@@ -419,7 +422,7 @@ def _launch(fn: Any, grid: Tuple[int, ...], args: List[Any], options: Dict[str, 
     """Launches ``fn`` on ``grid`` with its parameters ``args`` (in order; the first, ``L``, the logits)
     and launch ``options``, on the logits' device (Triton launches on the current device): every launch
     of the library goes through here."""
-    logits = args[0]
+    logits = args[0] if args else options["L"]
     if logits.is_cuda and logits.device.index != torch.cuda.current_device():
         with torch.cuda.device(logits.device):
             fn[grid](*args, **options)
@@ -450,6 +453,8 @@ class LaunchTemplate:
         (two buffers are one tensor, e.g. the same tensor passed as logits and values, or an argument
         is none of them): such a launch is not cached. ``per_call``: the other arguments that each
         launch takes from its buffers, by name (kernel parameter: buffer)."""
+        if not hasattr(launch.fn, "arg_names"):  # its arguments could not be filled in by position
+            return None
         per_call = per_call or {}
         tensors = {name: t for name, t in buffers.items() if isinstance(t, torch.Tensor)}
         named = {id(t): name for name, t in tensors.items()}
