@@ -9,7 +9,7 @@ flushed before every call). The tuner only uses this interface, so tests inject 
 Everything runs through the library's launchers (``qna_forward``, and ``backward_launches``, the
 launches ``qna_backward`` runs, with explicit ``config`` / ``delta_config``), so what is checked and
 timed is what the library runs. ``bwd_delta`` and ``bwd`` are timed alone: the one launch of the
-backward's pair is repeated (``bwd`` zeroing its partial-sum rows itself, which are reduced after,
+backward's pair is repeated (``bwd`` with its partial-sum rows zeroed by the launch and reduced after,
 as the launcher does), so the other backward kernel does not dilute the difference between candidates.
 """
 

@@ -743,7 +743,7 @@ def _main_backward_launch(
     delta: torch.Tensor,
     dl: torch.Tensor,
     dv: torch.Tensor,
-) -> Tuple[KernelLaunch, Dict[str, Optional[torch.Tensor]]]:
+) -> Tuple[KernelLaunch, torch.Tensor]:
     """:func:`main_backward_launch`, with the whole allocation of :func:`_partial_rows` it writes."""
     banded = cfg.algo == "banded"
     if banded and p.st != (1, 1):
